@@ -92,7 +92,7 @@ def load_vocabulary(spec: str | Sequence[str]) -> Vocabulary:
     """Resolve a packaged name, a JSON path or an inline list of class names."""
     if isinstance(spec, str):
         if spec in PACKAGED:
-            text = resources.files("usam.vocab").joinpath(f"{spec}.json").read_text()
+            text = resources.files("usam").joinpath("vocabularies", f"{spec}.json").read_text()
             return _from_json(text, f"vocabulary '{spec}'")
         path = Path(spec)
         if path.suffix == ".json" and path.is_file():

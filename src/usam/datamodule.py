@@ -1,0 +1,206 @@
+"""Stream embedding shard sets into padded mask-set batches with WebDataset.
+
+Training shuffles shards and samples (buffer); evaluation reads in a fixed
+order. Shards are split across DataLoader workers and, for evaluation, across
+DDP ranks. Training under DDP samples shards with replacement and cuts every
+rank's epoch to the same number of batches, so ranks stay in step even when
+shards hold different numbers of images.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import webdataset as wds
+
+from usam.shards import (
+    DEFAULT_EMBED_DIM,
+    ImageRecord,
+    Manifest,
+    ShardSetError,
+    check_manifest,
+    decode_sample,
+    read_manifest,
+    shard_urls,
+)
+from usam.synthetic import write_synthetic_shard_set
+from usam.vocab import load_vocabulary
+
+log = logging.getLogger(__name__)
+
+
+def collate_records(records: Sequence[ImageRecord]) -> dict[str, Any]:
+    """Pad the variable mask counts of a batch; ``valid`` marks the real masks."""
+    counts = [r.num_masks for r in records]
+    size, dim = max(counts), records[0].embeddings.shape[1]
+    embeddings = np.zeros((len(records), size, dim), dtype=np.float16)
+    multimask = np.zeros((len(records), size), dtype=np.int64)
+    valid = np.zeros((len(records), size), dtype=bool)
+    for row, record in enumerate(records):
+        embeddings[row, : record.num_masks] = record.embeddings
+        multimask[row, : record.num_masks] = record.multimask
+        valid[row, : record.num_masks] = True
+    batch: dict[str, Any] = {
+        "keys": [r.key for r in records],
+        "embeddings": torch.from_numpy(embeddings),
+        "multimask": torch.from_numpy(multimask),
+        "valid": torch.from_numpy(valid),
+    }
+    if all(r.labels is not None for r in records):
+        batch["labels"] = torch.tensor([r.labels for r in records], dtype=torch.float32)
+    return batch
+
+
+def _has_masks(record: ImageRecord) -> bool:
+    return record.num_masks > 0
+
+
+class ShardDataModule(L.LightningDataModule):
+    """Training and validation shard sets for one vocabulary and SAM model type."""
+
+    def __init__(
+        self,
+        classes: str | Sequence[str],
+        train_dir: str,
+        val_dir: str,
+        source: str = "sd",
+        embed_dim: int = DEFAULT_EMBED_DIM,
+        sam_model_type: str | None = None,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        shuffle_buffer: int = 256,
+        seed: int = 0,
+        synthetic: dict[str, Any] | None = None,
+        name: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.classes = load_vocabulary(classes if isinstance(classes, str) else list(classes)).classes
+        self.train_dir = Path(train_dir)
+        self.val_dir = Path(val_dir)
+        self.source = source
+        self.embed_dim = embed_dim
+        self.sam_model_type = sam_model_type
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.synthetic = dict(synthetic or {})
+        self.name = name
+        self.manifests: dict[str, Manifest] = {}
+
+    def prepare_data(self) -> None:
+        """Write synthetic shard sets on demand; real ones must exist already."""
+        for split, directory in (("train", self.train_dir), ("val", self.val_dir)):
+            if (directory / "manifest.json").is_file():
+                continue
+            if self.source != "synthetic":
+                raise ShardSetError(
+                    f"no {split} shard set at {directory} (data.{split}_dir): extract embeddings "
+                    "for this vocabulary and SAM model type there first"
+                )
+            write_synthetic_shard_set(
+                directory,
+                classes=list(self.classes),
+                split=split,
+                embed_dim=self.embed_dim,
+                sam_model_type=self.sam_model_type or "tiny",
+                seed=self.seed,
+                **self.synthetic,
+            )
+
+    def setup(self, stage: str | None = None) -> None:
+        for split, directory in (("train", self.train_dir), ("val", self.val_dir)):
+            manifest = read_manifest(directory)
+            check_manifest(
+                manifest,
+                directory,
+                classes=self.classes,
+                embed_dim=self.embed_dim,
+                sam_model_type=self.sam_model_type,
+            )
+            self.manifests[split] = manifest
+
+    @property
+    def random_weights(self) -> bool:
+        """True when any shard set comes from synthetic embeddings or an untrained SAM."""
+        return any(m.random_weights for m in self.manifests.values())
+
+    @property
+    def synthetic_embeddings(self) -> bool:
+        return any(m.synthetic for m in self.manifests.values())
+
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def _workers_for(self, num_shards: int, shards_per_rank: bool) -> int:
+        _, world_size = self._world()
+        available = math.ceil(num_shards / world_size) if shards_per_rank else num_shards
+        workers = min(self.num_workers, available)
+        if workers < self.num_workers:
+            log.warning(
+                "data.num_workers=%d capped at %d: there are only %d shards to split",
+                self.num_workers,
+                workers,
+                num_shards,
+            )
+        return workers
+
+    def train_dataloader(self) -> wds.WebLoader:
+        manifest = self.manifests["train"]
+        urls = shard_urls(self.train_dir, manifest)
+        _, world_size = self._world()
+        if world_size > 1:
+            dataset = wds.WebDataset(
+                urls,
+                resampled=True,
+                shardshuffle=False,
+                nodesplitter=None,
+                workersplitter=None,
+                seed=self.seed,
+            )
+            workers = self.num_workers
+        else:
+            dataset = wds.WebDataset(urls, shardshuffle=len(urls), seed=self.seed)
+            workers = self._workers_for(len(urls), shards_per_rank=False)
+        dataset = (
+            dataset.shuffle(self.shuffle_buffer)
+            .map(decode_sample)
+            .select(_has_masks)
+            .batched(self.batch_size, collation_fn=collate_records, partial=world_size == 1)
+        )
+        loader = wds.WebLoader(dataset, batch_size=None, num_workers=workers)
+        if world_size > 1:
+            batches_per_rank = math.ceil(manifest.num_images / (world_size * self.batch_size))
+            loader = loader.with_epoch(batches_per_rank)
+        return loader
+
+    def eval_loader(self, directory: Path, manifest: Manifest) -> wds.WebLoader:
+        """Every image once, in shard order, split over ranks and workers."""
+        urls = shard_urls(directory, manifest)
+        dataset = (
+            wds.WebDataset(
+                urls,
+                shardshuffle=False,
+                nodesplitter=wds.split_by_node,
+                workersplitter=wds.split_by_worker,
+                empty_check=False,
+            )
+            .map(decode_sample)
+            .select(_has_masks)
+            .batched(self.batch_size, collation_fn=collate_records, partial=True)
+        )
+        workers = self._workers_for(len(urls), shards_per_rank=True)
+        return wds.WebLoader(dataset, batch_size=None, num_workers=workers)
+
+    def val_dataloader(self) -> wds.WebLoader:
+        return self.eval_loader(self.val_dir, self.manifests["val"])

@@ -1,0 +1,144 @@
+"""Train the U-SAM head: ``python -m usam.fit experiment=voc_sd [stage=teacher|student|both]``.
+
+Everything a run writes lives under its Hydra output directory: the resolved
+config, checkpoints per stage, and the logger files (W&B offline by default).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from usam.modules import RANDOM_WEIGHTS_WARNING, StudentModule, TeacherModule
+from usam.vocab import load_vocabulary
+
+log = logging.getLogger(__name__)
+
+STAGES = ("teacher", "student", "both")
+
+
+def _instantiate_all(group: DictConfig | None, **overrides: Any) -> list[Any]:
+    """One object per entry of a logger/callback group (``logger=none`` gives none)."""
+    return [instantiate(entry, **overrides) for entry in (group or {}).values() if entry]
+
+
+def _loggers(cfg: DictConfig, stage: str) -> list[Any]:
+    loggers = []
+    for name, entry in (cfg.logger or {}).items():
+        if not entry:
+            continue
+        if name == "wandb":
+            loggers.append(instantiate(entry, name=f"{cfg.run_name}-{stage}"))
+        else:
+            loggers.append(instantiate(entry, name=stage))
+    return loggers
+
+
+def _finish_loggers(loggers: list[Any]) -> None:
+    """W&B keeps one run per process open; close it so the next stage gets its own."""
+    for logger in loggers:
+        if type(logger).__name__ == "WandbLogger":
+            logger.experiment.finish()
+
+
+def _announce_random_weights(cfg: DictConfig, datamodule: Any) -> None:
+    if datamodule.random_weights:
+        kind = "SYNTHETIC embeddings" if datamodule.synthetic_embeddings else "untrained SAM"
+        banner = "=" * 78
+        print(f"{banner}\n{RANDOM_WEIGHTS_WARNING}\n(data: {kind}; see data.source)\n{banner}")
+
+
+def train_stage(
+    cfg: DictConfig, stage: str, datamodule: Any, teacher_ckpt: str | None = None
+) -> Path:
+    """Fit one stage and return the checkpoint the next stage should read."""
+    classes = list(datamodule.classes)
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    if stage == "teacher":
+        module = TeacherModule(
+            classes=classes,
+            input_view=model_cfg["input_view"],
+            embed_dim=cfg.data.embed_dim,
+            sam_model_type=cfg.sam.model_type,
+            head=model_cfg["head"],
+            optimizer=model_cfg["optimizer"],
+            **model_cfg["teacher"],
+        )
+    else:
+        if teacher_ckpt is None:
+            raise ValueError("stage=student needs a teacher checkpoint: set teacher_ckpt=/path.ckpt")
+        module = StudentModule.from_teacher(
+            teacher_ckpt, optimizer=model_cfg["optimizer"], **model_cfg["student"]
+        )
+        if module.classes != classes:
+            raise ValueError(
+                f"teacher checkpoint {teacher_ckpt} was trained on {len(module.classes)} classes "
+                f"({module.classes[:5]}...), the run has {len(classes)} ({classes[:5]}...)"
+            )
+    ckpt_dir = Path(cfg.paths.output_dir) / "checkpoints" / stage
+    callbacks = _instantiate_all(cfg.callbacks)
+    for callback in callbacks:
+        if isinstance(callback, ModelCheckpoint):
+            callback.dirpath = str(ckpt_dir)
+    loggers = _loggers(cfg, stage)
+    checkpointing = any(isinstance(c, ModelCheckpoint) for c in callbacks)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        enable_checkpointing=checkpointing,  # callbacks=none: only the final checkpoint below
+    )
+    try:
+        trainer.fit(module, datamodule=datamodule)
+    finally:
+        _finish_loggers(loggers)
+    best = next(
+        (c.best_model_path for c in callbacks if isinstance(c, ModelCheckpoint) and c.best_model_path),
+        "",
+    )
+    if best:
+        return Path(best)
+    final = ckpt_dir / "final.ckpt"
+    trainer.save_checkpoint(final)
+    return final
+
+
+def run(cfg: DictConfig) -> dict[str, Path]:
+    """Run the configured stages; returns the checkpoint of each."""
+    if cfg.stage not in STAGES:
+        raise ValueError(f"stage={cfg.stage!r} must be one of {STAGES}")
+    L.seed_everything(cfg.seed, workers=True)
+    load_vocabulary(cfg.data.classes)  # fail early on a bad class list
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    _announce_random_weights(cfg, datamodule)
+    checkpoints: dict[str, Path] = {}
+    if cfg.stage in ("teacher", "both"):
+        checkpoints["teacher"] = train_stage(cfg, "teacher", datamodule)
+        log.info("teacher checkpoint: %s", checkpoints["teacher"])
+    if cfg.stage in ("student", "both"):
+        teacher_ckpt = str(checkpoints.get("teacher") or cfg.teacher_ckpt or "") or None
+        checkpoints["student"] = train_stage(cfg, "student", datamodule, teacher_ckpt)
+        log.info("student checkpoint: %s", checkpoints["student"])
+    _announce_random_weights(cfg, datamodule)
+    return checkpoints
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="fit")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Shared fixtures: offline, single-threaded, and small synthetic shard sets in tmp dirs."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from usam.synthetic import write_synthetic_shard_set  # noqa: E402
+
+torch.set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
+SMALL_CLASSES = ["cat", "dog", "car", "boat"]
+
+
+def compose_fit(overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="fit", overrides=overrides)
+
+
+def run_overrides(tmp_path: Path, data_dir: Path, *extra: str) -> list[str]:
+    """Overrides that keep a fit run small, offline and inside tmp_path."""
+    return [
+        "experiment=demo",
+        f"paths.root_dir={tmp_path}",
+        f"paths.data_dir={data_dir}",
+        f"paths.output_dir={tmp_path / 'run'}",
+        f"data.classes=[{','.join(SMALL_CLASSES)}]",
+        "data.synthetic.images_per_class=12",
+        "data.batch_size=8",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="session")
+def shard_sets(tmp_path_factory) -> dict[str, Path]:
+    """A train and a val synthetic shard set over SMALL_CLASSES (several shards each)."""
+    root = tmp_path_factory.mktemp("shards")
+    sets = {}
+    for split, per_class in (("train", 24), ("val", 8)):
+        sets[split] = root / split
+        write_synthetic_shard_set(
+            sets[split],
+            classes=SMALL_CLASSES,
+            split=split,
+            images_per_class=per_class,
+            masks_per_image=(6, 20),
+            images_per_shard=10,
+            seed=3,
+        )
+    return sets
