@@ -16,13 +16,20 @@ EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 
 
 def test_all_paper_experiments_exist():
-    assert {"demo", "voc_sd", "voc_wc", "coco_sd", "coco_wc", "voc_superclasses"} <= set(EXPERIMENTS)
+    assert {"demo", "voc_sd", "voc_wc", "coco_sd", "coco_wc", "voc_superclasses"} <= set(
+        EXPERIMENTS
+    )
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes(experiment, tmp_path):
-    cfg = compose_fit([f"experiment={experiment}", f"paths.root_dir={tmp_path}",
-                       f"paths.output_dir={tmp_path}/run"])
+    cfg = compose_fit(
+        [
+            f"experiment={experiment}",
+            f"paths.root_dir={tmp_path}",
+            f"paths.output_dir={tmp_path}/run",
+        ]
+    )
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert resolved["data"]["sam_model_type"] == resolved["sam"]["model_type"]
     assert resolved["data"]["embed_dim"] == 1024
@@ -36,13 +43,19 @@ def test_every_experiment_composes(experiment, tmp_path):
 def test_cfg_job_prints_the_composed_config():
     result = subprocess.run(
         [sys.executable, "-m", "usam.fit", "experiment=voc_sd", "--cfg", "job"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, check=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     )
     assert "classes: voc20" in result.stdout and "model_type: vit_h" in result.stdout
 
 
 def test_fast_dev_run_both_stages(tmp_path, capsys):
-    cfg = compose_fit(run_overrides(tmp_path, tmp_path / "data", "logger=csv", "++trainer.fast_dev_run=true"))
+    cfg = compose_fit(
+        run_overrides(tmp_path, tmp_path / "data", "logger=csv", "++trainer.fast_dev_run=true")
+    )
     checkpoints = run(cfg)
     assert set(checkpoints) == {"teacher", "student"}
     for stage, path in checkpoints.items():
@@ -53,19 +66,28 @@ def test_fast_dev_run_both_stages(tmp_path, capsys):
     assert (tmp_path / "data" / "shards").is_dir()  # synthetic shards written on first use
 
     student_only = compose_fit(
-        run_overrides(tmp_path / "again", tmp_path / "data", "logger=csv", "callbacks=none",
-                      "trainer.max_epochs=1", "trainer.log_every_n_steps=1", "stage=student",
-                      f"teacher_ckpt={checkpoints['teacher']}")
+        run_overrides(
+            tmp_path / "again",
+            tmp_path / "data",
+            "logger=csv",
+            "callbacks=none",
+            "trainer.max_epochs=1",
+            "trainer.log_every_n_steps=1",
+            "stage=student",
+            f"teacher_ckpt={checkpoints['teacher']}",
+        )
     )
     assert set(run(student_only)) == {"student"}
-    metrics = (tmp_path / "again" / "run" / "csv" / "student" / "version_0" / "metrics.csv")
+    metrics = tmp_path / "again" / "run" / "csv" / "student" / "version_0" / "metrics.csv"
     header = metrics.read_text().splitlines()[0]
     assert "train/uncertainty" in header and "val/image_acc" in header
     assert not list((tmp_path / "again" / "run").rglob("epoch=*.ckpt"))  # callbacks=none
 
 
 def test_wandb_offline_run_is_marked_random_weights(tmp_path):
-    cfg = compose_fit(run_overrides(tmp_path, tmp_path / "data", "stage=teacher", "trainer.max_epochs=1"))
+    cfg = compose_fit(
+        run_overrides(tmp_path, tmp_path / "data", "stage=teacher", "trainer.max_epochs=1")
+    )
     checkpoints = run(cfg)
     assert checkpoints["teacher"].is_file()
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
@@ -82,7 +104,13 @@ def test_student_stage_without_teacher_fails_clearly(tmp_path):
 
 
 def test_real_experiment_without_shards_says_what_is_missing(tmp_path):
-    cfg = compose_fit(["experiment=voc_sd", f"paths.root_dir={tmp_path}",
-                       f"paths.output_dir={tmp_path}/run", "logger=none"])
+    cfg = compose_fit(
+        [
+            "experiment=voc_sd",
+            f"paths.root_dir={tmp_path}",
+            f"paths.output_dir={tmp_path}/run",
+            "logger=none",
+        ]
+    )
     with pytest.raises(ShardSetError, match="no train shard set at .*voc-sd-vit_h"):
         run(cfg)

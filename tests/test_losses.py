@@ -59,8 +59,12 @@ def test_mil_loss_averages_images_with_their_own_k():
     labels = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
     batched = mil_loss(logits, valid, labels, top_k=0.5)
     alone = [
-        mil_loss(logits[i : i + 1, : int(valid[i].sum())], valid[i : i + 1, : int(valid[i].sum())],
-                 labels[i : i + 1], top_k=0.5)
+        mil_loss(
+            logits[i : i + 1, : int(valid[i].sum())],
+            valid[i : i + 1, : int(valid[i].sum())],
+            labels[i : i + 1],
+            top_k=0.5,
+        )
         for i in range(2)
     ]
     assert batched.item() == pytest.approx(sum(a.item() for a in alone) / 2, rel=1e-6)
@@ -119,8 +123,11 @@ def test_uncertainty_loss_targets():
 def test_no_bad_masks_gives_zero_loss():
     teacher = torch.tensor([[confident(1), confident(0)]])
     loss, bad = uncertainty_loss(
-        torch.randn(1, 2, 4), teacher, torch.ones(1, 2, dtype=torch.bool),
-        torch.tensor([[1.0, 0.0, 0.0]]), 0.5,
+        torch.randn(1, 2, 4),
+        teacher,
+        torch.ones(1, 2, dtype=torch.bool),
+        torch.tensor([[1.0, 0.0, 0.0]]),
+        0.5,
     )
     assert not bad.any() and loss.item() == 0.0
 
@@ -138,7 +145,9 @@ def test_input_views_pick_the_right_token():
     for b in range(2):
         for n in range(3):
             token = int(multimask[b, n]) + 1
-            assert own[b, n].tolist() == embeddings[b, n, 2 * token : 2 * token + 2].float().tolist()
+            assert (
+                own[b, n].tolist() == embeddings[b, n, 2 * token : 2 * token + 2].float().tolist()
+            )
     assert select_input_view(embeddings, multimask, "tokens").shape == (2, 3, 8)
     assert input_dim("mask_token", 1024) == 256 and input_dim("tokens", 1024) == 1024
     with pytest.raises(ValueError, match="model.input_view"):
@@ -149,7 +158,10 @@ def test_head_has_four_linear_layers_of_the_configured_widths():
     head = MaskClassifierHead(1024, 21, hidden_dims=(64, 32, 16))
     linears = [m for m in head.modules() if isinstance(m, torch.nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [
-        (1024, 64), (64, 32), (32, 16), (16, 21)
+        (1024, 64),
+        (64, 32),
+        (32, 16),
+        (16, 21),
     ]
     with pytest.raises(ValueError, match="must list 3 widths"):
         MaskClassifierHead(1024, 21, hidden_dims=(64, 32))

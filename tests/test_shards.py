@@ -27,7 +27,9 @@ DIM = 16
 
 def make_record(key: str, count: int, rng: np.random.Generator) -> ImageRecord:
     masks = rng.random((count, 6, 7)) > 0.5
-    rles = [mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))["counts"].decode() for m in masks]
+    rles = [
+        mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))["counts"].decode() for m in masks
+    ]
     return ImageRecord(
         key=key,
         height=6,
@@ -195,7 +197,10 @@ def test_collate_pads_with_a_validity_mask(shard_sets):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ({"classes": ["cat", "dog", "car", "bus"]}, r"class list differs .*only in the run: \['bus'\]"),
+        (
+            {"classes": ["cat", "dog", "car", "bus"]},
+            r"class list differs .*only in the run: \['bus'\]",
+        ),
         ({"classes": ["dog", "cat", "car", "boat"]}, "same names in another order"),
         ({"embed_dim": 256}, r"embedding dim differs \(run: 256, shards: 1024\)"),
         ({"sam_model_type": "vit_h"}, r"SAM model type differs \(run: vit_h, shards: tiny\)"),
@@ -208,7 +213,10 @@ def test_mismatched_manifest_fails_with_its_message(shard_sets, override, messag
 
 def test_missing_real_shard_set_names_the_directory_and_key(tmp_path):
     datamodule = ShardDataModule(
-        classes="voc20", train_dir=str(tmp_path / "nope"), val_dir=str(tmp_path / "nope2"), source="sd"
+        classes="voc20",
+        train_dir=str(tmp_path / "nope"),
+        val_dir=str(tmp_path / "nope2"),
+        source="sd",
     )
     with pytest.raises(ShardSetError, match=r"no train shard set at .*nope \(data.train_dir\)"):
         datamodule.prepare_data()
@@ -216,7 +224,9 @@ def test_missing_real_shard_set_names_the_directory_and_key(tmp_path):
 
 def test_synthetic_sets_are_reproducible_and_marked(tmp_path):
     for name in ("a", "b"):
-        write_synthetic_shard_set(tmp_path / name, classes=["cat", "dog"], images_per_class=3, seed=5)
+        write_synthetic_shard_set(
+            tmp_path / name, classes=["cat", "dog"], images_per_class=3, seed=5
+        )
     first, second = (list(iter_records(tmp_path / n)) for n in ("a", "b"))
     for left, right in zip(first, second, strict=True):
         np.testing.assert_array_equal(left.embeddings, right.embeddings)

@@ -10,15 +10,23 @@ from usam.vocab import VocabularyError, load_vocabulary
 def test_packaged_vocabularies_have_standard_sizes_and_order():
     voc = load_vocabulary("voc20")
     coco = load_vocabulary("coco80")
-    assert voc.num_classes == 20 and voc.classes[0] == "aeroplane" and voc.classes[-1] == "tv monitor"
-    assert coco.num_classes == 80 and coco.classes[0] == "person" and coco.classes[-1] == "toothbrush"
+    assert (
+        voc.num_classes == 20 and voc.classes[0] == "aeroplane" and voc.classes[-1] == "tv monitor"
+    )
+    assert (
+        coco.num_classes == 80 and coco.classes[0] == "person" and coco.classes[-1] == "toothbrush"
+    )
     assert coco.classes.index("dining table") == 60
 
 
 def test_superclasses_cover_every_voc_class_exactly_once():
     superclasses = load_vocabulary("voc_superclasses")
     assert superclasses.classes == (
-        "animals", "furniture", "household items", "person", "transportation"
+        "animals",
+        "furniture",
+        "household items",
+        "person",
+        "transportation",
     )
     mapping = superclasses.parent_label_map()
     assert sorted(mapping) == list(range(20))

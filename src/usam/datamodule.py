@@ -81,7 +81,9 @@ class ShardDataModule(L.LightningDataModule):
         name: str | None = None,
     ) -> None:
         super().__init__()
-        self.classes = load_vocabulary(classes if isinstance(classes, str) else list(classes)).classes
+        self.classes = load_vocabulary(
+            classes if isinstance(classes, str) else list(classes)
+        ).classes
         self.train_dir = Path(train_dir)
         self.val_dir = Path(val_dir)
         self.source = source

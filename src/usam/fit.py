@@ -73,7 +73,9 @@ def train_stage(
         )
     else:
         if teacher_ckpt is None:
-            raise ValueError("stage=student needs a teacher checkpoint: set teacher_ckpt=/path.ckpt")
+            raise ValueError(
+                "stage=student needs a teacher checkpoint: set teacher_ckpt=/path.ckpt"
+            )
         module = StudentModule.from_teacher(
             teacher_ckpt, optimizer=model_cfg["optimizer"], **model_cfg["student"]
         )
@@ -100,7 +102,11 @@ def train_stage(
     finally:
         _finish_loggers(loggers)
     best = next(
-        (c.best_model_path for c in callbacks if isinstance(c, ModelCheckpoint) and c.best_model_path),
+        (
+            c.best_model_path
+            for c in callbacks
+            if isinstance(c, ModelCheckpoint) and c.best_model_path
+        ),
         "",
     )
     if best:

@@ -32,7 +32,9 @@ def select_input_view(embeddings: torch.Tensor, multimask: torch.Tensor, view: s
         return embeddings
     if view == "mask_token":
         tokens = embeddings.unflatten(-1, (TOKENS_PER_POINT, -1))
-        index = (multimask.long() + 1)[..., None, None].expand(*tokens.shape[:-2], 1, tokens.shape[-1])
+        index = (multimask.long() + 1)[..., None, None].expand(
+            *tokens.shape[:-2], 1, tokens.shape[-1]
+        )
         return tokens.gather(-2, index).squeeze(-2)
     raise ValueError(f"model.input_view={view!r} is not one of {INPUT_VIEWS}")
 

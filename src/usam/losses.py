@@ -19,7 +19,9 @@ def top_k_counts(num_valid: torch.Tensor, top_k: float) -> torch.Tensor:
     """k per image: an integer >= 1 is a count (capped at N); a value in (0, 1) a fraction of N."""
     if top_k >= 1:
         if top_k != int(top_k):
-            raise ValueError(f"model.top_k={top_k}: use an integer count >= 1 or a fraction in (0, 1)")
+            raise ValueError(
+                f"model.top_k={top_k}: use an integer count >= 1 or a fraction in (0, 1)"
+            )
         k = num_valid.clamp(max=int(top_k))
     elif top_k > 0:
         k = torch.ceil(num_valid.float() * top_k).long()
@@ -104,7 +106,9 @@ def uncertainty_loss(
     plus background, renormalised. ``background``: the bad masks are pushed to
     background. The loss is averaged over bad masks (0 when there are none).
     """
-    uncertain, confidently_wrong = select_bad_masks(teacher_logits, valid, labels, entropy_threshold)
+    uncertain, confidently_wrong = select_bad_masks(
+        teacher_logits, valid, labels, entropy_threshold
+    )
     bad = uncertain | confidently_wrong
     if target == "label_restricted":
         restricted = teacher_logits.softmax(-1) * allowed_outputs(labels)[:, None, :]
@@ -114,7 +118,9 @@ def uncertainty_loss(
             torch.zeros_like(valid, dtype=torch.long), student_logits.shape[-1]
         ).to(student_logits.dtype)
     else:
-        raise ValueError(f"model.student.uncertainty_target={target!r} is not one of {UNCERTAINTY_TARGETS}")
+        raise ValueError(
+            f"model.student.uncertainty_target={target!r} is not one of {UNCERTAINTY_TARGETS}"
+        )
     per_mask = -(soft_target * F.log_softmax(student_logits, dim=-1)).sum(-1)
     loss = (per_mask * bad).sum() / bad.sum().clamp(min=1)
     return loss, bad

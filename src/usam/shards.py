@@ -221,9 +221,7 @@ def check_manifest(
             f"{detail})"
         )
     if embed_dim is not None and embed_dim != manifest.embed_dim:
-        problems.append(
-            f"embedding dim differs (run: {embed_dim}, shards: {manifest.embed_dim})"
-        )
+        problems.append(f"embedding dim differs (run: {embed_dim}, shards: {manifest.embed_dim})")
     if sam_model_type is not None and sam_model_type != manifest.sam.get("model_type"):
         problems.append(
             f"SAM model type differs (run: {sam_model_type}, "

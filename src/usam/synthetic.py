@@ -136,8 +136,15 @@ def write_synthetic_shard_set(
                     labels.append(int((class_index + rng.integers(1, num_classes)) % num_classes))
                 key = f"{split}_{class_index:03d}_{image_index:05d}"
                 record = make_record(
-                    key, labels, num_classes, class_protos, background_protos, rng,
-                    (low, high), foreground_fraction, noise,
+                    key,
+                    labels,
+                    num_classes,
+                    class_protos,
+                    background_protos,
+                    rng,
+                    (low, high),
+                    foreground_fraction,
+                    noise,
                 )
                 if key not in writer.done_keys:
                     writer.write(record)
