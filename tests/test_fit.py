@@ -114,3 +114,19 @@ def test_real_experiment_without_shards_says_what_is_missing(tmp_path):
     )
     with pytest.raises(ShardSetError, match="no train shard set at .*voc-sd-vit_h"):
         run(cfg)
+
+
+def test_ddp_on_two_cpu_processes(tmp_path):
+    """Lightning DDP (gloo) end to end: both stages finish and write their checkpoints."""
+    overrides = run_overrides(
+        tmp_path, tmp_path / "data", "trainer=ddp", "trainer.devices=2", "trainer.max_epochs=2",
+        "logger=csv",
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "usam.fit", *overrides],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for stage in ("teacher", "student"):
+        assert (tmp_path / "run" / "checkpoints" / stage / "last.ckpt").is_file()
+    assert result.stdout.count("RANDOM WEIGHTS") == 2  # rank zero only, before and after

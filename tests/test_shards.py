@@ -181,6 +181,13 @@ def test_ddp_ranks_split_evaluation_and_stay_in_step_for_training(shard_sets, mo
     assert batch_counts == [expected_batches, expected_batches]
 
 
+def test_evaluation_needs_a_shard_per_rank(tmp_path, shard_sets):
+    datamodule = make_datamodule(shard_sets)
+    datamodule.trainer = SimpleNamespace(global_rank=0, world_size=64)
+    with pytest.raises(ShardSetError, match=r"\d+ shard\(s\) for 64 ranks"):
+        datamodule.val_dataloader()
+
+
 def test_collate_pads_with_a_validity_mask(shard_sets):
     datamodule = make_datamodule(shard_sets, batch_size=6)
     batch = next(iter(datamodule.val_dataloader()))

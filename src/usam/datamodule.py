@@ -189,6 +189,12 @@ class ShardDataModule(L.LightningDataModule):
     def eval_loader(self, directory: Path, manifest: Manifest) -> wds.WebLoader:
         """Every image once, in shard order, split over ranks and workers."""
         urls = shard_urls(directory, manifest)
+        _, world_size = self._world()
+        if len(urls) < world_size:
+            raise ShardSetError(
+                f"{directory} has {len(urls)} shard(s) for {world_size} ranks: every rank needs "
+                "at least one; rewrite the set with fewer images per shard"
+            )
         dataset = (
             wds.WebDataset(
                 urls,

@@ -14,6 +14,7 @@ import hydra
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from usam.modules import RANDOM_WEIGHTS_WARNING, StudentModule, TeacherModule
@@ -48,7 +49,8 @@ def _finish_loggers(loggers: list[Any]) -> None:
             logger.experiment.finish()
 
 
-def _announce_random_weights(cfg: DictConfig, datamodule: Any) -> None:
+@rank_zero_only
+def _announce_random_weights(datamodule: Any) -> None:
     if datamodule.random_weights:
         kind = "SYNTHETIC embeddings" if datamodule.synthetic_embeddings else "untrained SAM"
         banner = "=" * 78
@@ -128,7 +130,7 @@ def run(cfg: DictConfig) -> dict[str, Path]:
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    _announce_random_weights(cfg, datamodule)
+    _announce_random_weights(datamodule)
     checkpoints: dict[str, Path] = {}
     if cfg.stage in ("teacher", "both"):
         checkpoints["teacher"] = train_stage(cfg, "teacher", datamodule)
@@ -137,7 +139,7 @@ def run(cfg: DictConfig) -> dict[str, Path]:
         teacher_ckpt = str(checkpoints.get("teacher") or cfg.teacher_ckpt or "") or None
         checkpoints["student"] = train_stage(cfg, "student", datamodule, teacher_ckpt)
         log.info("student checkpoint: %s", checkpoints["student"])
-    _announce_random_weights(cfg, datamodule)
+    _announce_random_weights(datamodule)
     return checkpoints
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from torchmetrics import MeanMetric
 
 from usam.head import MaskClassifierHead, input_dim, select_input_view
 from usam.losses import mil_image_scores, mil_loss, uncertainty_loss
@@ -43,6 +44,9 @@ class TeacherModule(L.LightningModule):
             input_dim(input_view, embed_dim), len(self.classes) + 1, **dict(head or {})
         )
         self.random_weights = False
+        # metric objects reduce by image count across DDP ranks, whatever each rank saw
+        self.val_loss = MeanMetric()
+        self.val_image_acc = MeanMetric()
 
     def forward(self, embeddings: torch.Tensor, multimask: torch.Tensor) -> torch.Tensor:
         """Mask logits (..., C+1) from stored embeddings; index 0 is background."""
@@ -66,9 +70,18 @@ class TeacherModule(L.LightningModule):
         scores = mil_image_scores(logits, batch["valid"], self.top_k)
         predicted = scores[:, 1:].argmax(1)
         correct = batch["labels"].gather(1, predicted[:, None]).squeeze(1)
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=size)
-        self.log("val/image_acc", correct.mean(), prog_bar=True, sync_dist=True, batch_size=size)
-        self.log("val/random_weights", float(self.random_weights), sync_dist=True, batch_size=size)
+        self.val_loss.update(loss, weight=size)
+        self.val_image_acc.update(correct)
+        self.log("val/loss", self.val_loss, prog_bar=True)
+        self.log("val/image_acc", self.val_image_acc, prog_bar=True)
+
+    def on_validation_epoch_start(self) -> None:
+        # a fresh state per epoch; states left by Trainer.validate are inference tensors
+        self.val_loss.reset()
+        self.val_image_acc.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/random_weights", float(self.random_weights), sync_dist=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.parameters() if p.requires_grad]

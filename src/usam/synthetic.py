@@ -100,7 +100,7 @@ def write_synthetic_shard_set(
     embed_dim: int = DEFAULT_EMBED_DIM,
     sam_model_type: str = "tiny",
     seed: int = 0,
-    images_per_shard: int = 64,
+    images_per_shard: int = 16,
 ) -> Manifest:
     """Write one split; the same seed gives the same prototypes for every split."""
     if split not in _SPLIT_STREAMS:
