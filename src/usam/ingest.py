@@ -1,0 +1,48 @@
+"""Entry point for training images that already exist (see :mod:`usam.web_images`).
+
+    python -m usam.ingest data.classes=voc20 ingest.urls=urls.csv
+    python -m usam.ingest data.classes=voc20 ingest=folder ingest.root=my_photos
+
+Images go to ``${paths.data_dir}/images/<vocabulary>_<ingest.name>/`` (``voc20_web``
+or ``voc20_folder``; ``ingest.out_dir`` overrides it), next to the generated sets
+of :mod:`usam.generate`, with ``failed.jsonl`` and ``contact_sheets/`` inside.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from usam.image_shards import image_set_dir
+from usam.vocab import load_vocabulary
+from usam.web_images import IngestSettings, ingest_folder, ingest_urls
+
+
+def run(cfg: DictConfig) -> Path:
+    """Ingest from a composed config (``ingest.yaml``); returns the image set directory."""
+    classes = cfg.data.classes
+    spec = classes if isinstance(classes, str) else OmegaConf.to_container(classes, resolve=True)
+    vocab = load_vocabulary(spec)
+    settings = IngestSettings.from_config(OmegaConf.to_container(cfg.ingest, resolve=True))
+    name = settings.name or settings.kind
+    out_dir = Path(settings.out_dir or image_set_dir(cfg.images_dir, vocab, name))
+    if settings.kind == "web":
+        ingest_urls(settings.urls, vocab, out_dir, settings)
+    else:
+        ingest_folder(settings.root, vocab, out_dir, settings)
+    return out_dir
+
+
+@hydra.main(config_path="../../conf", config_name="ingest", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        print(run(cfg))
+    except ValueError as error:  # bad lists, unknown classes, settings, foreign directories
+        sys.exit(f"usam.ingest: {error}")
+
+
+if __name__ == "__main__":
+    main()

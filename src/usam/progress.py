@@ -1,0 +1,35 @@
+"""Rich progress bars that show items per second and the time left, for the image jobs."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+
+class SpeedColumn(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed or 0:.2f} img/s")
+
+
+def progress_bar(*extra: ProgressColumn, enabled: bool = True) -> Progress:
+    """Description, bar, done/total, img/s, any ``extra`` columns, then the ETA (on stderr)."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        SpeedColumn(),
+        *extra,
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=not enabled,
+    )
