@@ -1,0 +1,181 @@
+"""Official ``SamAutomaticMaskGenerator`` against ``usam.amg`` on the same images and weights.
+
+Both run in this process with the same settings, at predicted-IoU thresholds chosen from
+a first pass so that about 100%, 50% and 10% of the masks pass the IoU filter. Printed
+per pass rate: images/s of each, their ratio (also without the image encoder, which both
+share and neither speeds up), peak extra resident memory during each, and whether the
+outputs agree (same count, bit-identical masks, same boxes, IoUs and stability scores).
+
+Without ``--checkpoint`` the model has seeded random weights (usam.sam_registry): the
+masks mean nothing, but the work done, and so the timing, is the same as with trained
+weights at the same pass rates.
+
+    python benchmarks/extract_speed.py --model vit_b --points-per-side 16 --images 1
+    python benchmarks/extract_speed.py --model tiny --points-per-side 16 --images 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from segment_anything import SamAutomaticMaskGenerator
+
+from usam.amg import AmgSettings, AutomaticMaskEngine
+from usam.sam_registry import build_sam
+
+VOC_IMAGES = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "voc2012-mini"
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def load_images(count: int) -> tuple[list[np.ndarray], str]:
+    folder = VOC_IMAGES / "JPEGImages"
+    if folder.is_dir():
+        paths = sorted(folder.glob("*.jpg"))[:count]
+        return [np.array(Image.open(p).convert("RGB")) for p in paths], "VOC2012 photos"
+    rng = np.random.default_rng(0)
+    images = []
+    for _ in range(count):
+        image = np.empty((375, 500, 3), np.uint8)
+        image[:] = rng.integers(0, 256, 3)
+        yy, xx = np.mgrid[:375, :500]
+        for _ in range(8):
+            cy, cx, r = rng.integers(0, 375), rng.integers(0, 500), rng.integers(30, 120)
+            image[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.integers(0, 256, 3)
+        images.append(image)
+    return images, "synthetic shapes (no ../shared/data here)"
+
+
+class PeakRss:
+    """Peak resident memory above the level at entry, sampled every few milliseconds."""
+
+    def __enter__(self) -> PeakRss:
+        self.base = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def extra_mb(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self._rss())
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * _PAGE
+
+
+def run_official(sam, images, settings: AmgSettings):
+    generator = SamAutomaticMaskGenerator(sam, output_mode="coco_rle", **settings.as_kwargs())
+    outputs, seconds, peak = [], 0.0, 0.0
+    for image in images:
+        with PeakRss() as memory:
+            start = time.perf_counter()
+            outputs.append(generator.generate(image))
+            seconds += time.perf_counter() - start
+        peak = max(peak, memory.extra_mb)
+    return outputs, seconds, peak
+
+
+def run_ours(sam, images, settings: AmgSettings):
+    engine = AutomaticMaskEngine(sam, settings)
+    outputs, seconds, peak = [], 0.0, 0.0
+    for image in images:
+        with PeakRss() as memory:
+            start = time.perf_counter()
+            outputs.append(engine.generate(image))
+            seconds += time.perf_counter() - start
+        peak = max(peak, memory.extra_mb)
+    return outputs, seconds, peak
+
+
+def agreement(official: list[list[dict]], ours) -> tuple[int, int, bool]:
+    n_official = sum(len(o) for o in official)
+    n_ours = sum(len(o) for o in ours)
+    same = all(
+        o.rles == [t["segmentation"]["counts"] for t in theirs]
+        and o.boxes.tolist() == [t["bbox"] for t in theirs]
+        and o.iou_preds.tolist() == [t["predicted_iou"] for t in theirs]
+        and o.stability.tobytes()
+        == np.array([t["stability_score"] for t in theirs], np.float32).tobytes()
+        for o, theirs in zip(ours, official)
+    )
+    return n_official, n_ours, same and n_official == n_ours
+
+
+def encoder_seconds(sam, images) -> float:
+    engine = AutomaticMaskEngine(sam, AmgSettings(points_per_side=1))
+    start = time.perf_counter()
+    for image in images:
+        engine.predictor.set_image(image)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="vit_b", help="vit_h, vit_l, vit_b or tiny")
+    parser.add_argument("--checkpoint", help="trained weights; seeded random weights without")
+    parser.add_argument("--images", type=int, default=1)
+    parser.add_argument("--points-per-side", type=int, default=16)
+    parser.add_argument("--points-per-batch", type=int, default=64)
+    parser.add_argument("--stability-thresh", type=float, default=0.95)
+    parser.add_argument("--pass-rates", type=float, nargs="+", default=[1.0, 0.5, 0.1])
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    sam, info = build_sam(
+        args.model, args.checkpoint, random_weights=args.checkpoint is None, seed=args.seed
+    )
+    images, source = load_images(args.images)
+    base = AmgSettings(
+        points_per_side=args.points_per_side,
+        points_per_batch=args.points_per_batch,
+        stability_score_thresh=args.stability_thresh,
+    )
+    probe = AutomaticMaskEngine(sam, base)
+    ious = np.concatenate([probe.point_ious(image) for image in images])
+    encoder = encoder_seconds(sam, images)
+    print(
+        f"model={args.model} random_weights={info['random_weights']} images={len(images)} "
+        f"({source}) points_per_side={args.points_per_side} "
+        f"points_per_batch={args.points_per_batch} stability_thresh={args.stability_thresh} "
+        f"torch_threads={torch.get_num_threads()}"
+    )
+    print(f"image encoder alone: {encoder / len(images):.2f} s/image (shared by both)")
+    header = (
+        f"{'pass':>5} {'iou_thr':>8} {'official img/s':>14} {'ours img/s':>10} {'ratio':>6} "
+        f"{'ratio w/o enc':>13} {'official MB':>11} {'ours MB':>8} {'masks':>11} {'identical':>9}"
+    )
+    print(header)
+    for rate in args.pass_rates:
+        threshold = 0.0 if rate >= 1.0 else float(np.quantile(ious, 1.0 - rate))
+        passed = float(np.mean(ious > threshold)) if threshold > 0 else 1.0
+        settings = AmgSettings(**{**base.as_kwargs(), "pred_iou_thresh": threshold})
+        official, t_official, m_official = run_official(sam, images, settings)
+        ours, t_ours, m_ours = run_ours(sam, images, settings)
+        n_official, n_ours, same = agreement(official, ours)
+        without = (t_official - encoder) / max(t_ours - encoder, 1e-9)
+        print(
+            f"{passed:>5.0%} {threshold:>8.4f} {len(images) / t_official:>14.4f} "
+            f"{len(images) / t_ours:>10.4f} {t_official / t_ours:>6.2f} {without:>13.2f} "
+            f"{m_official:>11.0f} {m_ours:>8.0f} {f'{n_official}/{n_ours}':>11} {str(same):>9}"
+        )
+
+
+if __name__ == "__main__":
+    main()

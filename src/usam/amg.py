@@ -1,0 +1,536 @@
+"""SAM's automatic mask generation, exactly as the official generator, faster, with mask tokens.
+
+The kept masks, boxes, predicted IoUs and stability scores equal those of
+``segment_anything.SamAutomaticMaskGenerator.generate`` with the same weights and
+settings (masks bit-identical, same order). Each mask also carries the four mask
+tokens of its point prompt (the two-way transformer output ``hs[:, 1:5]``, before the
+hypernetwork MLPs) flattened to 1024 values, which is what U-SAM classifies.
+
+Where the time goes and what is done about it, without changing a single value:
+
+* The mask decoder's image-side work (4096 x 256 values per point for the 1024-pixel
+  models) is memory-bound; it runs one point at a time so that it stays in cache, while
+  the token-side layers still see the whole point batch, because small matrix products
+  are not bit-identical across batch sizes on CPU BLAS. Until the first image-to-token
+  attention every point sees the same image keys, so their projections are computed
+  once per image, not once per point.
+* Predicted IoU comes from the transformer alone, so the IoU filter runs first: mask
+  upscaling inside the decoder and the upsampling to image size are done only for the
+  masks that pass it. Stability is still computed on the full-resolution logits, as
+  the official code does, so it stays exact.
+* Masks are encoded with pycocotools' C RLE encoder instead of Python-level torch code,
+  and nothing is deep-copied.
+
+Point grids, crop boxes and the small-region cleanup come from ``segment_anything``
+itself, so the geometry cannot drift from the official generator.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from segment_anything import SamPredictor
+from segment_anything.modeling import Sam
+from segment_anything.utils.amg import (
+    build_all_layer_point_grids,
+    generate_crop_boxes,
+    remove_small_regions,
+)
+from torchvision.ops.boxes import batched_nms, box_area
+
+from usam.shards import ImageRecord
+
+_EDGE_TOLERANCE = 20.0  # pixels, as in the official crop-edge filter
+_UPSAMPLE_CHUNK = 16  # full-resolution masks held at once
+_UPSCALE_CHUNK = 8  # points per pass of the decoder's transposed convolutions
+
+
+@dataclass(frozen=True)
+class AmgSettings:
+    """The official generator's settings, with its defaults."""
+
+    points_per_side: int = 32
+    points_per_batch: int = 64
+    pred_iou_thresh: float = 0.88
+    stability_score_thresh: float = 0.95
+    stability_score_offset: float = 1.0
+    box_nms_thresh: float = 0.7
+    crop_n_layers: int = 0
+    crop_nms_thresh: float = 0.7
+    crop_overlap_ratio: float = 512 / 1500
+    crop_n_points_downscale_factor: int = 1
+    min_mask_region_area: int = 0
+
+    def __post_init__(self) -> None:
+        if self.points_per_side < 1 or self.points_per_batch < 1:
+            raise ValueError(
+                f"points_per_side ({self.points_per_side}) and points_per_batch "
+                f"({self.points_per_batch}) must be at least 1"
+            )
+        if self.crop_n_layers < 0 or self.crop_n_points_downscale_factor < 1:
+            raise ValueError(
+                f"crop_n_layers ({self.crop_n_layers}) must be >= 0 and "
+                f"crop_n_points_downscale_factor ({self.crop_n_points_downscale_factor}) >= 1"
+            )
+        if self.min_mask_region_area > 0:
+            try:
+                import cv2  # noqa: F401
+            except ImportError as error:
+                raise ValueError(
+                    f"min_mask_region_area={self.min_mask_region_area} needs OpenCV, as in the "
+                    "official generator: install opencv-python-headless, or set it to 0"
+                ) from error
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``SamAutomaticMaskGenerator`` with the same behaviour."""
+        return asdict(self)
+
+
+@dataclass
+class ImageMasks:
+    """The kept masks of one image, in the official generator's order."""
+
+    height: int
+    width: int
+    rles: list[str]  # COCO compressed RLE counts; size is (height, width)
+    boxes: np.ndarray  # (N, 4) int64 XYWH, as the official ``bbox``
+    areas: np.ndarray  # (N,) int64
+    iou_preds: np.ndarray  # (N,) float32
+    stability: np.ndarray  # (N,) float32
+    points: np.ndarray  # (N, 2) float64 (x, y) in image pixels
+    multimask: np.ndarray  # (N,) int8: which multimask output (0..2); token index is +1
+    tokens: np.ndarray  # (N, 1024) float32: the 4 mask tokens of the mask's point
+
+    def __len__(self) -> int:
+        return len(self.rles)
+
+    def to_record(
+        self,
+        key: str,
+        *,
+        labels: list[int] | None = None,
+        ground_truth: dict[str, Any] | None = None,
+        source: dict[str, Any] | None = None,
+    ) -> ImageRecord:
+        return ImageRecord(
+            key=key,
+            height=self.height,
+            width=self.width,
+            embeddings=self.tokens.astype(np.float16),
+            iou_preds=self.iou_preds.astype(np.float32),
+            stability=self.stability.astype(np.float32),
+            boxes=self.boxes.astype(np.float32),
+            points=self.points.astype(np.float32),
+            multimask=self.multimask.astype(np.int8),
+            rles=list(self.rles),
+            labels=labels,
+            ground_truth=ground_truth,
+            source=dict(source or {}),
+        )
+
+
+@dataclass
+class _Candidates:
+    """Masks of one crop that passed the per-batch filters (crop frame, not yet deduplicated)."""
+
+    rles: list[str]
+    boxes: torch.Tensor  # (N, 4) int64 XYXY in the crop frame
+    areas: torch.Tensor
+    iou_preds: torch.Tensor
+    stability: torch.Tensor
+    points: torch.Tensor  # float64, crop frame
+    multimask: torch.Tensor
+    tokens: torch.Tensor
+
+    @staticmethod
+    def cat(parts: list[_Candidates]) -> _Candidates:
+        fields = {}
+        for name in _Candidates.__dataclass_fields__:
+            values = [getattr(p, name) for p in parts]
+            fields[name] = sum(values, []) if name == "rles" else torch.cat(values)
+        return _Candidates(**fields)
+
+    def select(self, keep: torch.Tensor) -> _Candidates:
+        keep = keep.cpu()
+        if keep.dtype == torch.bool:
+            keep = keep.nonzero().flatten()
+        fields = {
+            name: [value[i] for i in keep.tolist()] if name == "rles" else value[keep]
+            for name, value in vars(self).items()
+        }
+        return _Candidates(**fields)
+
+
+def _empty_candidates(token_dim: int) -> _Candidates:
+    return _Candidates(
+        rles=[],
+        boxes=torch.zeros(0, 4, dtype=torch.int64),
+        areas=torch.zeros(0, dtype=torch.int64),
+        iou_preds=torch.zeros(0),
+        stability=torch.zeros(0),
+        points=torch.zeros(0, 2, dtype=torch.float64),
+        multimask=torch.zeros(0, dtype=torch.int8),
+        tokens=torch.zeros(0, token_dim),
+    )
+
+
+def _attention_core(module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """The official ``Attention.forward`` between the input projections and ``out_proj``."""
+    q = module._separate_heads(q, module.num_heads)
+    k = module._separate_heads(k, module.num_heads)
+    v = module._separate_heads(v, module.num_heads)
+    attn = q @ k.permute(0, 1, 3, 2)
+    attn = attn / math.sqrt(q.shape[-1])
+    attn = torch.softmax(attn, dim=-1)
+    return module._recombine_heads(attn @ v)
+
+
+class _SameInput:
+    """``fn``, evaluated again only when given another tensor than the last time.
+
+    Until the first image-to-token attention every point sees the very same image keys,
+    so their projections are computed once per image instead of once per point.
+    """
+
+    def __init__(self, fn) -> None:
+        self.fn, self.last, self.value = fn, None, None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x is not self.last:
+            self.last, self.value = x, self.fn(x)
+        return self.value
+
+
+def _tokens_to_image(module, q_tokens, chunks, key_pe) -> torch.Tensor:
+    """Tokens attend to the image: token-side projections on the whole batch."""
+    q = module.q_proj(q_tokens)
+    k = _SameInput(lambda keys: module.k_proj(keys + key_pe))
+    v = _SameInput(module.v_proj)
+    outs, start = [], 0
+    for keys in chunks:
+        stop = start + keys.shape[0]
+        outs.append(_attention_core(module, q[start:stop], k(keys), v(keys)))
+        start = stop
+    return module.out_proj(torch.cat(outs))
+
+
+def _image_to_tokens(module, norm, chunks, key_pe, k_tokens, v_tokens) -> list[torch.Tensor]:
+    """The image attends to the tokens, chunk by chunk; returns the updated image keys."""
+    k = module.k_proj(k_tokens)
+    v = module.v_proj(v_tokens)
+    q = _SameInput(lambda keys: module.q_proj(keys + key_pe))
+    updated, start = [], 0
+    for keys in chunks:
+        stop = start + keys.shape[0]
+        out = module.out_proj(_attention_core(module, q(keys), k[start:stop], v[start:stop]))
+        updated.append(norm(keys + out))
+        start = stop
+    return updated
+
+
+def _two_way_block(layer, queries, chunks, query_pe, key_pe):
+    if layer.skip_first_layer_pe:
+        queries = layer.self_attn(q=queries, k=queries, v=queries)
+    else:
+        q = queries + query_pe
+        queries = queries + layer.self_attn(q=q, k=q, v=queries)
+    queries = layer.norm1(queries)
+    attn = _tokens_to_image(layer.cross_attn_token_to_image, queries + query_pe, chunks, key_pe)
+    queries = layer.norm2(queries + attn)
+    queries = layer.norm3(queries + layer.mlp(queries))
+    chunks = _image_to_tokens(
+        layer.cross_attn_image_to_token, layer.norm4, chunks, key_pe, queries + query_pe, queries
+    )
+    return queries, chunks
+
+
+class AutomaticMaskEngine:
+    """Automatic masks plus mask tokens for one image at a time.
+
+    ``decoder_chunk`` is how many points share one pass of the decoder's image-side
+    work. One is fastest on CPU; on a GPU a larger chunk saves kernel launches. The
+    output equals the official one as long as the BLAS gives a row of a large matrix
+    product the same bits whatever the number of rows, which the tests check here.
+    """
+
+    def __init__(self, sam: Sam, settings: AmgSettings | None = None, *, decoder_chunk: int = 1):
+        self.sam = sam.eval()
+        self.settings = settings or AmgSettings()
+        self.decoder_chunk = decoder_chunk
+        self.predictor = SamPredictor(sam)
+        s = self.settings
+        self.point_grids = build_all_layer_point_grids(
+            s.points_per_side, s.crop_n_layers, s.crop_n_points_downscale_factor
+        )
+
+    @property
+    def token_dim(self) -> int:
+        decoder = self.sam.mask_decoder
+        return decoder.num_mask_tokens * decoder.transformer_dim
+
+    @torch.no_grad()
+    def generate(self, image: np.ndarray) -> ImageMasks:
+        """Masks of an HWC uint8 RGB image."""
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(
+                f"expected an HxWx3 uint8 RGB image, got shape {image.shape} dtype {image.dtype}"
+            )
+        s = self.settings
+        height, width = image.shape[:2]
+        crop_boxes, layer_idxs = generate_crop_boxes(
+            (height, width), s.crop_n_layers, s.crop_overlap_ratio
+        )
+        parts = [
+            self._process_crop(image, box, layer) for box, layer in zip(crop_boxes, layer_idxs)
+        ]
+        data = _Candidates.cat(parts)
+        if len(crop_boxes) > 1:
+            crop_of_mask = [box for box, part in zip(crop_boxes, parts) for _ in part.rles]
+            scores = 1 / box_area(torch.tensor(crop_of_mask, dtype=torch.int64).reshape(-1, 4))
+            keep = batched_nms(
+                data.boxes.float(), scores, torch.zeros(len(data.rles)), s.crop_nms_thresh
+            )
+            data = data.select(keep)
+        if s.min_mask_region_area > 0:
+            data = self._remove_small_regions(data, height, width)
+        xywh = data.boxes.clone()
+        xywh[:, 2:] -= xywh[:, :2]
+        return ImageMasks(
+            height=height,
+            width=width,
+            rles=data.rles,
+            boxes=xywh.numpy(),
+            areas=data.areas.numpy(),
+            iou_preds=data.iou_preds.numpy(),
+            stability=data.stability.numpy(),
+            points=data.points.numpy(),
+            multimask=data.multimask.numpy(),
+            tokens=data.tokens.float().numpy(),
+        )
+
+    @torch.no_grad()
+    def point_ious(self, image: np.ndarray) -> np.ndarray:
+        """Predicted IoU of every multimask output on the full-image grid, before any filter.
+
+        For choosing ``pred_iou_thresh`` by the share of masks it lets through.
+        """
+        self.predictor.set_image(image)
+        points = self.point_grids[0] * np.array(image.shape[:2])[None, ::-1]
+        step = self.settings.points_per_batch
+        ious = [
+            self._decode(points[i : i + step], image.shape[:2])[0].flatten().cpu()
+            for i in range(0, len(points), step)
+        ]
+        self.predictor.reset_image()
+        return torch.cat(ious).numpy()
+
+    def _process_crop(self, image, crop_box, layer_idx) -> _Candidates:
+        x0, y0, x1, y1 = crop_box
+        crop = image[y0:y1, x0:x1, :]
+        crop_size = crop.shape[:2]
+        self.predictor.set_image(crop)
+        points = self.point_grids[layer_idx] * np.array(crop_size)[None, ::-1]
+        step = self.settings.points_per_batch
+        parts = [
+            self._process_batch(points[i : i + step], crop_size, crop_box, image.shape[:2])
+            for i in range(0, len(points), step)
+        ]
+        self.predictor.reset_image()
+        data = _Candidates.cat([_empty_candidates(self.token_dim), *parts])
+        keep = batched_nms(
+            data.boxes.float(),
+            data.iou_preds,
+            torch.zeros(len(data.rles)),
+            iou_threshold=self.settings.box_nms_thresh,
+        )
+        data = data.select(keep)
+        data.boxes = data.boxes + torch.tensor([[x0, y0, x0, y0]])
+        data.points = data.points + torch.tensor([[x0, y0]])
+        return data
+
+    def _decode(self, points: np.ndarray, crop_size):
+        """The official mask decoder, restructured; returns IoU, mask tokens and a mask maker."""
+        sam, predictor = self.sam, self.predictor
+        decoder = sam.mask_decoder
+        coords = torch.as_tensor(
+            predictor.transform.apply_coords(points, crop_size), device=predictor.device
+        )
+        labels = torch.ones(coords.shape[0], dtype=torch.int, device=coords.device)
+        sparse, dense = sam.prompt_encoder(
+            points=(coords[:, None, :], labels[:, None]), boxes=None, masks=None
+        )
+        output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+        tokens = torch.cat((output_tokens.unsqueeze(0).expand(sparse.size(0), -1, -1), sparse), 1)
+        features = predictor.features
+        _, c, h, w = features.shape
+        key_pe = sam.prompt_encoder.get_dense_pe().flatten(2).permute(0, 2, 1)
+        step = self.decoder_chunk
+        sizes = [min(step, tokens.shape[0] - i) for i in range(0, tokens.shape[0], step)]
+        initial = {n: (features + dense[:n]).flatten(2).permute(0, 2, 1) for n in set(sizes)}
+        chunks = [initial[n] for n in sizes]
+        transformer = decoder.transformer
+        queries = tokens
+        for layer in transformer.layers:
+            queries, chunks = _two_way_block(layer, queries, chunks, tokens, key_pe)
+        attn = _tokens_to_image(
+            transformer.final_attn_token_to_image, queries + tokens, chunks, key_pe
+        )
+        hs = transformer.norm_final_attn(queries + attn)
+        iou_preds = decoder.iou_prediction_head(hs[:, 0, :])
+        mask_tokens = hs[:, 1 : 1 + decoder.num_mask_tokens, :]
+        hyper_in = torch.stack(
+            [mlp(mask_tokens[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)],
+            dim=1,
+        )
+
+        def low_res_masks(point_idx: torch.Tensor) -> torch.Tensor:
+            """Multimask low-res logits (len(point_idx), 3, h', w') for some of the points."""
+            out = []
+            for i in range(0, len(point_idx), _UPSCALE_CHUNK):
+                idx = point_idx[i : i + _UPSCALE_CHUNK]
+                keys = torch.cat([chunks[j // step][j % step : j % step + 1] for j in idx.tolist()])
+                src = keys.transpose(1, 2).view(len(idx), c, h, w)
+                upscaled = decoder.output_upscaling(src)
+                n, cu, hu, wu = upscaled.shape
+                masks = (hyper_in[idx] @ upscaled.view(n, cu, hu * wu)).view(n, -1, hu, wu)
+                out.append(masks[:, 1:])
+            return torch.cat(out)
+
+        return iou_preds[:, 1:], mask_tokens.flatten(1), low_res_masks
+
+    def _process_batch(self, points, crop_size, crop_box, orig_size) -> _Candidates:
+        s = self.settings
+        iou_preds, tokens, low_res_masks = self._decode(points, crop_size)
+        n_out = iou_preds.shape[1]
+        flat_iou = iou_preds.flatten()
+        if s.pred_iou_thresh > 0.0:
+            keep = (flat_iou > s.pred_iou_thresh).nonzero().flatten()
+        else:
+            keep = torch.arange(flat_iou.numel(), device=flat_iou.device)
+        parts = [_empty_candidates(self.token_dim)]
+        if len(keep):
+            point_idx, inverse = torch.unique(keep // n_out, return_inverse=True)
+            low_res = low_res_masks(point_idx)[inverse, keep % n_out]
+            for i in range(0, len(keep), _UPSAMPLE_CHUNK):
+                sel = keep[i : i + _UPSAMPLE_CHUNK]
+                part = self._finish_masks(
+                    low_res[i : i + _UPSAMPLE_CHUNK],
+                    sel,
+                    n_out,
+                    flat_iou,
+                    tokens,
+                    points,
+                    crop_box,
+                    orig_size,
+                )
+                parts.append(part)
+        return _Candidates.cat(parts)
+
+    def _finish_masks(
+        self, low_res, sel, n_out, flat_iou, tokens, points, crop_box, orig_size
+    ) -> _Candidates:
+        """Upsample, stability filter, binarise, box, crop-edge filter, RLE: survivors only."""
+        s, sam, predictor = self.settings, self.sam, self.predictor
+        logits = sam.postprocess_masks(
+            low_res[:, None], predictor.input_size, predictor.original_size
+        )[:, 0]
+        threshold = sam.mask_threshold
+        inter = (logits > threshold + s.stability_score_offset).sum((-2, -1), dtype=torch.int32)
+        union = (logits > threshold - s.stability_score_offset).sum((-2, -1), dtype=torch.int32)
+        stability = inter / union
+        keep = torch.ones_like(stability, dtype=torch.bool)
+        if s.stability_score_thresh > 0.0:
+            keep = stability >= s.stability_score_thresh
+        masks = logits[keep] > threshold
+        boxes = _mask_boxes(masks)
+        edge = _near_crop_edge(boxes, crop_box, orig_size)
+        if edge is not None:
+            keep[keep.clone()] = ~edge
+            masks, boxes = masks[~edge], boxes[~edge]
+        sel, stability = sel[keep], stability[keep]
+        point_of = (sel // n_out).cpu()
+        return _Candidates(
+            rles=_encode_rles(masks, crop_box, orig_size),
+            boxes=boxes.cpu(),
+            areas=masks.sum((-2, -1)).cpu(),
+            iou_preds=flat_iou[sel].cpu(),
+            stability=stability.cpu(),
+            points=torch.as_tensor(points)[point_of],
+            multimask=(sel % n_out).to(torch.int8).cpu(),
+            tokens=tokens[point_of.to(tokens.device)].cpu(),
+        )
+
+    def _remove_small_regions(self, data: _Candidates, height: int, width: int) -> _Candidates:
+        """The official cleanup: fill small holes, drop small islands, re-run box NMS."""
+        s = self.settings
+        if not data.rles:
+            return data
+        masks, scores = [], []
+        for counts in data.rles:
+            rle = {"size": [height, width], "counts": counts}
+            mask = np.ascontiguousarray(mask_utils.decode(rle), dtype=bool)
+            mask, filled = remove_small_regions(mask, s.min_mask_region_area, mode="holes")
+            mask, dropped = remove_small_regions(mask, s.min_mask_region_area, mode="islands")
+            masks.append(torch.as_tensor(mask))
+            scores.append(float(not (filled or dropped)))
+        stacked = torch.stack(masks)
+        boxes = _mask_boxes(stacked)
+        keep = batched_nms(
+            boxes.float(),
+            torch.as_tensor(scores),
+            torch.zeros(len(boxes)),
+            iou_threshold=max(s.box_nms_thresh, s.crop_nms_thresh),
+        )
+        for i in keep.tolist():
+            if scores[i] == 0.0:
+                data.rles[i] = _encode_rles(stacked[i : i + 1], [0, 0, width, height], None)[0]
+                data.boxes[i] = boxes[i]
+                data.areas[i] = stacked[i].sum()
+        return data.select(keep)
+
+
+def _mask_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """XYXY boxes (inclusive pixel edges, int64) of binary masks; zeros for empty masks."""
+    n, h, w = masks.shape
+    rows = masks.any(dim=2).to(torch.uint8)
+    cols = masks.any(dim=1).to(torch.uint8)
+    top = rows.argmax(dim=1)
+    bottom = h - 1 - rows.flip(1).argmax(dim=1)
+    left = cols.argmax(dim=1)
+    right = w - 1 - cols.flip(1).argmax(dim=1)
+    boxes = torch.stack([left, top, right, bottom], dim=1)
+    return boxes * rows.any(dim=1, keepdim=True)
+
+
+def _near_crop_edge(boxes, crop_box, orig_size) -> torch.Tensor | None:
+    """Masks touching a crop border that is not an image border; None for the full image."""
+    orig_h, orig_w = orig_size
+    if list(crop_box) == [0, 0, orig_w, orig_h]:
+        return None
+    x0, y0 = crop_box[:2]
+    crop = torch.tensor(crop_box, dtype=torch.float, device=boxes.device)
+    image = torch.tensor([0, 0, orig_w, orig_h], dtype=torch.float, device=boxes.device)
+    shifted = (boxes + torch.tensor([x0, y0, x0, y0], device=boxes.device)).float()
+    near_crop = (shifted - crop).abs() <= _EDGE_TOLERANCE
+    near_image = (shifted - image).abs() <= _EDGE_TOLERANCE
+    return (near_crop & ~near_image).any(dim=1)
+
+
+def _encode_rles(masks: torch.Tensor, crop_box, orig_size) -> list[str]:
+    """COCO RLE counts of binary masks, placed into the full image when they come from a crop."""
+    if len(masks) == 0:
+        return []
+    masks = masks.cpu()
+    if orig_size is not None and list(crop_box) != [0, 0, orig_size[1], orig_size[0]]:
+        x0, y0, x1, y1 = crop_box
+        full = torch.zeros(len(masks), *orig_size, dtype=torch.bool)
+        full[:, y0:y1, x0:x1] = masks
+        masks = full
+    # (N, W, H) C-order is (H, W, N) Fortran order, what pycocotools wants, without a copy.
+    fortran = masks.transpose(1, 2).contiguous().numpy().view(np.uint8).transpose(2, 1, 0)
+    return [rle["counts"].decode("ascii") for rle in mask_utils.encode(fortran)]

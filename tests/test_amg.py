@@ -1,0 +1,146 @@
+"""The automatic mask engine against the official generator, on the seeded tiny SAM."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+from segment_anything import SamAutomaticMaskGenerator, SamPredictor
+
+from usam.amg import AmgSettings, AutomaticMaskEngine
+from usam.sam_registry import build_sam
+from usam.shards import decode_sample, encode_record
+
+
+def shapes_image(height: int, width: int, seed: int) -> np.ndarray:
+    """Flat background with a few coloured discs and squares: regions SAM can split."""
+    rng = np.random.default_rng(seed)
+    image = np.empty((height, width, 3), np.uint8)
+    image[:] = rng.integers(0, 256, 3)
+    yy, xx = np.mgrid[:height, :width]
+    for _ in range(6):
+        color = rng.integers(0, 256, 3)
+        cy, cx = rng.integers(0, height), rng.integers(0, width)
+        r = rng.integers(height // 10, height // 3)
+        if rng.random() < 0.5:
+            image[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = color
+        else:
+            image[max(cy - r, 0) : cy + r, max(cx - r, 0) : cx + r] = color
+    return image
+
+
+@pytest.fixture(scope="module")
+def sam():
+    return build_sam("tiny")[0]
+
+
+def official(sam, image, settings: AmgSettings) -> list[dict]:
+    generator = SamAutomaticMaskGenerator(sam, output_mode="coco_rle", **settings.as_kwargs())
+    return generator.generate(image)
+
+
+def assert_same(ours, theirs: list[dict]) -> None:
+    assert len(ours) == len(theirs)
+    assert ours.rles == [t["segmentation"]["counts"] for t in theirs]
+    assert all(t["segmentation"]["size"] == [ours.height, ours.width] for t in theirs)
+    assert ours.boxes.tolist() == [t["bbox"] for t in theirs]
+    assert ours.areas.tolist() == [t["area"] for t in theirs]
+    assert ours.iou_preds.tolist() == [t["predicted_iou"] for t in theirs]
+    np.testing.assert_array_equal(
+        ours.stability, np.array([t["stability_score"] for t in theirs], np.float32)
+    )
+    assert ours.points.tolist() == [t["point_coords"][0] for t in theirs]
+
+
+@pytest.mark.parametrize(("seed", "size"), [(0, (96, 128)), (2, (120, 90))])
+def test_exactly_the_official_masks_with_filters_active(sam, seed, size):
+    image = shapes_image(*size, seed)
+    probe = AutomaticMaskEngine(sam, AmgSettings(points_per_side=16))
+    ious = probe.point_ious(image)
+    assert ious.shape == (16 * 16 * 3,)
+    settings = AmgSettings(
+        points_per_side=16,
+        pred_iou_thresh=float(np.median(ious)),  # about half the masks pass the IoU filter
+        stability_score_thresh=0.05,
+    )
+    ours = AutomaticMaskEngine(sam, settings).generate(image)
+    assert_same(ours, official(sam, image, settings))
+    assert len(ours) >= 2
+    assert ours.iou_preds.min() > settings.pred_iou_thresh
+    assert ours.stability.min() >= settings.stability_score_thresh
+
+
+def test_exactly_the_official_masks_with_crops(sam):
+    image = shapes_image(96, 128, 1)
+    settings = AmgSettings(
+        points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.0, crop_n_layers=1
+    )
+    ours = AutomaticMaskEngine(sam, settings).generate(image)
+    assert_same(ours, official(sam, image, settings))
+    assert len(ours) >= 5
+
+
+def test_exactly_the_official_masks_with_small_region_cleanup(sam):
+    pytest.importorskip("cv2")
+    image = shapes_image(96, 128, 0)
+    settings = AmgSettings(
+        points_per_side=8,
+        pred_iou_thresh=0.0,
+        stability_score_thresh=0.0,
+        min_mask_region_area=200,
+    )
+    ours = AutomaticMaskEngine(sam, settings).generate(image)
+    assert_same(ours, official(sam, image, settings))
+
+
+def test_stored_tokens_are_the_decoder_tokens_of_the_mask_point(sam):
+    image = shapes_image(96, 128, 0)
+    settings = AmgSettings(points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    masks = AutomaticMaskEngine(sam, settings).generate(image)
+    assert masks.tokens.shape == (len(masks), 1024)
+    captured = []
+    hook = sam.mask_decoder.transformer.register_forward_hook(
+        lambda module, args, output: captured.append(output[0][:, 1:5].flatten(1))
+    )
+    predictor = SamPredictor(sam)
+    predictor.set_image(image)
+    try:
+        for i in range(min(len(masks), 6)):
+            captured.clear()
+            logits, ious, _ = predictor.predict(
+                masks.points[i : i + 1], np.array([1]), multimask_output=True, return_logits=True
+            )
+            k = int(masks.multimask[i])
+            torch.testing.assert_close(
+                torch.as_tensor(masks.tokens[i]), captured[0][0], rtol=1e-4, atol=1e-4
+            )
+            assert abs(float(ious[k]) - float(masks.iou_preds[i])) < 1e-4
+            alone = logits[k] > sam.mask_threshold
+            ours = mask_utils.decode({"size": [96, 128], "counts": masks.rles[i]}).astype(bool)
+            assert (alone != ours).mean() < 1e-3
+    finally:
+        hook.remove()
+
+
+def test_record_fits_the_shard_format(sam):
+    image = shapes_image(96, 128, 0)
+    settings = AmgSettings(points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    masks = AutomaticMaskEngine(sam, settings).generate(image)
+    record = masks.to_record("img_0", labels=[0, 1], source={"path": "x.jpg"})
+    back = decode_sample(encode_record(record, 1024))
+    assert back.num_masks == len(masks) > 0
+    assert back.rles == masks.rles and back.labels == [0, 1]
+    np.testing.assert_array_equal(back.boxes, masks.boxes.astype(np.float32))
+    np.testing.assert_array_equal(back.multimask, masks.multimask)
+    np.testing.assert_array_equal(back.embeddings, masks.tokens.astype(np.float16))
+    decoded = mask_utils.decode(back.coco_rles()[0])
+    assert decoded.shape == (96, 128) and decoded.sum() == masks.areas[0]
+
+
+def test_rejects_what_it_cannot_do(sam):
+    engine = AutomaticMaskEngine(sam, AmgSettings(points_per_side=4))
+    with pytest.raises(ValueError, match="HxWx3 uint8 RGB"):
+        engine.generate(np.zeros((10, 10), np.uint8))
+    with pytest.raises(ValueError, match="points_per_side"):
+        AmgSettings(points_per_side=0)
