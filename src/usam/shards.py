@@ -30,8 +30,7 @@ MANIFEST_NAME = "manifest.json"
 TOKENS_PER_POINT = 4
 TOKEN_DIM = 256
 DEFAULT_EMBED_DIM = TOKENS_PER_POINT * TOKEN_DIM
-_SHARD_NAME = "shard-{:06d}.tar"
-_SHARD_GLOB = "shard-*.tar"
+_SHARD_PREFIX = "shard-"
 _KEY_PATTERN = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 # name -> (dtype, trailing shape); the leading axis is the mask count N.
@@ -273,12 +272,26 @@ def _scan_shard(path: Path) -> dict[str, Any]:
     return {"name": path.name, "images": len(keys), "masks": masks, "keys": keys}
 
 
+def existing_keys(directory: str | Path) -> set[str]:
+    """Keys in the complete shards of a (possibly unfinished) shard set."""
+    directory = Path(directory)
+    return {
+        key
+        for path in sorted(directory.glob(f"{_SHARD_PREFIX}*.tar"))
+        for key in _scan_shard(path)["keys"]
+    }
+
+
 class ShardSetWriter:
     """Write image records into a shard set; resumes an interrupted one.
 
     ``done_keys`` holds the images already in complete shards: callers skip them.
     Use as a context manager; on a clean exit the manifest is written, on an
     exception the open shard is still finalised so no written image is lost.
+
+    Several processes may write into one directory at once, each with its own
+    ``series`` (e.g. ``"r1-"`` for rank 1) and ``write_manifest=False``; one of
+    them calls :meth:`finalize` after all have closed, which lists every shard.
     """
 
     def __init__(
@@ -287,20 +300,27 @@ class ShardSetWriter:
         manifest: Manifest,
         *,
         images_per_shard: int = 500,
+        series: str = "",
+        write_manifest: bool = True,
     ) -> None:
         self.directory = Path(directory)
         if (self.directory / MANIFEST_NAME).exists():
             raise ShardSetError(
                 f"{self.directory} already holds a finished shard set; delete it or write elsewhere"
             )
+        if series and not _KEY_PATTERN.match(series):
+            raise ShardSetError(f"shard series {series!r} may only use [A-Za-z0-9_-]")
         self.directory.mkdir(parents=True, exist_ok=True)
-        for stale in self.directory.glob("*.tmp"):
+        self.series = series
+        for stale in self.directory.glob(f"{_SHARD_PREFIX}{series}*.tmp"):
             stale.unlink()
         self.manifest = manifest
         self.images_per_shard = images_per_shard
-        scanned = [_scan_shard(p) for p in sorted(self.directory.glob(_SHARD_GLOB))]
+        self.write_manifest = write_manifest
+        scanned = [_scan_shard(p) for p in sorted(self.directory.glob(f"{_SHARD_PREFIX}*.tar"))]
         self.done_keys: set[str] = {k for s in scanned for k in s.pop("keys")}
         self.manifest.shards = scanned
+        self._own_shards = len(list(self.directory.glob(f"{_SHARD_PREFIX}{series}[0-9]*.tar")))
         self._tar: wds.TarWriter | None = None
         self._tmp_path: Path | None = None
         self._open_stats: dict[str, Any] = {}
@@ -310,7 +330,7 @@ class ShardSetWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self._finish_shard()
-        if exc_type is None:
+        if exc_type is None and self.write_manifest:
             self.finalize()
 
     def write(self, record: ImageRecord) -> None:
@@ -327,14 +347,23 @@ class ShardSetWriter:
             self._finish_shard()
 
     def finalize(self) -> Manifest:
+        """Write the manifest over every complete shard in the directory, from any writer."""
         self._finish_shard()
+        known = {s["name"] for s in self.manifest.shards}
+        for path in sorted(self.directory.glob(f"{_SHARD_PREFIX}*.tar")):
+            if path.name not in known:
+                stats = _scan_shard(path)
+                stats.pop("keys")
+                self.manifest.shards.append(stats)
+        self.manifest.shards.sort(key=lambda s: s["name"])
         _atomic_write_text(
             self.directory / MANIFEST_NAME, json.dumps(self.manifest.to_json(), indent=2)
         )
         return self.manifest
 
     def _start_shard(self) -> None:
-        name = _SHARD_NAME.format(len(self.manifest.shards))
+        name = f"{_SHARD_PREFIX}{self.series}{self._own_shards:06d}.tar"
+        self._own_shards += 1
         self._tmp_path = self.directory / (name + ".tmp")
         self._tar = wds.TarWriter(str(self._tmp_path), encoder=False)
         self._open_stats = {"name": name, "images": 0, "masks": 0}

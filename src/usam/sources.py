@@ -41,6 +41,7 @@ from usam.image_shards import (
     shard_paths,
     to_rgb,
 )
+from usam.vocab import load_vocabulary
 
 KINDS = ("train", "eval")
 _KEY_PATTERN = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -194,8 +195,9 @@ class FolderSource(ImageSource):
     instead of vanishing silently. Keys derive from the relative path.
     """
 
-    def __init__(self, root: str | Path, classes: Sequence[str]) -> None:
-        super().__init__(classes, "eval")
+    def __init__(self, root: str | Path, classes: str | Sequence[str]) -> None:
+        spec = classes if isinstance(classes, str) else list(classes)
+        super().__init__(load_vocabulary(spec).classes, "eval")
         self.root = Path(root).resolve()
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {root} does not exist or is not a folder")

@@ -1,0 +1,327 @@
+"""Run SAM's automatic mask generation over an image source into embedding shard sets.
+
+``python -m usam.extract source=image_set data=voc sam=vit_b`` (or ``fit``, when a
+shard set it needs is missing) writes ``<out_dir>/train`` and ``<out_dir>/val``
+for a training source (each image goes to val with probability ``val_fraction``,
+decided by a hash of its key, so the split never changes) or ``<out_dir>/eval``
+for an evaluation source. The work runs through ``Trainer.predict``: one process
+or Lightning DDP over GPUs and nodes, every rank writing its own shard series,
+rank zero listing them all in each manifest at the end. Images already in the
+shards, or already rejected, are skipped, so an interrupted run picks up where it
+stopped; unusable files go to ``rejected.jsonl`` with the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import numpy as np
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import BasePredictionWriter
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset
+
+from usam.amg import AmgSettings, AutomaticMaskEngine
+from usam.sam_registry import build_sam
+from usam.shards import (
+    DEFAULT_EMBED_DIM,
+    MANIFEST_NAME,
+    Manifest,
+    ShardSetWriter,
+    existing_keys,
+    read_manifest,
+)
+from usam.sources import ImageSource, RejectedImage, SourceImage
+
+log = logging.getLogger(__name__)
+
+REJECTED_NAME = "rejected.jsonl"
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """An image that could not be used; travels from the loader to the writer."""
+
+    key: str
+    path: str
+    reason: str
+
+
+def splits_for(source: ImageSource, val_fraction: float) -> tuple[str, ...]:
+    if source.kind == "eval":
+        return ("eval",)
+    return ("train", "val") if val_fraction > 0 else ("train",)
+
+
+def split_of(key: str, kind: str, val_fraction: float) -> str:
+    """A fixed split per image: the first 8 hex digits of sha256(key) as a fraction."""
+    if kind == "eval":
+        return "eval"
+    position = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 2**32
+    return "val" if position < val_fraction else "train"
+
+
+def shard_set_id(
+    source: ImageSource, sam_info: dict[str, Any], settings: AmgSettings, val_fraction: float
+) -> str:
+    """Cache key of a shard set: what went in and how SAM was run."""
+    payload = {
+        "source": source.fingerprint(),
+        "sam": {k: sam_info.get(k) for k in ("model_type", "checkpoint_sha256", "seed")},
+        "amg": asdict(settings),
+        "val_fraction": val_fraction if source.kind == "train" else None,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def is_complete(out_dir: Path, splits: tuple[str, ...]) -> bool:
+    return all((out_dir / split / MANIFEST_NAME).is_file() for split in splits)
+
+
+def rejected_keys(out_dir: Path) -> set[str]:
+    keys = set()
+    for path in out_dir.glob("rejected*.jsonl"):
+        for line in path.read_text().splitlines():
+            try:
+                keys.add(json.loads(line)["key"])
+            except (json.JSONDecodeError, KeyError):
+                continue  # a line cut off by a crash: the image is simply tried again
+    return keys
+
+
+class _PendingImages(Dataset):
+    """The source images still to extract; unusable files come out as ``Rejected``."""
+
+    def __init__(self, source: ImageSource, indices: list[int]) -> None:
+        self.source = source
+        self.indices = indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> SourceImage | Rejected:
+        index = self.indices[position]
+        try:
+            return self.source.load(index)
+        except RejectedImage as error:
+            return Rejected(self.source.keys[index], error.path, error.reason)
+
+
+def _as_list(batch: list[Any]) -> list[Any]:
+    return batch
+
+
+class ExtractionModule(L.LightningModule):
+    """SAM in automatic mode as a predict-only module, so Lightning places and splits it."""
+
+    def __init__(self, engine: AutomaticMaskEngine) -> None:
+        super().__init__()
+        self.engine = engine
+        self.sam = engine.sam  # registered, so the strategy moves it to the device
+
+    def transfer_batch_to_device(self, batch: Any, device: Any, dataloader_idx: int) -> Any:
+        return batch  # PIL images; the engine moves pixels to the model's device itself
+
+    def predict_step(self, batch: list[SourceImage | Rejected], batch_idx: int) -> list[Any]:
+        outputs = []
+        for item in batch:
+            if isinstance(item, Rejected):
+                outputs.append(item)
+                continue
+            masks = self.engine.generate(np.asarray(item.image))
+            outputs.append(
+                masks.to_record(
+                    item.key,
+                    labels=item.labels,
+                    ground_truth=item.ground_truth,
+                    source=item.source,
+                )
+            )
+        return outputs
+
+
+class ShardPredictionWriter(BasePredictionWriter):
+    """Writes each rank's records into its own shard series; rank zero writes the manifests."""
+
+    def __init__(
+        self,
+        out_dir: Path,
+        manifests: dict[str, Manifest],
+        kind: str,
+        val_fraction: float,
+        images_per_shard: int,
+    ) -> None:
+        super().__init__(write_interval="batch")
+        self.out_dir = out_dir
+        self.manifests = manifests
+        self.kind = kind
+        self.val_fraction = val_fraction
+        self.images_per_shard = images_per_shard
+        self._stack = ExitStack()
+        self.writers: dict[str, ShardSetWriter] = {}
+        self.counts = {"images": 0, "masks": 0, "rejected": 0}
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        series = f"r{trainer.global_rank}-" if trainer.world_size > 1 else ""
+        for split, manifest in self.manifests.items():
+            self.writers[split] = self._stack.enter_context(
+                ShardSetWriter(
+                    self.out_dir / split,
+                    manifest,
+                    images_per_shard=self.images_per_shard,
+                    series=series,
+                    write_manifest=False,
+                )
+            )
+        self._rejected_path = self.out_dir / f"rejected-r{trainer.global_rank}.jsonl"
+
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0
+    ) -> None:
+        for item in prediction:
+            if isinstance(item, Rejected):
+                with open(self._rejected_path, "a") as handle:
+                    handle.write(json.dumps(asdict(item)) + "\n")
+                self.counts["rejected"] += 1
+                continue
+            self.writers[split_of(item.key, self.kind, self.val_fraction)].write(item)
+            self.counts["images"] += 1
+            self.counts["masks"] += item.num_masks
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stack.close()  # every rank's last shard is complete before rank zero lists them
+        trainer.strategy.barrier("usam-extract-finished")
+        if trainer.is_global_zero:
+            for writer in self.writers.values():
+                writer.finalize()
+            _merge_rejected(self.out_dir)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._stack.close()  # keep what was written; no manifest, so the next run resumes
+
+
+def _merge_rejected(out_dir: Path) -> None:
+    """Fold the per-rank rejection logs into ``rejected.jsonl`` (one line per image)."""
+    merged: dict[str, str] = {}
+    parts = sorted(out_dir.glob("rejected-r*.jsonl"))
+    for path in [out_dir / REJECTED_NAME, *parts]:
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    merged.setdefault(json.loads(line)["key"], line)
+                except (json.JSONDecodeError, KeyError):
+                    continue
+    if merged:
+        tmp = out_dir / (REJECTED_NAME + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in merged.values()))
+        tmp.replace(out_dir / REJECTED_NAME)
+    for path in parts:
+        path.unlink()
+
+
+def extract(
+    source: ImageSource,
+    out_dir: str | Path,
+    engine: AutomaticMaskEngine,
+    sam_info: dict[str, Any],
+    *,
+    val_fraction: float = 0.05,
+    images_per_shard: int = 500,
+    config: dict[str, Any] | None = None,
+    trainer_args: dict[str, Any] | None = None,
+    num_workers: int = 0,
+) -> dict[str, Manifest]:
+    """Extract every image of ``source`` not yet in ``out_dir``; returns the split manifests."""
+    out_dir = Path(out_dir)
+    splits = splits_for(source, val_fraction)
+    if is_complete(out_dir, splits):
+        return {split: read_manifest(out_dir / split) for split in splits}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    skip = rejected_keys(out_dir)
+    for split in splits:
+        skip |= existing_keys(out_dir / split)
+    pending = [i for i, key in enumerate(source.keys) if key not in skip]
+    for path, reason in source.listing_rejected:
+        log.warning("rejected while listing: %s (%s)", path, reason)
+    manifests = {
+        split: Manifest(
+            classes=list(source.classes),
+            embed_dim=DEFAULT_EMBED_DIM,
+            kind="eval" if split == "eval" else "train",
+            sam=dict(sam_info),
+            config={
+                **(config or {}),
+                "split": split,
+                "source_fingerprint": source.fingerprint(),
+                "amg": asdict(engine.settings),
+                "val_fraction": val_fraction,
+            },
+        )
+        for split in splits
+    }
+    writer = ShardPredictionWriter(out_dir, manifests, source.kind, val_fraction, images_per_shard)
+    loader = DataLoader(
+        _PendingImages(source, pending),
+        batch_size=1,
+        num_workers=num_workers,
+        collate_fn=_as_list,
+    )
+    args = {"accelerator": "auto", "devices": 1, "logger": False, **(trainer_args or {})}
+    trainer = L.Trainer(callbacks=[writer], enable_checkpointing=False, **args)
+    trainer.predict(ExtractionModule(engine), dataloaders=loader, return_predictions=False)
+    if trainer.is_global_zero:
+        log.info(
+            "extracted %d images (%d masks), rejected %d, skipped %d already done, into %s",
+            writer.counts["images"],
+            writer.counts["masks"],
+            writer.counts["rejected"],
+            len(source) - len(pending),
+            out_dir,
+        )
+    return {split: read_manifest(out_dir / split) for split in splits}
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="extract")
+def main(cfg: DictConfig) -> None:
+    source: ImageSource = instantiate(cfg.source)
+    sam, sam_info = build_sam(cfg.sam.model_type, cfg.sam.checkpoint)
+    settings = AmgSettings(**OmegaConf.to_container(cfg.amg, resolve=True))
+    out_dir = (
+        Path(cfg.out_dir)
+        if cfg.out_dir
+        else (
+            Path(cfg.paths.data_dir) / "shards" / f"{cfg.source_name}-{cfg.sam.model_type}-"
+            f"{shard_set_id(source, sam_info, settings, cfg.val_fraction)}"
+        )
+    )
+    if sam_info["random_weights"]:
+        print("RANDOM WEIGHTS: SAM is untrained; these embeddings only exercise the pipeline.")
+    manifests = extract(
+        source,
+        out_dir,
+        AutomaticMaskEngine(sam, settings),
+        sam_info,
+        val_fraction=cfg.val_fraction,
+        images_per_shard=cfg.images_per_shard,
+        config=OmegaConf.to_container(cfg, resolve=True),
+        num_workers=cfg.num_workers,
+        trainer_args=OmegaConf.to_container(cfg.trainer, resolve=True),
+    )
+    for split, manifest in manifests.items():
+        print(
+            f"{split}: {manifest.num_images} images, {manifest.num_masks} masks "
+            f"({manifest.num_masks / max(manifest.num_images, 1):.1f} per image), "
+            f"{len(manifest.shards)} shards in {out_dir / split}"
+        )
+
+
+if __name__ == "__main__":
+    main()
