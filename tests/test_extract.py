@@ -131,10 +131,10 @@ def extract_command(folder: Path, out: Path, *extra: str) -> list[str]:
         "amg.points_per_side=4",
         "amg.pred_iou_thresh=0",
         "amg.stability_score_thresh=0.3",
-        "images_per_shard=1",
-        "num_workers=0",
-        "trainer.accelerator=cpu",
-        "trainer.enable_progress_bar=false",
+        "extract.images_per_shard=1",
+        "extract.num_workers=0",
+        "extract.trainer.accelerator=cpu",
+        "extract.trainer.enable_progress_bar=false",
         f"hydra.run.dir={out.parent / 'hydra'}",
         *extra,
     ]
@@ -181,7 +181,7 @@ def test_two_process_ddp_extracts_every_image_once(tmp_path):
     folder = image_folder(tmp_path / "images", 7)
     out = tmp_path / "out"
     result = subprocess.run(
-        extract_command(folder, out, "trainer.devices=2", "trainer.strategy=ddp"),
+        extract_command(folder, out, "extract.trainer.devices=2", "extract.trainer.strategy=ddp"),
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -69,13 +70,18 @@ def split_of(key: str, kind: str, val_fraction: float) -> str:
     return "val" if position < val_fraction else "train"
 
 
+def sam_identity(model_type: str, checkpoint: str | None) -> dict[str, Any]:
+    """What names a SAM for caching, known without loading or hashing the checkpoint."""
+    return {"model_type": model_type, "checkpoint": str(checkpoint) if checkpoint else None}
+
+
 def shard_set_id(
-    source: ImageSource, sam_info: dict[str, Any], settings: AmgSettings, val_fraction: float
+    source: ImageSource, sam: dict[str, Any], settings: AmgSettings, val_fraction: float
 ) -> str:
-    """Cache key of a shard set: what went in and how SAM was run."""
+    """Cache key of a shard set: what went in (``sam``: :func:`sam_identity`) and how SAM ran."""
     payload = {
         "source": source.fingerprint(),
-        "sam": {k: sam_info.get(k) for k in ("model_type", "checkpoint_sha256", "seed")},
+        "sam": sam,
         "amg": asdict(settings),
         "val_fraction": val_fraction if source.kind == "train" else None,
     }
@@ -238,6 +244,7 @@ def extract(
     config: dict[str, Any] | None = None,
     trainer_args: dict[str, Any] | None = None,
     num_workers: int = 0,
+    images_random_weights: bool = False,
 ) -> dict[str, Manifest]:
     """Extract every image of ``source`` not yet in ``out_dir``; returns the split manifests."""
     out_dir = Path(out_dir)
@@ -257,6 +264,7 @@ def extract(
             embed_dim=DEFAULT_EMBED_DIM,
             kind="eval" if split == "eval" else "train",
             sam=dict(sam_info),
+            images_random_weights=images_random_weights,
             config={
                 **(config or {}),
                 "split": split,
@@ -289,31 +297,76 @@ def extract(
     return {split: read_manifest(out_dir / split) for split in splits}
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="extract")
-def main(cfg: DictConfig) -> None:
-    source: ImageSource = instantiate(cfg.source)
-    sam, sam_info = build_sam(cfg.sam.model_type, cfg.sam.checkpoint)
-    settings = AmgSettings(**OmegaConf.to_container(cfg.amg, resolve=True))
-    out_dir = (
-        Path(cfg.out_dir)
-        if cfg.out_dir
-        else (
-            Path(cfg.paths.data_dir) / "shards" / f"{cfg.source_name}-{cfg.sam.model_type}-"
-            f"{shard_set_id(source, sam_info, settings, cfg.val_fraction)}"
-        )
-    )
+def shard_set_dir(
+    shards_root: str | Path,
+    name: str,
+    source: ImageSource,
+    sam_cfg: Mapping[str, Any],
+    settings: AmgSettings,
+    val_fraction: float,
+) -> Path:
+    """Where the cached shard set of ``source`` under these settings lives."""
+    identity = sam_identity(sam_cfg["model_type"], sam_cfg.get("checkpoint"))
+    cache_id = shard_set_id(source, identity, settings, val_fraction)
+    return Path(shards_root) / f"{name}-{sam_cfg['model_type']}-{cache_id}"
+
+
+def run_extraction(
+    source: ImageSource,
+    out_dir: str | Path,
+    sam_cfg: Mapping[str, Any],
+    settings: AmgSettings,
+    extract_cfg: Mapping[str, Any],
+    *,
+    config: dict[str, Any] | None = None,
+    images_random_weights: bool = False,
+) -> dict[str, Manifest]:
+    """Build SAM (only when work is left) and extract; ``extract_cfg`` is the extract group."""
+    splits = splits_for(source, extract_cfg["val_fraction"])
+    if is_complete(Path(out_dir), splits):
+        return {split: read_manifest(Path(out_dir) / split) for split in splits}
+    sam, sam_info = build_sam(sam_cfg["model_type"], sam_cfg.get("checkpoint"))
     if sam_info["random_weights"]:
         print("RANDOM WEIGHTS: SAM is untrained; these embeddings only exercise the pipeline.")
-    manifests = extract(
+    return extract(
         source,
         out_dir,
         AutomaticMaskEngine(sam, settings),
         sam_info,
-        val_fraction=cfg.val_fraction,
-        images_per_shard=cfg.images_per_shard,
+        val_fraction=extract_cfg["val_fraction"],
+        images_per_shard=extract_cfg["images_per_shard"],
+        config=config,
+        num_workers=extract_cfg["num_workers"],
+        trainer_args=dict(extract_cfg["trainer"]),
+        images_random_weights=images_random_weights,
+    )
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="extract")
+def main(cfg: DictConfig) -> None:
+    source: ImageSource = instantiate(cfg.source)
+    settings = AmgSettings(**OmegaConf.to_container(cfg.amg, resolve=True))
+    extract_cfg = OmegaConf.to_container(cfg.extract, resolve=True)
+    out_dir = (
+        Path(cfg.out_dir)
+        if cfg.out_dir
+        else shard_set_dir(
+            Path(cfg.paths.data_dir) / "shards",
+            cfg.source_name,
+            source,
+            cfg.sam,
+            settings,
+            extract_cfg["val_fraction"],
+        )
+    )
+    manifests = run_extraction(
+        source,
+        out_dir,
+        cfg.sam,
+        settings,
+        extract_cfg,
         config=OmegaConf.to_container(cfg, resolve=True),
-        num_workers=cfg.num_workers,
-        trainer_args=OmegaConf.to_container(cfg.trainer, resolve=True),
+        images_random_weights=bool(getattr(source, "random_weights", False)),
     )
     for split, manifest in manifests.items():
         print(

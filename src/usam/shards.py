@@ -84,6 +84,7 @@ class Manifest:
     kind: str  # "train" (image-level labels) or "eval" (ground-truth references)
     sam: dict[str, Any]  # model_type, checkpoint_sha256, random_weights
     synthetic: bool = False  # True when embeddings were not produced by SAM at all
+    images_random_weights: bool = False  # True when the images came from an untrained generator
     config: dict[str, Any] = field(default_factory=dict)
     shards: list[dict[str, Any]] = field(default_factory=list)
     format_version: int = FORMAT_VERSION
@@ -98,8 +99,13 @@ class Manifest:
 
     @property
     def random_weights(self) -> bool:
-        """True when the numbers this set leads to mean nothing (synthetic or untrained SAM)."""
-        return self.synthetic or bool(self.sam.get("random_weights", False))
+        """True when the numbers this set leads to mean nothing (synthetic, untrained SAM or
+        images from an untrained generator)."""
+        return (
+            self.synthetic
+            or self.images_random_weights
+            or bool(self.sam.get("random_weights", False))
+        )
 
     def to_json(self) -> dict[str, Any]:
         payload = asdict(self)
