@@ -157,6 +157,7 @@ def test_killed_run_resumes_with_every_image_exactly_once(tmp_path):
     )
     deadline = time.monotonic() + 120
     while len(list((out / "eval").glob("shard-*.tar"))) < 3 and time.monotonic() < deadline:
+        assert process.poll() is None, "the extraction ended before it could be killed"
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()

@@ -8,7 +8,8 @@ import torch
 from omegaconf import OmegaConf
 
 from usam.fit import run
-from usam.shards import ShardSetError
+from usam.generate import GenerationError
+from usam.shards import ShardSetError, read_manifest
 
 from conftest import CONF_DIR, ROOT, compose_fit, run_overrides
 
@@ -103,7 +104,7 @@ def test_student_stage_without_teacher_fails_clearly(tmp_path):
         run(cfg)
 
 
-def test_real_experiment_without_shards_says_what_is_missing(tmp_path):
+def test_generated_images_without_weights_say_what_to_do(tmp_path):
     cfg = compose_fit(
         [
             "experiment=voc_sd",
@@ -112,19 +113,79 @@ def test_real_experiment_without_shards_says_what_is_missing(tmp_path):
             "logger=none",
         ]
     )
-    with pytest.raises(ShardSetError, match="no train shard set at .*voc-sd-vit_h"):
+    with pytest.raises(GenerationError, match="generate.model=/path/to/dir"):
         run(cfg)
+
+
+def test_web_images_not_ingested_say_what_to_do(tmp_path):
+    cfg = compose_fit(
+        [
+            "experiment=voc_wc",
+            f"paths.root_dir={tmp_path}",
+            f"paths.output_dir={tmp_path}/run",
+            "logger=none",
+        ]
+    )
+    with pytest.raises(ShardSetError, match=r"no finished web image set .*usam.ingest"):
+        run(cfg)
+
+
+def test_class_names_to_trained_head_on_tiny_models(tmp_path):
+    """fit alone: tiny SD images -> tiny SAM shards -> teacher, every step cached."""
+    overrides = [
+        "data=voc",
+        "data.classes=[cat,dog]",
+        "generate=tiny",
+        "generate.per_class=3",
+        "sam=tiny",
+        "amg.points_per_side=4",
+        "amg.pred_iou_thresh=0",
+        "amg.stability_score_thresh=0.3",
+        "extract.val_fraction=0.34",
+        "extract.num_workers=0",
+        "extract.trainer.accelerator=cpu",
+        "extract.trainer.enable_progress_bar=false",
+        "extract.images_per_shard=2",
+        "data.num_workers=0",
+        "data.batch_size=2",
+        "stage=teacher",
+        "trainer.max_epochs=1",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        "logger=csv",
+        f"paths.root_dir={tmp_path}",
+        f"paths.data_dir={tmp_path}/data",
+        f"paths.output_dir={tmp_path}/run",
+        f"paths.cache_dir={tmp_path}/cache",
+    ]
+    checkpoints = run(compose_fit(overrides))
+    sets = list((tmp_path / "data" / "shards").iterdir())
+    assert len(sets) == 1 and sets[0].name.startswith("custom-")
+    train, val = (read_manifest(sets[0] / split) for split in ("train", "val"))
+    assert train.num_images + val.num_images == 6 and val.num_images >= 1
+    assert train.images_random_weights and train.sam["random_weights"] and train.random_weights
+    assert torch.load(checkpoints["teacher"], weights_only=True)["usam"]["random_weights"]
+    stamp = sorted(p.stat().st_mtime_ns for p in (sets[0] / "train").iterdir())
+    run(compose_fit([*overrides, f"paths.output_dir={tmp_path}/run2"]))  # cached: nothing redone
+    assert stamp == sorted(p.stat().st_mtime_ns for p in (sets[0] / "train").iterdir())
 
 
 def test_ddp_on_two_cpu_processes(tmp_path):
     """Lightning DDP (gloo) end to end: both stages finish and write their checkpoints."""
     overrides = run_overrides(
-        tmp_path, tmp_path / "data", "trainer=ddp", "trainer.devices=2", "trainer.max_epochs=2",
+        tmp_path,
+        tmp_path / "data",
+        "trainer=ddp",
+        "trainer.devices=2",
+        "trainer.max_epochs=2",
         "logger=csv",
     )
     result = subprocess.run(
         [sys.executable, "-m", "usam.fit", *overrides],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     for stage in ("teacher", "student"):

@@ -19,7 +19,9 @@ import lightning as L
 import numpy as np
 import torch
 import webdataset as wds
+from omegaconf import DictConfig, OmegaConf
 
+from usam.pipeline import TrainingPipeline
 from usam.shards import (
     DEFAULT_EMBED_DIM,
     ImageRecord,
@@ -58,19 +60,36 @@ def collate_records(records: Sequence[ImageRecord]) -> dict[str, Any]:
     return batch
 
 
+def _plain(group: Any) -> dict[str, Any]:
+    """A config group as plain Python (Hydra passes DictConfig)."""
+    if isinstance(group, DictConfig):
+        return OmegaConf.to_container(group, resolve=True)
+    return dict(group)
+
+
 def _has_masks(record: ImageRecord) -> bool:
     return record.num_masks > 0
 
 
 class ShardDataModule(L.LightningDataModule):
-    """Training and validation shard sets for one vocabulary and SAM model type."""
+    """Training and validation shard sets for one vocabulary and SAM model type.
+
+    Either name the shard sets (``train_dir``/``val_dir``; ``source: synthetic``
+    writes them on demand) or give ``pipeline`` (the ``sam``, ``amg``,
+    ``generate`` and ``extract`` config groups) with ``images_dir`` and
+    ``shards_dir``: missing images are generated and missing shards extracted in
+    ``prepare_data``, cached by a hash of their inputs.
+    """
 
     def __init__(
         self,
         classes: str | Sequence[str],
-        train_dir: str,
-        val_dir: str,
+        train_dir: str | None = None,
+        val_dir: str | None = None,
         source: str = "sd",
+        images_dir: str | None = None,
+        shards_dir: str | None = None,
+        pipeline: dict[str, Any] | None = None,
         embed_dim: int = DEFAULT_EMBED_DIM,
         sam_model_type: str | None = None,
         batch_size: int = 32,
@@ -81,11 +100,23 @@ class ShardDataModule(L.LightningDataModule):
         name: str | None = None,
     ) -> None:
         super().__init__()
-        self.classes = load_vocabulary(
-            classes if isinstance(classes, str) else list(classes)
-        ).classes
-        self.train_dir = Path(train_dir)
-        self.val_dir = Path(val_dir)
+        self.vocabulary = load_vocabulary(classes if isinstance(classes, str) else list(classes))
+        self.classes = self.vocabulary.classes
+        self.pipeline = None
+        if train_dir is None or val_dir is None:
+            if not (pipeline and images_dir and shards_dir):
+                raise ValueError(
+                    "data: give train_dir and val_dir, or images_dir, shards_dir and pipeline"
+                )
+            self.pipeline = TrainingPipeline(
+                vocabulary=self.vocabulary,
+                source=source,
+                images_root=Path(images_dir),
+                shards_root=Path(shards_dir),
+                **{k: _plain(pipeline[k]) for k in ("sam", "amg", "generate", "extract")},
+            )
+        self.train_dir = Path(train_dir) if train_dir else None
+        self.val_dir = Path(val_dir) if val_dir else None
         self.source = source
         self.embed_dim = embed_dim
         self.sam_model_type = sam_model_type
@@ -98,7 +129,10 @@ class ShardDataModule(L.LightningDataModule):
         self.manifests: dict[str, Manifest] = {}
 
     def prepare_data(self) -> None:
-        """Write synthetic shard sets on demand; real ones must exist already."""
+        """Make missing shard sets: synthetic ones, or images and SAM embeddings."""
+        if self.pipeline is not None:
+            self._use_shard_set(self.pipeline.prepare())
+            return
         for split, directory in (("train", self.train_dir), ("val", self.val_dir)):
             if (directory / "manifest.json").is_file():
                 continue
@@ -117,7 +151,12 @@ class ShardDataModule(L.LightningDataModule):
                 **self.synthetic,
             )
 
+    def _use_shard_set(self, directory: Path) -> None:
+        self.train_dir, self.val_dir = directory / "train", directory / "val"
+
     def setup(self, stage: str | None = None) -> None:
+        if self.pipeline is not None:
+            self._use_shard_set(self.pipeline.locate())
         for split, directory in (("train", self.train_dir), ("val", self.val_dir)):
             manifest = read_manifest(directory)
             check_manifest(
