@@ -23,7 +23,7 @@ from usam.datasets import (
     load_ground_truth,
     to_superclasses,
 )
-from usam.shards import check_key
+from usam.storage import KEY_PATTERN
 from usam.vocab import load_vocabulary
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -395,7 +395,7 @@ def test_real_subsets_read_with_matching_shapes_and_classes():
     for source, limit in ((voc, 21), (coco, 81), (ade, 151)):
         for index in (0, len(source) - 1):
             image = source.load(index)
-            check_key(image.key)
+            assert KEY_PATTERN.match(image.key)
             truth = load_ground_truth(image.ground_truth)
             assert truth.semantic.shape == (image.image.height, image.image.width)
             values = set(np.unique(truth.semantic).tolist()) - {255}

@@ -11,7 +11,6 @@ import pytest
 from PIL import Image
 
 from usam.image_shards import ImageShardWriter, encode_jpeg
-from usam.shards import check_key
 from usam.sources import (
     FolderSource,
     ImageShardSource,
@@ -20,6 +19,7 @@ from usam.sources import (
     image_key,
     load_rgb,
 )
+from usam.storage import KEY_PATTERN
 
 CLASSES = ("cat", "dog")
 
@@ -47,11 +47,11 @@ def test_image_key_keeps_valid_names_and_separates_lookalikes():
     keys = [image_key(n) for n in ("a.b.jpg", "a_b.jpg", "a/b.jpg", "a b.jpg", "é.jpg")]
     assert len(set(keys)) == len(keys)
     for key in keys:
-        check_key(key)
+        assert KEY_PATTERN.match(key)
     assert keys[0].startswith("a_b_jpg-")
     assert image_key("a.b.jpg") == keys[0]  # deterministic
     long = image_key("x" * 300 + ".png")
-    assert len(long) < 100 and check_key(long)
+    assert len(long) < 100 and KEY_PATTERN.match(long)
 
 
 def test_check_unique_keys_names_both_inputs():
@@ -179,7 +179,7 @@ def test_folder_source_lists_recursively_and_rejects_bad_files(tmp_path):
         i.image.mode == "RGB" and i.labels is None and i.ground_truth is None for i in images
     )
     assert images[2].image.size == (5, 7)
-    assert len({i.key for i in images}) == 3 and all(check_key(i.key) for i in images)
+    assert len({i.key for i in images}) == 3 and all(KEY_PATTERN.match(i.key) for i in images)
     rejected = {Path(p).name: reason for p, reason in source.rejected}
     assert set(rejected) == {"broken.jpg", "zero.jpg", "readme.txt"}
     assert "empty" in rejected["zero.jpg"]

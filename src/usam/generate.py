@@ -24,7 +24,7 @@ import logging
 import random
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from usam.contact_sheet import write_contact_sheets
 from usam.image_shards import ImageManifest, ImageShardWriter, encode_jpeg, image_set_dir, slug
 from usam.progress import progress_bar
+from usam.settings import settings_from_config
 from usam.tiny_diffusion import is_random_weight_pipeline, save_tiny_pipeline
 from usam.vocab import Vocabulary, load_vocabulary, normalise_name
 
@@ -86,15 +87,7 @@ class GenerateSettings:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> GenerateSettings:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(config) - known)
-        if unknown:
-            raise GenerationError(
-                f"unknown generate setting(s) {unknown}; valid ones are {sorted(known)}"
-            )
-        settings = cls(**dict(config))
-        settings.check()
-        return settings
+        return settings_from_config(cls, config, "generate", GenerationError)
 
     def check(self) -> None:
         problems = []

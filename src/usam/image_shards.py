@@ -39,6 +39,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image, ImageOps
 
+from usam.storage import atomic_write_text, check_key, read_manifest_payload
 from usam.vocab import Vocabulary
 
 FORMAT_VERSION = 1
@@ -47,7 +48,6 @@ SOURCES = ("sd", "web", "folder")
 REQUIRED_META = ("class_name", "class_index", "source")
 _SHARD_NAME = "images-{:06d}.tar"
 _SHARD_GLOB = "images-*.tar"
-_KEY_PATTERN = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 
 class ImageShardError(ValueError):
@@ -95,16 +95,6 @@ def image_set_dir(images_dir: str | Path, vocab: Vocabulary, name: str) -> Path:
     return Path(images_dir) / f"{vocabulary_tag(vocab)}_{name}"
 
 
-def check_key(key: str) -> str:
-    """WebDataset splits names at the first dot, so keys are restricted to [A-Za-z0-9_-]."""
-    if not _KEY_PATTERN.match(key):
-        raise ImageShardError(
-            f"sample key {key!r} may only contain letters, digits, '_' and '-' "
-            "(no dots or slashes: WebDataset splits file names at the first dot)"
-        )
-    return key
-
-
 def to_rgb(image: Image.Image) -> Image.Image:
     """Upright 8-bit RGB: EXIF rotation applied, transparency flattened onto white."""
     image = ImageOps.exif_transpose(image)
@@ -132,26 +122,15 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def read_image_manifest(directory: str | Path) -> ImageManifest:
-    path = Path(directory) / MANIFEST_NAME
-    if not path.is_file():
-        raise ImageShardError(
-            f"no {MANIFEST_NAME} in {directory}: the image set is missing or was interrupted "
-            "before it finished; run the job that writes it again (it resumes where it stopped)"
-        )
-    payload = json.loads(path.read_text())
-    payload.pop("counts", None)
-    if payload.get("format_version") != FORMAT_VERSION:
-        raise ImageShardError(
-            f"{path}: image shard format version {payload.get('format_version')} is not "
-            f"{FORMAT_VERSION}; regenerate the image set with this version of usam"
-        )
+    payload = read_manifest_payload(
+        directory,
+        MANIFEST_NAME,
+        FORMAT_VERSION,
+        ImageShardError,
+        "image set",
+        "regenerate the image set",
+    )
     return ImageManifest(**payload)
 
 
@@ -282,7 +261,7 @@ class ImageShardWriter:
 
     def write(self, key: str, jpeg: bytes, meta: dict[str, Any]) -> dict[str, Any]:
         """Append one sample; ``sha256`` is computed here so it always matches the bytes."""
-        check_key(key)
+        check_key(key, ImageShardError)
         if key in self.done:
             raise ImageShardError(f"image {key!r} is already in {self.directory}")
         missing = [name for name in REQUIRED_META if name not in meta]
@@ -310,7 +289,7 @@ class ImageShardWriter:
         per_class = Counter(m["class_name"] for m in self.done.values() if not m.get("flagged"))
         self.manifest.per_class = {name: per_class.get(name, 0) for name in self.classes}
         self.manifest.flagged = sum(1 for m in self.done.values() if m.get("flagged"))
-        _atomic_write_text(
+        atomic_write_text(
             self.directory / MANIFEST_NAME, json.dumps(self.manifest.to_json(), indent=2)
         )
         return self.manifest

@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,13 +24,14 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 
+from usam.storage import KEY_PATTERN, atomic_write_text, check_key, read_manifest_payload
+
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 TOKENS_PER_POINT = 4
 TOKEN_DIM = 256
 DEFAULT_EMBED_DIM = TOKENS_PER_POINT * TOKEN_DIM
 _SHARD_PREFIX = "shard-"
-_KEY_PATTERN = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 # name -> (dtype, trailing shape); the leading axis is the mask count N.
 MASK_ARRAYS: dict[str, tuple[str, tuple[int, ...]]] = {
@@ -127,25 +127,9 @@ def _load_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def check_key(key: str) -> str:
-    """WebDataset splits names at the first dot, so keys are restricted to [A-Za-z0-9_-]."""
-    if not _KEY_PATTERN.match(key):
-        raise ShardSetError(
-            f"sample key {key!r} may only contain letters, digits, '_' and '-' "
-            "(no dots or slashes: WebDataset splits file names at the first dot)"
-        )
-    return key
-
-
 def encode_record(record: ImageRecord, embed_dim: int) -> dict[str, Any]:
     """Validate a record and turn it into a WebDataset sample of .npy/.json entries."""
-    sample: dict[str, Any] = {"__key__": check_key(record.key)}
+    sample: dict[str, Any] = {"__key__": check_key(record.key, ShardSetError)}
     count = record.num_masks
     for name, (dtype, trailing) in MASK_ARRAYS.items():
         array = np.asarray(getattr(record, name))
@@ -186,19 +170,14 @@ def decode_sample(sample: dict[str, Any]) -> ImageRecord:
 
 
 def read_manifest(directory: str | Path) -> Manifest:
-    path = Path(directory) / MANIFEST_NAME
-    if not path.is_file():
-        raise ShardSetError(
-            f"no {MANIFEST_NAME} in {directory}: the shard set is missing or was interrupted "
-            "before it finished; run the job that writes it again (it resumes where it stopped)"
-        )
-    payload = json.loads(path.read_text())
-    payload.pop("counts", None)
-    if payload.get("format_version") != FORMAT_VERSION:
-        raise ShardSetError(
-            f"{path}: shard format version {payload.get('format_version')} is not "
-            f"{FORMAT_VERSION}; re-extract the shard set with this version of usam"
-        )
+    payload = read_manifest_payload(
+        directory,
+        MANIFEST_NAME,
+        FORMAT_VERSION,
+        ShardSetError,
+        "shard set",
+        "re-extract the shard set",
+    )
     return Manifest(**payload)
 
 
@@ -314,7 +293,7 @@ class ShardSetWriter:
             raise ShardSetError(
                 f"{self.directory} already holds a finished shard set; delete it or write elsewhere"
             )
-        if series and not _KEY_PATTERN.match(series):
+        if series and not KEY_PATTERN.match(series):
             raise ShardSetError(f"shard series {series!r} may only use [A-Za-z0-9_-]")
         self.directory.mkdir(parents=True, exist_ok=True)
         self.series = series
@@ -362,7 +341,7 @@ class ShardSetWriter:
                 stats.pop("keys")
                 self.manifest.shards.append(stats)
         self.manifest.shards.sort(key=lambda s: s["name"])
-        _atomic_write_text(
+        atomic_write_text(
             self.directory / MANIFEST_NAME, json.dumps(self.manifest.to_json(), indent=2)
         )
         return self.manifest

@@ -41,10 +41,10 @@ from usam.image_shards import (
     shard_paths,
     to_rgb,
 )
+from usam.storage import KEY_PATTERN
 from usam.vocab import load_vocabulary
 
 KINDS = ("train", "eval")
-_KEY_PATTERN = re.compile(r"^[A-Za-z0-9_\-]+$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-]+")
 _MAX_READABLE = 80  # characters of the readable part of a derived key
 # What Pillow raises on files that are not decodable images.
@@ -79,7 +79,7 @@ def image_key(name: str) -> str:
     alike ('a.b.jpg', 'a_b.jpg') still get different keys, and the same name
     always gets the same key whatever else is in the directory.
     """
-    if _KEY_PATTERN.match(name):
+    if KEY_PATTERN.match(name):
         return name
     readable = _UNSAFE.sub("_", name).strip("_")[:_MAX_READABLE] or "image"
     return f"{readable}-{hashlib.sha256(name.encode()).hexdigest()[:10]}"

@@ -33,7 +33,7 @@ import urllib.request
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -44,6 +44,7 @@ from rich.progress import TextColumn
 from usam.contact_sheet import write_contact_sheets
 from usam.image_shards import ImageManifest, ImageShardWriter, encode_jpeg, sha256
 from usam.progress import progress_bar
+from usam.settings import settings_from_config
 from usam.vocab import Vocabulary, normalise_name
 
 log = logging.getLogger(__name__)
@@ -93,15 +94,7 @@ class IngestSettings:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> IngestSettings:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(config) - known)
-        if unknown:
-            raise IngestError(
-                f"unknown ingest setting(s) {unknown}; valid ones are {sorted(known)}"
-            )
-        settings = cls(**dict(config))
-        settings.check()
-        return settings
+        return settings_from_config(cls, config, "ingest", IngestError)
 
     def check(self) -> None:
         if self.kind not in ("web", "folder"):
