@@ -1,0 +1,145 @@
+"""Score a trained head: ``python -m usam.eval ckpt=<head.ckpt> eval_data=voc_val sam=vit_h``.
+
+The evaluation set becomes an embedding shard set first (SAM's automatic masks
+with the ``amg`` settings), extracted on demand and cached under
+``paths.data_dir/shards`` by the id of its images, SAM and settings, so the next
+evaluation with the same SAM reuses it. With ``ckpt=null`` only that happens,
+and the shard set's path is printed (the evaluation callback of ``usam.fit``
+reads it). Results go to the Hydra run directory: ``metrics.json``,
+``per_class.csv``, ``overlays/*.png``, ``sweep.csv`` and ``sweep.png``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from usam.amg import AmgSettings, AutomaticMaskEngine
+from usam.evaluate import (
+    NOT_MEANINGFUL,
+    EvaluationError,
+    SweepGrid,
+    evaluate,
+    log_to_wandb,
+    resolve_vocabulary,
+    write_outputs,
+)
+from usam.extract import extract, is_complete, shard_set_id
+from usam.predictor import InferenceSettings, Predictor
+from usam.sam_registry import build_sam
+from usam.sources import ImageSource
+
+log = logging.getLogger(__name__)
+
+
+def eval_shards(cfg: DictConfig, source: ImageSource) -> Path:
+    """The ``eval`` folder of the evaluation shard set, extracted first when missing."""
+    if cfg.eval_data.shards_dir and is_complete(Path(cfg.eval_data.shards_dir), ("eval",)):
+        return Path(cfg.eval_data.shards_dir) / "eval"
+    sam, sam_info = build_sam(cfg.sam.model_type, cfg.sam.checkpoint)
+    settings = AmgSettings(**OmegaConf.to_container(cfg.amg, resolve=True))
+    out_dir = Path(
+        cfg.eval_data.shards_dir
+        or Path(cfg.paths.data_dir)
+        / "shards"
+        / f"eval-{cfg.eval_data.name}-{cfg.sam.model_type}-"
+        f"{shard_set_id(source, sam_info, settings, 0.0)}"
+    )
+    if not is_complete(out_dir, ("eval",)):
+        print(f"extracting the evaluation shard set into {out_dir} ({len(source)} images)")
+        extract(
+            source,
+            out_dir,
+            AutomaticMaskEngine(sam, settings),
+            sam_info,
+            images_per_shard=cfg.extract.images_per_shard,
+            num_workers=cfg.extract.num_workers,
+            trainer_args=OmegaConf.to_container(cfg.extract.trainer, resolve=True),
+            config={"eval_data": OmegaConf.to_container(cfg.eval_data, resolve=True)},
+        )
+    return out_dir / "eval"
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _sweep(cfg: DictConfig) -> SweepGrid | None:
+    grid = SweepGrid(tuple(cfg.sweep.confidence_thresholds or ()), tuple(cfg.sweep.nms_ious or ()))
+    return grid if grid.confidence_thresholds and grid.nms_ious else None
+
+
+def _banner(reasons: list[str]) -> str:
+    line = "=" * 78
+    return f"{line}\n{NOT_MEANINGFUL.format(why='; '.join(reasons))}\n{line}"
+
+
+def run(cfg: DictConfig) -> dict[str, Any] | None:
+    """Evaluate ``cfg.ckpt``; returns the contents of ``metrics.json`` (None with ckpt=null)."""
+    source: ImageSource = instantiate(cfg.eval_data.source)
+    predictor = None
+    if cfg.ckpt:
+        settings = InferenceSettings(**OmegaConf.to_container(cfg.inference, resolve=True))
+        predictor = Predictor.from_checkpoint(cfg.ckpt, settings, _device(cfg.device))
+        trained_on = predictor.checkpoint.sam_model_type
+        if trained_on and trained_on != cfg.sam.model_type:
+            raise EvaluationError(
+                f"{cfg.ckpt} was trained on {trained_on} embeddings but sam={cfg.sam.model_type}; "
+                f"run with sam={trained_on}"
+            )
+    shards = eval_shards(cfg, source)
+    if predictor is None:
+        print(f"evaluation shard set ready: {shards}")
+        return None
+    evaluation = evaluate(
+        shards,
+        predictor,
+        vocabulary=resolve_vocabulary(predictor.classes, cfg.vocabulary),
+        sweep=_sweep(cfg),
+        num_samples=cfg.num_overlays,
+        source=source,
+    )
+    out_dir = Path(cfg.paths.output_dir)
+    extra = {"checkpoint": str(cfg.ckpt), "eval_data": cfg.eval_data.name, "shards": str(shards)}
+    metrics_path = write_outputs(evaluation, out_dir, extra)
+    if cfg.wandb.enabled:
+        import wandb
+
+        with wandb.init(
+            project=cfg.wandb.project,
+            mode=cfg.wandb.mode,
+            dir=str(out_dir),
+            name=cfg.run_name,
+            job_type="eval",
+            config=OmegaConf.to_container(cfg, resolve=True),
+        ) as wandb_run:
+            wandb_run.log({"eval/mIoU": evaluation.miou, "eval/mAP50": evaluation.map50})
+            log_to_wandb(wandb_run, evaluation, "eval")
+    derived = ""
+    if evaluation.instances_derived:
+        derived = " (mAP50 on instances derived as connected components of the class map)"
+    print(
+        f"{cfg.eval_data.name}: mIoU {evaluation.miou:.2f}  mAP50 {evaluation.map50:.4f}{derived}"
+        f"  over {evaluation.images} images; results in {out_dir}"
+    )
+    if evaluation.not_meaningful:
+        print(_banner(evaluation.not_meaningful))
+    log.info("metrics written to %s", metrics_path)
+    return {**evaluation.summary(), **extra}
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""``usam.eval``: extraction on demand and its cache, the files it writes, the random-weights
+warning, and end to end on the VOC and COCO128 subsets in ``../shared/data``."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from test_evaluate import head_checkpoint, write_voc
+from usam.eval import run
+from usam.evaluate import EvaluationError, evaluate
+from usam.predictor import InferenceSettings, Predictor
+
+from conftest import CONF_DIR, ROOT
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SMALL = [
+    "sam=tiny",
+    "amg.points_per_side=8",
+    "amg.pred_iou_thresh=0",
+    "amg.stability_score_thresh=0",
+    "amg.box_nms_thresh=0.95",
+    "extract.num_workers=0",
+    "extract.trainer.accelerator=cpu",
+    "extract.trainer.enable_progress_bar=false",
+    "device=cpu",
+    "inference.confidence_threshold=0.3",
+    "sweep.confidence_thresholds=[0.2,0.5]",
+    "sweep.nms_ious=[0.3,0.5,0.9]",
+    "num_overlays=2",
+]
+
+
+def compose_eval(tmp_path: Path, *overrides: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(
+            config_name="eval",
+            overrides=[
+                f"paths.root_dir={tmp_path}",
+                f"paths.output_dir={tmp_path / 'run'}",
+                *SMALL,
+                *overrides,
+            ],
+        )
+
+
+def test_eval_extracts_once_and_writes_its_results(tmp_path, capsys):
+    voc = write_voc(tmp_path / "VOC2012")
+    ckpt = head_checkpoint(tmp_path / "head.ckpt")
+    data = [f"eval_data.source.root={voc}"]
+    assert run(compose_eval(tmp_path, *data)) is None  # ckpt=null: only the shard set
+    first = capsys.readouterr().out
+    assert "extracting the evaluation shard set" in first
+    shards = Path(first.split("evaluation shard set ready: ")[1].strip())
+    assert shards.name == "eval" and shards.parent.name.startswith("eval-voc_val-tiny-")
+
+    summary = run(compose_eval(tmp_path, *data, f"ckpt={ckpt}", "wandb.enabled=true"))
+    out = capsys.readouterr().out
+    assert "extracting" not in out  # cached by the id of images, SAM and settings
+    assert "NOT MEANINGFUL" in out and "untrained (random-weight) SAM" in out
+    run_dir = tmp_path / "run"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics == json.loads(json.dumps(summary))
+    expected = evaluate(
+        shards, Predictor.from_checkpoint(ckpt, InferenceSettings(confidence_threshold=0.3))
+    )
+    assert metrics["mIoU"] == pytest.approx(expected.miou)
+    assert metrics["mAP50"] == pytest.approx(expected.map50)
+    assert metrics["images"] == 2 and metrics["meaningful"] is False
+    assert metrics["shards"] == str(shards) and metrics["eval_data"] == "voc_val"
+    with open(run_dir / "per_class.csv") as handle:
+        assert len(list(csv.reader(handle))) == 1 + 21
+    with open(run_dir / "sweep.csv") as handle:
+        assert len(list(csv.reader(handle))) == 1 + 2 * 3
+    assert Image.open(run_dir / "sweep.png").size[0] > 0
+    assert sorted(p.name for p in (run_dir / "overlays").iterdir()) == [
+        "2011_000003.png",
+        "2011_000004.png",
+    ]
+    logged = list((run_dir / "wandb").glob("offline-run-*/files/media/table/eval/*.table.json"))
+    assert {p.name.split("_")[0] for p in logged} == {"overlays", "per", "sweep"}
+
+
+def test_eval_refuses_a_head_from_another_sam(tmp_path):
+    ckpt = head_checkpoint(tmp_path / "head.ckpt", sam="vit_b")
+    cfg = compose_eval(tmp_path, f"eval_data.source.root={write_voc(tmp_path / 'VOC')}")
+    cfg.ckpt = str(ckpt)
+    with pytest.raises(EvaluationError, match="run with sam=vit_b"):
+        run(cfg)
+
+
+def _subset(name: str, destination: Path, count: int) -> Path:
+    """The first ``count`` images of a shared subset, in its own layout."""
+    source = SHARED_DATA / name
+    if name == "voc2012-mini":
+        ids = (source / "ImageSets" / "Segmentation" / "val.txt").read_text().split()[:count]
+        (destination / "ImageSets" / "Segmentation").mkdir(parents=True)
+        (destination / "ImageSets" / "Segmentation" / "val.txt").write_text("\n".join(ids))
+        for folder, suffix in (("JPEGImages", ".jpg"), ("SegmentationClass", ".png")):
+            (destination / folder).mkdir()
+            for image_id in ids:
+                shutil.copy(source / folder / f"{image_id}{suffix}", destination / folder)
+        return destination
+    labels = sorted((source / "labels" / "train2017").glob("*.txt"))
+    stems = [p.stem for p in labels if (source / "images" / "train2017" / f"{p.stem}.jpg").exists()]
+    for folder, suffix in (("images", ".jpg"), ("labels", ".txt")):
+        (destination / folder / "train2017").mkdir(parents=True)
+        for stem in stems[:count]:
+            shutil.copy(
+                source / folder / "train2017" / f"{stem}{suffix}",
+                destination / folder / "train2017",
+            )
+    return destination
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not on this machine")
+@pytest.mark.parametrize(
+    ("eval_data", "subset", "classes"),
+    [("voc_val", "voc2012-mini", "voc20"), ("coco128", "coco128-seg", "coco80")],
+)
+def test_eval_end_to_end_on_real_subsets(tmp_path, eval_data, subset, classes):
+    root = _subset(subset, tmp_path / subset, 3)
+    ckpt = head_checkpoint(tmp_path / "head.ckpt", classes)
+    command = [
+        sys.executable, "-m", "usam.eval", f"eval_data={eval_data}",
+        f"eval_data.source.root={root}", f"ckpt={ckpt}", f"paths.root_dir={tmp_path}",
+        f"hydra.run.dir={tmp_path / 'run'}", *SMALL,
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "NOT MEANINGFUL" in result.stdout
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["images"] == 3 and metrics["masks"] > 0
+    assert metrics["instances_derived"] is (eval_data == "voc_val")  # VOC-mini has no objects
+    assert 0 <= metrics["mIoU"] <= 100
+    assert len(list((tmp_path / "run" / "overlays").glob("*.png"))) == 2

