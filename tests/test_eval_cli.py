@@ -14,12 +14,12 @@ import pytest
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from test_evaluate import head_checkpoint, write_voc
 from usam.eval import run
 from usam.evaluate import EvaluationError, evaluate
 from usam.predictor import InferenceSettings, Predictor
 
 from conftest import CONF_DIR, ROOT
+from test_evaluate import head_checkpoint, write_voc
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SMALL = [
@@ -58,7 +58,7 @@ def test_eval_extracts_once_and_writes_its_results(tmp_path, capsys):
     data = [f"eval_data.source.root={voc}"]
     assert run(compose_eval(tmp_path, *data)) is None  # ckpt=null: only the shard set
     first = capsys.readouterr().out
-    assert "extracting the evaluation shard set" in first
+    assert "extracting SAM embeddings" in first
     shards = Path(first.split("evaluation shard set ready: ")[1].strip())
     assert shards.name == "eval" and shards.parent.name.startswith("eval-voc_val-tiny-")
 

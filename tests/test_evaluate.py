@@ -306,13 +306,6 @@ def test_superclass_heads_and_mismatches(voc_set, tmp_path):
         resolve_vocabulary(coarse.classes, "voc20")
 
 
-class TeacherWithTestLoop(TeacherModule):
-    """The teacher has no test loop of its own; the callback's test-time scores need one."""
-
-    def test_step(self, batch, batch_idx):
-        return None
-
-
 def test_callback_logs_scores_during_fit_validate_and_test(voc_set, tmp_path):
     source, eval_dir = voc_set
     for split in ("train", "val"):
@@ -332,7 +325,7 @@ def test_callback_logs_scores_during_fit_validate_and_test(voc_set, tmp_path):
         sam_model_type="tiny",
         batch_size=16,
     )
-    module = TeacherWithTestLoop(list(load_vocabulary("voc20").classes), sam_model_type="tiny")
+    module = TeacherModule(list(load_vocabulary("voc20").classes), sam_model_type="tiny")
     callback = EvaluationCallback(
         eval_dir,
         source,

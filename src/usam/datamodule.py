@@ -251,3 +251,7 @@ class ShardDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> wds.WebLoader:
         return self.eval_loader(self.val_dir, self.manifests["val"])
+
+    def test_dataloader(self) -> wds.WebLoader:
+        """The held-out training images again: test reports on the final (best) head."""
+        return self.val_dataloader()

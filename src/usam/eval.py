@@ -20,7 +20,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from usam.amg import AmgSettings, AutomaticMaskEngine
+from usam.amg import AmgSettings
 from usam.evaluate import (
     NOT_MEANINGFUL,
     EvaluationError,
@@ -30,9 +30,8 @@ from usam.evaluate import (
     resolve_vocabulary,
     write_outputs,
 )
-from usam.extract import extract, is_complete, shard_set_id
+from usam.extract import run_extraction, shard_set_dir
 from usam.predictor import InferenceSettings, Predictor
-from usam.sam_registry import build_sam
 from usam.sources import ImageSource
 
 log = logging.getLogger(__name__)
@@ -40,29 +39,27 @@ log = logging.getLogger(__name__)
 
 def eval_shards(cfg: DictConfig, source: ImageSource) -> Path:
     """The ``eval`` folder of the evaluation shard set, extracted first when missing."""
-    if cfg.eval_data.shards_dir and is_complete(Path(cfg.eval_data.shards_dir), ("eval",)):
-        return Path(cfg.eval_data.shards_dir) / "eval"
-    sam, sam_info = build_sam(cfg.sam.model_type, cfg.sam.checkpoint)
     settings = AmgSettings(**OmegaConf.to_container(cfg.amg, resolve=True))
-    out_dir = Path(
-        cfg.eval_data.shards_dir
-        or Path(cfg.paths.data_dir)
-        / "shards"
-        / f"eval-{cfg.eval_data.name}-{cfg.sam.model_type}-"
-        f"{shard_set_id(source, sam_info, settings, 0.0)}"
-    )
-    if not is_complete(out_dir, ("eval",)):
-        print(f"extracting the evaluation shard set into {out_dir} ({len(source)} images)")
-        extract(
+    out_dir = (
+        Path(cfg.eval_data.shards_dir)
+        if cfg.eval_data.shards_dir
+        else shard_set_dir(
+            Path(cfg.paths.data_dir) / "shards",
+            f"eval-{cfg.eval_data.name}",
             source,
-            out_dir,
-            AutomaticMaskEngine(sam, settings),
-            sam_info,
-            images_per_shard=cfg.extract.images_per_shard,
-            num_workers=cfg.extract.num_workers,
-            trainer_args=OmegaConf.to_container(cfg.extract.trainer, resolve=True),
-            config={"eval_data": OmegaConf.to_container(cfg.eval_data, resolve=True)},
+            cfg.sam,
+            settings,
+            0.0,
         )
+    )
+    run_extraction(
+        source,
+        out_dir,
+        cfg.sam,
+        settings,
+        OmegaConf.to_container(cfg.extract, resolve=True),
+        config={"eval_data": OmegaConf.to_container(cfg.eval_data, resolve=True)},
+    )
     return out_dir / "eval"
 
 

@@ -72,7 +72,6 @@ class EvaluationCallback(Callback):
             input_view=pl_module.input_view,
             sam_model_type=pl_module.hparams.get("sam_model_type"),
             random_weights=bool(getattr(pl_module, "random_weights", False)),
-            path=Path(trainer.default_root_dir),  # the run the live head belongs to
         )
         return Predictor(checkpoint, self.settings, pl_module.device)
 

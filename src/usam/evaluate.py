@@ -209,8 +209,6 @@ class _Scorer:
         self.settings = settings
         self.semantic = SemanticIoU(classes)
         self.instances = MaskAP50(classes, per_class=per_class)
-        for metric in (self.semantic.metric, self.instances.metric):
-            metric.sync_on_compute = False  # one process holds every image
         self.detections = 0
 
     def update(

@@ -325,6 +325,7 @@ def run_extraction(
     splits = splits_for(source, extract_cfg["val_fraction"])
     if is_complete(Path(out_dir), splits):
         return {split: read_manifest(Path(out_dir) / split) for split in splits}
+    print(f"extracting SAM embeddings of {len(source)} images into {out_dir}")
     sam, sam_info = build_sam(sam_cfg["model_type"], sam_cfg.get("checkpoint"))
     if sam_info["random_weights"]:
         print("RANDOM WEIGHTS: SAM is untrained; these embeddings only exercise the pipeline.")

@@ -67,7 +67,11 @@ class SemanticIoU:
             raise ValueError(f"'{BACKGROUND}' is implicit (label 0); remove it from the class list")
         self.names = (BACKGROUND, *self.classes)
         self.metric = MulticlassJaccardIndex(
-            num_classes=len(self.names), ignore_index=IGNORE, average=None, validate_args=False
+            num_classes=len(self.names),
+            ignore_index=IGNORE,
+            average=None,
+            validate_args=False,
+            sync_on_compute=False,  # fed by the one process that sees every image
         )
 
     def update(self, prediction: np.ndarray, target: np.ndarray) -> None:
@@ -127,7 +131,10 @@ class MaskAP50:
         # pycocotools' summary reads AP at 100 detections whatever else it is given,
         # so COCO's cap of 100 stays; callers cap their detections before this.
         self.metric = MeanAveragePrecision(
-            iou_type="segm", iou_thresholds=[0.5], class_metrics=per_class
+            iou_type="segm",
+            iou_thresholds=[0.5],
+            class_metrics=per_class,
+            sync_on_compute=False,  # fed by the one process that sees every image
         )
         self.metric.warn_on_many_detections = False  # the cap is documented behaviour here
         self._detections = 0

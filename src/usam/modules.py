@@ -8,6 +8,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
 from torchmetrics import MeanMetric
 
 from usam.head import MaskClassifierHead, input_dim, select_input_view
@@ -45,8 +46,12 @@ class TeacherModule(L.LightningModule):
         )
         self.random_weights = False
         # metric objects reduce by image count across DDP ranks, whatever each rank saw
-        self.val_loss = MeanMetric()
-        self.val_image_acc = MeanMetric()
+        self.held_out = nn.ModuleDict(
+            {
+                stage: nn.ModuleDict({"loss": MeanMetric(), "image_acc": MeanMetric()})
+                for stage in ("val", "test")
+            }
+        )
 
     def forward(self, embeddings: torch.Tensor, multimask: torch.Tensor) -> torch.Tensor:
         """Mask logits (..., C+1) from stored embeddings; index 0 is background."""
@@ -64,24 +69,40 @@ class TeacherModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["keys"]))
         return loss
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def held_out_step(self, batch: dict[str, Any], stage: str) -> None:
+        """MIL loss and image accuracy (top class among the image's labels) on held-out images."""
         logits, loss = self.mil_terms(batch)
-        size = len(batch["keys"])
         scores = mil_image_scores(logits, batch["valid"], self.top_k)
         predicted = scores[:, 1:].argmax(1)
         correct = batch["labels"].gather(1, predicted[:, None]).squeeze(1)
-        self.val_loss.update(loss, weight=size)
-        self.val_image_acc.update(correct)
-        self.log("val/loss", self.val_loss, prog_bar=True)
-        self.log("val/image_acc", self.val_image_acc, prog_bar=True)
+        metrics = self.held_out[stage]
+        metrics["loss"].update(loss, weight=len(batch["keys"]))
+        metrics["image_acc"].update(correct)
+        self.log(f"{stage}/loss", metrics["loss"], prog_bar=True)
+        self.log(f"{stage}/image_acc", metrics["image_acc"], prog_bar=True)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.held_out_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.held_out_step(batch, "test")
+
+    def _start_held_out_epoch(self, stage: str) -> None:
+        # fresh states; those left by an earlier loop may be inference tensors
+        for metric in self.held_out[stage].values():
+            metric.reset()
 
     def on_validation_epoch_start(self) -> None:
-        # a fresh state per epoch; states left by Trainer.validate are inference tensors
-        self.val_loss.reset()
-        self.val_image_acc.reset()
+        self._start_held_out_epoch("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._start_held_out_epoch("test")
 
     def on_validation_epoch_end(self) -> None:
         self.log("val/random_weights", float(self.random_weights), sync_dist=True)
+
+    def on_test_epoch_end(self) -> None:
+        self.log("test/random_weights", float(self.random_weights), sync_dist=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.parameters() if p.requires_grad]

@@ -50,7 +50,7 @@ class HeadCheckpoint:
     input_view: str
     sam_model_type: str | None
     random_weights: bool
-    path: Path
+    path: Path | None = None  # None for a head still in training
 
 
 def load_head(path: str | Path) -> HeadCheckpoint:
