@@ -31,9 +31,10 @@ def compose_fit(overrides: list[str]) -> DictConfig:
 
 
 def run_overrides(tmp_path: Path, data_dir: Path, *extra: str) -> list[str]:
-    """Overrides that keep a fit run small, offline and inside tmp_path."""
+    """Overrides for a small fit run on synthetic shards, offline and inside tmp_path."""
     return [
-        "experiment=demo",
+        "data=synthetic",
+        "trainer.max_epochs=3",
         f"paths.root_dir={tmp_path}",
         f"paths.data_dir={data_dir}",
         f"paths.output_dir={tmp_path / 'run'}",

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -35,7 +36,7 @@ def test_every_experiment_composes(experiment, tmp_path):
     assert resolved["data"]["sam_model_type"] == resolved["sam"]["model_type"]
     assert resolved["data"]["embed_dim"] == 1024
     assert resolved["stage"] in ("teacher", "student", "both")
-    expected_source = {"sd": "sd", "wc": "web", "superclasses": "sd", "demo": "synthetic"}
+    expected_source = {"sd": "sd", "wc": "web", "superclasses": "sd", "demo": "sd"}
     assert resolved["data"]["source"] == expected_source[experiment.split("_")[-1]]
     if experiment.startswith("coco"):
         assert resolved["data"]["classes"] == "coco80"
@@ -191,3 +192,33 @@ def test_ddp_on_two_cpu_processes(tmp_path):
     for stage in ("teacher", "student"):
         assert (tmp_path / "run" / "checkpoints" / stage / "last.ckpt").is_file()
     assert result.stdout.count("RANDOM WEIGHTS") == 2  # rank zero only, before and after
+
+
+def test_demo_runs_the_whole_pipeline_into_one_run_directory(tmp_path, capsys):
+    """experiment=demo, shrunk: tiny SD -> tiny SAM -> teacher -> student -> real-photo eval."""
+    cfg = compose_fit(
+        [
+            "experiment=demo",
+            f"paths.root_dir={tmp_path}",
+            f"paths.output_dir={tmp_path}/run",
+            f"paths.cache_dir={tmp_path}/cache",
+            "generate.per_class=1",
+            "amg.points_per_side=4",
+            "trainer.max_epochs=1",
+            "trainer.enable_progress_bar=false",
+            "extract.trainer.enable_progress_bar=false",
+            "callbacks.eval.every_n_epochs=1",
+            "extract.val_fraction=0.3",
+        ]
+    )
+    checkpoints = run(cfg)
+    run_dir = tmp_path / "run"
+    assert set(checkpoints) == {"teacher", "student"}
+    assert all(path.is_relative_to(run_dir) for path in checkpoints.values())
+    assert (run_dir / "data" / "images").is_dir() and (run_dir / "data" / "shards").is_dir()
+    final = run_dir / "eval" / "student" / "test-epoch001"  # final head on the real photo
+    metrics = json.loads((final / "metrics.json").read_text())
+    assert metrics["images"] == 1 and metrics["meaningful"] is False
+    assert len(list((final / "overlays").glob("*.png"))) == 1
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 2  # one per stage
+    assert "RANDOM WEIGHTS" in capsys.readouterr().out

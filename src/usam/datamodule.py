@@ -168,14 +168,14 @@ class ShardDataModule(L.LightningDataModule):
             )
             self.manifests[split] = manifest
 
-    @property
-    def random_weights(self) -> bool:
-        """True when any shard set comes from synthetic embeddings or an untrained SAM."""
-        return any(m.random_weights for m in self.manifests.values())
+    def random_weight_reasons(self) -> list[str]:
+        reasons = [r for m in self.manifests.values() for r in m.random_weight_reasons()]
+        return list(dict.fromkeys(reasons))
 
     @property
-    def synthetic_embeddings(self) -> bool:
-        return any(m.synthetic for m in self.manifests.values())
+    def random_weights(self) -> bool:
+        """True when any shard set comes from synthetic data or untrained models."""
+        return bool(self.random_weight_reasons())
 
     def _world(self) -> tuple[int, int]:
         trainer = self.trainer

@@ -6,7 +6,8 @@ current head runs through :func:`usam.evaluate.evaluate`; ``val/mIoU``,
 ``val/mAP50`` and ``val/iou/<class>`` (``test/...`` when testing) are logged
 through the module, so checkpointing and early stopping can monitor them.
 Overlays of a fixed sample of images go to W&B as a table, or to PNGs under
-``output_dir`` when no W&B logger is attached.
+``output_dir`` when no W&B logger is attached; the test-time results (the final
+head) are always written there as well.
 
 Under DDP the evaluation runs on rank zero only, while the other ranks wait, and
 the scores are broadcast so every rank logs the same values: the head is small
@@ -130,7 +131,7 @@ class EvaluationCallback(Callback):
         for logger in wandb_loggers:
             extra = {"trainer/global_step": trainer.global_step}
             log_to_wandb(logger.experiment, evaluation, prefix, extra)
-        if not wandb_loggers:
+        if not wandb_loggers or prefix == "test":  # the final scores always land as files too
             root = self.output_dir or Path(trainer.default_root_dir) / "eval"
             write_outputs(evaluation, root / f"{prefix}-epoch{trainer.current_epoch:03d}")
 

@@ -15,8 +15,10 @@ import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from usam.eval import eval_shards
+from usam.eval_callback import EvaluationCallback
 from usam.modules import RANDOM_WEIGHTS_WARNING, StudentModule, TeacherModule
 from usam.vocab import load_vocabulary
 
@@ -30,13 +32,17 @@ def _instantiate_all(group: DictConfig | None, **overrides: Any) -> list[Any]:
     return [instantiate(entry, **overrides) for entry in (group or {}).values() if entry]
 
 
-def _loggers(cfg: DictConfig, stage: str) -> list[Any]:
+def _loggers(cfg: DictConfig, stage: str, random_weights: bool) -> list[Any]:
+    """The configured loggers for one stage; W&B runs of random-weight data are tagged so."""
     loggers = []
     for name, entry in (cfg.logger or {}).items():
         if not entry:
             continue
         if name == "wandb":
-            loggers.append(instantiate(entry, name=f"{cfg.run_name}-{stage}"))
+            tags = list(entry.get("tags") or [])
+            if random_weights and "random-weights" not in tags:
+                tags.append("random-weights")
+            loggers.append(instantiate(entry, name=f"{cfg.run_name}-{stage}", tags=tags))
         else:
             loggers.append(instantiate(entry, name=stage))
     return loggers
@@ -51,10 +57,10 @@ def _finish_loggers(loggers: list[Any]) -> None:
 
 @rank_zero_only
 def _announce_random_weights(datamodule: Any) -> None:
-    if datamodule.random_weights:
-        kind = "SYNTHETIC embeddings" if datamodule.synthetic_embeddings else "untrained SAM"
+    reasons = datamodule.random_weight_reasons()
+    if reasons:
         banner = "=" * 78
-        print(f"{banner}\n{RANDOM_WEIGHTS_WARNING}\n(data: {kind}; see data.source)\n{banner}")
+        print(f"{banner}\n{RANDOM_WEIGHTS_WARNING}\nbecause of: {'; '.join(reasons)}\n{banner}")
 
 
 def train_stage(
@@ -91,7 +97,9 @@ def train_stage(
     for callback in callbacks:
         if isinstance(callback, ModelCheckpoint):
             callback.dirpath = str(ckpt_dir)
-    loggers = _loggers(cfg, stage)
+        if isinstance(callback, EvaluationCallback):
+            callback.output_dir = Path(cfg.paths.output_dir) / "eval" / stage
+    loggers = _loggers(cfg, stage, datamodule.random_weights)
     checkpointing = any(isinstance(c, ModelCheckpoint) for c in callbacks)
     trainer: L.Trainer = instantiate(
         cfg.trainer,
@@ -101,21 +109,37 @@ def train_stage(
     )
     try:
         trainer.fit(module, datamodule=datamodule)
+        best = next(
+            (
+                c.best_model_path
+                for c in callbacks
+                if isinstance(c, ModelCheckpoint) and c.best_model_path
+            ),
+            "",
+        )
+        checkpoint = Path(best) if best else ckpt_dir / "final.ckpt"
+        if not best:
+            trainer.save_checkpoint(checkpoint)
+        # test/* metrics (and the evaluation callback's scores) for the head the next stage reads
+        trainer.test(module, datamodule=datamodule, ckpt_path=str(checkpoint), verbose=False)
     finally:
         _finish_loggers(loggers)
-    best = next(
-        (
-            c.best_model_path
-            for c in callbacks
-            if isinstance(c, ModelCheckpoint) and c.best_model_path
-        ),
-        "",
-    )
-    if best:
-        return Path(best)
-    final = ckpt_dir / "final.ckpt"
-    trainer.save_checkpoint(final)
-    return final
+    return checkpoint
+
+
+def _prepare_evaluation(cfg: DictConfig) -> None:
+    """Point the evaluation callback at ``eval_data``'s shard set, extracting it if missing."""
+    callback = (cfg.callbacks or {}).get("eval")
+    if callback is None or callback.shards_dir:
+        return
+    if not cfg.get("eval_data"):
+        raise ValueError(
+            "callbacks include eval but there is nothing to evaluate on: set eval_data=<dataset> "
+            "(conf/eval_data) or callbacks.eval.shards_dir=<an eval shard set's eval folder>"
+        )
+    eval_dir = eval_shards(cfg, instantiate(cfg.eval_data.source))
+    with open_dict(cfg):
+        cfg.callbacks.eval.shards_dir = str(eval_dir)
 
 
 def run(cfg: DictConfig) -> dict[str, Path]:
@@ -127,6 +151,7 @@ def run(cfg: DictConfig) -> dict[str, Path]:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    _prepare_evaluation(cfg)
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")

@@ -15,7 +15,7 @@ from usam.head import MaskClassifierHead, input_dim, select_input_view
 from usam.losses import mil_image_scores, mil_loss, uncertainty_loss
 
 RANDOM_WEIGHTS_WARNING = (
-    "RANDOM WEIGHTS: this run's embeddings come from synthetic data or an untrained SAM; "
+    "RANDOM WEIGHTS: this run's data comes from synthetic embeddings or untrained models; "
     "its metrics check the pipeline and are NOT results."
 )
 

@@ -97,15 +97,20 @@ class Manifest:
     def num_masks(self) -> int:
         return sum(s["masks"] for s in self.shards)
 
+    def random_weight_reasons(self) -> list[str]:
+        """Why the numbers this set leads to mean nothing; empty when they can."""
+        reasons = []
+        if self.synthetic:
+            reasons.append("synthetic embeddings (no SAM)")
+        if self.images_random_weights:
+            reasons.append("images from an untrained image generator")
+        if self.sam.get("random_weights", False):
+            reasons.append(f"an untrained SAM ({self.sam.get('model_type')})")
+        return reasons
+
     @property
     def random_weights(self) -> bool:
-        """True when the numbers this set leads to mean nothing (synthetic, untrained SAM or
-        images from an untrained generator)."""
-        return (
-            self.synthetic
-            or self.images_random_weights
-            or bool(self.sam.get("random_weights", False))
-        )
+        return bool(self.random_weight_reasons())
 
     def to_json(self) -> dict[str, Any]:
         payload = asdict(self)
