@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from usam.amg import AmgSettings
+from usam.devices import resolve_device
 from usam.evaluate import (
     NOT_MEANINGFUL,
     EvaluationError,
@@ -63,29 +63,29 @@ def eval_shards(cfg: DictConfig, source: ImageSource) -> Path:
     return out_dir / "eval"
 
 
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
-def _sweep(cfg: DictConfig) -> SweepGrid | None:
+def sweep_grid(cfg: DictConfig) -> SweepGrid | None:
     grid = SweepGrid(tuple(cfg.sweep.confidence_thresholds or ()), tuple(cfg.sweep.nms_ious or ()))
     return grid if grid.confidence_thresholds and grid.nms_ious else None
 
 
-def _banner(reasons: list[str]) -> str:
+def banner(reasons: list[str]) -> str:
     line = "=" * 78
     return f"{line}\n{NOT_MEANINGFUL.format(why='; '.join(reasons))}\n{line}"
 
 
 def run(cfg: DictConfig) -> dict[str, Any] | None:
     """Evaluate ``cfg.ckpt``; returns the contents of ``metrics.json`` (None with ckpt=null)."""
+    if cfg.get("baseline"):
+        from usam.clip_baseline import run as run_baseline  # it builds on this module
+
+        return run_baseline(cfg)
     source: ImageSource = instantiate(cfg.eval_data.source)
     predictor = None
     if cfg.ckpt:
         settings = InferenceSettings(**OmegaConf.to_container(cfg.inference, resolve=True))
-        predictor = Predictor.from_checkpoint(cfg.ckpt, settings, _device(cfg.device))
+        predictor = Predictor.from_checkpoint(
+            cfg.ckpt, settings, resolve_device(cfg.device, "device")
+        )
         trained_on = predictor.checkpoint.sam_model_type
         if trained_on and trained_on != cfg.sam.model_type:
             raise EvaluationError(
@@ -100,7 +100,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         shards,
         predictor,
         vocabulary=resolve_vocabulary(predictor.classes, cfg.vocabulary),
-        sweep=_sweep(cfg),
+        sweep=sweep_grid(cfg),
         num_samples=cfg.num_overlays,
         source=source,
     )
@@ -128,7 +128,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         f"  over {evaluation.images} images; results in {out_dir}"
     )
     if evaluation.not_meaningful:
-        print(_banner(evaluation.not_meaningful))
+        print(banner(evaluation.not_meaningful))
     log.info("metrics written to %s", metrics_path)
     return {**evaluation.summary(), **extra}
 

@@ -32,6 +32,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from usam.contact_sheet import write_contact_sheets
+from usam.devices import resolve_device
 from usam.image_shards import ImageManifest, ImageShardWriter, encode_jpeg, image_set_dir, slug
 from usam.progress import progress_bar
 from usam.settings import settings_from_config
@@ -177,7 +178,7 @@ def load_pipeline(settings: GenerateSettings):
     import torch
     from diffusers import StableDiffusionPipeline
 
-    device = resolve_device(settings.device)
+    device = resolve_device(settings.device, "generate.device")
     dtype = torch.float16 if device.type == "cuda" and settings.fp16 else torch.float32
     model = settings.model
     if _is_local(model) and not (Path(model).expanduser() / "model_index.json").is_file():
@@ -202,20 +203,6 @@ def load_pipeline(settings: GenerateSettings):
         log.warning("pipeline %s has no safety checker; images are not screened", model)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
-
-
-def resolve_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise GenerationError(f"generate.device={name!r} is not a torch device") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise GenerationError("generate.device asks for CUDA, but torch sees no GPU here")
-    return device
 
 
 def render(pipe, plans: Sequence[ImagePlan], settings: GenerateSettings):

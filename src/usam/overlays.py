@@ -54,7 +54,7 @@ def _font(size: int = 12) -> ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 
 
-def _legend(labels: Sequence[int], names: Sequence[str], width: int) -> Image.Image:
+def legend_strip(labels: Sequence[int], names: Sequence[str], width: int) -> Image.Image:
     """Swatch and name of each label, wrapped into rows that fit ``width``."""
     font = _font()
     entries = []
@@ -114,7 +114,7 @@ def overlay_panel(
         text = f"{title}  {caption}" if title and index == 0 else caption
         draw.text((x + 2, 2), text, fill=_TEXT, font=font)
     shown = sorted((set(np.unique(truth).tolist()) | set(np.unique(prediction).tolist())) - {0})
-    legend = _legend([0, *shown], class_names, canvas.width)
+    legend = legend_strip([0, *shown], class_names, canvas.width)
     sheet = Image.new("RGB", (canvas.width, canvas.height + legend.height), _PAPER)
     sheet.paste(canvas, (0, 0))
     sheet.paste(legend, (0, canvas.height))

