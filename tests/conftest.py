@@ -16,6 +16,7 @@ import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from usam.datamodule import ShardDataModule  # noqa: E402
 from usam.synthetic import write_synthetic_shard_set  # noqa: E402
 
 torch.set_num_threads(1)
@@ -23,6 +24,18 @@ torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
 SMALL_CLASSES = ["cat", "dog", "car", "boat"]
+# usam.eval / usam.annotate overrides: tiny random SAM whose masks survive the filters, on CPU
+TINY_EVAL = [
+    "sam=tiny",
+    "amg.points_per_side=8",
+    "amg.pred_iou_thresh=0",
+    "amg.stability_score_thresh=0",
+    "amg.box_nms_thresh=0.95",
+    "extract.num_workers=0",
+    "extract.trainer.accelerator=cpu",
+    "extract.trainer.enable_progress_bar=false",
+    "device=cpu",
+]
 
 
 def compose_fit(overrides: list[str]) -> DictConfig:
@@ -65,3 +78,16 @@ def shard_sets(tmp_path_factory) -> dict[str, Path]:
             seed=3,
         )
     return sets
+
+
+def synthetic_datamodule(shard_sets: dict[str, Path], **kwargs) -> ShardDataModule:
+    """A DataModule over the ``shard_sets`` fixture (SMALL_CLASSES, tiny SAM)."""
+    args = {
+        "classes": SMALL_CLASSES,
+        "train_dir": str(shard_sets["train"]),
+        "val_dir": str(shard_sets["val"]),
+        "source": "synthetic",
+        "sam_model_type": "tiny",
+        "batch_size": 4,
+    }
+    return ShardDataModule(**{**args, **kwargs})

@@ -20,19 +20,11 @@ from usam.predictor import InferenceSettings, Predictor, load_head
 from usam.sam_registry import build_sam
 from usam.sources import load_rgb
 
-from conftest import CONF_DIR
+from conftest import CONF_DIR, TINY_EVAL
 from test_evaluate import AMG, head_checkpoint
 
 SMALL = [
-    "sam=tiny",
-    "amg.points_per_side=8",
-    "amg.pred_iou_thresh=0",
-    "amg.stability_score_thresh=0",
-    "amg.box_nms_thresh=0.95",
-    "extract.num_workers=0",
-    "extract.trainer.accelerator=cpu",
-    "extract.trainer.enable_progress_bar=false",
-    "device=cpu",
+    *TINY_EVAL,
     "inference.confidence_threshold=0.3",
     "progress=false",
 ]

@@ -21,7 +21,7 @@ from usam.predictor import InferenceSettings, Predictor
 from usam.sam_registry import build_sam
 from usam.shards import ImageRecord, iter_records
 
-from conftest import CONF_DIR
+from conftest import CONF_DIR, TINY_EVAL
 from test_evaluate import AMG, FAST, GRID, direct, write_voc
 
 TINY_CLIP = "usam-test-tiny-clip"
@@ -31,15 +31,7 @@ TINY_CONFIG = {
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
 }
 SMALL = [
-    "sam=tiny",
-    "amg.points_per_side=8",
-    "amg.pred_iou_thresh=0",
-    "amg.stability_score_thresh=0",
-    "amg.box_nms_thresh=0.95",
-    "extract.num_workers=0",
-    "extract.trainer.accelerator=cpu",
-    "extract.trainer.enable_progress_bar=false",
-    "device=cpu",
+    *TINY_EVAL,
     "sweep.confidence_thresholds=[0.05,0.1]",
     "sweep.nms_ious=[0.5]",
     "num_overlays=1",

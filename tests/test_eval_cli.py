@@ -18,20 +18,12 @@ from usam.eval import run
 from usam.evaluate import EvaluationError, evaluate
 from usam.predictor import InferenceSettings, Predictor
 
-from conftest import CONF_DIR, ROOT
+from conftest import CONF_DIR, ROOT, TINY_EVAL
 from test_evaluate import head_checkpoint, write_voc
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SMALL = [
-    "sam=tiny",
-    "amg.points_per_side=8",
-    "amg.pred_iou_thresh=0",
-    "amg.stability_score_thresh=0",
-    "amg.box_nms_thresh=0.95",
-    "extract.num_workers=0",
-    "extract.trainer.accelerator=cpu",
-    "extract.trainer.enable_progress_bar=false",
-    "device=cpu",
+    *TINY_EVAL,
     "inference.confidence_threshold=0.3",
     "sweep.confidence_thresholds=[0.2,0.5]",
     "sweep.nms_ious=[0.3,0.5,0.9]",

@@ -105,30 +105,17 @@ def test_student_stage_without_teacher_fails_clearly(tmp_path):
         run(cfg)
 
 
-def test_generated_images_without_weights_say_what_to_do(tmp_path):
-    cfg = compose_fit(
-        [
-            "experiment=voc_sd",
-            f"paths.root_dir={tmp_path}",
-            f"paths.output_dir={tmp_path}/run",
-            "logger=none",
-        ]
-    )
-    with pytest.raises(GenerationError, match="generate.model=/path/to/dir"):
-        run(cfg)
-
-
-def test_web_images_not_ingested_say_what_to_do(tmp_path):
-    cfg = compose_fit(
-        [
-            "experiment=voc_wc",
-            f"paths.root_dir={tmp_path}",
-            f"paths.output_dir={tmp_path}/run",
-            "logger=none",
-        ]
-    )
-    with pytest.raises(ShardSetError, match=r"no finished web image set .*usam.ingest"):
-        run(cfg)
+@pytest.mark.parametrize(
+    ("experiment", "error", "message"),
+    [
+        ("voc_sd", GenerationError, "generate.model=/path/to/dir"),  # no SD weights offline
+        ("voc_wc", ShardSetError, r"no finished web image set .*usam.ingest"),
+    ],
+)
+def test_missing_inputs_say_what_to_do(tmp_path, experiment, error, message):
+    paths = [f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/run", "logger=none"]
+    with pytest.raises(error, match=message):
+        run(compose_fit([f"experiment={experiment}", *paths]))
 
 
 def test_class_names_to_trained_head_on_tiny_models(tmp_path):

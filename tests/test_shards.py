@@ -20,7 +20,7 @@ from usam.shards import (
 )
 from usam.synthetic import write_synthetic_shard_set
 
-from conftest import SMALL_CLASSES
+from conftest import SMALL_CLASSES, synthetic_datamodule
 
 DIM = 16
 
@@ -128,16 +128,7 @@ def test_interrupted_writer_resumes_without_loss_or_duplicates(tmp_path):
 
 
 def make_datamodule(shard_sets, **kwargs) -> ShardDataModule:
-    args = dict(
-        classes=SMALL_CLASSES,
-        train_dir=str(shard_sets["train"]),
-        val_dir=str(shard_sets["val"]),
-        source="synthetic",
-        sam_model_type="tiny",
-        batch_size=4,
-    )
-    args.update(kwargs)
-    datamodule = ShardDataModule(**args)
+    datamodule = synthetic_datamodule(shard_sets, **kwargs)
     datamodule.setup("fit")
     return datamodule
 

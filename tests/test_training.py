@@ -8,20 +8,13 @@ from usam.datamodule import ShardDataModule
 from usam.modules import StudentModule, TeacherModule
 from usam.synthetic import BACKGROUND_PROTOTYPES, prototypes
 
-from conftest import SMALL_CLASSES
+from conftest import SMALL_CLASSES, synthetic_datamodule
 
 HEAD = {"hidden_dims": [64, 32, 32], "dropout": 0.0}
 
 
 def datamodule_for(shard_sets) -> ShardDataModule:
-    return ShardDataModule(
-        classes=SMALL_CLASSES,
-        train_dir=str(shard_sets["train"]),
-        val_dir=str(shard_sets["val"]),
-        source="synthetic",
-        sam_model_type="tiny",
-        batch_size=8,
-    )
+    return synthetic_datamodule(shard_sets, batch_size=8)
 
 
 def quiet_trainer(tmp_path, **kwargs) -> L.Trainer:
