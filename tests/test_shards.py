@@ -156,27 +156,31 @@ def test_training_order_is_shuffled(shard_sets):
     assert loader_keys(datamodule.train_dataloader()) != stored
 
 
-def test_ddp_ranks_split_evaluation_and_stay_in_step_for_training(shard_sets, monkeypatch):
+def test_ddp_ranks_see_disjoint_images_and_stay_in_step(shard_sets, monkeypatch):
     manifest = read_manifest(shard_sets["train"])
-    seen, batch_counts = [], []
+    seen, trained, batch_sizes = [], [], []
     for rank in range(2):
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
         datamodule = make_datamodule(shard_sets)
         datamodule.trainer = SimpleNamespace(global_rank=rank, world_size=2)
         seen.append(loader_keys(datamodule.val_dataloader()))
-        batch_counts.append(sum(1 for _ in datamodule.train_dataloader()))
+        batches = list(datamodule.train_dataloader())
+        trained.append({key for batch in batches for key in batch["keys"]})
+        batch_sizes.append([len(batch["keys"]) for batch in batches])
     assert not set(seen[0]) & set(seen[1])
     assert sorted(seen[0] + seen[1]) == sorted(r.key for r in iter_records(shard_sets["val"]))
+    assert not trained[0] & trained[1]  # each rank reads its own shards
     expected_batches = -(-manifest.num_images // (2 * 4))
-    assert batch_counts == [expected_batches, expected_batches]
+    assert batch_sizes == [[4] * expected_batches] * 2  # same count, full batches: in step
 
 
-def test_evaluation_needs_a_shard_per_rank(tmp_path, shard_sets):
+def test_every_rank_needs_a_shard(tmp_path, shard_sets):
     datamodule = make_datamodule(shard_sets)
     datamodule.trainer = SimpleNamespace(global_rank=0, world_size=64)
-    with pytest.raises(ShardSetError, match=r"\d+ shard\(s\) for 64 ranks"):
-        datamodule.val_dataloader()
+    for loader in (datamodule.val_dataloader, datamodule.train_dataloader):
+        with pytest.raises(ShardSetError, match=r"\d+ shard\(s\) for 64 ranks"):
+            loader()
 
 
 def test_collate_pads_with_a_validity_mask(shard_sets):

@@ -1,10 +1,10 @@
 """Stream embedding shard sets into padded mask-set batches with WebDataset.
 
 Training shuffles shards and samples (buffer); evaluation reads in a fixed
-order. Shards are split across DataLoader workers and, for evaluation, across
-DDP ranks. Training under DDP samples shards with replacement and cuts every
-rank's epoch to the same number of batches, so ranks stay in step even when
-shards hold different numbers of images.
+order. Shards are split across DDP ranks and DataLoader workers, so ranks see
+disjoint images. Training under DDP repeats each rank's shards and cuts every
+rank's epoch to the same number of batches (``with_epoch``), so ranks stay in
+step even when their shards hold different numbers of images.
 """
 
 from __future__ import annotations
@@ -201,15 +201,11 @@ class ShardDataModule(L.LightningDataModule):
         urls = shard_urls(self.train_dir, manifest)
         _, world_size = self._world()
         if world_size > 1:
+            self._check_shard_per_rank(self.train_dir, urls, world_size)
             dataset = wds.WebDataset(
-                urls,
-                resampled=True,
-                shardshuffle=False,
-                nodesplitter=None,
-                workersplitter=None,
-                seed=self.seed,
+                urls, shardshuffle=len(urls), nodesplitter=wds.split_by_node, seed=self.seed
             )
-            workers = self.num_workers
+            workers = self._workers_for(len(urls), shards_per_rank=True)
         else:
             dataset = wds.WebDataset(urls, shardshuffle=len(urls), seed=self.seed)
             workers = self._workers_for(len(urls), shards_per_rank=False)
@@ -225,15 +221,18 @@ class ShardDataModule(L.LightningDataModule):
             loader = loader.with_epoch(batches_per_rank)
         return loader
 
-    def eval_loader(self, directory: Path, manifest: Manifest) -> wds.WebLoader:
-        """Every image once, in shard order, split over ranks and workers."""
-        urls = shard_urls(directory, manifest)
-        _, world_size = self._world()
+    @staticmethod
+    def _check_shard_per_rank(directory: Path, urls: list[str], world_size: int) -> None:
         if len(urls) < world_size:
             raise ShardSetError(
                 f"{directory} has {len(urls)} shard(s) for {world_size} ranks: every rank needs "
                 "at least one; rewrite the set with fewer images per shard"
             )
+
+    def eval_loader(self, directory: Path, manifest: Manifest) -> wds.WebLoader:
+        """Every image once, in shard order, split over ranks and workers."""
+        urls = shard_urls(directory, manifest)
+        self._check_shard_per_rank(directory, urls, self._world()[1])
         dataset = (
             wds.WebDataset(
                 urls,
