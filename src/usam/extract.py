@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Mapping
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
@@ -284,12 +285,17 @@ def extract(
     )
     args = {"accelerator": "auto", "devices": 1, "logger": False, **(trainer_args or {})}
     trainer = L.Trainer(callbacks=[writer], enable_checkpointing=False, **args)
+    started = time.perf_counter()
     trainer.predict(ExtractionModule(engine), dataloaders=loader, return_predictions=False)
     if trainer.is_global_zero:
+        seconds = time.perf_counter() - started
         log.info(
-            "extracted %d images (%d masks), rejected %d, skipped %d already done, into %s",
+            "extracted %d images (%d masks) in %.1f s (%.2f images/s), rejected %d, "
+            "skipped %d already done, into %s",
             writer.counts["images"],
             writer.counts["masks"],
+            seconds,
+            writer.counts["images"] / max(seconds, 1e-9),
             writer.counts["rejected"],
             len(source) - len(pending),
             out_dir,
@@ -373,8 +379,13 @@ def main(cfg: DictConfig) -> None:
         print(
             f"{split}: {manifest.num_images} images, {manifest.num_masks} masks "
             f"({manifest.num_masks / max(manifest.num_images, 1):.1f} per image), "
-            f"{len(manifest.shards)} shards in {out_dir / split}"
+            f"{len(manifest.shards)} shards, {_megabytes(out_dir / split):.1f} MB in "
+            f"{out_dir / split}"
         )
+
+
+def _megabytes(directory: Path) -> float:
+    return sum(p.stat().st_size for p in directory.glob("*.tar")) / 1e6
 
 
 if __name__ == "__main__":
