@@ -6,12 +6,25 @@ per pass rate: images/s of each, their ratio (also without the image encoder, wh
 share and neither speeds up), peak extra resident memory during each, and whether the
 outputs agree (same count, bit-identical masks, same boxes, IoUs and stability scores).
 
+With ``--approximate`` it also runs ``AmgSettings(approximate=True)`` on the same images
+and prints a second table: its images/s, its speed-up over the exact engine and over the
+official generator, the mask count of each mode, the share of exact masks that an
+approximate mask matches at mask IoU >= 0.95 (and how many of those pairs come from the
+same point prompt), and the largest predicted-IoU and stability differences over the
+matched pairs (``usam.amg.agreement``).
+
+Random weights make near-identical masks that box NMS at the default 0.7 collapses to one
+or two per image; ``--box-nms-thresh 1`` keeps them all, for an agreement measured on
+hundreds of masks.
+
 Without ``--checkpoint`` the model has seeded random weights (usam.sam_registry): the
 masks mean nothing, but the work done, and so the timing, is the same as with trained
 weights at the same pass rates.
 
     python benchmarks/extract_speed.py --model vit_b --points-per-side 16 --images 1
     python benchmarks/extract_speed.py --model tiny --points-per-side 16 --images 2
+    python benchmarks/extract_speed.py --model vit_b --pass-rates 1 --approximate \
+        --box-nms-thresh 1
 """
 
 from __future__ import annotations
@@ -20,6 +33,7 @@ import argparse
 import os
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +41,7 @@ import torch
 from PIL import Image
 from segment_anything import SamAutomaticMaskGenerator
 
-from usam.amg import AmgSettings, AutomaticMaskEngine
+from usam.amg import AmgSettings, AutomaticMaskEngine, agreement
 from usam.sam_registry import build_sam
 
 VOC_IMAGES = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "voc2012-mini"
@@ -104,7 +118,7 @@ def run_ours(sam, images, settings: AmgSettings):
     return outputs, seconds, peak
 
 
-def agreement(official: list[list[dict]], ours) -> tuple[int, int, bool]:
+def official_agreement(official: list[list[dict]], ours) -> tuple[int, int, bool]:
     n_official = sum(len(o) for o in official)
     n_ours = sum(len(o) for o in ours)
     same = all(
@@ -134,6 +148,10 @@ def main() -> None:
     parser.add_argument("--points-per-side", type=int, default=16)
     parser.add_argument("--points-per-batch", type=int, default=64)
     parser.add_argument("--stability-thresh", type=float, default=0.95)
+    parser.add_argument("--box-nms-thresh", type=float, default=0.7)
+    parser.add_argument(
+        "--approximate", action="store_true", help="also time approximate mode, and compare"
+    )
     parser.add_argument("--pass-rates", type=float, nargs="+", default=[1.0, 0.5, 0.1])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -146,6 +164,7 @@ def main() -> None:
         points_per_side=args.points_per_side,
         points_per_batch=args.points_per_batch,
         stability_score_thresh=args.stability_thresh,
+        box_nms_thresh=args.box_nms_thresh,
     )
     probe = AutomaticMaskEngine(sam, base)
     ious = np.concatenate([probe.point_ious(image) for image in images])
@@ -154,7 +173,7 @@ def main() -> None:
         f"model={args.model} random_weights={info['random_weights']} images={len(images)} "
         f"({source}) points_per_side={args.points_per_side} "
         f"points_per_batch={args.points_per_batch} stability_thresh={args.stability_thresh} "
-        f"torch_threads={torch.get_num_threads()}"
+        f"box_nms_thresh={args.box_nms_thresh} torch_threads={torch.get_num_threads()}"
     )
     print(f"image encoder alone: {encoder / len(images):.2f} s/image (shared by both)")
     header = (
@@ -162,18 +181,43 @@ def main() -> None:
         f"{'ratio w/o enc':>13} {'official MB':>11} {'ours MB':>8} {'masks':>11} {'identical':>9}"
     )
     print(header)
+    approximate_rows = []
     for rate in args.pass_rates:
         threshold = 0.0 if rate >= 1.0 else float(np.quantile(ious, 1.0 - rate))
         passed = float(np.mean(ious > threshold)) if threshold > 0 else 1.0
-        settings = AmgSettings(**{**base.as_kwargs(), "pred_iou_thresh": threshold})
+        settings = replace(base, pred_iou_thresh=threshold)
         official, t_official, m_official = run_official(sam, images, settings)
         ours, t_ours, m_ours = run_ours(sam, images, settings)
-        n_official, n_ours, same = agreement(official, ours)
+        n_official, n_ours, same = official_agreement(official, ours)
         without = (t_official - encoder) / max(t_ours - encoder, 1e-9)
         print(
             f"{passed:>5.0%} {threshold:>8.4f} {len(images) / t_official:>14.4f} "
             f"{len(images) / t_ours:>10.4f} {t_official / t_ours:>6.2f} {without:>13.2f} "
             f"{m_official:>11.0f} {m_ours:>8.0f} {f'{n_official}/{n_ours}':>11} {str(same):>9}"
+        )
+        if args.approximate:
+            approx, t_approx, _ = run_ours(sam, images, replace(settings, approximate=True))
+            approximate_rows.append((passed, t_official, t_ours, t_approx, agreement(ours, approx)))
+    if approximate_rows:
+        print_approximate(approximate_rows, len(images), encoder)
+
+
+def print_approximate(rows, n_images: int, encoder: float) -> None:
+    """The approximate mode against the exact engine (and the official generator)."""
+    print("approximate mode (vs exact engine; matched: exact masks with an approximate one at")
+    print("mask IoU >= 0.95, same prompt among them; max diffs over matched pairs)")
+    print(
+        f"{'pass':>5} {'approx img/s':>12} {'vs exact':>8} {'w/o enc':>7} {'vs official':>11} "
+        f"{'masks ex/ap':>11} {'matched':>8} {'same prompt':>11} {'max dIoU':>9} {'max dstab':>9}"
+    )
+    for passed, t_official, t_exact, t_approx, agree in rows:
+        without = (t_exact - encoder) / max(t_approx - encoder, 1e-9)
+        print(
+            f"{passed:>5.0%} {n_images / t_approx:>12.4f} {t_exact / t_approx:>8.2f} "
+            f"{without:>7.2f} {t_official / t_approx:>11.2f} "
+            f"{f'{agree.reference_masks}/{agree.other_masks}':>11} {agree.matched_share:>8.1%} "
+            f"{agree.same_prompt:>11} {agree.max_iou_pred_diff:>9.2e} "
+            f"{agree.max_stability_diff:>9.2e}"
         )
 
 

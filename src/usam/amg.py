@@ -23,19 +23,35 @@ Where the time goes and what is done about it, without changing a single value:
 
 Point grids, crop boxes and the small-region cleanup come from ``segment_anything``
 itself, so the geometry cannot drift from the official generator.
+
+``AmgSettings(approximate=True)`` trades exactness for speed; the masks and scores then
+only agree with the official ones closely (``benchmarks/extract_speed.py --approximate``
+measures how closely):
+
+* Attention over per-point image keys folds the projections into the few token-side
+  vectors, e.g. ``softmax(q (X Wk)^T) (X Wv) = (softmax((q Wk) X^T) X) Wv``, which is
+  about half the multiply-adds; the softmax over the 7 tokens runs along rows of 4096.
+* Stability is scored on the 256 x 256 low-resolution logits, so masks that fail the
+  stability filter are never upsampled; the kept masks carry that score.
+* The upscaling's LayerNorm2d runs as one channels-last ``layer_norm``.
+* On CUDA the decoder runs under bf16 autocast (not yet measured on a GPU).
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 from segment_anything import SamPredictor
 from segment_anything.modeling import Sam
+from segment_anything.modeling.common import LayerNorm2d
 from segment_anything.utils.amg import (
     build_all_layer_point_grids,
     generate_crop_boxes,
@@ -48,6 +64,10 @@ from usam.shards import ImageRecord
 _EDGE_TOLERANCE = 20.0  # pixels, as in the official crop-edge filter
 _UPSAMPLE_CHUNK = 16  # full-resolution masks held at once
 _UPSCALE_CHUNK = 8  # points per pass of the decoder's transposed convolutions
+# Devices whose decoder runs under bf16 autocast in approximate mode. Not CPU: even with
+# AMX bf16 units (vit_b, 16x16 points) it saved only 6% of the decoder time, the rest being
+# casts and element-wise work, for ~10x larger score differences.
+_AUTOCAST_DEVICE_TYPES = frozenset({"cuda"})
 
 
 @dataclass(frozen=True)
@@ -65,6 +85,7 @@ class AmgSettings:
     crop_overlap_ratio: float = 512 / 1500
     crop_n_points_downscale_factor: int = 1
     min_mask_region_area: int = 0
+    approximate: bool = False  # faster, close to but not bit-identical with the official output
 
     def __post_init__(self) -> None:
         if self.points_per_side < 1 or self.points_per_batch < 1:
@@ -87,8 +108,13 @@ class AmgSettings:
                 ) from error
 
     def as_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``SamAutomaticMaskGenerator`` with the same behaviour."""
-        return asdict(self)
+        """Keyword arguments for ``SamAutomaticMaskGenerator`` with the same behaviour.
+
+        ``approximate`` is left out: the official generator only has the exact mode.
+        """
+        kwargs = asdict(self)
+        del kwargs["approximate"]
+        return kwargs
 
 
 @dataclass
@@ -233,20 +259,114 @@ def _image_to_tokens(module, norm, chunks, key_pe, k_tokens, v_tokens) -> list[t
     return updated
 
 
-def _two_way_block(layer, queries, chunks, query_pe, key_pe):
+def _heads(linear: torch.nn.Linear, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A projection's weight as (heads, head_dim, in) and bias as (heads, head_dim)."""
+    out_features, in_features = linear.weight.shape
+    head_dim = out_features // num_heads
+    return (
+        linear.weight.view(num_heads, head_dim, in_features),
+        linear.bias.view(num_heads, head_dim),
+    )
+
+
+def _tokens_to_image_folded(module, q_tokens, chunks, key_pe) -> torch.Tensor:
+    """``_tokens_to_image`` for per-point image keys, with the key and value projections
+    moved to the token side: ``q (X Wk + bk)^T = (q Wk) X^T + const`` (a per-row constant
+    that softmax drops) and ``A (X Wv + bv) = (A X) Wv + bv`` (rows of A sum to one).
+    """
+    heads = module.num_heads
+    w_k, _ = _heads(module.k_proj, heads)
+    w_v, b_v = _heads(module.v_proj, heads)
+    q = module.q_proj(q_tokens)
+    batch, n_tokens, _ = q.shape
+    q = q.view(batch, n_tokens, heads, -1)
+    q_k = torch.einsum("bthd,hdc->bhtc", q / math.sqrt(q.shape[-1]), w_k).flatten(1, 2)
+    outs, start = [], 0
+    for keys in chunks:
+        stop = start + keys.shape[0]
+        attn = torch.softmax(q_k[start:stop] @ (keys + key_pe).transpose(1, 2), dim=-1)
+        mixed = (attn @ keys).view(stop - start, heads, n_tokens, -1)
+        outs.append(torch.einsum("bhtc,hdc->bthd", mixed, w_v) + b_v)
+        start = stop
+    return module.out_proj(torch.cat(outs).flatten(2))
+
+
+def _image_to_tokens_folded(module, norm, chunks, key_pe, k_tokens, v_tokens, *, shared: bool):
+    """``_image_to_tokens`` with the output projection folded into the token values,
+    ``sum_h A_h (v_h Wo_h^T) + bo``, and the softmax over the tokens computed along rows
+    of image positions. ``shared``: all points still see the same image keys, so their
+    query projection is computed once; otherwise it is folded into the token keys too,
+    ``(X Wq + bq) k^T = X (Wq^T k^T) + bq k^T``.
+    """
+    heads = module.num_heads
+    k = module.k_proj(k_tokens)
+    v = module.v_proj(v_tokens)
+    batch, n_tokens, _ = k.shape
+    k = k.view(batch, n_tokens, heads, -1)
+    k = k / math.sqrt(k.shape[-1])
+    w_out = module.out_proj.weight
+    values = torch.einsum(
+        "bthd,chd->bhtc", v.view(batch, n_tokens, heads, -1), w_out.view(w_out.shape[0], heads, -1)
+    ).flatten(1, 2)
+    if shared:
+        q = _SameInput(lambda keys: module.q_proj(keys + key_pe))
+        k = k.permute(0, 2, 1, 3)  # (batch, heads, tokens, head_dim)
+    else:
+        w_q, b_q = _heads(module.q_proj, heads)
+        k_q = torch.einsum("bthd,hdc->bhtc", k, w_q).flatten(1, 2)
+        bias = torch.einsum("bthd,hd->bht", k, b_q).flatten(1)[:, :, None]
+    updated, start = [], 0
+    for keys in chunks:
+        stop, n = start + keys.shape[0], keys.shape[0]
+        if shared:
+            q_heads = q(keys).view(n, -1, heads, k.shape[-1]).permute(0, 2, 3, 1)
+            logits = k[start:stop] @ q_heads
+        else:
+            logits = torch.baddbmm(
+                bias[start:stop], k_q[start:stop], (keys + key_pe).transpose(1, 2)
+            )
+        attn = torch.softmax(logits.view(n, heads, n_tokens, -1), dim=2).view(
+            n, heads * n_tokens, -1
+        )
+        out = torch.baddbmm(module.out_proj.bias, attn.transpose(1, 2), values[start:stop])
+        updated.append(norm(keys + out))
+        start = stop
+    return updated
+
+
+def _two_way_block(layer, queries, chunks, query_pe, key_pe, *, folded: bool, shared: bool):
+    """One ``TwoWayAttentionBlock``; ``folded`` for approximate mode, ``shared`` while all
+    points see the same image keys (the first block).
+    """
     if layer.skip_first_layer_pe:
         queries = layer.self_attn(q=queries, k=queries, v=queries)
     else:
         q = queries + query_pe
         queries = queries + layer.self_attn(q=q, k=q, v=queries)
     queries = layer.norm1(queries)
-    attn = _tokens_to_image(layer.cross_attn_token_to_image, queries + query_pe, chunks, key_pe)
+    # With shared keys the exact form projects them once per image, which is cheaper.
+    to_image = _tokens_to_image_folded if folded and not shared else _tokens_to_image
+    attn = to_image(layer.cross_attn_token_to_image, queries + query_pe, chunks, key_pe)
     queries = layer.norm2(queries + attn)
     queries = layer.norm3(queries + layer.mlp(queries))
-    chunks = _image_to_tokens(
-        layer.cross_attn_image_to_token, layer.norm4, chunks, key_pe, queries + query_pe, queries
-    )
+    args = (layer.cross_attn_image_to_token, layer.norm4, chunks, key_pe, queries + query_pe)
+    if folded:
+        chunks = _image_to_tokens_folded(*args, queries, shared=shared)
+    else:
+        chunks = _image_to_tokens(*args, queries)
     return queries, chunks
+
+
+def _upscale(upscaling: torch.nn.Sequential, src: torch.Tensor, folded: bool) -> torch.Tensor:
+    """The decoder's ``output_upscaling``; in approximate mode its LayerNorm2d runs as one
+    ``layer_norm`` over channels-last memory, about 3x faster on CPU than its five passes.
+    """
+    if not folded or len(upscaling) != 5 or not isinstance(upscaling[1], LayerNorm2d):
+        return upscaling(src)
+    conv1, norm, act1, conv2, act2 = upscaling
+    x = conv1(src).permute(0, 2, 3, 1)
+    x = F.layer_norm(x, x.shape[-1:], norm.weight, norm.bias, norm.eps).permute(0, 3, 1, 2)
+    return act2(conv2(act1(x)))
 
 
 class AutomaticMaskEngine:
@@ -374,19 +494,26 @@ class AutomaticMaskEngine:
         initial = {n: (features + dense[:n]).flatten(2).permute(0, 2, 1) for n in set(sizes)}
         chunks = [initial[n] for n in sizes]
         transformer = decoder.transformer
-        queries = tokens
-        for layer in transformer.layers:
-            queries, chunks = _two_way_block(layer, queries, chunks, tokens, key_pe)
-        attn = _tokens_to_image(
-            transformer.final_attn_token_to_image, queries + tokens, chunks, key_pe
-        )
-        hs = transformer.norm_final_attn(queries + attn)
-        iou_preds = decoder.iou_prediction_head(hs[:, 0, :])
-        mask_tokens = hs[:, 1 : 1 + decoder.num_mask_tokens, :]
-        hyper_in = torch.stack(
-            [mlp(mask_tokens[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)],
-            dim=1,
-        )
+        folded = self.settings.approximate
+        low_precision = self._low_precision(features.device)
+        with low_precision():
+            queries = tokens
+            for i, layer in enumerate(transformer.layers):
+                queries, chunks = _two_way_block(
+                    layer, queries, chunks, tokens, key_pe, folded=folded, shared=i == 0
+                )
+            to_image = _tokens_to_image_folded if folded else _tokens_to_image
+            attn = to_image(transformer.final_attn_token_to_image, queries + tokens, chunks, key_pe)
+            hs = transformer.norm_final_attn(queries + attn)
+            iou_preds = decoder.iou_prediction_head(hs[:, 0, :])
+            mask_tokens = hs[:, 1 : 1 + decoder.num_mask_tokens, :]
+            hyper_in = torch.stack(
+                [
+                    mlp(mask_tokens[:, i, :])
+                    for i, mlp in enumerate(decoder.output_hypernetworks_mlps)
+                ],
+                dim=1,
+            )
 
         def low_res_masks(point_idx: torch.Tensor) -> torch.Tensor:
             """Multimask low-res logits (len(point_idx), 3, h', w') for some of the points."""
@@ -395,13 +522,20 @@ class AutomaticMaskEngine:
                 idx = point_idx[i : i + _UPSCALE_CHUNK]
                 keys = torch.cat([chunks[j // step][j % step : j % step + 1] for j in idx.tolist()])
                 src = keys.transpose(1, 2).view(len(idx), c, h, w)
-                upscaled = decoder.output_upscaling(src)
-                n, cu, hu, wu = upscaled.shape
-                masks = (hyper_in[idx] @ upscaled.view(n, cu, hu * wu)).view(n, -1, hu, wu)
-                out.append(masks[:, 1:])
+                with low_precision():
+                    upscaled = _upscale(decoder.output_upscaling, src, folded)
+                    n, cu, hu, wu = upscaled.shape
+                    masks = (hyper_in[idx] @ upscaled.view(n, cu, hu * wu)).view(n, -1, hu, wu)
+                out.append(masks[:, 1:].float())
             return torch.cat(out)
 
-        return iou_preds[:, 1:], mask_tokens.flatten(1), low_res_masks
+        return iou_preds[:, 1:].float(), mask_tokens.flatten(1).float(), low_res_masks
+
+    def _low_precision(self, device: torch.device):
+        """A context factory: bf16 autocast in approximate mode on the devices that get it."""
+        if self.settings.approximate and device.type in _AUTOCAST_DEVICE_TYPES:
+            return partial(torch.autocast, device.type, dtype=torch.bfloat16)
+        return nullcontext
 
     def _process_batch(self, points, crop_size, crop_box, orig_size) -> _Candidates:
         s = self.settings
@@ -416,36 +550,55 @@ class AutomaticMaskEngine:
         if len(keep):
             point_idx, inverse = torch.unique(keep // n_out, return_inverse=True)
             low_res = low_res_masks(point_idx)[inverse, keep % n_out]
+            low_res_stability = None
+            if s.approximate:
+                low_res_stability = self._low_res_stability(low_res)
+                if s.stability_score_thresh > 0.0:
+                    passed = low_res_stability >= s.stability_score_thresh
+                    low_res, keep = low_res[passed], keep[passed]
+                    low_res_stability = low_res_stability[passed]
             for i in range(0, len(keep), _UPSAMPLE_CHUNK):
-                sel = keep[i : i + _UPSAMPLE_CHUNK]
                 part = self._finish_masks(
                     low_res[i : i + _UPSAMPLE_CHUNK],
-                    sel,
+                    keep[i : i + _UPSAMPLE_CHUNK],
                     n_out,
                     flat_iou,
                     tokens,
                     points,
                     crop_box,
                     orig_size,
+                    None
+                    if low_res_stability is None
+                    else low_res_stability[i : i + _UPSAMPLE_CHUNK],
                 )
                 parts.append(part)
         return _Candidates.cat(parts)
 
+    def _low_res_stability(self, low_res: torch.Tensor) -> torch.Tensor:
+        """Stability scores of low-res logits, over the part of them that covers the image."""
+        scale = low_res.shape[-1] / self.predictor.transform.target_length
+        h, w = (math.ceil(side * scale) for side in self.predictor.input_size)
+        return _stability(
+            low_res[:, :h, :w], self.sam.mask_threshold, self.settings.stability_score_offset
+        )
+
     def _finish_masks(
-        self, low_res, sel, n_out, flat_iou, tokens, points, crop_box, orig_size
+        self, low_res, sel, n_out, flat_iou, tokens, points, crop_box, orig_size, stability=None
     ) -> _Candidates:
-        """Upsample, stability filter, binarise, box, crop-edge filter, RLE: survivors only."""
+        """Upsample, stability filter, binarise, box, crop-edge filter, RLE: survivors only.
+
+        ``stability``: scores already computed and filtered on (approximate mode).
+        """
         s, sam, predictor = self.settings, self.sam, self.predictor
         logits = sam.postprocess_masks(
             low_res[:, None], predictor.input_size, predictor.original_size
         )[:, 0]
         threshold = sam.mask_threshold
-        inter = (logits > threshold + s.stability_score_offset).sum((-2, -1), dtype=torch.int32)
-        union = (logits > threshold - s.stability_score_offset).sum((-2, -1), dtype=torch.int32)
-        stability = inter / union
-        keep = torch.ones_like(stability, dtype=torch.bool)
-        if s.stability_score_thresh > 0.0:
-            keep = stability >= s.stability_score_thresh
+        keep = torch.ones(len(logits), dtype=torch.bool, device=logits.device)
+        if stability is None:
+            stability = _stability(logits, threshold, s.stability_score_offset)
+            if s.stability_score_thresh > 0.0:
+                keep = stability >= s.stability_score_thresh
         masks = logits[keep] > threshold
         boxes = _mask_boxes(masks)
         edge = _near_crop_edge(boxes, crop_box, orig_size)
@@ -492,6 +645,74 @@ class AutomaticMaskEngine:
                 data.boxes[i] = boxes[i]
                 data.areas[i] = stacked[i].sum()
         return data.select(keep)
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How closely one set of masks reproduces a reference set of the same images."""
+
+    reference_masks: int
+    other_masks: int
+    matched: int  # reference masks with an other mask at mask IoU >= min_iou
+    same_prompt: int  # matched pairs that also share point and multimask output
+    max_iou_pred_diff: float  # over matched pairs
+    max_stability_diff: float
+
+    @property
+    def matched_share(self) -> float:
+        return self.matched / self.reference_masks if self.reference_masks else 1.0
+
+
+def agreement(
+    reference: list[ImageMasks], other: list[ImageMasks], min_iou: float = 0.95
+) -> Agreement:
+    """Match each reference mask to an other mask of the same image at mask IoU >= ``min_iou``,
+    the one from the same point and multimask output when that qualifies, else the closest,
+    so that score differences compare like with like even among near-duplicate masks.
+    """
+    matched = same_prompt = 0
+    iou_diff = stability_diff = 0.0
+    for ref, oth in zip(reference, other, strict=True):
+        if not len(ref) or not len(oth):
+            continue
+        size = [ref.height, ref.width]
+        ious = mask_utils.iou(
+            [{"size": size, "counts": c} for c in ref.rles],
+            [{"size": size, "counts": c} for c in oth.rles],
+            [0] * len(oth),
+        )
+        prompt = (ref.points[:, None] == oth.points[None]).all(-1) & (
+            ref.multimask[:, None] == oth.multimask[None]
+        )
+        for i, row in enumerate(ious):
+            ok = row >= min_iou
+            if not ok.any():
+                continue
+            same = ok & prompt[i]
+            j = int(same.argmax()) if same.any() else int(row.argmax())
+            matched += 1
+            same_prompt += bool(same.any())
+            iou_diff = max(iou_diff, abs(float(ref.iou_preds[i]) - float(oth.iou_preds[j])))
+            stability_diff = max(
+                stability_diff, abs(float(ref.stability[i]) - float(oth.stability[j]))
+            )
+    return Agreement(
+        reference_masks=sum(len(r) for r in reference),
+        other_masks=sum(len(o) for o in other),
+        matched=matched,
+        same_prompt=same_prompt,
+        max_iou_pred_diff=iou_diff,
+        max_stability_diff=stability_diff,
+    )
+
+
+def _stability(logits: torch.Tensor, threshold: float, offset: float) -> torch.Tensor:
+    """The official stability score: area above ``threshold + offset`` over area above
+    ``threshold - offset``, per mask.
+    """
+    inter = (logits > threshold + offset).sum((-2, -1), dtype=torch.int32)
+    union = (logits > threshold - offset).sum((-2, -1), dtype=torch.int32)
+    return inter / union
 
 
 def _mask_boxes(masks: torch.Tensor) -> torch.Tensor:
