@@ -94,28 +94,25 @@ class PeakRss:
             return int(statm.read().split()[1]) * _PAGE
 
 
-def run_official(sam, images, settings: AmgSettings):
-    generator = SamAutomaticMaskGenerator(sam, output_mode="coco_rle", **settings.as_kwargs())
+def timed(generate, images):
+    """Outputs, total seconds and peak extra memory of ``generate`` over ``images``."""
     outputs, seconds, peak = [], 0.0, 0.0
     for image in images:
         with PeakRss() as memory:
             start = time.perf_counter()
-            outputs.append(generator.generate(image))
+            outputs.append(generate(image))
             seconds += time.perf_counter() - start
         peak = max(peak, memory.extra_mb)
     return outputs, seconds, peak
+
+
+def run_official(sam, images, settings: AmgSettings):
+    generator = SamAutomaticMaskGenerator(sam, output_mode="coco_rle", **settings.as_kwargs())
+    return timed(generator.generate, images)
 
 
 def run_ours(sam, images, settings: AmgSettings):
-    engine = AutomaticMaskEngine(sam, settings)
-    outputs, seconds, peak = [], 0.0, 0.0
-    for image in images:
-        with PeakRss() as memory:
-            start = time.perf_counter()
-            outputs.append(engine.generate(image))
-            seconds += time.perf_counter() - start
-        peak = max(peak, memory.extra_mb)
-    return outputs, seconds, peak
+    return timed(AutomaticMaskEngine(sam, settings).generate, images)
 
 
 def official_agreement(official: list[list[dict]], ours) -> tuple[int, int, bool]:
