@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -91,3 +93,15 @@ def synthetic_datamodule(shard_sets: dict[str, Path], **kwargs) -> ShardDataModu
         "batch_size": 4,
     }
     return ShardDataModule(**{**args, **kwargs})
+
+
+def run_python(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """A child Python process (DDP launches, CLI runs) with one thread, output captured."""
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )

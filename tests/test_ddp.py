@@ -1,31 +1,18 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import lightning as L
 import pytest
 
 from usam.modules import TeacherModule
 
-from conftest import ROOT, synthetic_datamodule
+from conftest import ROOT, run_python, synthetic_datamodule
 
 
 def test_two_cpu_ranks_get_disjoint_equal_batches_and_reduced_metrics(shard_sets, tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "tests" / "ddp_probe.py"),
-            str(shard_sets["train"].parent),
-            str(tmp_path),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    result = run_python(
+        str(ROOT / "tests" / "ddp_probe.py"), str(shard_sets["train"].parent), str(tmp_path)
     )
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]

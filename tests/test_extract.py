@@ -19,7 +19,7 @@ from usam.sam_registry import build_sam
 from usam.shards import iter_records, read_manifest
 from usam.sources import FolderSource, ImageShardSource
 
-from conftest import ROOT
+from conftest import ROOT, run_python
 
 SETTINGS = AmgSettings(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.3)
 CLASSES = ["cat", "dog"]
@@ -120,7 +120,6 @@ def test_cache_id_follows_inputs_and_settings(tmp_path, tiny_sam):
 
 def extract_command(folder: Path, out: Path, *extra: str) -> list[str]:
     return [
-        sys.executable,
         "-m",
         "usam.extract",
         "source=folder",
@@ -149,7 +148,7 @@ def test_killed_run_resumes_with_every_image_exactly_once(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
-        extract_command(folder, out),
+        [sys.executable, *extract_command(folder, out)],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -164,14 +163,7 @@ def test_killed_run_resumes_with_every_image_exactly_once(tmp_path):
     written = len(list((out / "eval").glob("shard-*.tar")))
     assert 3 <= written < 24, "the run must be killed midway for this test to mean anything"
     assert not (out / "eval" / "manifest.json").exists()
-    result = subprocess.run(
-        extract_command(folder, out),
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_python(*extract_command(folder, out))
     assert result.returncode == 0, result.stderr[-2000:]
     keys = keys_in(out)
     assert len(keys) == len(set(keys)) == 24
@@ -181,13 +173,8 @@ def test_killed_run_resumes_with_every_image_exactly_once(tmp_path):
 def test_two_process_ddp_extracts_every_image_once(tmp_path):
     folder = image_folder(tmp_path / "images", 7)
     out = tmp_path / "out"
-    result = subprocess.run(
-        extract_command(folder, out, "extract.trainer.devices=2", "extract.trainer.strategy=ddp"),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    result = run_python(
+        *extract_command(folder, out, "extract.trainer.devices=2", "extract.trainer.strategy=ddp")
     )
     assert result.returncode == 0, result.stderr[-3000:]
     names = sorted(p.name for p in (out / "eval").glob("shard-*.tar"))
