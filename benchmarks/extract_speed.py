@@ -139,7 +139,7 @@ def encoder_seconds(sam, images) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="vit_b", help="vit_h, vit_l, vit_b or tiny")
+    parser.add_argument("--model", default="vit_b", help="vit_h, vit_l, vit_b, vit_t or tiny")
     parser.add_argument("--checkpoint", help="trained weights; seeded random weights without")
     parser.add_argument("--images", type=int, default=1)
     parser.add_argument("--points-per-side", type=int, default=16)

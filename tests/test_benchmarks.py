@@ -1,0 +1,40 @@
+"""The benchmark scripts still run and print their tables (tiny settings; no timing checked)."""
+
+from __future__ import annotations
+
+from conftest import ROOT, run_python
+
+
+def test_extraction_benchmark_prints_speed_and_agreement():
+    result = run_python(
+        str(ROOT / "benchmarks" / "extract_speed.py"),
+        "--model",
+        "tiny",
+        "--images",
+        "1",
+        "--points-per-side",
+        "4",
+        "--pass-rates",
+        "1",
+        "--approximate",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "official img/s" in result.stdout and "approx img/s" in result.stdout
+    assert "True" in result.stdout  # identical output column
+
+
+def test_training_benchmark_prints_throughput_per_worker_count(tmp_path):
+    result = run_python(
+        str(ROOT / "benchmarks" / "train_speed.py"),
+        "--per-class",
+        "2",
+        "--workers",
+        "0",
+        "2",
+        "--data",
+        str(tmp_path),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split() for line in result.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert [row[0] for row in rows] == ["0", "2"]
+    assert "evaluation (Predictor, threshold + NMS)" in result.stdout
