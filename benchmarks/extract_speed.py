@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from PIL import Image
 from segment_anything import SamAutomaticMaskGenerator
+from torch.utils.flop_counter import FlopCounterMode
 
 from usam.amg import AmgSettings, AutomaticMaskEngine, agreement
 from usam.sam_registry import build_sam
@@ -137,6 +138,53 @@ def encoder_seconds(sam, images) -> float:
     return time.perf_counter() - start
 
 
+def matmul_flops_per_second(size: int = 2048, repeats: int = 5) -> float:
+    """This machine's fp32 matmul throughput (best of ``repeats``), the floor's denominator."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up
+    best = min(_seconds(lambda: a @ b) for _ in range(repeats))
+    return 2 * size**3 / best
+
+
+def _seconds(work) -> float:
+    start = time.perf_counter()
+    work()
+    return time.perf_counter() - start
+
+
+def model_flops(sam, image: np.ndarray) -> tuple[float, float]:
+    """(encoder FLOPs per image, mask-decoder FLOPs per point prompt), counted by torch."""
+    predictor = AutomaticMaskEngine(sam, AmgSettings(points_per_side=1)).predictor
+    with torch.inference_mode(), FlopCounterMode(display=False, depth=None) as encoder:
+        predictor.set_image(image)
+    points = 8
+    coords = torch.rand(points, 1, 2) * torch.tensor(predictor.input_size[::-1])
+    labels = torch.ones(points, 1, dtype=torch.int64)
+    # inference mode: FlopCounterMode's module hooks trip over the decoder's no_grad outputs
+    with torch.inference_mode(), FlopCounterMode(display=False, depth=None) as decoder:
+        predictor.predict_torch(coords, labels, multimask_output=True, return_logits=True)
+    return float(encoder.get_total_flops()), decoder.get_total_flops() / points
+
+
+def print_floor(sam, images, settings: AmgSettings, encoder: float, t_ours: float) -> None:
+    """The time the arithmetic alone needs at this machine's matmul speed, against ours."""
+    throughput = matmul_flops_per_second()
+    encoder_flops, point_flops = model_flops(sam, images[0])
+    prompts = settings.points_per_side**2
+    floor = (encoder_flops + point_flops * prompts) / throughput
+    per_image = t_ours / len(images)
+    print(
+        f"FLOP floor: encoder {encoder_flops / 1e12:.3f} TFLOP, decoder {point_flops / 1e9:.3f} "
+        f"GFLOP per point x {prompts} points, matmul {throughput / 1e9:.0f} GFLOP/s -> "
+        f"{floor:.2f} s/image"
+    )
+    print(
+        f"ours: encoder {encoder / len(images):.2f} s + decoder and post-processing "
+        f"{per_image - encoder / len(images):.2f} s = {per_image:.2f} s/image, "
+        f"{per_image / floor:.2f}x the floor"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="vit_b", help="vit_h, vit_l, vit_b, vit_t or tiny")
@@ -197,6 +245,7 @@ def main() -> None:
             approximate_rows.append((passed, t_official, t_ours, t_approx, agreement(ours, approx)))
     if approximate_rows:
         print_approximate(approximate_rows, len(images), encoder)
+    print_floor(sam, images, settings, encoder, t_ours)
 
 
 def print_approximate(rows, n_images: int, encoder: float) -> None:
