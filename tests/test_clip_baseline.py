@@ -4,25 +4,24 @@ VOC set: masked crops, batching, the shared Predictor/metrics path, the command,
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from pycocotools import mask as mask_utils
 
-from usam.amg import AutomaticMaskEngine
 from usam.clip_baseline import ClipWeightsError, clip_predictor, load_clip, masked_crops
-from usam.datasets import VOCSegmentation
 from usam.eval import run  # the one entry point: baseline=sam_clip dispatches to the baseline
 from usam.evaluate import evaluate
-from usam.extract import extract
 from usam.predictor import InferenceSettings, Predictor
-from usam.sam_registry import build_sam
 from usam.shards import ImageRecord, iter_records
 
 from conftest import CONF_DIR, TINY_EVAL
-from test_evaluate import AMG, FAST, GRID, direct, write_voc
+from test_evaluate import (
+    GRID,
+    direct,
+    voc_set,  # noqa: F401 (a fixture, shared)
+)
 
 TINY_CLIP = "usam-test-tiny-clip"
 TINY_CONFIG = {
@@ -37,16 +36,6 @@ SMALL = [
     "num_overlays=1",
 ]
 LOW = InferenceSettings(confidence_threshold=0.06, nms_iou=0.5)  # 20 classes: 1/20 = 0.05
-
-
-@pytest.fixture(scope="module")
-def voc_set(tmp_path_factory) -> tuple[VOCSegmentation, Path]:
-    """test_evaluate's two VOC images, extracted with the tiny SAM."""
-    root = tmp_path_factory.mktemp("clip_voc")
-    source = VOCSegmentation(write_voc(root / "VOC2012"), "val")
-    sam, info = build_sam("tiny")
-    extract(source, root / "shards", AutomaticMaskEngine(sam, AMG), info, trainer_args=FAST)
-    return source, root / "shards" / "eval"
 
 
 @pytest.fixture(scope="module")
