@@ -220,6 +220,8 @@ def main() -> None:
         f"points_per_batch={args.points_per_batch} stability_thresh={args.stability_thresh} "
         f"box_nms_thresh={args.box_nms_thresh} torch_threads={torch.get_num_threads()}"
     )
+    if info["random_weights"]:
+        print("RANDOM WEIGHTS: the masks mean nothing; the timings and the agreement still hold")
     print(f"image encoder alone: {encoder / len(images):.2f} s/image (shared by both)")
     header = (
         f"{'pass':>5} {'iou_thr':>8} {'official img/s':>14} {'ours img/s':>10} {'ratio':>6} "

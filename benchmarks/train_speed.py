@@ -108,6 +108,7 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     dirs = ensure_shards(args.data, args.per_class)
     manifest = read_manifest(dirs["train"])
+    print("SYNTHETIC embeddings, untrained head: only the timings below mean anything")
     print(
         f"train set: {manifest.num_images} images, {manifest.num_masks} masks, "
         f"{len(manifest.shards)} shards; torch threads {torch.get_num_threads()}"

@@ -91,6 +91,7 @@ def test_coco_file_matches_the_predictor(annotated):
     out = root / "out"
     assert summary["images"] == len(GOOD) and summary["annotated_now"] == len(GOOD)
     assert summary["rejected"] == len(BAD) and summary["instances"] > 0
+    assert "SAM tiny has random weights" in summary["not_meaningful_because"]
     coco = COCO(str(out / "annotations.json"))
     assert [c["name"] for c in coco.loadCats(coco.getCatIds())][:3] == [
         "aeroplane",
@@ -99,6 +100,7 @@ def test_coco_file_matches_the_predictor(annotated):
     ]
     by_name = {image["file_name"]: image for image in coco.dataset["images"]}
     assert sorted(by_name) == sorted(GOOD)
+    assert coco.dataset["info"]["not_meaningful_because"] == summary["not_meaningful_because"]
     # the independent path: tiny SAM's masks of the same pixels through the Predictor
     sam, _ = build_sam("tiny")
     from usam.amg import AutomaticMaskEngine

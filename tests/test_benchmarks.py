@@ -21,6 +21,7 @@ def test_extraction_benchmark_prints_speed_and_agreement():
     assert result.returncode == 0, result.stderr[-3000:]
     assert "official img/s" in result.stdout and "approx img/s" in result.stdout
     assert "True" in result.stdout  # identical output column
+    assert "RANDOM WEIGHTS" in result.stdout
     assert "FLOP floor:" in result.stdout and "x the floor" in result.stdout
 
 
@@ -39,3 +40,4 @@ def test_training_benchmark_prints_throughput_per_worker_count(tmp_path):
     rows = [line.split() for line in result.stdout.splitlines() if line.strip()[:1].isdigit()]
     assert [row[0] for row in rows] == ["0", "2"]
     assert "evaluation (Predictor, threshold + NMS)" in result.stdout
+    assert "SYNTHETIC embeddings" in result.stdout

@@ -250,7 +250,9 @@ def test_outputs_overlays_and_random_weights(voc_set, tmp_path):
     assert float(table[0]["iou"]) == pytest.approx(evaluation.per_class[0].iou, abs=1e-3)
     with open(tmp_path / "out" / "sweep.csv") as handle:
         sweep = list(csv.reader(handle))
-    assert sweep[0] == ["confidence_threshold", "nms_iou", "mIoU", "mAP50"] and len(sweep) == 7
+    header = ["confidence_threshold", "nms_iou", "mIoU", "mAP50", "random_weights"]
+    assert sweep[0] == header and len(sweep) == 7
+    assert {row[-1] for row in sweep[1:]} == {"True"} == {row["random_weights"] for row in table}
     with Image.open(tmp_path / "out" / "sweep.png") as plot:
         assert plot.width > plot.height > 100
     # the overlay of the first image (the VOC photo): photo | truth | prediction

@@ -46,7 +46,7 @@ from usam.image_shards import to_rgb
 from usam.metrics import semantic_from_instances
 from usam.predictor import InferenceSettings, Predictor, load_head
 from usam.progress import progress_bar
-from usam.sam_registry import build_sam
+from usam.sam_registry import build_sam, get_spec
 from usam.shards import ImageRecord, iter_records, read_manifest
 from usam.sources import FolderSource, load_rgb
 from usam.storage import atomic_write_text
@@ -249,6 +249,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if key in finished
     ]
     coco = coco_instances(results, annotator.classes)
+    reasons = random_weight_reasons(annotator)
+    if reasons:
+        coco["info"]["not_meaningful_because"] = reasons
     atomic_write_text(outputs.out / "annotations.json", json.dumps(coco))
     save_legend(annotator.classes, outputs.out / "legend.png")
     rejected = [k for k in _rejected(outputs.rejected) if k in set(source.keys)]
@@ -261,12 +264,28 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "instances": len(coco["annotations"]),
         "instances_per_class": {name: counts[name] for name in annotator.classes if counts[name]},
         "out": str(outputs.out),
+        "not_meaningful_because": reasons,
     }
     _print_summary(summary, outputs)
     return summary
 
 
+def random_weight_reasons(annotator: Annotator) -> list[str]:
+    """Why these annotations are no labels at all: a head or a SAM that was never trained."""
+    reasons = []
+    if annotator.predictor.checkpoint.random_weights:
+        reasons.append("the head was trained on synthetic data or untrained models")
+    if get_spec(annotator.sam_model_type).random_weights and not annotator.sam_checkpoint:
+        reasons.append(f"SAM {annotator.sam_model_type} has random weights")
+    return reasons
+
+
 def _print_summary(summary: dict[str, Any], outputs: _Outputs) -> None:
+    if summary["not_meaningful_because"]:
+        print(
+            "RANDOM WEIGHTS: these annotations only exercise the pipeline; they are NOT labels "
+            f"({'; '.join(summary['not_meaningful_because'])})"
+        )
     print(
         f"{summary['images']} images annotated in {summary['out']} ({summary['annotated_now']} "
         f"now, {summary['skipped_done']} already done), {summary['instances']} instances"

@@ -353,17 +353,26 @@ def write_outputs(evaluation: Evaluation, out_dir: str | Path, extra: dict | Non
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = out_dir / "metrics.json"
     metrics.write_text(json.dumps({**evaluation.summary(), **(extra or {})}, indent=2))
+    random_weights = bool(evaluation.not_meaningful)  # a column, so no row reads as a result
     with open(out_dir / "per_class.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["class", "iou", "ap50"])
+        writer.writerow(["class", "iou", "ap50", "random_weights"])
         for score in evaluation.per_class:
-            writer.writerow([score.name, _cell(score.iou), _cell(score.ap50)])
+            writer.writerow([score.name, _cell(score.iou), _cell(score.ap50), random_weights])
     if evaluation.sweep:
         with open(out_dir / "sweep.csv", "w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["confidence_threshold", "nms_iou", "mIoU", "mAP50"])
+            writer.writerow(["confidence_threshold", "nms_iou", "mIoU", "mAP50", "random_weights"])
             for p in evaluation.sweep:
-                writer.writerow([p.confidence_threshold, p.nms_iou, _cell(p.miou), _cell(p.map50)])
+                writer.writerow(
+                    [
+                        p.confidence_threshold,
+                        p.nms_iou,
+                        _cell(p.miou),
+                        _cell(p.map50),
+                        random_weights,
+                    ]
+                )
         sweep_plot(evaluation.sweep).save(out_dir / "sweep.png")
     write_overlays(evaluation, out_dir / "overlays")
     return metrics
