@@ -178,6 +178,24 @@ def iter_images(
                 yield key, image, meta
 
 
+def index_shard(path: Path) -> Iterator[tuple[str, int, int, dict[str, Any]]]:
+    """(key, JPEG offset, JPEG size, metadata) of every sample: random access to one JPEG."""
+    jpegs: dict[str, tuple[int, int]] = {}
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                key, _, extension = member.name.partition(".")
+                if extension == "jpg":
+                    jpegs[key] = (member.offset_data, member.size)
+                elif extension == "json" and key in jpegs:
+                    meta = json.loads(tar.extractfile(member).read())
+                    yield key, *jpegs.pop(key), meta
+    except (tarfile.TarError, EOFError, ValueError) as error:
+        raise ImageShardError(
+            f"{path} is corrupt ({error}); delete it and run the job that wrote it again"
+        ) from error
+
+
 def _read_samples(path: Path, *, salvage: bool) -> Iterator[tuple[str, bytes, dict[str, Any]]]:
     """Complete samples of a shard; when salvaging, stop quietly where a crash cut it off."""
     pending: dict[str, bytes] = {}

@@ -25,7 +25,6 @@ import json
 import os
 import re
 import struct
-import tarfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -35,8 +34,8 @@ from typing import Any
 from PIL import ExifTags, Image
 
 from usam.image_shards import (
-    ImageShardError,
     decode_sample,
+    index_shard,
     read_image_manifest,
     shard_paths,
     to_rgb,
@@ -235,7 +234,7 @@ class ImageShardSource(ImageSource):
         self._entries: list[tuple[Path, int, int, dict[str, Any]]] = []
         keys = []
         for path in shard_paths(self.directory, manifest):
-            for key, offset, size, meta in _index_shard(path):
+            for key, offset, size, meta in index_shard(path):
                 if not meta.get("flagged"):
                     keys.append(key)
                     self._entries.append((path, offset, size, meta))
@@ -255,21 +254,3 @@ class ImageShardSource(ImageSource):
 
     def _inputs(self) -> Any:
         return [[key, entry[3]["sha256"]] for key, entry in zip(self.keys, self._entries)]
-
-
-def _index_shard(path: Path) -> Iterator[tuple[str, int, int, dict[str, Any]]]:
-    """(key, JPEG offset, JPEG size, metadata) of every sample in an image shard."""
-    jpegs: dict[str, tuple[int, int]] = {}
-    try:
-        with tarfile.open(path, mode="r:") as tar:
-            for member in tar:
-                key, _, extension = member.name.partition(".")
-                if extension == "jpg":
-                    jpegs[key] = (member.offset_data, member.size)
-                elif extension == "json" and key in jpegs:
-                    meta = json.loads(tar.extractfile(member).read())
-                    yield key, *jpegs.pop(key), meta
-    except (tarfile.TarError, EOFError, ValueError) as error:
-        raise ImageShardError(
-            f"{path} is corrupt ({error}); delete it and run the job that wrote it again"
-        ) from error
