@@ -42,6 +42,7 @@ from usam.shards import (
     read_manifest,
 )
 from usam.sources import ImageSource, RejectedImage, SourceImage
+from usam.storage import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -93,15 +94,22 @@ def is_complete(out_dir: Path, splits: tuple[str, ...]) -> bool:
     return all((out_dir / split / MANIFEST_NAME).is_file() for split in splits)
 
 
-def rejected_keys(out_dir: Path) -> set[str]:
-    keys = set()
-    for path in out_dir.glob("rejected*.jsonl"):
+def _rejections(paths: list[Path]) -> dict[str, str]:
+    """Key -> JSON line of every rejection logged in ``paths``, the first one per image."""
+    lines: dict[str, str] = {}
+    for path in paths:
+        if not path.is_file():
+            continue
         for line in path.read_text().splitlines():
             try:
-                keys.add(json.loads(line)["key"])
+                lines.setdefault(json.loads(line)["key"], line)
             except (json.JSONDecodeError, KeyError):
                 continue  # a line cut off by a crash: the image is simply tried again
-    return keys
+    return lines
+
+
+def rejected_keys(out_dir: Path) -> set[str]:
+    return set(_rejections(sorted(out_dir.glob("rejected*.jsonl"))))
 
 
 class _PendingImages(Dataset):
@@ -217,19 +225,10 @@ class ShardPredictionWriter(BasePredictionWriter):
 
 def _merge_rejected(out_dir: Path) -> None:
     """Fold the per-rank rejection logs into ``rejected.jsonl`` (one line per image)."""
-    merged: dict[str, str] = {}
     parts = sorted(out_dir.glob("rejected-r*.jsonl"))
-    for path in [out_dir / REJECTED_NAME, *parts]:
-        if path.is_file():
-            for line in path.read_text().splitlines():
-                try:
-                    merged.setdefault(json.loads(line)["key"], line)
-                except (json.JSONDecodeError, KeyError):
-                    continue
+    merged = _rejections([out_dir / REJECTED_NAME, *parts])
     if merged:
-        tmp = out_dir / (REJECTED_NAME + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in merged.values()))
-        tmp.replace(out_dir / REJECTED_NAME)
+        atomic_write_text(out_dir / REJECTED_NAME, "".join(line + "\n" for line in merged.values()))
     for path in parts:
         path.unlink()
 
