@@ -19,7 +19,6 @@ import lightning as L
 import numpy as np
 import torch
 import webdataset as wds
-from omegaconf import DictConfig, OmegaConf
 
 from usam.pipeline import TrainingPipeline
 from usam.shards import (
@@ -58,13 +57,6 @@ def collate_records(records: Sequence[ImageRecord]) -> dict[str, Any]:
     if all(r.labels is not None for r in records):
         batch["labels"] = torch.tensor([r.labels for r in records], dtype=torch.float32)
     return batch
-
-
-def _plain(group: Any) -> dict[str, Any]:
-    """A config group as plain Python (Hydra passes DictConfig)."""
-    if isinstance(group, DictConfig):
-        return OmegaConf.to_container(group, resolve=True)
-    return dict(group)
 
 
 def _has_masks(record: ImageRecord) -> bool:
@@ -113,7 +105,7 @@ class ShardDataModule(L.LightningDataModule):
                 source=source,
                 images_root=Path(images_dir),
                 shards_root=Path(shards_dir),
-                **{k: _plain(pipeline[k]) for k in ("sam", "amg", "generate", "extract")},
+                **{k: dict(pipeline[k]) for k in ("sam", "amg", "generate", "extract")},
             )
         self.train_dir = Path(train_dir) if train_dir else None
         self.val_dir = Path(val_dir) if val_dir else None
