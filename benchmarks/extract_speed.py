@@ -2,9 +2,12 @@
 
 Both run in this process with the same settings, at predicted-IoU thresholds chosen from
 a first pass so that about 100%, 50% and 10% of the masks pass the IoU filter. Printed
-per pass rate: images/s of each, their ratio (also without the image encoder, which both
-share and neither speeds up), peak extra resident memory during each, and whether the
-outputs agree (same count, bit-identical masks, same boxes, IoUs and stability scores).
+per pass rate: images/s of each, their ratio (also without each one's image encoder), peak
+extra resident memory during each, and whether the outputs agree (same count,
+bit-identical masks, same boxes, IoUs and stability scores). A second table splits our
+seconds per image into encoder, decoder and post-processing and sets the total against
+the FLOP floor: the model's FLOPs (counted by torch) at this machine's measured fp32
+matmul throughput.
 
 With ``--approximate`` it also runs ``AmgSettings(approximate=True)`` on the same images
 and prints a second table: its images/s, its speed-up over the exact engine and over the
@@ -39,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from segment_anything import SamAutomaticMaskGenerator
+from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 from torch.utils.flop_counter import FlopCounterMode
 
 from usam.amg import AmgSettings, AutomaticMaskEngine, agreement
@@ -113,7 +116,17 @@ def run_official(sam, images, settings: AmgSettings):
 
 
 def run_ours(sam, images, settings: AmgSettings):
-    return timed(AutomaticMaskEngine(sam, settings).generate, images)
+    """Like ``run_official``, plus the engine's mean seconds per image by stage."""
+    engine = AutomaticMaskEngine(sam, settings)
+    stages: list[dict[str, float]] = []
+
+    def generate(image):
+        masks = engine.generate(image)
+        stages.append(engine.stage_seconds)
+        return masks
+
+    outputs, seconds, peak = timed(generate, images)
+    return outputs, seconds, peak, {k: sum(s[k] for s in stages) / len(stages) for k in stages[0]}
 
 
 def official_agreement(official: list[list[dict]], ours) -> tuple[int, int, bool]:
@@ -130,12 +143,13 @@ def official_agreement(official: list[list[dict]], ours) -> tuple[int, int, bool
     return n_official, n_ours, same and n_official == n_ours
 
 
-def encoder_seconds(sam, images) -> float:
-    engine = AutomaticMaskEngine(sam, AmgSettings(points_per_side=1))
+def official_encoder_seconds(sam, images) -> float:
+    """Seconds per image of the official ``SamPredictor.set_image``."""
+    predictor = SamPredictor(sam)
     start = time.perf_counter()
     for image in images:
-        engine.predictor.set_image(image)
-    return time.perf_counter() - start
+        predictor.set_image(image)
+    return (time.perf_counter() - start) / len(images)
 
 
 def matmul_flops_per_second(size: int = 2048, repeats: int = 5) -> float:
@@ -166,23 +180,18 @@ def model_flops(sam, image: np.ndarray) -> tuple[float, float]:
     return float(encoder.get_total_flops()), decoder.get_total_flops() / points
 
 
-def print_floor(sam, images, settings: AmgSettings, encoder: float, t_ours: float) -> None:
-    """The time the arithmetic alone needs at this machine's matmul speed, against ours."""
+def floor_seconds(sam, images, settings: AmgSettings) -> float:
+    """Seconds per image the arithmetic alone needs at this machine's matmul speed."""
     throughput = matmul_flops_per_second()
     encoder_flops, point_flops = model_flops(sam, images[0])
     prompts = settings.points_per_side**2
     floor = (encoder_flops + point_flops * prompts) / throughput
-    per_image = t_ours / len(images)
     print(
-        f"FLOP floor: encoder {encoder_flops / 1e12:.3f} TFLOP, decoder {point_flops / 1e9:.3f} "
-        f"GFLOP per point x {prompts} points, matmul {throughput / 1e9:.0f} GFLOP/s -> "
+        f"FLOP floor: encoder {encoder_flops / 1e12:.3f} TFLOP + decoder {point_flops / 1e9:.3f} "
+        f"GFLOP per point x {prompts} points, at {throughput / 1e9:.0f} GFLOP/s matmul -> "
         f"{floor:.2f} s/image"
     )
-    print(
-        f"ours: encoder {encoder / len(images):.2f} s + decoder and post-processing "
-        f"{per_image - encoder / len(images):.2f} s = {per_image:.2f} s/image, "
-        f"{per_image / floor:.2f}x the floor"
-    )
+    return floor
 
 
 def main() -> None:
@@ -213,7 +222,6 @@ def main() -> None:
     )
     probe = AutomaticMaskEngine(sam, base)
     ious = np.concatenate([probe.point_ious(image) for image in images])
-    encoder = encoder_seconds(sam, images)
     print(
         f"model={args.model} random_weights={info['random_weights']} images={len(images)} "
         f"({source}) points_per_side={args.points_per_side} "
@@ -222,35 +230,63 @@ def main() -> None:
     )
     if info["random_weights"]:
         print("RANDOM WEIGHTS: the masks mean nothing; the timings and the agreement still hold")
-    print(f"image encoder alone: {encoder / len(images):.2f} s/image (shared by both)")
+    floor = floor_seconds(sam, images, base)
+    official_encoder = official_encoder_seconds(sam, images)
+    print(f"official image encoder alone: {official_encoder:.2f} s/image")
     header = (
         f"{'pass':>5} {'iou_thr':>8} {'official img/s':>14} {'ours img/s':>10} {'ratio':>6} "
         f"{'ratio w/o enc':>13} {'official MB':>11} {'ours MB':>8} {'masks':>11} {'identical':>9}"
     )
+    stage_rows, approximate_rows = [], []
     print(header)
-    approximate_rows = []
     for rate in args.pass_rates:
         threshold = 0.0 if rate >= 1.0 else float(np.quantile(ious, 1.0 - rate))
         passed = float(np.mean(ious > threshold)) if threshold > 0 else 1.0
         settings = replace(base, pred_iou_thresh=threshold)
         official, t_official, m_official = run_official(sam, images, settings)
-        ours, t_ours, m_ours = run_ours(sam, images, settings)
+        ours, t_ours, m_ours, stages = run_ours(sam, images, settings)
         n_official, n_ours, same = official_agreement(official, ours)
-        without = (t_official - encoder) / max(t_ours - encoder, 1e-9)
+        n = len(images)
+        without = (t_official / n - official_encoder) / max(t_ours / n - stages["encoder"], 1e-9)
         print(
-            f"{passed:>5.0%} {threshold:>8.4f} {len(images) / t_official:>14.4f} "
-            f"{len(images) / t_ours:>10.4f} {t_official / t_ours:>6.2f} {without:>13.2f} "
+            f"{passed:>5.0%} {threshold:>8.4f} {n / t_official:>14.4f} "
+            f"{n / t_ours:>10.4f} {t_official / t_ours:>6.2f} {without:>13.2f} "
             f"{m_official:>11.0f} {m_ours:>8.0f} {f'{n_official}/{n_ours}':>11} {str(same):>9}"
         )
+        stage_rows.append((passed, stages))
         if args.approximate:
-            approx, t_approx, _ = run_ours(sam, images, replace(settings, approximate=True))
-            approximate_rows.append((passed, t_official, t_ours, t_approx, agreement(ours, approx)))
+            approx, t_approx, _, approx_stages = run_ours(
+                sam, images, replace(settings, approximate=True)
+            )
+            approximate_rows.append(
+                (
+                    passed,
+                    t_official,
+                    t_ours,
+                    t_approx,
+                    stages,
+                    approx_stages,
+                    agreement(ours, approx),
+                )
+            )
+    print_stages(stage_rows, floor)
     if approximate_rows:
-        print_approximate(approximate_rows, len(images), encoder)
-    print_floor(sam, images, settings, encoder, t_ours)
+        print_approximate(approximate_rows, len(images))
 
 
-def print_approximate(rows, n_images: int, encoder: float) -> None:
+def print_stages(rows, floor: float) -> None:
+    """Our seconds per image by stage, and the total against the FLOP floor."""
+    print("ours by stage, s/image (decoder: mask decoder and its upscaling; post: the rest)")
+    print(f"{'pass':>5} {'encoder':>8} {'decoder':>8} {'post':>8} {'total':>8} {'x floor':>8}")
+    for passed, stages in rows:
+        total = sum(stages.values())
+        print(
+            f"{passed:>5.0%} {stages['encoder']:>8.2f} {stages['decoder']:>8.2f} "
+            f"{stages['post-processing']:>8.2f} {total:>8.2f} {total / floor:>8.2f}"
+        )
+
+
+def print_approximate(rows, n_images: int) -> None:
     """The approximate mode against the exact engine (and the official generator)."""
     print("approximate mode (vs exact engine; matched: exact masks with an approximate one at")
     print("mask IoU >= 0.95, same prompt among them; max diffs over matched pairs)")
@@ -258,8 +294,10 @@ def print_approximate(rows, n_images: int, encoder: float) -> None:
         f"{'pass':>5} {'approx img/s':>12} {'vs exact':>8} {'w/o enc':>7} {'vs official':>11} "
         f"{'masks ex/ap':>11} {'matched':>8} {'same prompt':>11} {'max dIoU':>9} {'max dstab':>9}"
     )
-    for passed, t_official, t_exact, t_approx, agree in rows:
-        without = (t_exact - encoder) / max(t_approx - encoder, 1e-9)
+    for passed, t_official, t_exact, t_approx, exact_stages, approx_stages, agree in rows:
+        without = (t_exact / n_images - exact_stages["encoder"]) / max(
+            t_approx / n_images - approx_stages["encoder"], 1e-9
+        )
         print(
             f"{passed:>5.0%} {n_images / t_approx:>12.4f} {t_exact / t_approx:>8.2f} "
             f"{without:>7.2f} {t_official / t_approx:>11.2f} "

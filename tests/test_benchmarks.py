@@ -22,7 +22,10 @@ def test_extraction_benchmark_prints_speed_and_agreement():
     assert "official img/s" in result.stdout and "approx img/s" in result.stdout
     assert "True" in result.stdout  # identical output column
     assert "RANDOM WEIGHTS" in result.stdout
-    assert "FLOP floor:" in result.stdout and "x the floor" in result.stdout
+    assert "FLOP floor:" in result.stdout and "x floor" in result.stdout
+    stages = result.stdout.split("ours by stage")[1].splitlines()[2].split()
+    encoder, decoder, post, total = map(float, stages[1:5])
+    assert abs(encoder + decoder + post - total) < 0.02 and min(encoder, decoder, post) >= 0
 
 
 def test_training_benchmark_prints_throughput_per_worker_count(tmp_path):

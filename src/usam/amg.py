@@ -40,7 +40,8 @@ measures how closely):
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any
@@ -49,7 +50,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
-from segment_anything import SamPredictor
 from segment_anything.modeling import Sam
 from segment_anything.modeling.common import LayerNorm2d
 from segment_anything.utils.amg import (
@@ -59,11 +59,12 @@ from segment_anything.utils.amg import (
 )
 from torchvision.ops.boxes import batched_nms, box_area
 
+from usam.image_encoder import EncoderPredictor
 from usam.shards import ImageRecord
 
 _EDGE_TOLERANCE = 20.0  # pixels, as in the official crop-edge filter
-_UPSAMPLE_CHUNK = 16  # full-resolution masks held at once
-_UPSCALE_CHUNK = 8  # points per pass of the decoder's transposed convolutions
+_UPSAMPLE_CHUNK = 2  # full-resolution masks held at once (under glibc's mmap threshold)
+_UPSCALE_CHUNK = 2  # points per pass of the decoder's transposed convolutions: fastest on CPU
 # Devices whose decoder runs under bf16 autocast in approximate mode. Not CPU: even with
 # AMX bf16 units (vit_b, 16x16 points) it saved only 6% of the decoder time, the rest being
 # casts and element-wise work, for ~10x larger score differences.
@@ -205,15 +206,66 @@ def _empty_candidates(token_dim: int) -> _Candidates:
     )
 
 
-def _attention_core(module: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    """The official ``Attention.forward`` between the input projections and ``out_proj``."""
+class _ImageSide:
+    """What the decoder's per-point image-side work reuses from point to point.
+
+    The dense positional encoding comes in the official layout, for the products that
+    all points share (they must see the very layout the official code gives them), and
+    contiguous, for the per-point sums. The per-point 4096 x 256 products are written
+    into buffers reused from point to point: fresh memory for each of them costs page
+    faults, on a virtual machine about as much as the arithmetic. The same kernels write
+    the same values either way.
+    """
+
+    def __init__(self, key_pe: torch.Tensor) -> None:
+        self.key_pe = key_pe
+        self.key_pe_flat = key_pe.contiguous()
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def buffer(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        key = (name, tuple(shape), like.dtype)
+        if key not in self._buffers:
+            self._buffers[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return self._buffers[key]
+
+    def with_pe(self, keys: torch.Tensor) -> torch.Tensor:
+        """``keys + key_pe``."""
+        return torch.add(keys, self.key_pe_flat, out=self.buffer("with_pe", keys.shape, keys))
+
+    def linear(self, name: str, linear: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """``linear(x)`` for contiguous ``x``: the ``addmm`` that ``F.linear`` calls."""
+        out = self.buffer(name, (*x.shape[:-1], linear.out_features), x)
+        flat = out.view(-1, linear.out_features)
+        torch.addmm(linear.bias, x.view(-1, x.shape[-1]), linear.weight.t(), out=flat)
+        return out
+
+    def attend(self, attn: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``_recombine_heads(attn @ v)``: the ``bmm`` that ``matmul`` calls, then the heads
+        side by side.
+        """
+        batch, heads, rows, _ = attn.shape
+        mixed = self.buffer("mixed", (batch * heads, rows, v.shape[-1]), attn)
+        torch.bmm(
+            attn.reshape(batch * heads, rows, -1),
+            v.reshape(batch * heads, -1, v.shape[-1]),
+            out=mixed,
+        )
+        out = self.buffer("attended", (batch, rows, heads * v.shape[-1]), attn)
+        out.view(batch, rows, heads, -1).copy_(mixed.view(batch, heads, rows, -1).transpose(1, 2))
+        return out
+
+
+def _attention_core(module, q, k, v, side: _ImageSide | None = None) -> torch.Tensor:
+    """The official ``Attention.forward`` between the input projections and ``out_proj``;
+    with ``side``, its large products go into that image's reused buffers.
+    """
     q = module._separate_heads(q, module.num_heads)
     k = module._separate_heads(k, module.num_heads)
     v = module._separate_heads(v, module.num_heads)
     attn = q @ k.permute(0, 1, 3, 2)
     attn = attn / math.sqrt(q.shape[-1])
     attn = torch.softmax(attn, dim=-1)
-    return module._recombine_heads(attn @ v)
+    return module._recombine_heads(attn @ v) if side is None else side.attend(attn, v)
 
 
 class _SameInput:
@@ -232,11 +284,17 @@ class _SameInput:
         return self.value
 
 
-def _tokens_to_image(module, q_tokens, chunks, key_pe) -> torch.Tensor:
-    """Tokens attend to the image: token-side projections on the whole batch."""
+def _tokens_to_image(module, q_tokens, chunks, side: _ImageSide, *, shared: bool):
+    """Tokens attend to the image: token-side projections on the whole batch. ``shared``:
+    all points see the same image keys, so their projections are computed once.
+    """
     q = module.q_proj(q_tokens)
-    k = _SameInput(lambda keys: module.k_proj(keys + key_pe))
-    v = _SameInput(module.v_proj)
+    if shared:
+        k = _SameInput(lambda keys: module.k_proj(keys + side.key_pe))
+        v = _SameInput(module.v_proj)
+    else:
+        k = lambda keys: side.linear("k", module.k_proj, side.with_pe(keys))  # noqa: E731
+        v = lambda keys: side.linear("v", module.v_proj, keys)  # noqa: E731
     outs, start = [], 0
     for keys in chunks:
         stop = start + keys.shape[0]
@@ -245,16 +303,20 @@ def _tokens_to_image(module, q_tokens, chunks, key_pe) -> torch.Tensor:
     return module.out_proj(torch.cat(outs))
 
 
-def _image_to_tokens(module, norm, chunks, key_pe, k_tokens, v_tokens) -> list[torch.Tensor]:
+def _image_to_tokens(module, norm, chunks, side, k_tokens, v_tokens, *, shared: bool):
     """The image attends to the tokens, chunk by chunk; returns the updated image keys."""
     k = module.k_proj(k_tokens)
     v = module.v_proj(v_tokens)
-    q = _SameInput(lambda keys: module.q_proj(keys + key_pe))
+    if shared:
+        q = _SameInput(lambda keys: module.q_proj(keys + side.key_pe))
+    else:
+        q = lambda keys: side.linear("q", module.q_proj, side.with_pe(keys))  # noqa: E731
     updated, start = [], 0
     for keys in chunks:
         stop = start + keys.shape[0]
-        out = module.out_proj(_attention_core(module, q(keys), k[start:stop], v[start:stop]))
-        updated.append(norm(keys + out))
+        attended = _attention_core(module, q(keys), k[start:stop], v[start:stop], side)
+        out = side.linear("out", module.out_proj, attended)
+        updated.append(norm(out.add_(keys)))  # keys + out
         start = stop
     return updated
 
@@ -269,7 +331,7 @@ def _heads(linear: torch.nn.Linear, num_heads: int) -> tuple[torch.Tensor, torch
     )
 
 
-def _tokens_to_image_folded(module, q_tokens, chunks, key_pe) -> torch.Tensor:
+def _tokens_to_image_folded(module, q_tokens, chunks, side: _ImageSide) -> torch.Tensor:
     """``_tokens_to_image`` for per-point image keys, with the key and value projections
     moved to the token side: ``q (X Wk + bk)^T = (q Wk) X^T + const`` (a per-row constant
     that softmax drops) and ``A (X Wv + bv) = (A X) Wv + bv`` (rows of A sum to one).
@@ -284,14 +346,14 @@ def _tokens_to_image_folded(module, q_tokens, chunks, key_pe) -> torch.Tensor:
     outs, start = [], 0
     for keys in chunks:
         stop = start + keys.shape[0]
-        attn = torch.softmax(q_k[start:stop] @ (keys + key_pe).transpose(1, 2), dim=-1)
+        attn = torch.softmax(q_k[start:stop] @ side.with_pe(keys).transpose(1, 2), dim=-1)
         mixed = (attn @ keys).view(stop - start, heads, n_tokens, -1)
         outs.append(torch.einsum("bhtc,hdc->bthd", mixed, w_v) + b_v)
         start = stop
     return module.out_proj(torch.cat(outs).flatten(2))
 
 
-def _image_to_tokens_folded(module, norm, chunks, key_pe, k_tokens, v_tokens, *, shared: bool):
+def _image_to_tokens_folded(module, norm, chunks, side, k_tokens, v_tokens, *, shared: bool):
     """``_image_to_tokens`` with the output projection folded into the token values,
     ``sum_h A_h (v_h Wo_h^T) + bo``, and the softmax over the tokens computed along rows
     of image positions. ``shared``: all points still see the same image keys, so their
@@ -309,7 +371,7 @@ def _image_to_tokens_folded(module, norm, chunks, key_pe, k_tokens, v_tokens, *,
         "bthd,chd->bhtc", v.view(batch, n_tokens, heads, -1), w_out.view(w_out.shape[0], heads, -1)
     ).flatten(1, 2)
     if shared:
-        q = _SameInput(lambda keys: module.q_proj(keys + key_pe))
+        q = _SameInput(lambda keys: module.q_proj(keys + side.key_pe))
         k = k.permute(0, 2, 1, 3)  # (batch, heads, tokens, head_dim)
     else:
         w_q, b_q = _heads(module.q_proj, heads)
@@ -323,7 +385,7 @@ def _image_to_tokens_folded(module, norm, chunks, key_pe, k_tokens, v_tokens, *,
             logits = k[start:stop] @ q_heads
         else:
             logits = torch.baddbmm(
-                bias[start:stop], k_q[start:stop], (keys + key_pe).transpose(1, 2)
+                bias[start:stop], k_q[start:stop], side.with_pe(keys).transpose(1, 2)
             )
         attn = torch.softmax(logits.view(n, heads, n_tokens, -1), dim=2).view(
             n, heads * n_tokens, -1
@@ -334,7 +396,7 @@ def _image_to_tokens_folded(module, norm, chunks, key_pe, k_tokens, v_tokens, *,
     return updated
 
 
-def _two_way_block(layer, queries, chunks, query_pe, key_pe, *, folded: bool, shared: bool):
+def _two_way_block(layer, queries, chunks, query_pe, side, *, folded: bool, shared: bool):
     """One ``TwoWayAttentionBlock``; ``folded`` for approximate mode, ``shared`` while all
     points see the same image keys (the first block).
     """
@@ -344,17 +406,36 @@ def _two_way_block(layer, queries, chunks, query_pe, key_pe, *, folded: bool, sh
         q = queries + query_pe
         queries = queries + layer.self_attn(q=q, k=q, v=queries)
     queries = layer.norm1(queries)
-    # With shared keys the exact form projects them once per image, which is cheaper.
-    to_image = _tokens_to_image_folded if folded and not shared else _tokens_to_image
-    attn = to_image(layer.cross_attn_token_to_image, queries + query_pe, chunks, key_pe)
+    attn = _to_image(
+        layer.cross_attn_token_to_image,
+        queries + query_pe,
+        chunks,
+        side,
+        folded=folded,
+        shared=shared,
+    )
     queries = layer.norm2(queries + attn)
     queries = layer.norm3(queries + layer.mlp(queries))
-    args = (layer.cross_attn_image_to_token, layer.norm4, chunks, key_pe, queries + query_pe)
-    if folded:
-        chunks = _image_to_tokens_folded(*args, queries, shared=shared)
-    else:
-        chunks = _image_to_tokens(*args, queries)
+    to_tokens = _image_to_tokens_folded if folded else _image_to_tokens
+    chunks = to_tokens(
+        layer.cross_attn_image_to_token,
+        layer.norm4,
+        chunks,
+        side,
+        queries + query_pe,
+        queries,
+        shared=shared,
+    )
     return queries, chunks
+
+
+def _to_image(module, q_tokens, chunks, side, *, folded: bool, shared: bool) -> torch.Tensor:
+    """Token-to-image attention; with shared keys the exact form, which projects them once
+    per image, is the cheaper one in approximate mode too.
+    """
+    if folded and not shared:
+        return _tokens_to_image_folded(module, q_tokens, chunks, side)
+    return _tokens_to_image(module, q_tokens, chunks, side, shared=shared)
 
 
 def _upscale(upscaling: torch.nn.Sequential, src: torch.Tensor, folded: bool) -> torch.Tensor:
@@ -382,7 +463,11 @@ class AutomaticMaskEngine:
         self.sam = sam.eval()
         self.settings = settings or AmgSettings()
         self.decoder_chunk = decoder_chunk
-        self.predictor = SamPredictor(sam)
+        self.predictor = EncoderPredictor(sam)
+        self._side: _ImageSide | None = None
+        # Wall seconds of the last ``generate`` by stage: encoder, decoder (the mask
+        # decoder and its upscaling), post-processing (the rest).
+        self.stage_seconds: dict[str, float] = {}
         s = self.settings
         self.point_grids = build_all_layer_point_grids(
             s.points_per_side, s.crop_n_layers, s.crop_n_points_downscale_factor
@@ -400,6 +485,8 @@ class AutomaticMaskEngine:
             raise ValueError(
                 f"expected an HxWx3 uint8 RGB image, got shape {image.shape} dtype {image.dtype}"
             )
+        start = time.perf_counter()
+        self.stage_seconds = {"encoder": 0.0, "decoder": 0.0}
         s = self.settings
         height, width = image.shape[:2]
         crop_boxes, layer_idxs = generate_crop_boxes(
@@ -420,6 +507,8 @@ class AutomaticMaskEngine:
             data = self._remove_small_regions(data, height, width)
         xywh = data.boxes.clone()
         xywh[:, 2:] -= xywh[:, :2]
+        elapsed = time.perf_counter() - start
+        self.stage_seconds["post-processing"] = elapsed - sum(self.stage_seconds.values())
         return ImageMasks(
             height=height,
             width=width,
@@ -432,6 +521,17 @@ class AutomaticMaskEngine:
             multimask=data.multimask.numpy(),
             tokens=data.tokens.float().numpy(),
         )
+
+    @contextmanager
+    def _clock(self, stage: str):
+        """Adds the wall time of the block to ``stage_seconds[stage]``."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.predictor.device.type == "cuda":
+                torch.cuda.synchronize()
+            self.stage_seconds[stage] += time.perf_counter() - start
 
     @torch.no_grad()
     def point_ious(self, image: np.ndarray) -> np.ndarray:
@@ -453,7 +553,8 @@ class AutomaticMaskEngine:
         x0, y0, x1, y1 = crop_box
         crop = image[y0:y1, x0:x1, :]
         crop_size = crop.shape[:2]
-        self.predictor.set_image(crop)
+        with self._clock("encoder"):
+            self.predictor.set_image(crop)
         points = self.point_grids[layer_idx] * np.array(crop_size)[None, ::-1]
         step = self.settings.points_per_batch
         parts = [
@@ -488,7 +589,7 @@ class AutomaticMaskEngine:
         tokens = torch.cat((output_tokens.unsqueeze(0).expand(sparse.size(0), -1, -1), sparse), 1)
         features = predictor.features
         _, c, h, w = features.shape
-        key_pe = sam.prompt_encoder.get_dense_pe().flatten(2).permute(0, 2, 1)
+        side = self._image_side()
         step = self.decoder_chunk
         sizes = [min(step, tokens.shape[0] - i) for i in range(0, tokens.shape[0], step)]
         initial = {n: (features + dense[:n]).flatten(2).permute(0, 2, 1) for n in set(sizes)}
@@ -500,10 +601,16 @@ class AutomaticMaskEngine:
             queries = tokens
             for i, layer in enumerate(transformer.layers):
                 queries, chunks = _two_way_block(
-                    layer, queries, chunks, tokens, key_pe, folded=folded, shared=i == 0
+                    layer, queries, chunks, tokens, side, folded=folded, shared=i == 0
                 )
-            to_image = _tokens_to_image_folded if folded else _tokens_to_image
-            attn = to_image(transformer.final_attn_token_to_image, queries + tokens, chunks, key_pe)
+            attn = _to_image(
+                transformer.final_attn_token_to_image,
+                queries + tokens,
+                chunks,
+                side,
+                folded=folded,
+                shared=False,
+            )
             hs = transformer.norm_final_attn(queries + attn)
             iou_preds = decoder.iou_prediction_head(hs[:, 0, :])
             mask_tokens = hs[:, 1 : 1 + decoder.num_mask_tokens, :]
@@ -520,16 +627,29 @@ class AutomaticMaskEngine:
             out = []
             for i in range(0, len(point_idx), _UPSCALE_CHUNK):
                 idx = point_idx[i : i + _UPSCALE_CHUNK]
+                # A lone point takes other convolution and product kernels than a batch
+                # does, with other rounding: it is paired with itself, unless the
+                # official decoder sees it alone too.
+                lone = len(idx) == 1 and len(tokens) > 1
+                if lone:
+                    idx = idx.repeat(2)
                 keys = torch.cat([chunks[j // step][j % step : j % step + 1] for j in idx.tolist()])
                 src = keys.transpose(1, 2).view(len(idx), c, h, w)
                 with low_precision():
                     upscaled = _upscale(decoder.output_upscaling, src, folded)
                     n, cu, hu, wu = upscaled.shape
                     masks = (hyper_in[idx] @ upscaled.view(n, cu, hu * wu)).view(n, -1, hu, wu)
-                out.append(masks[:, 1:].float())
+                out.append(masks[: 1 if lone else n, 1:].float())
             return torch.cat(out)
 
         return iou_preds[:, 1:].float(), mask_tokens.flatten(1).float(), low_res_masks
+
+    def _image_side(self) -> _ImageSide:
+        """The decoder's reused image-side state; the positional encoding is the model's."""
+        if self._side is None:
+            key_pe = self.sam.prompt_encoder.get_dense_pe().flatten(2).permute(0, 2, 1)
+            self._side = _ImageSide(key_pe)
+        return self._side
 
     def _low_precision(self, device: torch.device):
         """A context factory: bf16 autocast in approximate mode on the devices that get it."""
@@ -539,7 +659,8 @@ class AutomaticMaskEngine:
 
     def _process_batch(self, points, crop_size, crop_box, orig_size) -> _Candidates:
         s = self.settings
-        iou_preds, tokens, low_res_masks = self._decode(points, crop_size)
+        with self._clock("decoder"):
+            iou_preds, tokens, low_res_masks = self._decode(points, crop_size)
         n_out = iou_preds.shape[1]
         flat_iou = iou_preds.flatten()
         if s.pred_iou_thresh > 0.0:
@@ -549,7 +670,8 @@ class AutomaticMaskEngine:
         parts = [_empty_candidates(self.token_dim)]
         if len(keep):
             point_idx, inverse = torch.unique(keep // n_out, return_inverse=True)
-            low_res = low_res_masks(point_idx)[inverse, keep % n_out]
+            with self._clock("decoder"):
+                low_res = low_res_masks(point_idx)[inverse, keep % n_out]
             low_res_stability = None
             if s.approximate:
                 low_res_stability = self._low_res_stability(low_res)
