@@ -2,9 +2,15 @@
 
 The kept masks, boxes, predicted IoUs and stability scores equal those of
 ``segment_anything.SamAutomaticMaskGenerator.generate`` with the same weights and
-settings (masks bit-identical, same order). Each mask also carries the four mask
-tokens of its point prompt (the two-way transformer output ``hs[:, 1:5]``, before the
-hypernetwork MLPs) flattened to 1024 values, which is what U-SAM classifies.
+settings (masks bit-identical, same order) on one CPU thread. With more threads the
+BLAS splits matrix products according to their shapes, so that even the official
+output changes with the thread count (vit_b's image embedding by up to ~4e-6 between
+one and two threads); for exact output on several cores, run one single-threaded
+process per core (``extract.trainer.devices=N extract.trainer.strategy=ddp``).
+
+Each mask also carries the four mask tokens of its point prompt (the two-way
+transformer output ``hs[:, 1:5]``, before the hypernetwork MLPs) flattened to 1024
+values, which is what U-SAM classifies.
 
 Where the time goes and what is done about it, without changing a single value:
 
@@ -223,6 +229,7 @@ class _ImageSide:
     """
 
     def __init__(self, key_pe: torch.Tensor) -> None:
+        # Made and used under inference mode only (``generate``), which forbids mixing.
         self.key_pe = key_pe
         self.key_pe_flat = key_pe.contiguous()
         self._buffers: dict[tuple, torch.Tensor] = {}
@@ -499,7 +506,7 @@ class AutomaticMaskEngine:
         decoder = self.sam.mask_decoder
         return decoder.num_mask_tokens * decoder.transformer_dim
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, image: np.ndarray) -> ImageMasks:
         """Masks of an HWC uint8 RGB image."""
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
@@ -554,7 +561,7 @@ class AutomaticMaskEngine:
                 torch.cuda.synchronize()
             self.stage_seconds[stage] += time.perf_counter() - start
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def point_ious(self, image: np.ndarray) -> np.ndarray:
         """Predicted IoU of every multimask output on the full-image grid, before any filter.
 
