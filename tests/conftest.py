@@ -40,9 +40,10 @@ TINY_EVAL = [
 ]
 
 
-def compose_fit(overrides: list[str]) -> DictConfig:
+def compose_config(name: str, overrides: list[str]) -> DictConfig:
+    """The entry config ``conf/<name>.yaml`` with Hydra command-line ``overrides``."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="fit", overrides=overrides)
+        return compose(config_name=name, overrides=overrides)
 
 
 def run_overrides(tmp_path: Path, data_dir: Path, *extra: str) -> list[str]:

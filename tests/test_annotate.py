@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
 from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
@@ -20,7 +19,7 @@ from usam.predictor import InferenceSettings, Predictor, load_head
 from usam.sam_registry import build_sam
 from usam.sources import load_rgb
 
-from conftest import CONF_DIR, TINY_EVAL
+from conftest import TINY_EVAL, compose_config
 from test_evaluate import AMG, head_checkpoint
 
 SMALL = [
@@ -57,19 +56,18 @@ def write_folder(root: Path) -> Path:
 
 
 def compose_annotate(tmp_path: Path, images: Path, ckpt: Path, out: Path, *extra: str):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(
-            config_name="annotate",
-            overrides=[
-                f"paths.root_dir={tmp_path}",
-                f"paths.output_dir={tmp_path / 'run'}",
-                f"images={images}",
-                f"ckpt={ckpt}",
-                f"out={out}",
-                *SMALL,
-                *extra,
-            ],
-        )
+    return compose_config(
+        "annotate",
+        [
+            f"paths.root_dir={tmp_path}",
+            f"paths.output_dir={tmp_path / 'run'}",
+            f"images={images}",
+            f"ckpt={ckpt}",
+            f"out={out}",
+            *SMALL,
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
 from pycocotools import mask as mask_utils
 
 from usam.clip_baseline import ClipWeightsError, clip_predictor, load_clip, masked_crops
@@ -16,7 +15,7 @@ from usam.evaluate import evaluate
 from usam.predictor import InferenceSettings, Predictor
 from usam.shards import ImageRecord, iter_records
 
-from conftest import CONF_DIR, TINY_EVAL
+from conftest import TINY_EVAL, compose_config
 from test_evaluate import (
     GRID,
     direct,
@@ -103,19 +102,18 @@ def test_command_scores_the_baseline(voc_set, tiny_clip, tmp_path, capsys):
         f"eval_data.shards_dir={directory.parent}",
         "baseline=sam_clip",
     ]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        default = compose(config_name="eval", overrides=overrides)
-        assert default.inference.confidence_threshold == 0.7  # the paper's threshold
-        assert default.baseline.clip.pretrained == "openai"
-        cfg = compose(
-            config_name="eval",
-            overrides=[
-                *overrides,
-                f"baseline.clip.model={tiny_clip}",
-                "baseline.clip.pretrained=null",
-                "inference.confidence_threshold=0.06",
-            ],
-        )
+    default = compose_config("eval", overrides)
+    assert default.inference.confidence_threshold == 0.7  # the paper's threshold
+    assert default.baseline.clip.pretrained == "openai"
+    cfg = compose_config(
+        "eval",
+        [
+            *overrides,
+            f"baseline.clip.model={tiny_clip}",
+            "baseline.clip.pretrained=null",
+            "inference.confidence_threshold=0.06",
+        ],
+    )
     summary = run(cfg)
     out = capsys.readouterr().out
     assert "RANDOM WEIGHTS: CLIP" in out and "NOT MEANINGFUL" in out

@@ -11,14 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from usam.eval import run
 from usam.evaluate import EvaluationError, evaluate
 from usam.predictor import InferenceSettings, Predictor
 
-from conftest import CONF_DIR, ROOT, TINY_EVAL
+from conftest import ROOT, TINY_EVAL, compose_config
 from test_evaluate import head_checkpoint, write_voc
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -32,16 +31,10 @@ SMALL = [
 
 
 def compose_eval(tmp_path: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(
-            config_name="eval",
-            overrides=[
-                f"paths.root_dir={tmp_path}",
-                f"paths.output_dir={tmp_path / 'run'}",
-                *SMALL,
-                *overrides,
-            ],
-        )
+    return compose_config(
+        "eval",
+        [f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path / 'run'}", *SMALL, *overrides],
+    )
 
 
 def test_eval_extracts_once_and_writes_its_results(tmp_path, capsys):
@@ -57,7 +50,7 @@ def test_eval_extracts_once_and_writes_its_results(tmp_path, capsys):
     summary = run(compose_eval(tmp_path, *data, f"ckpt={ckpt}", "wandb.enabled=true"))
     out = capsys.readouterr().out
     assert "extracting" not in out  # cached by the id of images, SAM and settings
-    assert "NOT MEANINGFUL" in out and "untrained (random-weight) SAM" in out
+    assert "NOT MEANINGFUL" in out and "evaluation embeddings: an untrained SAM (tiny)" in out
     run_dir = tmp_path / "run"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics == json.loads(json.dumps(summary))

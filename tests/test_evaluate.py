@@ -278,7 +278,9 @@ def test_random_weight_reasons():
 
     assert not_meaningful_reasons(manifest, Real()) == []
     manifest.synthetic = True
-    assert not_meaningful_reasons(manifest, Real()) == ["the evaluation embeddings are synthetic"]
+    assert not_meaningful_reasons(manifest, Real()) == [
+        "evaluation embeddings: synthetic embeddings (no SAM)"
+    ]
 
 
 def test_voc_palette_is_the_one_imgviz_and_voc_use():

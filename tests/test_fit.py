@@ -12,7 +12,7 @@ from usam.fit import run
 from usam.generate import GenerationError
 from usam.shards import ShardSetError, read_manifest
 
-from conftest import CONF_DIR, ROOT, compose_fit, run_overrides
+from conftest import CONF_DIR, ROOT, compose_config, run_overrides
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 
@@ -25,12 +25,13 @@ def test_all_paper_experiments_exist():
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes(experiment, tmp_path):
-    cfg = compose_fit(
+    cfg = compose_config(
+        "fit",
         [
             f"experiment={experiment}",
             f"paths.root_dir={tmp_path}",
             f"paths.output_dir={tmp_path}/run",
-        ]
+        ],
     )
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert resolved["data"]["sam_model_type"] == resolved["sam"]["model_type"]
@@ -55,8 +56,9 @@ def test_cfg_job_prints_the_composed_config():
 
 
 def test_fast_dev_run_both_stages(tmp_path, capsys):
-    cfg = compose_fit(
-        run_overrides(tmp_path, tmp_path / "data", "logger=csv", "++trainer.fast_dev_run=true")
+    cfg = compose_config(
+        "fit",
+        run_overrides(tmp_path, tmp_path / "data", "logger=csv", "++trainer.fast_dev_run=true"),
     )
     checkpoints = run(cfg)
     assert set(checkpoints) == {"teacher", "student"}
@@ -67,7 +69,8 @@ def test_fast_dev_run_both_stages(tmp_path, capsys):
     assert "RANDOM WEIGHTS" in capsys.readouterr().out
     assert (tmp_path / "data" / "shards").is_dir()  # synthetic shards written on first use
 
-    student_only = compose_fit(
+    student_only = compose_config(
+        "fit",
         run_overrides(
             tmp_path / "again",
             tmp_path / "data",
@@ -77,7 +80,7 @@ def test_fast_dev_run_both_stages(tmp_path, capsys):
             "trainer.log_every_n_steps=1",
             "stage=student",
             f"teacher_ckpt={checkpoints['teacher']}",
-        )
+        ),
     )
     assert set(run(student_only)) == {"student"}
     metrics = tmp_path / "again" / "run" / "csv" / "student" / "version_0" / "metrics.csv"
@@ -87,8 +90,8 @@ def test_fast_dev_run_both_stages(tmp_path, capsys):
 
 
 def test_wandb_offline_run_is_marked_random_weights(tmp_path):
-    cfg = compose_fit(
-        run_overrides(tmp_path, tmp_path / "data", "stage=teacher", "trainer.max_epochs=1")
+    cfg = compose_config(
+        "fit", run_overrides(tmp_path, tmp_path / "data", "stage=teacher", "trainer.max_epochs=1")
     )
     checkpoints = run(cfg)
     assert checkpoints["teacher"].is_file()
@@ -100,7 +103,9 @@ def test_wandb_offline_run_is_marked_random_weights(tmp_path):
 
 
 def test_student_stage_without_teacher_fails_clearly(tmp_path):
-    cfg = compose_fit(run_overrides(tmp_path, tmp_path / "data", "logger=none", "stage=student"))
+    cfg = compose_config(
+        "fit", run_overrides(tmp_path, tmp_path / "data", "logger=none", "stage=student")
+    )
     with pytest.raises(ValueError, match="teacher_ckpt="):
         run(cfg)
 
@@ -115,7 +120,7 @@ def test_student_stage_without_teacher_fails_clearly(tmp_path):
 def test_missing_inputs_say_what_to_do(tmp_path, experiment, error, message):
     paths = [f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/run", "logger=none"]
     with pytest.raises(error, match=message):
-        run(compose_fit([f"experiment={experiment}", *paths]))
+        run(compose_config("fit", [f"experiment={experiment}", *paths]))
 
 
 def test_class_names_to_trained_head_on_tiny_models(tmp_path):
@@ -146,7 +151,7 @@ def test_class_names_to_trained_head_on_tiny_models(tmp_path):
         f"paths.output_dir={tmp_path}/run",
         f"paths.cache_dir={tmp_path}/cache",
     ]
-    checkpoints = run(compose_fit(overrides))
+    checkpoints = run(compose_config("fit", overrides))
     sets = list((tmp_path / "data" / "shards").iterdir())
     assert len(sets) == 1 and sets[0].name.startswith("custom-")
     train, val = (read_manifest(sets[0] / split) for split in ("train", "val"))
@@ -154,7 +159,9 @@ def test_class_names_to_trained_head_on_tiny_models(tmp_path):
     assert train.images_random_weights and train.sam["random_weights"] and train.random_weights
     assert torch.load(checkpoints["teacher"], weights_only=True)["usam"]["random_weights"]
     stamp = sorted(p.stat().st_mtime_ns for p in (sets[0] / "train").iterdir())
-    run(compose_fit([*overrides, f"paths.output_dir={tmp_path}/run2"]))  # cached: nothing redone
+    run(
+        compose_config("fit", [*overrides, f"paths.output_dir={tmp_path}/run2"])
+    )  # cached: nothing redone
     assert stamp == sorted(p.stat().st_mtime_ns for p in (sets[0] / "train").iterdir())
 
 
@@ -183,7 +190,8 @@ def test_ddp_on_two_cpu_processes(tmp_path):
 
 def test_demo_runs_the_whole_pipeline_into_one_run_directory(tmp_path, capsys):
     """experiment=demo, shrunk: tiny SD -> tiny SAM -> teacher -> student -> real-photo eval."""
-    cfg = compose_fit(
+    cfg = compose_config(
+        "fit",
         [
             "experiment=demo",
             f"paths.root_dir={tmp_path}",
@@ -196,7 +204,7 @@ def test_demo_runs_the_whole_pipeline_into_one_run_directory(tmp_path, capsys):
             "extract.trainer.enable_progress_bar=false",
             "callbacks.eval.every_n_epochs=1",
             "extract.val_fraction=0.3",
-        ]
+        ],
     )
     checkpoints = run(cfg)
     run_dir = tmp_path / "run"

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
 from PIL import Image
 
 import usam.generate as generate
@@ -26,7 +25,7 @@ from usam.image_shards import iter_images, read_image_manifest
 from usam.tiny_diffusion import save_tiny_pipeline
 from usam.vocab import load_vocabulary
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import compose_config
 
 
 @pytest.fixture(scope="module")
@@ -196,17 +195,16 @@ def test_missing_weights_say_how_to_point_at_a_local_directory(tmp_path):
 
 
 def test_config_composes_and_runs(tmp_path, tiny_model):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(
-            config_name="generate",
-            overrides=[
-                "generate=tiny",
-                f"paths.root_dir={tmp_path}",
-                "data.classes=[Cat, dog]",
-                f"generate.model={tiny_model}",
-                "generate.per_class=2",
-            ],
-        )
+    cfg = compose_config(
+        "generate",
+        [
+            "generate=tiny",
+            f"paths.root_dir={tmp_path}",
+            "data.classes=[Cat, dog]",
+            f"generate.model={tiny_model}",
+            "generate.per_class=2",
+        ],
+    )
     out = generate.run(cfg)
     assert out.parent == tmp_path / "data" / "images" and out.name.endswith("_sd_tiny")
     manifest = read_image_manifest(out)

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from usam.sweep import SweepFileError, multirun_overrides
 
-from conftest import ROOT, compose_fit
+from conftest import ROOT, compose_config
 
 SWEEPS = sorted((ROOT / "experiments" / "sweeps").glob("*.yaml"))
 
@@ -31,7 +31,7 @@ def test_sweep_files_are_valid_wandb_grids_that_compose(path, tmp_path, monkeypa
     paths = [f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/run"]
     for key, spec in sweep["parameters"].items():
         for value in spec["values"]:
-            cfg = compose_fit([*fixed, f"{key}={value}", *paths])
+            cfg = compose_config("fit", [*fixed, f"{key}={value}", *paths])
             if key != "experiment":
                 assert str(OmegaConf.select(cfg, key)) == str(value)
             assert "eval" in cfg.callbacks and cfg.eval_data.name == "voc_val"

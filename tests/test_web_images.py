@@ -8,11 +8,9 @@ import threading
 import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
 from PIL import Image
 
 import usam.ingest as ingest
@@ -29,7 +27,8 @@ from usam.web_images import (
     scan_folder,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import compose_config
+
 VOCAB = load_vocabulary(["cat", "dog", "car"])
 
 
@@ -323,21 +322,19 @@ def test_unknown_class_folder_fails_clearly(tmp_path):
 def test_ingest_config_composes_and_runs(tmp_path):
     root = tmp_path / "photos"
     _tree(root)
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(
-            config_name="ingest",
-            overrides=[
-                "ingest=folder",
-                f"ingest.root={root}",
-                f"paths.root_dir={tmp_path}",
-                "data.classes=[cat, dining table]",
-            ],
-        )
+    cfg = compose_config(
+        "ingest",
+        [
+            "ingest=folder",
+            f"ingest.root={root}",
+            f"paths.root_dir={tmp_path}",
+            "data.classes=[cat, dining table]",
+        ],
+    )
     out = ingest.run(cfg)
     assert out.parent == tmp_path / "data" / "images" and out.name.endswith("_folder")
     assert read_image_manifest(out).num_images == 3
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="ingest", overrides=[f"paths.root_dir={tmp_path}"])
+    cfg = compose_config("ingest", [f"paths.root_dir={tmp_path}"])
     with pytest.raises(IngestError, match="ingest.urls is not set"):
         ingest.run(cfg)
 

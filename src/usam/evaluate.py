@@ -177,14 +177,11 @@ def check_eval_set(
 
 
 def not_meaningful_reasons(manifest: Manifest, predictor: Predictor) -> list[str]:
+    """Why these metrics mean nothing: the head's training data, then the evaluation set's."""
     reasons = []
     if predictor.checkpoint.random_weights:
         reasons.append("the head was trained on synthetic or untrained-SAM embeddings")
-    if manifest.synthetic:
-        reasons.append("the evaluation embeddings are synthetic")
-    elif manifest.random_weights:
-        reasons.append("the evaluation embeddings come from an untrained (random-weight) SAM")
-    return reasons
+    return reasons + [f"evaluation embeddings: {r}" for r in manifest.random_weight_reasons()]
 
 
 def _truth_of(record: ImageRecord, vocabulary: Vocabulary, directory: Path) -> GroundTruth:

@@ -28,10 +28,11 @@ _LOGITS_PER_PIECE = 1 << 20  # attention logits computed at once: 4 MB of float3
 
 
 def encode_image(encoder: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Image embeddings of preprocessed ``images``; other encoders (MobileSAM's TinyViT)
-    run as they are.
+    """Image embeddings of preprocessed ``images``. Other encoders (MobileSAM's TinyViT),
+    and any encoder off the CPU, run as they are: the pieces are sized for CPU caches,
+    and on a GPU they would only add kernel launches (not measured there).
     """
-    if not isinstance(encoder, ImageEncoderViT):
+    if not isinstance(encoder, ImageEncoderViT) or images.device.type != "cpu":
         return encoder(images)
     x = encoder.patch_embed(images)
     if encoder.pos_embed is not None:
