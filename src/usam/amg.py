@@ -329,14 +329,16 @@ def _image_to_tokens(module, norm, chunks, side, k_tokens, v_tokens, *, layer: i
     v = module.v_proj(v_tokens)
     if shared:
         q = _SameInput(lambda keys: module.q_proj(keys + side.key_pe))
+        residual = _SameInput(torch.Tensor.contiguous)  # the shared keys are a transposed view
     else:
         q = lambda keys: side.linear("q", module.q_proj, side.with_pe(keys))  # noqa: E731
+        residual = lambda keys: keys  # noqa: E731
     store, updated, start = side.layer_keys(layer, chunks), [], 0
     for keys in chunks:
         stop = start + keys.shape[0]
         attended = _attention_core(module, q(keys), k[start:stop], v[start:stop], side)
         out = side.linear("out", module.out_proj, attended)
-        updated.append(store[start:stop].copy_(norm(out.add_(keys))))  # keys + out
+        updated.append(store[start:stop].copy_(norm(out.add_(residual(keys)))))  # keys + out
         start = stop
     return updated
 
