@@ -72,6 +72,9 @@ def test_eval_extracts_once_and_writes_its_results(tmp_path, capsys):
     ]
     logged = list((run_dir / "wandb").glob("offline-run-*/files/media/table/eval/*.table.json"))
     assert {p.name.split("_")[0] for p in logged} == {"overlays", "per", "sweep"}
+    per_class = json.loads(next(p for p in logged if p.name.startswith("per")).read_text())
+    assert per_class["columns"][-1] == "random_weights"
+    assert {row[-1] for row in per_class["data"]} == {True}
 
 
 def test_eval_refuses_a_head_from_another_sam(tmp_path):

@@ -349,6 +349,7 @@ def test_callback_logs_scores_during_fit_validate_and_test(voc_set, tmp_path):
     trainer.fit(module, datamodule=datamodule)
     metrics = trainer.callback_metrics
     assert {"val/mIoU", "val/mAP50", "val/iou/background", "val/iou/person"} <= set(metrics)
+    assert metrics["val/eval_random_weights"] == 1.0  # synthetic head and evaluation set
     assert "val/iou/aeroplane" not in metrics  # no IoU for a class that never occurs
     # every second epoch only, never the sanity check
     assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["val-epoch001"]

@@ -117,9 +117,10 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
             name=cfg.run_name,
             job_type="eval",
             config=OmegaConf.to_container(cfg, resolve=True),
+            tags=["random-weights"] if evaluation.not_meaningful else None,
         ) as wandb_run:
-            wandb_run.log({"eval/mIoU": evaluation.miou, "eval/mAP50": evaluation.map50})
-            log_to_wandb(wandb_run, evaluation, "eval")
+            scores = {"eval/mIoU": evaluation.miou, "eval/mAP50": evaluation.map50}
+            log_to_wandb(wandb_run, evaluation, "eval", scores)
     derived = ""
     if evaluation.instances_derived:
         derived = " (mAP50 on instances derived as connected components of the class map)"

@@ -137,8 +137,14 @@ class EvaluationCallback(Callback):
 
 
 def _scores(evaluation: Evaluation) -> dict[str, float]:
-    """The scalars to log: mIoU (percent), mAP50 (fraction) and IoU of each class that occurs."""
-    scores = {"mIoU": evaluation.miou, "mAP50": evaluation.map50}
+    """The scalars to log: mIoU (percent), mAP50 (fraction), IoU of each class that occurs,
+    and whether the evaluation embeddings or the head come from random weights.
+    """
+    scores = {
+        "mIoU": evaluation.miou,
+        "mAP50": evaluation.map50,
+        "eval_random_weights": float(bool(evaluation.not_meaningful)),
+    }
     for score in evaluation.per_class:
         if score.iou is not None:
             scores[f"iou/{score.name}"] = score.iou

@@ -392,17 +392,20 @@ def _cell(value: float | None) -> str:
 def log_to_wandb(
     run: Any, evaluation: Evaluation, prefix: str, extra: dict[str, Any] | None = None
 ) -> None:
-    """Per-class table, overlay table and sweep (table and plot) into an active W&B run;
-    ``extra`` joins the same log call (e.g. Lightning's ``trainer/global_step``)."""
+    """Per-class table, overlay table and sweep (table and plot) into an active W&B run,
+    each marked with whether the numbers come from random weights; ``extra`` joins the
+    same log call (e.g. Lightning's ``trainer/global_step``)."""
     import wandb  # a runtime dependency; imported here because most callers have no run
 
     names = evaluation.names
     labels = {i: name for i, name in enumerate(names)} | {255: "void"}
+    random = bool(evaluation.not_meaningful)
     payload: dict[str, Any] = {
+        f"{prefix}/random_weights": float(random),
         f"{prefix}/per_class": wandb.Table(
-            columns=["class", "iou", "ap50"],
-            data=[[s.name, s.iou, s.ap50] for s in evaluation.per_class],
-        )
+            columns=["class", "iou", "ap50", "random_weights"],
+            data=[[s.name, s.iou, s.ap50, random] for s in evaluation.per_class],
+        ),
     }
     if evaluation.samples:
         rows = []
@@ -420,8 +423,11 @@ def log_to_wandb(
         )
     if evaluation.sweep:
         payload[f"{prefix}/sweep"] = wandb.Table(
-            columns=["confidence_threshold", "nms_iou", "mIoU", "mAP50"],
-            data=[[p.confidence_threshold, p.nms_iou, p.miou, p.map50] for p in evaluation.sweep],
+            columns=["confidence_threshold", "nms_iou", "mIoU", "mAP50", "random_weights"],
+            data=[
+                [p.confidence_threshold, p.nms_iou, p.miou, p.map50, random]
+                for p in evaluation.sweep
+            ],
         )
         payload[f"{prefix}/sweep_plot"] = wandb.Image(sweep_plot(evaluation.sweep))
     run.log({**payload, **(extra or {})})

@@ -4,8 +4,9 @@
 Meta's checkpoints. ``vit_t`` is MobileSAM: a TinyViT image encoder distilled from
 ViT-H in front of SAM's own prompt encoder and mask decoder. Its encoder runs about 9x
 faster than the official ``vit_b`` encoder on a CPU thread (about 6x faster than usam's
-exact piecewise one), so it is the practical choice on a CPU when its accuracy is enough. It needs the optional ``mobilesam-mirror`` package (and ``timm``,
-which that package imports without declaring).
+exact piecewise one), so it is the practical choice on a CPU when its accuracy is
+enough. It needs the optional ``mobilesam-mirror`` package (and ``timm``, which that
+package imports without declaring).
 
 ``tiny`` is a small SAM with random weights (fixed seed) so that tests and offline demos
 run in seconds without a download; everything it produces is marked ``random_weights``.
