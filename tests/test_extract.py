@@ -165,6 +165,9 @@ def test_killed_run_resumes_with_every_image_exactly_once(tmp_path):
     assert not (out / "eval" / "manifest.json").exists()
     result = run_python(*extract_command(folder, out))
     assert result.returncode == 0, result.stderr[-2000:]
+    assert (
+        "eval: 24 images" in result.stdout and "(RANDOM WEIGHTS: an untrained SAM" in result.stdout
+    )
     keys = keys_in(out)
     assert len(keys) == len(set(keys)) == 24
     assert read_manifest(out / "eval").num_images == 24

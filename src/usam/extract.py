@@ -244,7 +244,6 @@ def extract(
     config: dict[str, Any] | None = None,
     trainer_args: dict[str, Any] | None = None,
     num_workers: int = 0,
-    images_random_weights: bool = False,
 ) -> dict[str, Manifest]:
     """Extract every image of ``source`` not yet in ``out_dir``; returns the split manifests."""
     out_dir = Path(out_dir)
@@ -258,17 +257,18 @@ def extract(
     pending = [i for i, key in enumerate(source.keys) if key not in skip]
     for path, reason in source.listing_rejected:
         log.warning("rejected while listing: %s (%s)", path, reason)
+    fingerprint = source.fingerprint()
     manifests = {
         split: Manifest(
             classes=list(source.classes),
             embed_dim=DEFAULT_EMBED_DIM,
             kind="eval" if split == "eval" else "train",
             sam=dict(sam_info),
-            images_random_weights=images_random_weights,
+            images_random_weights=source.random_weights,
             config={
                 **(config or {}),
                 "split": split,
-                "source_fingerprint": source.fingerprint(),
+                "source_fingerprint": fingerprint,
                 "amg": asdict(engine.settings),
                 "val_fraction": val_fraction,
             },
@@ -290,7 +290,7 @@ def extract(
         seconds = time.perf_counter() - started
         log.info(
             "extracted %d images (%d masks) in %.1f s (%.2f images/s), rejected %d, "
-            "skipped %d already done, into %s",
+            "skipped %d already done, into %s%s",
             writer.counts["images"],
             writer.counts["masks"],
             seconds,
@@ -298,6 +298,7 @@ def extract(
             writer.counts["rejected"],
             len(source) - len(pending),
             out_dir,
+            _random_weights_note(next(iter(manifests.values()))),
         )
     return {split: read_manifest(out_dir / split) for split in splits}
 
@@ -324,7 +325,6 @@ def run_extraction(
     extract_cfg: Mapping[str, Any],
     *,
     config: dict[str, Any] | None = None,
-    images_random_weights: bool = False,
 ) -> dict[str, Manifest]:
     """Build SAM (only when work is left) and extract; ``extract_cfg`` is the extract group."""
     splits = splits_for(source, extract_cfg["val_fraction"])
@@ -344,7 +344,6 @@ def run_extraction(
         config=config,
         num_workers=extract_cfg["num_workers"],
         trainer_args=dict(extract_cfg["trainer"]),
-        images_random_weights=images_random_weights,
     )
 
 
@@ -372,15 +371,19 @@ def main(cfg: DictConfig) -> None:
         settings,
         extract_cfg,
         config=OmegaConf.to_container(cfg, resolve=True),
-        images_random_weights=bool(getattr(source, "random_weights", False)),
     )
     for split, manifest in manifests.items():
         print(
             f"{split}: {manifest.num_images} images, {manifest.num_masks} masks "
             f"({manifest.num_masks / max(manifest.num_images, 1):.1f} per image), "
             f"{len(manifest.shards)} shards, {_megabytes(out_dir / split):.1f} MB in "
-            f"{out_dir / split}"
+            f"{out_dir / split}{_random_weights_note(manifest)}"
         )
+
+
+def _random_weights_note(manifest: Manifest) -> str:
+    reasons = manifest.random_weight_reasons()
+    return f" (RANDOM WEIGHTS: {'; '.join(reasons)})" if reasons else ""
 
 
 def _megabytes(directory: Path) -> float:

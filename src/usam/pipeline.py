@@ -76,6 +76,5 @@ class TrainingPipeline:
             self.sam,
             AmgSettings(**self.amg),
             self.extract,
-            images_random_weights=source.random_weights,
         )
         return out_dir

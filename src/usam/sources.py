@@ -138,6 +138,7 @@ class ImageSource(ABC):
     classes: tuple[str, ...]
     kind: str
     keys: tuple[str, ...]
+    random_weights = False  # the images come from an untrained generator
 
     def __init__(self, classes: Sequence[str], kind: str) -> None:
         if kind not in KINDS:
