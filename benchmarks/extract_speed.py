@@ -46,6 +46,7 @@ from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 from torch.utils.flop_counter import FlopCounterMode
 
 from usam.amg import AmgSettings, AutomaticMaskEngine, agreement
+from usam.image_encoder import EncoderPredictor
 from usam.sam_registry import build_sam
 
 VOC_IMAGES = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "voc2012-mini"
@@ -168,7 +169,7 @@ def _seconds(work) -> float:
 
 def model_flops(sam, image: np.ndarray) -> tuple[float, float]:
     """(encoder FLOPs per image, mask-decoder FLOPs per point prompt), counted by torch."""
-    predictor = AutomaticMaskEngine(sam, AmgSettings(points_per_side=1)).predictor
+    predictor = EncoderPredictor(sam)
     with torch.inference_mode(), FlopCounterMode(display=False, depth=None) as encoder:
         predictor.set_image(image)
     points = 8
@@ -180,7 +181,7 @@ def model_flops(sam, image: np.ndarray) -> tuple[float, float]:
     return float(encoder.get_total_flops()), decoder.get_total_flops() / points
 
 
-def floor_seconds(sam, images, settings: AmgSettings) -> float:
+def floor_seconds(sam, images, settings: AmgSettings, marker: str) -> float:
     """Seconds per image the arithmetic alone needs at this machine's matmul speed."""
     throughput = matmul_flops_per_second()
     encoder_flops, point_flops = model_flops(sam, images[0])
@@ -189,7 +190,7 @@ def floor_seconds(sam, images, settings: AmgSettings) -> float:
     print(
         f"FLOP floor: encoder {encoder_flops / 1e12:.3f} TFLOP + decoder {point_flops / 1e9:.3f} "
         f"GFLOP per point x {prompts} points, at {throughput / 1e9:.0f} GFLOP/s matmul -> "
-        f"{floor:.2f} s/image"
+        f"{floor:.2f} s/image{marker}"
     )
     return floor
 
@@ -230,14 +231,16 @@ def main() -> None:
     )
     if info["random_weights"]:
         print("RANDOM WEIGHTS: the masks mean nothing; the timings and the agreement still hold")
-    floor = floor_seconds(sam, images, base)
+    marker = " [random weights]" if info["random_weights"] else ""
+    floor = floor_seconds(sam, images, base, marker)
     official_encoder = official_encoder_seconds(sam, images)
-    print(f"official image encoder alone: {official_encoder:.2f} s/image")
+    print(f"official image encoder alone: {official_encoder:.2f} s/image{marker}")
     header = (
         f"{'pass':>5} {'iou_thr':>8} {'official img/s':>14} {'ours img/s':>10} {'ratio':>6} "
         f"{'ratio w/o enc':>13} {'official MB':>11} {'ours MB':>8} {'masks':>11} {'identical':>9}"
     )
     stage_rows, approximate_rows = [], []
+    print(f"official generator against ours{marker}")
     print(header)
     for rate in args.pass_rates:
         threshold = 0.0 if rate >= 1.0 else float(np.quantile(ious, 1.0 - rate))
@@ -269,14 +272,15 @@ def main() -> None:
                     agreement(ours, approx),
                 )
             )
-    print_stages(stage_rows, floor)
+    print_stages(stage_rows, floor, marker)
     if approximate_rows:
-        print_approximate(approximate_rows, len(images))
+        print_approximate(approximate_rows, len(images), marker)
 
 
-def print_stages(rows, floor: float) -> None:
+def print_stages(rows, floor: float, marker: str) -> None:
     """Our seconds per image by stage, and the total against the FLOP floor."""
-    print("ours by stage, s/image (decoder: mask decoder and its upscaling; post: the rest)")
+    print(f"ours by stage, s/image{marker}")
+    print("(decoder: the mask decoder and its upscaling; post: the rest)")
     print(f"{'pass':>5} {'encoder':>8} {'decoder':>8} {'post':>8} {'total':>8} {'x floor':>8}")
     for passed, stages in rows:
         total = sum(stages.values())
@@ -286,10 +290,10 @@ def print_stages(rows, floor: float) -> None:
         )
 
 
-def print_approximate(rows, n_images: int) -> None:
+def print_approximate(rows, n_images: int, marker: str) -> None:
     """The approximate mode against the exact engine (and the official generator)."""
     print("approximate mode (vs exact engine; matched: exact masks with an approximate one at")
-    print("mask IoU >= 0.95, same prompt among them; max diffs over matched pairs)")
+    print(f"mask IoU >= 0.95, same prompt among them; max diffs over matched pairs){marker}")
     print(
         f"{'pass':>5} {'approx img/s':>12} {'vs exact':>8} {'w/o enc':>7} {'vs official':>11} "
         f"{'masks ex/ap':>11} {'matched':>8} {'same prompt':>11} {'max dIoU':>9} {'max dstab':>9}"

@@ -106,9 +106,9 @@ def main() -> None:
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    print("SYNTHETIC embeddings, untrained head: only the timings below mean anything")
     dirs = ensure_shards(args.data, args.per_class)
     manifest = read_manifest(dirs["train"])
-    print("SYNTHETIC embeddings, untrained head: only the timings below mean anything")
     print(
         f"train set: {manifest.num_images} images, {manifest.num_masks} masks, "
         f"{len(manifest.shards)} shards; torch threads {torch.get_num_threads()}"

@@ -22,8 +22,9 @@ def test_extraction_benchmark_prints_speed_and_agreement():
     assert "official img/s" in result.stdout and "approx img/s" in result.stdout
     assert "True" in result.stdout  # identical output column
     assert "RANDOM WEIGHTS" in result.stdout
+    assert "ours by stage, s/image [random weights]" in result.stdout
     assert "FLOP floor:" in result.stdout and "x floor" in result.stdout
-    stages = result.stdout.split("ours by stage")[1].splitlines()[2].split()
+    stages = result.stdout.split("ours by stage")[1].splitlines()[3].split()
     encoder, decoder, post, total = map(float, stages[1:5])
     assert abs(encoder + decoder + post - total) < 0.02 and min(encoder, decoder, post) >= 0
 
