@@ -52,6 +52,7 @@ def test_teacher_learns_a_separable_problem(trained_teacher):
     assert after["val/loss"] < 0.7 * before["val/loss"]
     assert after["val/image_acc"] >= 0.9 > chance + 0.5
     assert after["val/random_weights"] == 1.0
+    assert teacher.trainer.progress_bar_metrics["val/random_weights"] == 1.0  # beside the losses
     # masks, not just images: class prototypes map to their class, background ones to 0
     class_protos, background_protos = prototypes(len(SMALL_CLASSES), 1024, seed=3)
     teacher.eval()

@@ -67,6 +67,8 @@ class TeacherModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         _, loss = self.mil_terms(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["keys"]))
+        # the progress bar shows the losses, so it says random weights next to them
+        self.log("train/random_weights", float(self.random_weights), prog_bar=self.random_weights)
         return loss
 
     def held_out_step(self, batch: dict[str, Any], stage: str) -> None:
@@ -99,10 +101,20 @@ class TeacherModule(L.LightningModule):
         self._start_held_out_epoch("test")
 
     def on_validation_epoch_end(self) -> None:
-        self.log("val/random_weights", float(self.random_weights), sync_dist=True)
+        self.log(
+            "val/random_weights",
+            float(self.random_weights),
+            sync_dist=True,
+            prog_bar=self.random_weights,
+        )
 
     def on_test_epoch_end(self) -> None:
-        self.log("test/random_weights", float(self.random_weights), sync_dist=True)
+        self.log(
+            "test/random_weights",
+            float(self.random_weights),
+            sync_dist=True,
+            prog_bar=self.random_weights,
+        )
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.parameters() if p.requires_grad]
