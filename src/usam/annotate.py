@@ -116,7 +116,7 @@ class Annotator:
             key=record.key,
             height=record.height,
             width=record.width,
-            rles=[{"size": list(r["size"]), "counts": r["counts"]} for r in prediction.rles],
+            rles=list(prediction.rles),
             labels=prediction.labels,
             names=[self.classes[i] for i in prediction.labels],
             scores=prediction.scores,

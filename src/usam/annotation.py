@@ -20,6 +20,7 @@ from pycocotools import mask as mask_utils
 
 from usam.metrics import BACKGROUND
 from usam.overlays import PALETTE, blend, legend_strip
+from usam.shards import decode_masks
 from usam.storage import atomic_write_text
 
 LEGEND_WIDTH = 640
@@ -40,9 +41,7 @@ class Annotation:
 
     def masks(self) -> np.ndarray:
         """(K, H, W) bool."""
-        if not self.rles:
-            return np.zeros((0, self.height, self.width), dtype=bool)
-        return mask_utils.decode(self.rles).transpose(2, 0, 1).astype(bool)
+        return decode_masks(self.rles, self.height, self.width)
 
     def boxes(self) -> np.ndarray:
         """(K, 4) XYWH, tight around each mask."""

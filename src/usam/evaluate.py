@@ -18,12 +18,11 @@ import csv
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pycocotools import mask as mask_utils
 
 from usam.datasets import GroundTruth, load_ground_truth
 from usam.metrics import BACKGROUND, MaskAP50, SemanticIoU, semantic_from_instances
@@ -51,12 +50,7 @@ class SweepGrid:
 
     def settings(self, base: InferenceSettings) -> list[InferenceSettings]:
         return [
-            InferenceSettings(
-                confidence_threshold=c,
-                nms_iou=n,
-                nms_per_class=base.nms_per_class,
-                max_detections=base.max_detections,
-            )
+            replace(base, confidence_threshold=c, nms_iou=n)
             for c in self.confidence_thresholds
             for n in self.nms_ious
         ]
@@ -226,12 +220,6 @@ class _Scorer:
         return semantic
 
 
-def _decode_all(record: ImageRecord) -> np.ndarray:
-    if not record.num_masks:
-        return np.zeros((0, record.height, record.width), dtype=bool)
-    return mask_utils.decode(record.coco_rles()).transpose(2, 0, 1).astype(bool)
-
-
 def sample_positions(count: int, wanted: int) -> set[int]:
     """Evenly spaced image positions, the same every epoch."""
     if wanted <= 0 or count <= 0:
@@ -274,7 +262,7 @@ def evaluate(
         truth = _truth_of(record, vocabulary, directory)
         probs = predictor.mask_probabilities(record)
         ious = mask_ious(record.coco_rles()) if grid else None
-        decoded = _decode_all(record)
+        decoded = record.masks()
         semantic = main.update(record, probs, ious, decoded, truth)
         for scorer in grid:
             scorer.update(record, probs, ious, decoded, truth)

@@ -18,7 +18,7 @@ import torch
 from pycocotools import mask as mask_utils
 
 from usam.head import MaskClassifierHead, input_dim, select_input_view
-from usam.shards import ImageRecord
+from usam.shards import ImageRecord, decode_masks
 
 
 class HeadCheckpointError(ValueError):
@@ -101,9 +101,7 @@ class Prediction:
 
     def masks(self) -> np.ndarray:
         """(K, H, W) bool."""
-        if not self.rles:
-            return np.zeros((0, self.height, self.width), dtype=bool)
-        return mask_utils.decode(self.rles).transpose(2, 0, 1).astype(bool)
+        return decode_masks(self.rles, self.height, self.width)
 
 
 def mask_ious(rles: list[dict[str, Any]]) -> np.ndarray:

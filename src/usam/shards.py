@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import webdataset as wds
+from pycocotools import mask as mask_utils
 
 from usam.storage import KEY_PATTERN, atomic_write_text, check_key, read_manifest_payload
 
@@ -73,6 +74,17 @@ class ImageRecord:
     def coco_rles(self) -> list[dict[str, Any]]:
         """Masks as pycocotools RLE dicts (``size`` is stored once per image)."""
         return [{"size": [self.height, self.width], "counts": c} for c in self.rles]
+
+    def masks(self) -> np.ndarray:
+        """(N, H, W) bool."""
+        return decode_masks(self.coco_rles(), self.height, self.width)
+
+
+def decode_masks(rles: list[dict[str, Any]], height: int, width: int) -> np.ndarray:
+    """(K, H, W) bool masks of pycocotools RLE dicts of one image."""
+    if not rles:
+        return np.zeros((0, height, width), dtype=bool)
+    return mask_utils.decode(rles).transpose(2, 0, 1).astype(bool)
 
 
 @dataclass
