@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -48,10 +48,9 @@ class ClipCheckpoint:
     """What ``evaluate`` reads from a head checkpoint, for CLIP (which fits any SAM)."""
 
     classes: list[str]
-    model: str
-    pretrained: str | None
     random_weights: bool
     sam_model_type: str | None = None
+    random_weights_reason: ClassVar[str] = "CLIP is untrained"
 
 
 @dataclass
@@ -138,13 +137,11 @@ class ClipPredictor(Predictor):
         source: ImageSource,
         settings: InferenceSettings | None = None,
         *,
-        model: str = "",
-        pretrained: str | None = None,
         template: str = "a photo of a {}",
         batch_size: int = 64,
         device: str | torch.device = "cpu",
     ) -> None:  # no super().__init__: there is no head to load
-        self.checkpoint = ClipCheckpoint(list(classes), model, pretrained, clip.random_weights)
+        self.checkpoint = ClipCheckpoint(list(classes), clip.random_weights)
         self.settings = settings or InferenceSettings()
         self.device = torch.device(device)
         self.clip = clip
@@ -203,8 +200,6 @@ def clip_predictor(
         source.classes,
         source,
         settings,
-        model=spec["model"],
-        pretrained=spec.get("pretrained"),
         template=baseline["template"],
         batch_size=baseline["batch_size"],
         device=device,

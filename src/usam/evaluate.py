@@ -174,7 +174,7 @@ def not_meaningful_reasons(manifest: Manifest, predictor: Predictor) -> list[str
     """Why these metrics mean nothing: the head's training data, then the evaluation set's."""
     reasons = []
     if predictor.checkpoint.random_weights:
-        reasons.append("the head was trained on synthetic or untrained-SAM embeddings")
+        reasons.append(predictor.checkpoint.random_weights_reason)
     return reasons + [f"evaluation embeddings: {r}" for r in manifest.random_weight_reasons()]
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -51,6 +51,10 @@ class HeadCheckpoint:
     sam_model_type: str | None
     random_weights: bool
     path: Path | None = None  # None for a head still in training
+    # why numbers from it mean nothing when ``random_weights``
+    random_weights_reason: ClassVar[str] = (
+        "the head was trained on synthetic or untrained-SAM embeddings"
+    )
 
 
 def load_head(path: str | Path) -> HeadCheckpoint:
