@@ -23,14 +23,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from usam.devices import resolve_device
-from usam.eval import banner, eval_shards, sweep_grid
-from usam.evaluate import evaluate, write_outputs
 from usam.predictor import InferenceSettings, Predictor
 from usam.shards import ImageRecord
 from usam.sources import ImageSource
@@ -204,38 +199,3 @@ def clip_predictor(
         batch_size=baseline["batch_size"],
         device=device,
     )
-
-
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Score the baseline on ``cfg.eval_data``; returns the contents of ``metrics.json``."""
-    if cfg.get("baseline") is None:
-        raise ValueError("no baseline configured: add baseline=sam_clip to the command")
-    if cfg.ckpt:
-        raise ValueError(f"ckpt={cfg.ckpt} is a U-SAM head; the baseline takes none (ckpt=null)")
-    source: ImageSource = instantiate(cfg.eval_data.source)
-    settings = InferenceSettings(**OmegaConf.to_container(cfg.inference, resolve=True))
-    predictor = clip_predictor(
-        OmegaConf.to_container(cfg.baseline, resolve=True),
-        source,
-        settings,
-        resolve_device(cfg.device, "device"),
-    )
-    shards = eval_shards(cfg, source)
-    evaluation = evaluate(
-        shards, predictor, sweep=sweep_grid(cfg), num_samples=cfg.num_overlays, source=source
-    )
-    out_dir = Path(cfg.paths.output_dir)
-    extra = {
-        "baseline": cfg.baseline.name,
-        "clip": OmegaConf.to_container(cfg.baseline.clip, resolve=True),
-        "eval_data": cfg.eval_data.name,
-        "shards": str(shards),
-    }
-    write_outputs(evaluation, out_dir, extra)
-    print(
-        f"{cfg.baseline.name} on {cfg.eval_data.name}: mIoU {evaluation.miou:.2f}  "
-        f"mAP50 {evaluation.map50:.4f} over {evaluation.images} images; results in {out_dir}"
-    )
-    if evaluation.not_meaningful:
-        print(banner(evaluation.not_meaningful))
-    return {**evaluation.summary(), **extra}

@@ -20,6 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from usam.amg import AmgSettings
+from usam.clip_baseline import clip_predictor
 from usam.devices import resolve_device
 from usam.evaluate import (
     NOT_MEANINGFUL,
@@ -74,38 +75,47 @@ def banner(reasons: list[str]) -> str:
 
 
 def run(cfg: DictConfig) -> dict[str, Any] | None:
-    """Evaluate ``cfg.ckpt``; returns the contents of ``metrics.json`` (None with ckpt=null)."""
-    if cfg.get("baseline"):
-        from usam.clip_baseline import run as run_baseline  # it builds on this module
-
-        return run_baseline(cfg)
+    """Evaluate ``cfg.ckpt``, or the ``cfg.baseline``; returns the contents of
+    ``metrics.json`` (None with ckpt=null and no baseline).
+    """
     source: ImageSource = instantiate(cfg.eval_data.source)
-    predictor = None
-    if cfg.ckpt:
-        settings = InferenceSettings(**OmegaConf.to_container(cfg.inference, resolve=True))
-        predictor = Predictor.from_checkpoint(
-            cfg.ckpt, settings, resolve_device(cfg.device, "device")
-        )
+    settings = InferenceSettings(**OmegaConf.to_container(cfg.inference, resolve=True))
+    device = resolve_device(cfg.device, "device")
+    vocabulary = None
+    if cfg.get("baseline"):
+        if cfg.ckpt:
+            raise ValueError(
+                f"ckpt={cfg.ckpt} is a U-SAM head; the baseline takes none (ckpt=null)"
+            )
+        baseline = OmegaConf.to_container(cfg.baseline, resolve=True)
+        predictor = clip_predictor(baseline, source, settings, device)
+        label = f"{cfg.baseline.name} on {cfg.eval_data.name}"
+        extra = {"baseline": cfg.baseline.name, "clip": baseline["clip"]}
+    elif cfg.ckpt:
+        predictor = Predictor.from_checkpoint(cfg.ckpt, settings, device)
         trained_on = predictor.checkpoint.sam_model_type
         if trained_on and trained_on != cfg.sam.model_type:
             raise EvaluationError(
                 f"{cfg.ckpt} was trained on {trained_on} embeddings but sam={cfg.sam.model_type}; "
                 f"run with sam={trained_on}"
             )
-    shards = eval_shards(cfg, source)
-    if predictor is None:
-        print(f"evaluation shard set ready: {shards}")
+        vocabulary = resolve_vocabulary(predictor.classes, cfg.vocabulary)
+        label = cfg.eval_data.name
+        extra = {"checkpoint": str(cfg.ckpt)}
+    else:
+        print(f"evaluation shard set ready: {eval_shards(cfg, source)}")
         return None
+    shards = eval_shards(cfg, source)
     evaluation = evaluate(
         shards,
         predictor,
-        vocabulary=resolve_vocabulary(predictor.classes, cfg.vocabulary),
+        vocabulary=vocabulary,
         sweep=sweep_grid(cfg),
         num_samples=cfg.num_overlays,
         source=source,
     )
     out_dir = Path(cfg.paths.output_dir)
-    extra = {"checkpoint": str(cfg.ckpt), "eval_data": cfg.eval_data.name, "shards": str(shards)}
+    extra |= {"eval_data": cfg.eval_data.name, "shards": str(shards)}
     metrics_path = write_outputs(evaluation, out_dir, extra)
     if cfg.wandb.enabled:
         import wandb
@@ -125,7 +135,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     if evaluation.instances_derived:
         derived = " (mAP50 on instances derived as connected components of the class map)"
     print(
-        f"{cfg.eval_data.name}: mIoU {evaluation.miou:.2f}  mAP50 {evaluation.map50:.4f}{derived}"
+        f"{label}: mIoU {evaluation.miou:.2f}  mAP50 {evaluation.map50:.4f}{derived}"
         f"  over {evaluation.images} images; results in {out_dir}"
     )
     if evaluation.not_meaningful:
