@@ -92,7 +92,7 @@ class ShardDataModule(L.LightningDataModule):
         name: str | None = None,
     ) -> None:
         super().__init__()
-        self.vocabulary = load_vocabulary(classes if isinstance(classes, str) else list(classes))
+        self.vocabulary = load_vocabulary(classes)
         self.classes = self.vocabulary.classes
         self.pipeline = None
         if train_dir is None or val_dir is None:

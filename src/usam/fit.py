@@ -27,9 +27,9 @@ log = logging.getLogger(__name__)
 STAGES = ("teacher", "student", "both")
 
 
-def _instantiate_all(group: DictConfig | None, **overrides: Any) -> list[Any]:
+def _instantiate_all(group: DictConfig | None) -> list[Any]:
     """One object per entry of a logger/callback group (``logger=none`` gives none)."""
-    return [instantiate(entry, **overrides) for entry in (group or {}).values() if entry]
+    return [instantiate(entry) for entry in (group or {}).values() if entry]
 
 
 def _loggers(cfg: DictConfig, stage: str, random_weights: bool) -> list[Any]:

@@ -273,7 +273,7 @@ def generate_images(
     if settings.build_tiny and not (model_dir / "model_index.json").is_file():
         log.info("building a tiny random-weight pipeline at %s", model_dir)
         save_tiny_pipeline(model_dir)
-    random_weights = _is_local(settings.model) and is_random_weight_pipeline(model_dir)
+    random_weights = is_random_weight_pipeline(model_dir)
     plans = [
         [plan_image(vocab, c, i, settings) for i in range(settings.per_class)]
         for c in range(vocab.num_classes)
@@ -326,9 +326,7 @@ def generate_images(
 
 def run(cfg: DictConfig) -> Path:
     """Generate from a composed config (``generate.yaml``); returns the image set directory."""
-    classes = cfg.data.classes
-    spec = classes if isinstance(classes, str) else OmegaConf.to_container(classes, resolve=True)
-    vocab = load_vocabulary(spec)
+    vocab = load_vocabulary(cfg.data.classes)
     settings = GenerateSettings.from_config(OmegaConf.to_container(cfg.generate, resolve=True))
     out_dir = Path(settings.out_dir or image_set_dir(cfg.images_dir, vocab, settings.name))
     if cfg.get("wandb_project"):

@@ -23,9 +23,7 @@ from usam.web_images import IngestSettings, ingest_folder, ingest_urls
 
 def run(cfg: DictConfig) -> Path:
     """Ingest from a composed config (``ingest.yaml``); returns the image set directory."""
-    classes = cfg.data.classes
-    spec = classes if isinstance(classes, str) else OmegaConf.to_container(classes, resolve=True)
-    vocab = load_vocabulary(spec)
+    vocab = load_vocabulary(cfg.data.classes)
     settings = IngestSettings.from_config(OmegaConf.to_container(cfg.ingest, resolve=True))
     name = settings.name or settings.kind
     out_dir = Path(settings.out_dir or image_set_dir(cfg.images_dir, vocab, name))

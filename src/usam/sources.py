@@ -196,8 +196,7 @@ class FolderSource(ImageSource):
     """
 
     def __init__(self, root: str | Path, classes: str | Sequence[str]) -> None:
-        spec = classes if isinstance(classes, str) else list(classes)
-        super().__init__(load_vocabulary(spec).classes, "eval")
+        super().__init__(load_vocabulary(classes).classes, "eval")
         self.root = Path(root).resolve()
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {root} does not exist or is not a folder")
