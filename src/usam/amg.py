@@ -793,7 +793,8 @@ class AutomaticMaskEngine:
         )
         for i in keep.tolist():
             if scores[i] == 0.0:
-                data.rles[i] = _encode_rles(stacked[i : i + 1], [0, 0, width, height], None)[0]
+                whole = [0, 0, width, height]
+                data.rles[i] = _encode_rles(stacked[i : i + 1], whole, (height, width))[0]
                 data.boxes[i] = boxes[i]
                 data.areas[i] = stacked[i].sum()
         return data.select(keep)
@@ -899,7 +900,7 @@ def _encode_rles(masks: torch.Tensor, crop_box, orig_size) -> list[str]:
     if len(masks) == 0:
         return []
     masks = masks.cpu()
-    if orig_size is not None and list(crop_box) != [0, 0, orig_size[1], orig_size[0]]:
+    if list(crop_box) != [0, 0, orig_size[1], orig_size[0]]:
         x0, y0, x1, y1 = crop_box
         full = torch.zeros(len(masks), *orig_size, dtype=torch.bool)
         full[:, y0:y1, x0:x1] = masks

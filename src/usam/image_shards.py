@@ -147,17 +147,20 @@ def shard_paths(directory: str | Path, manifest: ImageManifest | None = None) ->
 
 def decode_sample(sample: dict[str, Any], origin: str = "") -> tuple[str, Image.Image, dict]:
     """(key, RGB image, metadata) from a raw WebDataset sample; fails on a hash mismatch."""
-    key = sample["__key__"]
-    meta = json.loads(sample["json"])
-    data = sample["jpg"]
-    if sha256(data) != meta["sha256"]:
+    key, meta = sample["__key__"], json.loads(sample["json"])
+    return key, checked_image(key, sample["jpg"], meta, origin), meta
+
+
+def checked_image(key: str, jpeg: bytes, meta: dict[str, Any], origin: str = "") -> Image.Image:
+    """The RGB image of a stored JPEG; fails when it does not match its recorded sha256."""
+    if sha256(jpeg) != meta["sha256"]:
         raise ImageShardError(
             f"image {key!r}{' in ' + origin if origin else ''} does not match its sha256; "
             "the shard is corrupt, delete it and run the job that wrote it again"
         )
-    image = Image.open(io.BytesIO(data))
+    image = Image.open(io.BytesIO(jpeg))
     image.load()
-    return key, image.convert("RGB"), meta
+    return image.convert("RGB")
 
 
 def iter_images(

@@ -34,7 +34,7 @@ from typing import Any
 from PIL import ExifTags, Image
 
 from usam.image_shards import (
-    decode_sample,
+    checked_image,
     index_shard,
     read_image_manifest,
     shard_paths,
@@ -245,8 +245,8 @@ class ImageShardSource(ImageSource):
         with open(path, "rb") as handle:
             handle.seek(offset)
             jpeg = handle.read(size)
-        sample = {"__key__": self.keys[index], "jpg": jpeg, "json": json.dumps(meta)}
-        key, image, meta = decode_sample(sample, str(path))
+        key = self.keys[index]
+        image = checked_image(key, jpeg, meta, str(path))
         labels = [0] * len(self.classes)
         labels[meta["class_index"]] = 1
         source = {"type": "image_shards", "shard": path.name, **meta}
