@@ -46,6 +46,8 @@ def write_contact_sheets(
         chosen = picked[meta["class_name"]]
         if len(chosen) < max_per_class:
             chosen.append(ImageOps.contain(image, (thumb, thumb)))
+        if all(len(images) >= max_per_class for images in picked.values()):
+            break  # no need to decode the rest of the set
     out_dir = directory / SHEET_DIR
     out_dir.mkdir(exist_ok=True)
     written = []
