@@ -36,10 +36,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import webdataset as wds
 from PIL import Image, ImageOps
 
-from usam.storage import atomic_write_text, check_key, read_manifest_payload
+from usam.storage import (
+    atomic_write_text,
+    check_key,
+    listed_shards,
+    read_manifest_payload,
+    sequential_dataset,
+)
 from usam.vocab import Vocabulary
 
 FORMAT_VERSION = 1
@@ -138,11 +143,7 @@ def shard_paths(directory: str | Path, manifest: ImageManifest | None = None) ->
     """The finished shards of an image set, in manifest order."""
     directory = Path(directory)
     manifest = manifest or read_image_manifest(directory)
-    paths = [directory / s["name"] for s in manifest.shards]
-    for path in paths:
-        if not path.is_file():
-            raise ImageShardError(f"{path} is listed in {MANIFEST_NAME} but missing")
-    return paths
+    return listed_shards(directory, manifest.shards, MANIFEST_NAME, ImageShardError)
 
 
 def decode_sample(sample: dict[str, Any], origin: str = "") -> tuple[str, Image.Image, dict]:
@@ -168,14 +169,7 @@ def iter_images(
 ) -> Iterator[tuple[str, Image.Image, dict[str, Any]]]:
     """Every image of a finished image set as (key, PIL image, metadata), in shard order."""
     for path in shard_paths(directory):
-        dataset = wds.WebDataset(
-            str(path),
-            shardshuffle=False,
-            nodesplitter=None,
-            workersplitter=None,
-            empty_check=False,
-        )
-        for sample in dataset:
+        for sample in sequential_dataset([path]):
             key, image, meta = decode_sample(sample, str(path))
             if include_flagged or not meta.get("flagged"):
                 yield key, image, meta

@@ -25,7 +25,14 @@ import numpy as np
 import webdataset as wds
 from pycocotools import mask as mask_utils
 
-from usam.storage import KEY_PATTERN, atomic_write_text, check_key, read_manifest_payload
+from usam.storage import (
+    KEY_PATTERN,
+    atomic_write_text,
+    check_key,
+    listed_shards,
+    read_manifest_payload,
+    sequential_dataset,
+)
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -237,27 +244,14 @@ def check_manifest(
 
 
 def shard_urls(directory: str | Path, manifest: Manifest) -> list[str]:
-    directory = Path(directory)
-    urls = []
-    for shard in manifest.shards:
-        path = directory / shard["name"]
-        if not path.is_file():
-            raise ShardSetError(f"{path} is listed in {MANIFEST_NAME} but missing")
-        urls.append(str(path))
-    return urls
+    paths = listed_shards(directory, manifest.shards, MANIFEST_NAME, ShardSetError)
+    return [str(path) for path in paths]
 
 
 def iter_records(directory: str | Path) -> Iterator[ImageRecord]:
     """Every image of a finished shard set, in manifest order, in this process."""
     manifest = read_manifest(directory)
-    dataset = wds.WebDataset(
-        shard_urls(directory, manifest),
-        shardshuffle=False,
-        nodesplitter=None,
-        workersplitter=None,
-        empty_check=False,
-    )
-    yield from map(decode_sample, dataset)
+    yield from map(decode_sample, sequential_dataset(shard_urls(directory, manifest)))
 
 
 def _scan_shard(path: Path) -> dict[str, Any]:

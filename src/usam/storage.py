@@ -11,8 +11,11 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import webdataset as wds
 
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_\-]+$")
 
@@ -51,3 +54,25 @@ def read_manifest_payload(
             f"{version}; {redo} with this version of usam"
         )
     return payload
+
+
+def listed_shards(
+    directory: str | Path, shards: list[dict[str, Any]], manifest_name: str, error: type[Exception]
+) -> list[Path]:
+    """The shard files a manifest lists, in its order; fails on a missing one."""
+    paths = [Path(directory) / shard["name"] for shard in shards]
+    for path in paths:
+        if not path.is_file():
+            raise error(f"{path} is listed in {manifest_name} but missing")
+    return paths
+
+
+def sequential_dataset(paths: Sequence[str | Path]) -> wds.WebDataset:
+    """Raw samples of ``paths`` in order, all in this process (no node or worker split)."""
+    return wds.WebDataset(
+        [str(p) for p in paths],
+        shardshuffle=False,
+        nodesplitter=None,
+        workersplitter=None,
+        empty_check=False,
+    )
