@@ -15,18 +15,28 @@ import torch.nn.functional as F
 UNCERTAINTY_TARGETS = ("label_restricted", "background")
 
 
+def check_top_k(top_k: float) -> float:
+    if top_k >= 1 and top_k != int(top_k):
+        raise ValueError(f"model.top_k={top_k}: use an integer count >= 1 or a fraction in (0, 1)")
+    if top_k <= 0:
+        raise ValueError(f"model.top_k={top_k} must be positive")
+    return top_k
+
+
+def check_uncertainty_target(target: str) -> str:
+    if target not in UNCERTAINTY_TARGETS:
+        raise ValueError(
+            f"model.student.uncertainty_target={target!r} is not one of {UNCERTAINTY_TARGETS}"
+        )
+    return target
+
+
 def top_k_counts(num_valid: torch.Tensor, top_k: float) -> torch.Tensor:
     """k per image: an integer >= 1 is a count (capped at N); a value in (0, 1) a fraction of N."""
-    if top_k >= 1:
-        if top_k != int(top_k):
-            raise ValueError(
-                f"model.top_k={top_k}: use an integer count >= 1 or a fraction in (0, 1)"
-            )
+    if check_top_k(top_k) >= 1:
         k = num_valid.clamp(max=int(top_k))
-    elif top_k > 0:
-        k = torch.ceil(num_valid.float() * top_k).long()
     else:
-        raise ValueError(f"model.top_k={top_k} must be positive")
+        k = torch.ceil(num_valid.float() * top_k).long()
     if bool((num_valid < 1).any()):
         raise ValueError("an image without masks reached the MIL loss; drop such images first")
     return k.clamp(min=1)
@@ -110,17 +120,13 @@ def uncertainty_loss(
         teacher_logits, valid, labels, entropy_threshold
     )
     bad = uncertain | confidently_wrong
-    if target == "label_restricted":
+    if check_uncertainty_target(target) == "label_restricted":
         restricted = teacher_logits.softmax(-1) * allowed_outputs(labels)[:, None, :]
         soft_target = restricted / restricted.sum(-1, keepdim=True)
-    elif target == "background":
+    else:  # background
         soft_target = F.one_hot(
             torch.zeros_like(valid, dtype=torch.long), student_logits.shape[-1]
         ).to(student_logits.dtype)
-    else:
-        raise ValueError(
-            f"model.student.uncertainty_target={target!r} is not one of {UNCERTAINTY_TARGETS}"
-        )
     per_mask = -(soft_target * F.log_softmax(student_logits, dim=-1)).sum(-1)
     loss = (per_mask * bad).sum() / bad.sum().clamp(min=1)
     return loss, bad

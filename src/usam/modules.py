@@ -12,7 +12,13 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from usam.head import MaskClassifierHead, input_dim, select_input_view
-from usam.losses import mil_image_scores, mil_loss, uncertainty_loss
+from usam.losses import (
+    check_top_k,
+    check_uncertainty_target,
+    mil_image_scores,
+    mil_loss,
+    uncertainty_loss,
+)
 
 RANDOM_WEIGHTS_WARNING = (
     "RANDOM WEIGHTS: this run's data comes from synthetic embeddings or untrained models; "
@@ -38,7 +44,7 @@ class TeacherModule(L.LightningModule):
         self.save_hyperparameters()
         self.classes = list(classes)
         self.input_view = input_view
-        self.top_k = top_k
+        self.top_k = check_top_k(top_k)  # before any data is prepared
         self.background_in_label = background_in_label
         self.optimizer_config = dict(optimizer or {"lr": 1e-3, "weight_decay": 1e-4})
         self.head = MaskClassifierHead(
@@ -164,7 +170,7 @@ class StudentModule(TeacherModule):
         self.save_hyperparameters()
         self.lambda_uncertainty = lambda_uncertainty
         self.entropy_threshold = entropy_threshold
-        self.uncertainty_target = uncertainty_target
+        self.uncertainty_target = check_uncertainty_target(uncertainty_target)
         self.teacher = TeacherModule(**teacher_hparams)
         self.teacher.requires_grad_(False)
         self.teacher.eval()
