@@ -70,12 +70,7 @@ class Annotator:
         sam = sam or trained_on
         if sam is None:
             raise AnnotationError("the head does not say which SAM it was trained on; pass sam=")
-        if trained_on and sam != trained_on:
-            where = predictor.checkpoint.path or "the head"
-            raise AnnotationError(
-                f"{where} was trained on {trained_on} mask tokens but sam={sam}; "
-                f"run with sam={trained_on} (and that model's checkpoint)"
-            )
+        predictor.checkpoint.check_sam(sam, AnnotationError)
         self.predictor = predictor
         self.sam_model_type = sam
         self.sam_checkpoint = sam_checkpoint

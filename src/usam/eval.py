@@ -93,12 +93,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         extra = {"baseline": cfg.baseline.name, "clip": baseline["clip"]}
     elif cfg.ckpt:
         predictor = Predictor.from_checkpoint(cfg.ckpt, settings, device)
-        trained_on = predictor.checkpoint.sam_model_type
-        if trained_on and trained_on != cfg.sam.model_type:
-            raise EvaluationError(
-                f"{cfg.ckpt} was trained on {trained_on} embeddings but sam={cfg.sam.model_type}; "
-                f"run with sam={trained_on}"
-            )
+        predictor.checkpoint.check_sam(cfg.sam.model_type, EvaluationError)
         vocabulary = resolve_vocabulary(predictor.classes, cfg.vocabulary)
         label = cfg.eval_data.name
         extra = {"checkpoint": str(cfg.ckpt)}

@@ -56,6 +56,14 @@ class HeadCheckpoint:
         "the head was trained on synthetic or untrained-SAM embeddings"
     )
 
+    def check_sam(self, sam: str, error: type[Exception]) -> None:
+        """Mask tokens of another SAM than the head was trained on mean nothing to it."""
+        if self.sam_model_type and sam != self.sam_model_type:
+            raise error(
+                f"{self.path or 'the head'} was trained on {self.sam_model_type} mask tokens "
+                f"but sam={sam}; run with sam={self.sam_model_type} (and that model's checkpoint)"
+            )
+
 
 def load_head(path: str | Path) -> HeadCheckpoint:
     """Load only the head (never the teacher inside a student) with ``weights_only=True``."""
