@@ -1,4 +1,4 @@
-"""Official ``SamAutomaticMaskGenerator`` against ``usam.amg`` on the same images and weights.
+"""The official ``SamAutomaticMaskGenerator`` against ``usam.sam.mask_engine``: one image set.
 
 Both run in this process with the same settings, at predicted-IoU thresholds chosen from
 a first pass so that about 100%, 50% and 10% of the masks pass the IoU filter. Printed
@@ -14,13 +14,13 @@ and prints a second table: its images/s, its speed-up over the exact engine and 
 official generator, the mask count of each mode, the share of exact masks that an
 approximate mask matches at mask IoU >= 0.95 (and how many of those pairs come from the
 same point prompt), and the largest predicted-IoU and stability differences over the
-matched pairs (``usam.amg.agreement``).
+matched pairs (``usam.sam.mask_engine.agreement``).
 
 Random weights make near-identical masks that box NMS at the default 0.7 collapses to one
 or two per image; ``--box-nms-thresh 1`` keeps them all, for an agreement measured on
 hundreds of masks.
 
-Without ``--checkpoint`` the model has seeded random weights (usam.sam_registry): the
+Without ``--checkpoint`` the model has seeded random weights (usam.sam.registry): the
 masks mean nothing, but the work done, and so the timing, is the same as with trained
 weights at the same pass rates.
 
@@ -45,9 +45,10 @@ from PIL import Image
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 from torch.utils.flop_counter import FlopCounterMode
 
-from usam.amg import AmgSettings, AutomaticMaskEngine, agreement
-from usam.image_encoder import EncoderPredictor
-from usam.sam_registry import build_sam
+from usam.sam.amg_settings import AmgSettings
+from usam.sam.image_encoder import EncoderPredictor
+from usam.sam.mask_engine import AutomaticMaskEngine, agreement
+from usam.sam.registry import build_sam
 
 VOC_IMAGES = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "voc2012-mini"
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096

@@ -21,11 +21,11 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from usam.datamodule import ShardDataModule
-from usam.modules import TeacherModule
-from usam.predictor import Predictor
-from usam.shards import iter_records, read_manifest
-from usam.synthetic import write_synthetic_shard_set
+from usam.data.datamodule import ShardDataModule
+from usam.data.synthetic import write_synthetic_shard_set
+from usam.formats.embedding_shards import iter_records, read_manifest
+from usam.inference.predictor import Predictor
+from usam.train.lightning_modules import TeacherModule
 
 
 def peak_rss_mib() -> float:

@@ -13,8 +13,8 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-from usam.datamodule import ShardDataModule
-from usam.modules import TeacherModule
+from usam.data.datamodule import ShardDataModule
+from usam.train.lightning_modules import TeacherModule
 
 
 class KeyRecorder(Callback):

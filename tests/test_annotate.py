@@ -13,14 +13,15 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from usam import annotate
-from usam.annotate import AnnotationError, Annotator, run
-from usam.metrics import semantic_from_instances
-from usam.predictor import InferenceSettings, Predictor, load_head
-from usam.sam_registry import build_sam
-from usam.sources import load_rgb
+from usam.annotate import run
+from usam.data.sources import load_rgb
+from usam.inference.annotator import AnnotationError, Annotator
+from usam.inference.predictor import InferenceSettings, Predictor, load_head
+from usam.inference.semantic_map import semantic_from_instances
+from usam.sam.registry import build_sam
 
-from conftest import TINY_EVAL, compose_config
-from test_evaluate import AMG, head_checkpoint
+from helpers.commands import TINY_EVAL, compose_config
+from helpers.evaluation import AMG, head_checkpoint
 
 SMALL = [
     *TINY_EVAL,
@@ -101,7 +102,7 @@ def test_coco_file_matches_the_predictor(annotated):
     assert coco.dataset["info"]["not_meaningful_because"] == summary["not_meaningful_because"]
     # the independent path: tiny SAM's masks of the same pixels through the Predictor
     sam, _ = build_sam("tiny")
-    from usam.amg import AutomaticMaskEngine
+    from usam.sam.mask_engine import AutomaticMaskEngine
 
     engine = AutomaticMaskEngine(sam, AMG)
     predictor = Predictor(load_head(ckpt), InferenceSettings(confidence_threshold=0.3))

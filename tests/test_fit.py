@@ -9,10 +9,10 @@ import torch
 from omegaconf import OmegaConf
 
 from usam.fit import run
-from usam.generate import GenerationError
-from usam.shards import ShardSetError, read_manifest
+from usam.formats.embedding_shards import ShardSetError, read_manifest
+from usam.images.stable_diffusion import GenerationError
 
-from conftest import CONF_DIR, ROOT, compose_config, run_overrides
+from helpers.commands import CONF_DIR, ROOT, compose_config, run_overrides
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 

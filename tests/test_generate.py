@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import usam.generate as generate
-from usam.generate import (
+import usam.images.stable_diffusion as generate
+from usam.core.vocabulary import load_vocabulary
+from usam.formats.image_shards import iter_images, read_image_manifest
+from usam.images.stable_diffusion import (
     GenerateSettings,
     GenerationError,
     generate_images,
@@ -21,11 +23,9 @@ from usam.generate import (
     plan_image,
     render,
 )
-from usam.image_shards import iter_images, read_image_manifest
-from usam.tiny_diffusion import save_tiny_pipeline
-from usam.vocab import load_vocabulary
+from usam.images.tiny_diffusion import save_tiny_pipeline
 
-from conftest import compose_config
+from helpers.commands import compose_config
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ import torch
 from segment_anything import SamPredictor
 from segment_anything.modeling import ImageEncoderViT
 
-from usam import image_encoder
-from usam.image_encoder import EncoderPredictor, encode_image
-from usam.sam_registry import build_sam
+from usam.sam import image_encoder
+from usam.sam.image_encoder import EncoderPredictor, encode_image
+from usam.sam.registry import build_sam
 
 
 def vit(window_size: int, global_blocks: tuple[int, ...], use_rel_pos: bool) -> ImageEncoderViT:

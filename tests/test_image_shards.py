@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from usam.contact_sheet import write_contact_sheets
-from usam.image_shards import (
+from usam.core.vocabulary import load_vocabulary
+from usam.formats.image_shards import (
     MANIFEST_NAME,
     ImageShardError,
     ImageShardWriter,
@@ -22,7 +22,7 @@ from usam.image_shards import (
     sha256,
     to_rgb,
 )
-from usam.vocab import load_vocabulary
+from usam.viz.contact_sheet import write_contact_sheets
 
 CLASSES = ["cat", "dining table"]
 

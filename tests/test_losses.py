@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from usam.head import MaskClassifierHead, input_dim, select_input_view
-from usam.losses import (
+from usam.train.head import MaskClassifierHead, input_dim, select_input_view
+from usam.train.losses import (
     mil_image_scores,
     mil_loss,
     normalised_entropy,

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from usam.datasets import GroundTruth, Instance, VOCSegmentation, load_ground_truth
-from usam.metrics import MaskAP50, SemanticIoU, semantic_from_instances
+from usam.data.ground_truth import GroundTruth, Instance, VOCSegmentation, load_ground_truth
+from usam.evaluation.metrics import MaskAP50, SemanticIoU
+from usam.inference.semantic_map import semantic_from_instances
 
 CLASSES = ("cat", "dog", "car")
 

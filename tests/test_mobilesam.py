@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from test_amg import assert_same, official, shapes_image
-from usam.amg import AmgSettings, AutomaticMaskEngine
-from usam.checkpoints import CheckpointError
-from usam.sam_registry import SPECS, build_sam, identify
+from usam.sam.amg_settings import AmgSettings
+from usam.sam.checkpoints import CheckpointError
+from usam.sam.mask_engine import AutomaticMaskEngine
+from usam.sam.registry import SPECS, build_sam, identify
+
+from helpers.official_amg import assert_same, official, shapes_image
 
 mobile_sam = pytest.importorskip("mobile_sam", reason="sam=vit_t needs mobilesam-mirror")
 
@@ -118,7 +120,7 @@ def test_exactly_the_official_masks(sam):
 def test_usam_imports_without_mobilesam_and_says_what_to_install():
     script = (
         "import sys; sys.modules['mobile_sam'] = None\n"
-        "from usam.sam_registry import build_sam\n"
+        "from usam.sam.registry import build_sam\n"
         "build_sam('tiny')\n"
         "try:\n"
         "    build_sam('vit_t', random_weights=True)\n"

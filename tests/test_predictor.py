@@ -6,15 +6,15 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from usam.modules import TeacherModule
-from usam.predictor import (
+from usam.formats.embedding_shards import ImageRecord
+from usam.inference.predictor import (
     HeadCheckpointError,
     InferenceSettings,
     Predictor,
     load_head,
     select_instances,
 )
-from usam.shards import ImageRecord
+from usam.train.lightning_modules import TeacherModule
 
 H = W = 10
 
@@ -77,7 +77,7 @@ def test_nms_iou_threshold_and_cap():
 
 
 def test_precomputed_ious_give_the_same_selection():
-    from usam.predictor import mask_ious
+    from usam.inference.predictor import mask_ious
 
     record = record_with(RLES)
     ious = mask_ious(record.coco_rles())

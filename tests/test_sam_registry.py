@@ -7,9 +7,9 @@ import re
 import pytest
 import torch
 
-from usam import checkpoints, sam_registry
-from usam.checkpoints import CheckpointError
-from usam.sam_registry import SPECS, build_sam
+from usam.sam import checkpoints, registry
+from usam.sam.checkpoints import CheckpointError
+from usam.sam.registry import SPECS, build_sam
 
 
 def test_official_specs_name_their_checkpoints():
@@ -67,7 +67,7 @@ def test_checkpoint_of_another_model_type_is_named(tmp_path):
     model, _ = build_sam("tiny")
     path = tmp_path / "tiny.pth"
     torch.save(model.state_dict(), path)
-    assert sam_registry.identify(model.state_dict()) == "tiny"
+    assert registry.identify(model.state_dict()) == "tiny"
     with pytest.raises(CheckpointError) as error:
         build_sam("vit_b", checkpoint=path)
     message = str(error.value)

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from usam.datamodule import ShardDataModule
-from usam.shards import (
+from usam.data.datamodule import ShardDataModule
+from usam.data.synthetic import write_synthetic_shard_set
+from usam.formats.embedding_shards import (
     ImageRecord,
     Manifest,
     ShardSetError,
@@ -18,9 +19,8 @@ from usam.shards import (
     iter_records,
     read_manifest,
 )
-from usam.synthetic import write_synthetic_shard_set
 
-from conftest import SMALL_CLASSES, synthetic_datamodule
+from helpers.shards import SMALL_CLASSES, synthetic_datamodule
 
 DIM = 16
 

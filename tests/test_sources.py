@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from usam.image_shards import ImageShardWriter, encode_jpeg
-from usam.sources import (
+from usam.data.sources import (
     FolderSource,
     ImageShardSource,
     RejectedImage,
@@ -19,7 +18,8 @@ from usam.sources import (
     image_key,
     load_rgb,
 )
-from usam.storage import KEY_PATTERN
+from usam.formats.image_shards import ImageShardWriter, encode_jpeg
+from usam.formats.storage import KEY_PATTERN
 
 CLASSES = ("cat", "dog")
 

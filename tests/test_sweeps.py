@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from usam.sweep import SweepFileError, multirun_overrides
 
-from conftest import ROOT, compose_config
+from helpers.commands import ROOT, compose_config
 
 SWEEPS = sorted((ROOT / "experiments" / "sweeps").glob("*.yaml"))
 

@@ -4,11 +4,11 @@ import lightning as L
 import pytest
 import torch
 
-from usam.datamodule import ShardDataModule
-from usam.modules import StudentModule, TeacherModule
-from usam.synthetic import BACKGROUND_PROTOTYPES, prototypes
+from usam.data.datamodule import ShardDataModule
+from usam.data.synthetic import BACKGROUND_PROTOTYPES, prototypes
+from usam.train.lightning_modules import StudentModule, TeacherModule
 
-from conftest import SMALL_CLASSES, synthetic_datamodule
+from helpers.shards import SMALL_CLASSES, synthetic_datamodule
 
 HEAD = {"hidden_dims": [64, 32, 32], "dropout": 0.0}
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from usam.vocab import VocabularyError, load_vocabulary
+from usam.core.vocabulary import VocabularyError, load_vocabulary
 
 
 def test_packaged_vocabularies_have_standard_sizes_and_order():

@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 import usam.ingest as ingest
-from usam.image_shards import ImageShardWriter, iter_images, read_image_manifest
-from usam.vocab import load_vocabulary
-from usam.web_images import (
+from usam.core.vocabulary import load_vocabulary
+from usam.formats.image_shards import ImageShardWriter, iter_images, read_image_manifest
+from usam.images.web_crawl import (
     FAILED_NAME,
     HostGate,
     IngestError,
@@ -27,7 +27,7 @@ from usam.web_images import (
     scan_folder,
 )
 
-from conftest import compose_config
+from helpers.commands import compose_config
 
 VOCAB = load_vocabulary(["cat", "dog", "car"])
 

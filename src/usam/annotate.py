@@ -3,7 +3,7 @@ out=DIR sam=vit_h``.
 
 The folder goes through the extraction engine into a shard set (SAM's masks and
 mask tokens; unusable files into ``rejected.jsonl``), then every image through
-the :class:`usam.predictor.Predictor` the evaluation uses. Each image's result
+the :class:`usam.inference.predictor.Predictor` the evaluation uses. Each image's result
 is written atomically to ``results/<key>.json`` after its pictures, so an
 interrupted run loses nothing and the next one skips what is done (unless
 ``overwrite=true``); ``annotations.json`` (COCO instances) is rebuilt from those
@@ -26,12 +26,16 @@ from typing import Any
 
 import hydra
 import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image
 
-from usam.amg import AmgSettings, AutomaticMaskEngine
-from usam.annotation import (
+from usam.core.devices import resolve_device
+from usam.core.progress import progress_bar
+from usam.data.extraction import REJECTED_NAME, run_extraction, shard_set_dir
+from usam.data.sources import FolderSource
+from usam.formats.embedding_shards import iter_records, read_manifest
+from usam.formats.storage import atomic_write_text
+from usam.inference.annotator import AnnotationError, Annotator
+from usam.inference.exports import (
     Annotation,
     coco_instances,
     save_legend,
@@ -40,92 +44,9 @@ from usam.annotation import (
     save_yolo,
     write_result,
 )
-from usam.devices import resolve_device
-from usam.extract import REJECTED_NAME, run_extraction, shard_set_dir
-from usam.image_shards import to_rgb
-from usam.metrics import semantic_from_instances
-from usam.predictor import InferenceSettings, Predictor, load_head
-from usam.progress import progress_bar
-from usam.sam_registry import build_sam, get_spec
-from usam.shards import ImageRecord, iter_records, read_manifest
-from usam.sources import FolderSource, load_rgb
-from usam.storage import atomic_write_text
-
-
-class AnnotationError(ValueError):
-    """A head, SAM or folder that cannot be annotated with."""
-
-
-class Annotator:
-    """A head checkpoint with the SAM it was trained on: images in, labelled instances out."""
-
-    def __init__(
-        self,
-        predictor: Predictor,
-        sam: str | None = None,
-        sam_checkpoint: str | Path | None = None,
-        amg: AmgSettings | None = None,
-    ) -> None:
-        trained_on = predictor.checkpoint.sam_model_type
-        sam = sam or trained_on
-        if sam is None:
-            raise AnnotationError("the head does not say which SAM it was trained on; pass sam=")
-        predictor.checkpoint.check_sam(sam, AnnotationError)
-        self.predictor = predictor
-        self.sam_model_type = sam
-        self.sam_checkpoint = sam_checkpoint
-        self.amg = amg or AmgSettings()
-        self._engine: AutomaticMaskEngine | None = None
-
-    @classmethod
-    def from_checkpoint(
-        cls,
-        path: str | Path,
-        sam: str | None = None,
-        sam_checkpoint: str | Path | None = None,
-        amg: AmgSettings | None = None,
-        inference: InferenceSettings | None = None,
-        device: str | torch.device = "cpu",
-    ) -> Annotator:
-        """``sam`` defaults to the model type the head was trained on."""
-        return cls(Predictor(load_head(path), inference, device), sam, sam_checkpoint, amg)
-
-    @property
-    def classes(self) -> list[str]:
-        return self.predictor.classes
-
-    @property
-    def engine(self) -> AutomaticMaskEngine:
-        """SAM, built on first use (the command extracts through its own)."""
-        if self._engine is None:
-            sam, _ = build_sam(self.sam_model_type, self.sam_checkpoint)
-            self._engine = AutomaticMaskEngine(sam.to(self.predictor.device), self.amg)
-        return self._engine
-
-    def annotate_record(self, record: ImageRecord) -> Annotation:
-        """The Predictor's instances of an extracted image, and their semantic map."""
-        prediction = self.predictor(record)
-        shape = (record.height, record.width)
-        masks = prediction.masks()
-        return Annotation(
-            key=record.key,
-            height=record.height,
-            width=record.width,
-            rles=list(prediction.rles),
-            labels=prediction.labels,
-            names=[self.classes[i] for i in prediction.labels],
-            scores=prediction.scores,
-            semantic=semantic_from_instances(masks, prediction.labels, prediction.scores, shape),
-        )
-
-    def __call__(self, image: Image.Image | np.ndarray | str | Path, key: str = "image"):
-        """Annotate one image: a PIL image, an HxWx3 uint8 array or a file path."""
-        if isinstance(image, str | Path):
-            image = load_rgb(image)
-        if isinstance(image, Image.Image):
-            image = np.asarray(to_rgb(image))
-        record = self.engine.generate(np.ascontiguousarray(image)).to_record(key)
-        return self.annotate_record(record)
+from usam.inference.predictor import InferenceSettings
+from usam.sam.amg_settings import AmgSettings
+from usam.sam.registry import get_spec
 
 
 def _output_names(source: FolderSource) -> dict[str, str]:

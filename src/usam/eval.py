@@ -19,10 +19,11 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from usam.amg import AmgSettings
-from usam.clip_baseline import clip_predictor
-from usam.devices import resolve_device
-from usam.evaluate import (
+from usam.core.devices import resolve_device
+from usam.data.extraction import run_extraction, shard_set_dir
+from usam.data.sources import ImageSource
+from usam.evaluation.clip_baseline import clip_predictor
+from usam.evaluation.scoring import (
     NOT_MEANINGFUL,
     EvaluationError,
     SweepGrid,
@@ -31,9 +32,8 @@ from usam.evaluate import (
     resolve_vocabulary,
     write_outputs,
 )
-from usam.extract import run_extraction, shard_set_dir
-from usam.predictor import InferenceSettings, Predictor
-from usam.sources import ImageSource
+from usam.inference.predictor import InferenceSettings, Predictor
+from usam.sam.amg_settings import AmgSettings
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from usam.core.vocabulary import load_vocabulary
 from usam.eval import eval_shards
-from usam.eval_callback import EvaluationCallback
-from usam.modules import RANDOM_WEIGHTS_WARNING, StudentModule, TeacherModule
-from usam.vocab import load_vocabulary
+from usam.evaluation.callback import EvaluationCallback
+from usam.train.lightning_modules import RANDOM_WEIGHTS_WARNING, StudentModule, TeacherModule
 
 log = logging.getLogger(__name__)
 

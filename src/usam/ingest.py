@@ -1,4 +1,4 @@
-"""Entry point for training images that already exist (see :mod:`usam.web_images`).
+"""Entry point for training images that already exist (see :mod:`usam.images.web_crawl`).
 
     python -m usam.ingest data.classes=voc20 ingest.urls=urls.csv
     python -m usam.ingest data.classes=voc20 ingest=folder ingest.root=my_photos
@@ -16,9 +16,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from usam.image_shards import image_set_dir
-from usam.vocab import load_vocabulary
-from usam.web_images import IngestSettings, ingest_folder, ingest_urls
+from usam.core.vocabulary import load_vocabulary
+from usam.formats.image_shards import image_set_dir
+from usam.images.web_crawl import IngestSettings, ingest_folder, ingest_urls
 
 
 def run(cfg: DictConfig) -> Path:

@@ -1,0 +1,248 @@
+"""Stream embedding shard sets into padded mask-set batches with WebDataset.
+
+Training shuffles shards and samples (buffer); evaluation reads in a fixed
+order. Shards are split across DDP ranks and DataLoader workers, so ranks see
+disjoint images. Training under DDP repeats each rank's shards and cuts every
+rank's epoch to the same number of batches (``with_epoch``), so ranks stay in
+step even when their shards hold different numbers of images.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import webdataset as wds
+
+from usam.core.vocabulary import load_vocabulary
+from usam.data.pipeline import TrainingPipeline
+from usam.data.synthetic import write_synthetic_shard_set
+from usam.formats.embedding_shards import (
+    DEFAULT_EMBED_DIM,
+    ImageRecord,
+    Manifest,
+    ShardSetError,
+    check_manifest,
+    decode_sample,
+    read_manifest,
+    shard_urls,
+)
+
+log = logging.getLogger(__name__)
+
+
+def collate_records(records: Sequence[ImageRecord]) -> dict[str, Any]:
+    """Pad the variable mask counts of a batch; ``valid`` marks the real masks."""
+    counts = [r.num_masks for r in records]
+    size, dim = max(counts), records[0].embeddings.shape[1]
+    embeddings = np.zeros((len(records), size, dim), dtype=np.float16)
+    multimask = np.zeros((len(records), size), dtype=np.int64)
+    valid = np.zeros((len(records), size), dtype=bool)
+    for row, record in enumerate(records):
+        embeddings[row, : record.num_masks] = record.embeddings
+        multimask[row, : record.num_masks] = record.multimask
+        valid[row, : record.num_masks] = True
+    batch: dict[str, Any] = {
+        "keys": [r.key for r in records],
+        "embeddings": torch.from_numpy(embeddings),
+        "multimask": torch.from_numpy(multimask),
+        "valid": torch.from_numpy(valid),
+    }
+    if all(r.labels is not None for r in records):
+        batch["labels"] = torch.tensor([r.labels for r in records], dtype=torch.float32)
+    return batch
+
+
+def _has_masks(record: ImageRecord) -> bool:
+    return record.num_masks > 0
+
+
+class ShardDataModule(L.LightningDataModule):
+    """Training and validation shard sets for one vocabulary and SAM model type.
+
+    Either name the shard sets (``train_dir``/``val_dir``; ``source: synthetic``
+    writes them on demand) or give ``pipeline`` (the ``sam``, ``amg``,
+    ``generate`` and ``extract`` config groups) with ``images_dir`` and
+    ``shards_dir``: missing images are generated and missing shards extracted in
+    ``prepare_data``, cached by a hash of their inputs.
+    """
+
+    def __init__(
+        self,
+        classes: str | Sequence[str],
+        train_dir: str | None = None,
+        val_dir: str | None = None,
+        source: str = "sd",
+        images_dir: str | None = None,
+        shards_dir: str | None = None,
+        pipeline: dict[str, Any] | None = None,
+        embed_dim: int = DEFAULT_EMBED_DIM,
+        sam_model_type: str | None = None,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        shuffle_buffer: int = 256,
+        seed: int = 0,
+        synthetic: dict[str, Any] | None = None,
+        name: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.vocabulary = load_vocabulary(classes)
+        self.classes = self.vocabulary.classes
+        self.pipeline = None
+        if train_dir is None or val_dir is None:
+            if not (pipeline and images_dir and shards_dir):
+                raise ValueError(
+                    "data: give train_dir and val_dir, or images_dir, shards_dir and pipeline"
+                )
+            self.pipeline = TrainingPipeline(
+                vocabulary=self.vocabulary,
+                source=source,
+                images_root=Path(images_dir),
+                shards_root=Path(shards_dir),
+                **{k: dict(pipeline[k]) for k in ("sam", "amg", "generate", "extract")},
+            )
+        self.train_dir = Path(train_dir) if train_dir else None
+        self.val_dir = Path(val_dir) if val_dir else None
+        self.source = source
+        self.embed_dim = embed_dim
+        self.sam_model_type = sam_model_type
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.synthetic = dict(synthetic or {})
+        self.name = name
+        self.manifests: dict[str, Manifest] = {}
+
+    def prepare_data(self) -> None:
+        """Make missing shard sets: synthetic ones, or images and SAM embeddings."""
+        if self.pipeline is not None:
+            self._use_shard_set(self.pipeline.prepare())
+            return
+        for split, directory in (("train", self.train_dir), ("val", self.val_dir)):
+            if (directory / "manifest.json").is_file():
+                continue
+            if self.source != "synthetic":
+                raise ShardSetError(
+                    f"no {split} shard set at {directory} (data.{split}_dir): extract embeddings "
+                    "for this vocabulary and SAM model type there first"
+                )
+            write_synthetic_shard_set(
+                directory,
+                classes=list(self.classes),
+                split=split,
+                embed_dim=self.embed_dim,
+                sam_model_type=self.sam_model_type or "tiny",
+                seed=self.seed,
+                **self.synthetic,
+            )
+
+    def _use_shard_set(self, directory: Path) -> None:
+        self.train_dir, self.val_dir = directory / "train", directory / "val"
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.pipeline is not None:
+            self._use_shard_set(self.pipeline.locate())
+        for split, directory in (("train", self.train_dir), ("val", self.val_dir)):
+            manifest = read_manifest(directory)
+            check_manifest(
+                manifest,
+                directory,
+                classes=self.classes,
+                embed_dim=self.embed_dim,
+                sam_model_type=self.sam_model_type,
+            )
+            self.manifests[split] = manifest
+
+    def random_weight_reasons(self) -> list[str]:
+        reasons = [r for m in self.manifests.values() for r in m.random_weight_reasons()]
+        return list(dict.fromkeys(reasons))
+
+    @property
+    def random_weights(self) -> bool:
+        """True when any shard set comes from synthetic data or untrained models."""
+        return bool(self.random_weight_reasons())
+
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def _workers_for(self, num_shards: int, shards_per_rank: bool) -> int:
+        _, world_size = self._world()
+        available = math.ceil(num_shards / world_size) if shards_per_rank else num_shards
+        workers = min(self.num_workers, available)
+        if workers < self.num_workers:
+            log.warning(
+                "data.num_workers=%d capped at %d: there are only %d shards to split",
+                self.num_workers,
+                workers,
+                num_shards,
+            )
+        return workers
+
+    def train_dataloader(self) -> wds.WebLoader:
+        manifest = self.manifests["train"]
+        urls = shard_urls(self.train_dir, manifest)
+        _, world_size = self._world()
+        if world_size > 1:
+            self._check_shard_per_rank(self.train_dir, urls, world_size)
+            dataset = wds.WebDataset(
+                urls, shardshuffle=len(urls), nodesplitter=wds.split_by_node, seed=self.seed
+            )
+            workers = self._workers_for(len(urls), shards_per_rank=True)
+        else:
+            dataset = wds.WebDataset(urls, shardshuffle=len(urls), seed=self.seed)
+            workers = self._workers_for(len(urls), shards_per_rank=False)
+        dataset = (
+            dataset.shuffle(self.shuffle_buffer)
+            .map(decode_sample)
+            .select(_has_masks)
+            .batched(self.batch_size, collation_fn=collate_records, partial=world_size == 1)
+        )
+        loader = wds.WebLoader(dataset, batch_size=None, num_workers=workers)
+        if world_size > 1:
+            batches_per_rank = math.ceil(manifest.num_images / (world_size * self.batch_size))
+            loader = loader.with_epoch(batches_per_rank)
+        return loader
+
+    @staticmethod
+    def _check_shard_per_rank(directory: Path, urls: list[str], world_size: int) -> None:
+        if len(urls) < world_size:
+            raise ShardSetError(
+                f"{directory} has {len(urls)} shard(s) for {world_size} ranks: every rank needs "
+                "at least one; rewrite the set with fewer images per shard"
+            )
+
+    def eval_loader(self, directory: Path, manifest: Manifest) -> wds.WebLoader:
+        """Every image once, in shard order, split over ranks and workers."""
+        urls = shard_urls(directory, manifest)
+        self._check_shard_per_rank(directory, urls, self._world()[1])
+        dataset = (
+            wds.WebDataset(
+                urls,
+                shardshuffle=False,
+                nodesplitter=wds.split_by_node,
+                workersplitter=wds.split_by_worker,
+                empty_check=False,
+            )
+            .map(decode_sample)
+            .select(_has_masks)
+            .batched(self.batch_size, collation_fn=collate_records, partial=True)
+        )
+        workers = self._workers_for(len(urls), shards_per_rank=True)
+        return wds.WebLoader(dataset, batch_size=None, num_workers=workers)
+
+    def val_dataloader(self) -> wds.WebLoader:
+        return self.eval_loader(self.val_dir, self.manifests["val"])
+
+    def test_dataloader(self) -> wds.WebLoader:
+        """The held-out training images again: test reports on the final (best) head."""
+        return self.val_dataloader()

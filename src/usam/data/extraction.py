@@ -1,0 +1,350 @@
+"""Run SAM's automatic mask generation over an image source into embedding shard sets.
+
+``python -m usam.extract source=image_set data=voc sam=vit_b`` (or ``fit``, when a
+shard set it needs is missing) writes ``<out_dir>/train`` and ``<out_dir>/val``
+for a training source (each image goes to val with probability ``val_fraction``,
+decided by a hash of its key, so the split never changes) or ``<out_dir>/eval``
+for an evaluation source. The work runs through ``Trainer.predict``: one process
+or Lightning DDP over GPUs and nodes, every rank writing its own shard series,
+rank zero listing them all in each manifest at the end. Images already in the
+shards, or already rejected, are skipped, so an interrupted run picks up where it
+stopped; unusable files go to ``rejected.jsonl`` with the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Mapping
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torch.utils.data import DataLoader, Dataset
+
+from usam.data.sources import ImageSource, RejectedImage, SourceImage
+from usam.formats.embedding_shards import (
+    DEFAULT_EMBED_DIM,
+    MANIFEST_NAME,
+    Manifest,
+    ShardSetWriter,
+    existing_keys,
+    read_manifest,
+)
+from usam.formats.storage import atomic_write_text
+from usam.sam.amg_settings import AmgSettings
+from usam.sam.mask_engine import AutomaticMaskEngine
+from usam.sam.registry import build_sam
+
+log = logging.getLogger(__name__)
+
+REJECTED_NAME = "rejected.jsonl"
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """An image that could not be used; travels from the loader to the writer."""
+
+    key: str
+    path: str
+    reason: str
+
+
+def splits_for(source: ImageSource, val_fraction: float) -> tuple[str, ...]:
+    if source.kind == "eval":
+        return ("eval",)
+    return ("train", "val") if val_fraction > 0 else ("train",)
+
+
+def split_of(key: str, kind: str, val_fraction: float) -> str:
+    """A fixed split per image: the first 8 hex digits of sha256(key) as a fraction."""
+    if kind == "eval":
+        return "eval"
+    position = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 2**32
+    return "val" if position < val_fraction else "train"
+
+
+def sam_identity(model_type: str, checkpoint: str | None) -> dict[str, Any]:
+    """What names a SAM for caching, known without loading or hashing the checkpoint."""
+    return {"model_type": model_type, "checkpoint": str(checkpoint) if checkpoint else None}
+
+
+def shard_set_id(
+    source: ImageSource, sam: dict[str, Any], settings: AmgSettings, val_fraction: float
+) -> str:
+    """Cache key of a shard set: what went in (``sam``: :func:`sam_identity`) and how SAM ran."""
+    payload = {
+        "source": source.fingerprint(),
+        "sam": sam,
+        "amg": asdict(settings),
+        "val_fraction": val_fraction if source.kind == "train" else None,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def is_complete(out_dir: Path, splits: tuple[str, ...]) -> bool:
+    return all((out_dir / split / MANIFEST_NAME).is_file() for split in splits)
+
+
+def _rejections(paths: list[Path]) -> dict[str, str]:
+    """Key -> JSON line of every rejection logged in ``paths``, the first one per image."""
+    lines: dict[str, str] = {}
+    for path in paths:
+        if not path.is_file():
+            continue
+        for line in path.read_text().splitlines():
+            try:
+                lines.setdefault(json.loads(line)["key"], line)
+            except (json.JSONDecodeError, KeyError):
+                continue  # a line cut off by a crash: the image is simply tried again
+    return lines
+
+
+def rejected_keys(out_dir: Path) -> set[str]:
+    return set(_rejections(sorted(out_dir.glob("rejected*.jsonl"))))
+
+
+class _PendingImages(Dataset):
+    """The source images still to extract; unusable files come out as ``Rejected``."""
+
+    def __init__(self, source: ImageSource, indices: list[int]) -> None:
+        self.source = source
+        self.indices = indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> SourceImage | Rejected:
+        index = self.indices[position]
+        try:
+            return self.source.load(index)
+        except RejectedImage as error:
+            return Rejected(self.source.keys[index], error.path, error.reason)
+
+
+def _as_list(batch: list[Any]) -> list[Any]:
+    return batch
+
+
+class ExtractionModule(L.LightningModule):
+    """SAM in automatic mode as a predict-only module, so Lightning places and splits it."""
+
+    def __init__(self, engine: AutomaticMaskEngine) -> None:
+        super().__init__()
+        self.engine = engine
+        self.sam = engine.sam  # registered, so the strategy moves it to the device
+
+    def transfer_batch_to_device(self, batch: Any, device: Any, dataloader_idx: int) -> Any:
+        return batch  # PIL images; the engine moves pixels to the model's device itself
+
+    def predict_step(self, batch: list[SourceImage | Rejected], batch_idx: int) -> list[Any]:
+        outputs = []
+        for item in batch:
+            if isinstance(item, Rejected):
+                outputs.append(item)
+                continue
+            masks = self.engine.generate(np.asarray(item.image))
+            outputs.append(
+                masks.to_record(
+                    item.key,
+                    labels=item.labels,
+                    ground_truth=item.ground_truth,
+                    source=item.source,
+                )
+            )
+        return outputs
+
+
+class ShardPredictionWriter(BasePredictionWriter):
+    """Writes each rank's records into its own shard series; rank zero writes the manifests."""
+
+    def __init__(
+        self,
+        out_dir: Path,
+        manifests: dict[str, Manifest],
+        kind: str,
+        val_fraction: float,
+        images_per_shard: int,
+    ) -> None:
+        super().__init__(write_interval="batch")
+        self.out_dir = out_dir
+        self.manifests = manifests
+        self.kind = kind
+        self.val_fraction = val_fraction
+        self.images_per_shard = images_per_shard
+        self._stack = ExitStack()
+        self.writers: dict[str, ShardSetWriter] = {}
+        self.counts = {"images": 0, "masks": 0, "rejected": 0}
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        series = f"r{trainer.global_rank}-" if trainer.world_size > 1 else ""
+        for split, manifest in self.manifests.items():
+            self.writers[split] = self._stack.enter_context(
+                ShardSetWriter(
+                    self.out_dir / split,
+                    manifest,
+                    images_per_shard=self.images_per_shard,
+                    series=series,
+                    write_manifest=False,
+                )
+            )
+        self._rejected_path = self.out_dir / f"rejected-r{trainer.global_rank}.jsonl"
+
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0
+    ) -> None:
+        for item in prediction:
+            if isinstance(item, Rejected):
+                with open(self._rejected_path, "a") as handle:
+                    handle.write(json.dumps(asdict(item)) + "\n")
+                self.counts["rejected"] += 1
+                continue
+            self.writers[split_of(item.key, self.kind, self.val_fraction)].write(item)
+            self.counts["images"] += 1
+            self.counts["masks"] += item.num_masks
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stack.close()  # every rank's last shard is complete before rank zero lists them
+        trainer.strategy.barrier("usam-extract-finished")
+        if trainer.is_global_zero:
+            for writer in self.writers.values():
+                writer.finalize()
+            _merge_rejected(self.out_dir)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._stack.close()  # keep what was written; no manifest, so the next run resumes
+
+
+def _merge_rejected(out_dir: Path) -> None:
+    """Fold the per-rank rejection logs into ``rejected.jsonl`` (one line per image)."""
+    parts = sorted(out_dir.glob("rejected-r*.jsonl"))
+    merged = _rejections([out_dir / REJECTED_NAME, *parts])
+    if merged:
+        atomic_write_text(out_dir / REJECTED_NAME, "".join(line + "\n" for line in merged.values()))
+    for path in parts:
+        path.unlink()
+
+
+def extract(
+    source: ImageSource,
+    out_dir: str | Path,
+    engine: AutomaticMaskEngine,
+    sam_info: dict[str, Any],
+    *,
+    val_fraction: float = 0.05,
+    images_per_shard: int = 500,
+    config: dict[str, Any] | None = None,
+    trainer_args: dict[str, Any] | None = None,
+    num_workers: int = 0,
+) -> dict[str, Manifest]:
+    """Extract every image of ``source`` not yet in ``out_dir``; returns the split manifests."""
+    out_dir = Path(out_dir)
+    splits = splits_for(source, val_fraction)
+    if is_complete(out_dir, splits):
+        return {split: read_manifest(out_dir / split) for split in splits}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    skip = rejected_keys(out_dir)
+    for split in splits:
+        skip |= existing_keys(out_dir / split)
+    pending = [i for i, key in enumerate(source.keys) if key not in skip]
+    for path, reason in source.listing_rejected:
+        log.warning("rejected while listing: %s (%s)", path, reason)
+    fingerprint = source.fingerprint()
+    manifests = {
+        split: Manifest(
+            classes=list(source.classes),
+            embed_dim=DEFAULT_EMBED_DIM,
+            kind="eval" if split == "eval" else "train",
+            sam=dict(sam_info),
+            images_random_weights=source.random_weights,
+            config={
+                **(config or {}),
+                "split": split,
+                "source_fingerprint": fingerprint,
+                "amg": asdict(engine.settings),
+                "val_fraction": val_fraction,
+            },
+        )
+        for split in splits
+    }
+    writer = ShardPredictionWriter(out_dir, manifests, source.kind, val_fraction, images_per_shard)
+    loader = DataLoader(
+        _PendingImages(source, pending),
+        batch_size=1,
+        num_workers=num_workers,
+        collate_fn=_as_list,
+    )
+    args = {"accelerator": "auto", "devices": 1, "logger": False, **(trainer_args or {})}
+    trainer = L.Trainer(callbacks=[writer], enable_checkpointing=False, **args)
+    started = time.perf_counter()
+    trainer.predict(ExtractionModule(engine), dataloaders=loader, return_predictions=False)
+    if trainer.is_global_zero:
+        seconds = time.perf_counter() - started
+        log.info(
+            "extracted %d images (%d masks) in %.1f s (%.2f images/s), rejected %d, "
+            "skipped %d already done, into %s%s",
+            writer.counts["images"],
+            writer.counts["masks"],
+            seconds,
+            writer.counts["images"] / max(seconds, 1e-9),
+            writer.counts["rejected"],
+            len(source) - len(pending),
+            out_dir,
+            random_weights_note(next(iter(manifests.values()))),
+        )
+    return {split: read_manifest(out_dir / split) for split in splits}
+
+
+def shard_set_dir(
+    shards_root: str | Path,
+    name: str,
+    source: ImageSource,
+    sam_cfg: Mapping[str, Any],
+    settings: AmgSettings,
+    val_fraction: float,
+) -> Path:
+    """Where the cached shard set of ``source`` under these settings lives."""
+    identity = sam_identity(sam_cfg["model_type"], sam_cfg.get("checkpoint"))
+    cache_id = shard_set_id(source, identity, settings, val_fraction)
+    return Path(shards_root) / f"{name}-{sam_cfg['model_type']}-{cache_id}"
+
+
+def run_extraction(
+    source: ImageSource,
+    out_dir: str | Path,
+    sam_cfg: Mapping[str, Any],
+    settings: AmgSettings,
+    extract_cfg: Mapping[str, Any],
+    *,
+    config: dict[str, Any] | None = None,
+) -> dict[str, Manifest]:
+    """Build SAM (only when work is left) and extract; ``extract_cfg`` is the extract group."""
+    splits = splits_for(source, extract_cfg["val_fraction"])
+    if is_complete(Path(out_dir), splits):
+        return {split: read_manifest(Path(out_dir) / split) for split in splits}
+    print(f"extracting SAM embeddings of {len(source)} images into {out_dir}")
+    sam, sam_info = build_sam(sam_cfg["model_type"], sam_cfg.get("checkpoint"))
+    if sam_info["random_weights"]:
+        print("RANDOM WEIGHTS: SAM is untrained; these embeddings only exercise the pipeline.")
+    return extract(
+        source,
+        out_dir,
+        AutomaticMaskEngine(sam, settings),
+        sam_info,
+        val_fraction=extract_cfg["val_fraction"],
+        images_per_shard=extract_cfg["images_per_shard"],
+        config=config,
+        num_workers=extract_cfg["num_workers"],
+        trainer_args=dict(extract_cfg["trainer"]),
+    )
+
+
+def random_weights_note(manifest: Manifest) -> str:
+    reasons = manifest.random_weight_reasons()
+    return f" (RANDOM WEIGHTS: {'; '.join(reasons)})" if reasons else ""

@@ -1,0 +1,80 @@
+"""Class names -> training images -> SAM embedding shards, each step cached, for ``fit``.
+
+A run names its vocabulary, its image source (``sd`` generates with Stable
+Diffusion, ``web``/``folder`` read what ``usam.ingest`` stored) and its SAM; the
+shard set directory is derived from a hash of the images and the settings, so a
+changed input or setting gets its own set and an unchanged one is reused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from usam.core.vocabulary import Vocabulary
+from usam.data.extraction import run_extraction, shard_set_dir
+from usam.data.sources import ImageShardSource
+from usam.formats.embedding_shards import ShardSetError
+from usam.formats.image_shards import image_set_dir
+from usam.images.stable_diffusion import GenerateSettings, generate_images
+from usam.sam.amg_settings import AmgSettings
+
+GENERATED = "sd"
+
+
+@dataclass
+class TrainingPipeline:
+    vocabulary: Vocabulary
+    source: str  # sd | web | folder
+    images_root: Path
+    shards_root: Path
+    sam: Mapping[str, Any]  # the sam group: model_type, checkpoint
+    amg: Mapping[str, Any]  # the amg group
+    generate: Mapping[str, Any]  # the generate group (used when source is sd)
+    extract: Mapping[str, Any]  # the extract group
+
+    def image_dir(self) -> Path:
+        name = self.generate["name"] if self.source == GENERATED else self.source
+        return image_set_dir(self.images_root, self.vocabulary, name)
+
+    def _image_source(self) -> ImageShardSource:
+        directory = self.image_dir()
+        if not (directory / "manifest.json").is_file():
+            raise ShardSetError(
+                f"no finished {self.source} image set at {directory}: store the images first, "
+                f"e.g. `python -m usam.ingest data.classes={self.vocabulary.name} "
+                f"ingest={'folder' if self.source == 'folder' else 'web'} ...`"
+            )
+        return ImageShardSource(directory)
+
+    def _shard_dir(self, source: ImageShardSource) -> Path:
+        return shard_set_dir(
+            self.shards_root,
+            self.image_dir().name,
+            source,
+            self.sam,
+            AmgSettings(**self.amg),
+            self.extract["val_fraction"],
+        )
+
+    def locate(self) -> Path:
+        """The shard set directory (its ``train``/``val`` splits), without making anything."""
+        return self._shard_dir(self._image_source())
+
+    def prepare(self) -> Path:
+        """Generate missing images (source sd), extract missing shards; return the set."""
+        if self.source == GENERATED and not (self.image_dir() / "manifest.json").is_file():
+            settings = GenerateSettings.from_config(dict(self.generate))
+            generate_images(self.vocabulary, settings, self.image_dir())
+        source = self._image_source()
+        out_dir = self._shard_dir(source)
+        run_extraction(
+            source,
+            out_dir,
+            self.sam,
+            AmgSettings(**self.amg),
+            self.extract,
+        )
+        return out_dir

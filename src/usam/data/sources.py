@@ -1,0 +1,256 @@
+"""Image sources: the one interface the SAM extraction engine reads images through.
+
+A source is an indexed list of images known up front (``keys``), each loaded on
+demand by ``load(index)``, so an engine can skip images it already extracted and
+split the rest across processes without decoding anything. ``load`` raises
+:class:`RejectedImage` for a file that is not a usable image (corrupt,
+truncated, empty, not an image); iterating a source skips those and records
+them in ``rejected`` as ``(path, reason)`` for the caller's ``rejected.jsonl``.
+
+``fingerprint()`` hashes what defines the images a source yields (class list,
+keys, file names with size and modification time, or content hashes where the
+format stores them) so that a shard set made from it can be cached and reused.
+
+Training sources (``kind == "train"``) give image-level multi-hot ``labels``;
+evaluation sources (``kind == "eval"``) give a JSON-able ``ground_truth``
+reference that :func:`usam.data.ground_truth.load_ground_truth` turns into masks, or
+none for plain folders to annotate. Evaluation datasets live in
+:mod:`usam.data.ground_truth`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import struct
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import ExifTags, Image
+
+from usam.core.vocabulary import load_vocabulary
+from usam.formats.image_shards import (
+    checked_image,
+    index_shard,
+    read_image_manifest,
+    shard_paths,
+    to_rgb,
+)
+from usam.formats.storage import KEY_PATTERN
+
+KINDS = ("train", "eval")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_\-]+")
+_MAX_READABLE = 80  # characters of the readable part of a derived key
+# What Pillow raises on files that are not decodable images.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
+
+
+class RejectedImage(Exception):
+    """A file that cannot be used as an image; the engine skips it into ``rejected.jsonl``."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+@dataclass
+class SourceImage:
+    """One image as the extraction engine receives it (``image`` is always 8-bit RGB)."""
+
+    key: str
+    image: Image.Image
+    labels: list[int] | None = None  # multi-hot over the source's classes (training images)
+    ground_truth: dict[str, Any] | None = None  # reference for load_ground_truth (evaluation)
+    source: dict[str, Any] = field(default_factory=dict)  # where the image came from
+
+
+def image_key(name: str) -> str:
+    """A shard key for a name: the name itself when it is already a valid key.
+
+    Otherwise its readable form (runs of characters outside [A-Za-z0-9_-], dots
+    included, become '_') plus a hash of the exact name, so two names that read
+    alike ('a.b.jpg', 'a_b.jpg') still get different keys, and the same name
+    always gets the same key whatever else is in the directory.
+    """
+    if KEY_PATTERN.match(name):
+        return name
+    readable = _UNSAFE.sub("_", name).strip("_")[:_MAX_READABLE] or "image"
+    return f"{readable}-{hashlib.sha256(name.encode()).hexdigest()[:10]}"
+
+
+def load_rgb(path: str | Path, *, upright: bool = True) -> Image.Image:
+    """Decode a file into 8-bit RGB, or raise :class:`RejectedImage` saying why not.
+
+    ``upright`` applies the EXIF orientation. Annotated datasets pass False: their
+    masks were drawn on the stored pixel grid, so rotating the photo would
+    misalign it with its ground truth.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise RejectedImage(path, "empty file (0 bytes)")
+        with Image.open(path) as image:
+            image.load()
+            if not upright:
+                image.getexif().pop(ExifTags.Base.Orientation, None)
+            return to_rgb(image)
+    except (FileNotFoundError, PermissionError) as error:
+        raise RejectedImage(path, f"cannot read the file: {error.strerror}") from error
+    except Image.DecompressionBombError as error:
+        raise RejectedImage(path, f"too large to decode safely: {error}") from error
+    except Image.UnidentifiedImageError as error:
+        raise RejectedImage(path, "not an image Pillow can read") from error
+    except _DECODE_ERRORS as error:
+        raise RejectedImage(path, f"corrupt or truncated image: {error}") from error
+
+
+def check_unique_keys(keys: Sequence[str], names: Sequence[str], where: str | Path) -> None:
+    """Fail when two inputs would share a shard key (one would overwrite the other)."""
+    seen: dict[str, str] = {}
+    for key, name in zip(keys, names):
+        if key in seen:
+            raise ValueError(
+                f"{where}: '{seen[key]}' and '{name}' both map to sample key {key!r}; "
+                "rename one of them"
+            )
+        seen[key] = name
+
+
+def file_stamp(path: Path, root: Path) -> list[Any]:
+    """(relative path, size, mtime) of a file: enough to notice it changed, without reading it."""
+    stat = path.stat()
+    return [path.relative_to(root).as_posix(), stat.st_size, stat.st_mtime_ns]
+
+
+class ImageSource(ABC):
+    """Images for one extraction run: ``keys`` up front, pixels on ``load``.
+
+    Subclasses set ``classes``, ``kind`` and ``keys`` and implement ``load`` and
+    ``_inputs`` (the JSON-able description of their inputs that the fingerprint hashes).
+    """
+
+    classes: tuple[str, ...]
+    kind: str
+    keys: tuple[str, ...]
+    random_weights = False  # the images come from an untrained generator
+
+    def __init__(self, classes: Sequence[str], kind: str) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"source kind {kind!r} is not one of {', '.join(KINDS)}")
+        self.classes = tuple(classes)
+        self.kind = kind
+        self.keys = ()
+        self.listing_rejected: list[tuple[str, str]] = []  # found while listing inputs
+        self.rejected: list[tuple[str, str]] = []
+
+    @abstractmethod
+    def load(self, index: int) -> SourceImage:
+        """The image at ``index``; raises :class:`RejectedImage` for an unusable file."""
+
+    @abstractmethod
+    def _inputs(self) -> Any:
+        """JSON-able description of everything that defines this source's images."""
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __iter__(self) -> Iterator[SourceImage]:
+        """Every usable image in order; ``rejected`` lists the rest after the pass."""
+        self.rejected = list(self.listing_rejected)
+        for index in range(len(self.keys)):
+            try:
+                yield self.load(index)
+            except RejectedImage as error:
+                self.rejected.append((error.path, error.reason))
+
+    def fingerprint(self) -> str:
+        payload = {
+            "type": type(self).__name__,
+            "kind": self.kind,
+            "classes": list(self.classes),
+            "inputs": self._inputs(),
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _visible_files(root: Path) -> list[Path]:
+    """Files under ``root``, sorted, skipping hidden files and folders ('.DS_Store', '.git')."""
+    found = []
+    for directory, subdirs, files in os.walk(root):
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        found.extend(Path(directory) / f for f in files if not f.startswith("."))
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+class FolderSource(ImageSource):
+    """Every file under a folder, recursively, for annotation (no ground truth).
+
+    Every visible file is a candidate, so stray non-images show up in ``rejected``
+    instead of vanishing silently. Keys derive from the relative path.
+    """
+
+    def __init__(self, root: str | Path, classes: str | Sequence[str]) -> None:
+        super().__init__(load_vocabulary(classes).classes, "eval")
+        self.root = Path(root).resolve()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder {root} does not exist or is not a folder")
+        self.paths = _visible_files(self.root)
+        names = [p.relative_to(self.root).as_posix() for p in self.paths]
+        self.keys = tuple(image_key(n) for n in names)
+        check_unique_keys(self.keys, names, self.root)
+
+    def load(self, index: int) -> SourceImage:
+        path = self.paths[index]
+        relative = path.relative_to(self.root).as_posix()
+        return SourceImage(
+            key=self.keys[index],
+            image=load_rgb(path),
+            source={"type": "folder", "root": str(self.root), "path": relative},
+        )
+
+    def _inputs(self) -> Any:
+        return {"root": str(self.root), "files": [file_stamp(p, self.root) for p in self.paths]}
+
+
+class ImageShardSource(ImageSource):
+    """A training image set written by :mod:`usam.formats.image_shards`, with one-hot labels.
+
+    Listing reads only the tar headers and the small metadata entries, and notes
+    where each JPEG sits, so ``load`` reads one image without scanning the shard.
+    Flagged images (e.g. safety-checker black frames) are left out.
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory).resolve()
+        manifest = read_image_manifest(self.directory)
+        super().__init__(manifest.classes, "train")
+        self.random_weights = manifest.random_weights
+        self._entries: list[tuple[Path, int, int, dict[str, Any]]] = []
+        keys = []
+        for path in shard_paths(self.directory, manifest):
+            for key, offset, size, meta in index_shard(path):
+                if not meta.get("flagged"):
+                    keys.append(key)
+                    self._entries.append((path, offset, size, meta))
+        self.keys = tuple(keys)
+
+    def load(self, index: int) -> SourceImage:
+        path, offset, size, meta = self._entries[index]
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            jpeg = handle.read(size)
+        key = self.keys[index]
+        image = checked_image(key, jpeg, meta, str(path))
+        labels = [0] * len(self.classes)
+        labels[meta["class_index"]] = 1
+        source = {"type": "image_shards", "shard": path.name, **meta}
+        return SourceImage(key=key, image=image, labels=labels, source=source)
+
+    def _inputs(self) -> Any:
+        return [[key, entry[3]["sha256"]] for key, entry in zip(self.keys, self._entries)]

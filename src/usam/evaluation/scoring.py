@@ -1,0 +1,429 @@
+"""Score a head on an evaluation shard set: mIoU, mask mAP50, per-class table, threshold sweep.
+
+One pass over the images: each image's masks go through the head once, and
+those probabilities (with the image's all-mask IoU matrix, decoded masks and
+ground truth) are reused for the configured inference settings and for every
+point of a (confidence threshold x NMS IoU) sweep, so ablations over thresholds
+never re-run the head. The semantic map of a prediction follows
+:func:`usam.evaluation.metrics.semantic_from_instances` (highest-scoring kept mask wins a
+pixel, background elsewhere).
+
+Evaluation runs in one process. Under DDP the callback runs it on rank zero,
+so the torchmetrics objects here are told not to gather across ranks.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from usam.core.labels import BACKGROUND
+from usam.core.vocabulary import PACKAGED, Vocabulary, load_vocabulary
+from usam.data.ground_truth import GroundTruth, load_ground_truth
+from usam.data.sources import ImageSource
+from usam.evaluation.metrics import MaskAP50, SemanticIoU
+from usam.formats.embedding_shards import (
+    ImageRecord,
+    Manifest,
+    check_manifest,
+    iter_records,
+    read_manifest,
+)
+from usam.inference.predictor import InferenceSettings, Predictor, mask_ious, select_instances
+from usam.inference.semantic_map import semantic_from_instances
+from usam.viz.overlays import heatmaps, overlay_panel
+
+NOT_MEANINGFUL = (
+    "NOT MEANINGFUL: {why}; these numbers check the evaluation pipeline and are NOT results."
+)
+
+
+class EvaluationError(ValueError):
+    """An evaluation set or head that cannot be scored together."""
+
+
+@dataclass(frozen=True)
+class SweepGrid:
+    """Confidence thresholds x NMS IoU thresholds; the other settings stay as configured."""
+
+    confidence_thresholds: tuple[float, ...]
+    nms_ious: tuple[float, ...]
+
+    def settings(self, base: InferenceSettings) -> list[InferenceSettings]:
+        return [
+            replace(base, confidence_threshold=c, nms_iou=n)
+            for c in self.confidence_thresholds
+            for n in self.nms_ious
+        ]
+
+
+@dataclass
+class SweepPoint:
+    confidence_threshold: float
+    nms_iou: float
+    miou: float
+    map50: float
+
+
+@dataclass
+class ClassScore:
+    name: str
+    iou: float | None  # percent; None when the class is in neither prediction nor ground truth
+    ap50: float | None  # fraction; None for background and classes without ground truth
+
+
+@dataclass
+class Sample:
+    """What an overlay shows for one image (``image`` is grey without a source to read it)."""
+
+    key: str
+    image: np.ndarray
+    truth: np.ndarray
+    prediction: np.ndarray
+
+
+@dataclass
+class Evaluation:
+    miou: float  # percent
+    map50: float  # fraction
+    per_class: list[ClassScore]
+    images: int
+    masks: int
+    detections: int
+    instances_derived: bool  # some ground-truth instances are connected components
+    not_meaningful: list[str]  # why the numbers are not results (empty when they are)
+    settings: InferenceSettings
+    sweep: list[SweepPoint] = field(default_factory=list)
+    samples: list[Sample] = field(default_factory=list)
+
+    @property
+    def names(self) -> list[str]:
+        return [score.name for score in self.per_class]
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able scalars and the per-class table (NaN written as null)."""
+        return _finite(
+            {
+                "mIoU": self.miou,
+                "mAP50": self.map50,
+                "images": self.images,
+                "masks": self.masks,
+                "detections": self.detections,
+                "instances_derived": self.instances_derived,
+                "meaningful": not self.not_meaningful,
+                "not_meaningful_because": self.not_meaningful,
+                "inference": asdict(self.settings),
+                "per_class": [asdict(score) for score in self.per_class],
+            }
+        )
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def resolve_vocabulary(classes: Sequence[str], spec: str | None = None) -> Vocabulary:
+    """The head's vocabulary with its parent, if any (a checkpoint stores only class names).
+
+    A packaged vocabulary with the same classes is used so that a superclass head
+    knows how to map the fine ground truth; ``spec`` names one explicitly.
+    """
+    classes = tuple(classes)
+    candidates = [spec] if spec else list(PACKAGED)
+    for name in candidates:
+        vocabulary = load_vocabulary(name)
+        if vocabulary.classes == classes:
+            return vocabulary
+    if spec:
+        raise EvaluationError(
+            f"vocabulary {spec!r} lists other classes than the checkpoint "
+            f"({len(classes)} classes starting {list(classes[:3])}); drop it or pick the "
+            "vocabulary the head was trained with"
+        )
+    return load_vocabulary(list(classes))
+
+
+def check_eval_set(
+    manifest: Manifest, directory: Path, predictor: Predictor, vocabulary: Vocabulary
+) -> None:
+    """Fail before any work when the shards cannot be scored with this head."""
+    if manifest.kind != "eval":
+        raise EvaluationError(
+            f"{directory} is a '{manifest.kind}' shard set; evaluation needs one made from an "
+            "annotated dataset (usam.eval eval_data=... creates it)"
+        )
+    check_manifest(manifest, directory, sam_model_type=predictor.checkpoint.sam_model_type)
+    dataset = tuple(manifest.classes)
+    if vocabulary.classes == dataset:
+        return
+    if vocabulary.parent and load_vocabulary(vocabulary.parent).classes == dataset:
+        return
+    raise EvaluationError(
+        f"the head predicts {vocabulary.num_classes} classes ({list(vocabulary.classes[:3])}...) "
+        f"but {directory} is annotated with {len(dataset)} ({list(dataset[:3])}...); evaluate "
+        "on a dataset with the head's classes or a grouping of them"
+    )
+
+
+def not_meaningful_reasons(manifest: Manifest, predictor: Predictor) -> list[str]:
+    """Why these metrics mean nothing: the head's training data, then the evaluation set's."""
+    reasons = []
+    if predictor.checkpoint.random_weights:
+        reasons.append(predictor.checkpoint.random_weights_reason)
+    return reasons + [f"evaluation embeddings: {r}" for r in manifest.random_weight_reasons()]
+
+
+def _truth_of(record: ImageRecord, vocabulary: Vocabulary, directory: Path) -> GroundTruth:
+    if record.ground_truth is None:
+        raise EvaluationError(
+            f"image {record.key!r} in {directory} has no ground truth (a plain image folder?); "
+            "evaluation needs an annotated dataset"
+        )
+    truth = load_ground_truth(record.ground_truth, vocabulary)
+    if truth.semantic.shape != (record.height, record.width):
+        raise EvaluationError(
+            f"image {record.key!r}: masks are {record.width}x{record.height} but its ground truth "
+            f"is {truth.semantic.shape[1]}x{truth.semantic.shape[0]}; re-extract {directory}"
+        )
+    return truth
+
+
+class _Scorer:
+    """Metrics for one inference setting."""
+
+    def __init__(self, classes: Sequence[str], settings: InferenceSettings, per_class: bool):
+        self.settings = settings
+        self.semantic = SemanticIoU(classes)
+        self.instances = MaskAP50(classes, per_class=per_class)
+        self.detections = 0
+
+    def update(
+        self,
+        record: ImageRecord,
+        probs: np.ndarray,
+        ious: np.ndarray | None,
+        masks: np.ndarray,
+        truth: GroundTruth,
+    ) -> np.ndarray:
+        prediction = select_instances(record, probs, self.settings, ious)
+        kept = masks[prediction.mask_indices]
+        shape = (record.height, record.width)
+        semantic = semantic_from_instances(kept, prediction.labels, prediction.scores, shape)
+        self.semantic.update(semantic, truth.semantic)
+        self.instances.update(kept, prediction.labels, prediction.scores, truth)
+        self.detections += len(prediction.labels)
+        return semantic
+
+
+def sample_positions(count: int, wanted: int) -> set[int]:
+    """Evenly spaced image positions, the same every epoch."""
+    if wanted <= 0 or count <= 0:
+        return set()
+    return {int(p) for p in np.linspace(0, count - 1, min(wanted, count)).round()}
+
+
+def _image_of(source: ImageSource | None, record: ImageRecord) -> np.ndarray:
+    if source is None or record.key not in source.keys:
+        return np.full((record.height, record.width, 3), 128, dtype=np.uint8)
+    return np.asarray(source.load(source.keys.index(record.key)).image)
+
+
+def evaluate(
+    directory: str | Path,
+    predictor: Predictor,
+    *,
+    vocabulary: Vocabulary | None = None,
+    sweep: SweepGrid | None = None,
+    num_samples: int = 0,
+    source: ImageSource | None = None,
+) -> Evaluation:
+    """Score ``predictor`` on the eval shard set in ``directory`` (the ``eval`` split folder).
+
+    ``num_samples`` images, evenly spaced, are kept for overlays; their pixels are
+    read from ``source`` (the image source the set was extracted from) when given.
+    """
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    vocabulary = vocabulary or resolve_vocabulary(predictor.classes)
+    check_eval_set(manifest, directory, predictor, vocabulary)
+    main = _Scorer(vocabulary.classes, predictor.settings, per_class=True)
+    grid = [
+        _Scorer(vocabulary.classes, settings, per_class=False)
+        for settings in (sweep.settings(predictor.settings) if sweep else [])
+    ]
+    wanted = sample_positions(manifest.num_images, num_samples)
+    samples, images, masks, derived = [], 0, 0, False
+    for position, record in enumerate(iter_records(directory)):
+        truth = _truth_of(record, vocabulary, directory)
+        probs = predictor.mask_probabilities(record)
+        ious = mask_ious(record.coco_rles()) if grid else None
+        decoded = record.masks()
+        semantic = main.update(record, probs, ious, decoded, truth)
+        for scorer in grid:
+            scorer.update(record, probs, ious, decoded, truth)
+        if position in wanted:
+            image = _image_of(source, record)
+            samples.append(Sample(record.key, image, truth.semantic, semantic))
+        images += 1
+        masks += record.num_masks
+        derived |= truth.instances_derived
+    if not images:
+        raise EvaluationError(f"{directory} holds no images; re-extract it from the dataset")
+    semantic_scores = main.semantic.compute()
+    instance_scores = main.instances.compute()
+    ap = instance_scores.per_class or {}
+    per_class = [
+        ClassScore(name, iou, None if name == BACKGROUND else ap.get(name))
+        for name, iou in semantic_scores.per_class.items()
+    ]
+    points = [
+        SweepPoint(
+            s.settings.confidence_threshold,
+            s.settings.nms_iou,
+            s.semantic.compute().miou,
+            s.instances.compute().map50,
+        )
+        for s in grid
+    ]
+    return Evaluation(
+        miou=semantic_scores.miou,
+        map50=instance_scores.map50,
+        per_class=per_class,
+        images=images,
+        masks=masks,
+        detections=main.detections,
+        instances_derived=derived,
+        not_meaningful=not_meaningful_reasons(manifest, predictor),
+        settings=predictor.settings,
+        sweep=points,
+        samples=samples,
+    )
+
+
+def sweep_maps(points: Sequence[SweepPoint]) -> tuple[list[float], list[float], dict]:
+    """Rows (confidence), columns (NMS IoU) and the mIoU / mAP50 grids of a sweep."""
+    rows = sorted({p.confidence_threshold for p in points})
+    columns = sorted({p.nms_iou for p in points})
+    grids = {name: np.full((len(rows), len(columns)), np.nan) for name in ("mIoU", "mAP50")}
+    for p in points:
+        r, c = rows.index(p.confidence_threshold), columns.index(p.nms_iou)
+        grids["mIoU"][r, c] = p.miou
+        grids["mAP50"][r, c] = p.map50
+    return rows, columns, grids
+
+
+def sweep_plot(points: Sequence[SweepPoint]):
+    rows, columns, grids = sweep_maps(points)
+    return heatmaps(rows, columns, grids, row_name="confidence threshold", column_name="NMS IoU")
+
+
+def overlay_images(evaluation: Evaluation) -> list[tuple[str, Any]]:
+    """(key, PIL panel) per kept sample."""
+    names = evaluation.names
+    return [
+        (s.key, overlay_panel(s.image, s.truth, s.prediction, names, title=s.key))
+        for s in evaluation.samples
+    ]
+
+
+def write_outputs(evaluation: Evaluation, out_dir: str | Path, extra: dict | None = None) -> Path:
+    """``metrics.json``, ``per_class.csv``, ``overlays/*.png`` and, with a sweep,
+    ``sweep.csv`` and ``sweep.png``; returns the metrics path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = out_dir / "metrics.json"
+    metrics.write_text(json.dumps({**evaluation.summary(), **(extra or {})}, indent=2))
+    random_weights = bool(evaluation.not_meaningful)  # a column, so no row reads as a result
+    with open(out_dir / "per_class.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["class", "iou", "ap50", "random_weights"])
+        for score in evaluation.per_class:
+            writer.writerow([score.name, _cell(score.iou), _cell(score.ap50), random_weights])
+    if evaluation.sweep:
+        with open(out_dir / "sweep.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["confidence_threshold", "nms_iou", "mIoU", "mAP50", "random_weights"])
+            for p in evaluation.sweep:
+                writer.writerow(
+                    [
+                        p.confidence_threshold,
+                        p.nms_iou,
+                        _cell(p.miou),
+                        _cell(p.map50),
+                        random_weights,
+                    ]
+                )
+        sweep_plot(evaluation.sweep).save(out_dir / "sweep.png")
+    write_overlays(evaluation, out_dir / "overlays")
+    return metrics
+
+
+def write_overlays(evaluation: Evaluation, out_dir: str | Path) -> list[Path]:
+    out_dir = Path(out_dir)
+    paths = []
+    for key, panel in overlay_images(evaluation):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        paths.append(out_dir / f"{key}.png")
+        panel.save(paths[-1])
+    return paths
+
+
+def _cell(value: float | None) -> str:
+    return "" if value is None or not math.isfinite(value) else f"{value:.6g}"
+
+
+def log_to_wandb(
+    run: Any, evaluation: Evaluation, prefix: str, extra: dict[str, Any] | None = None
+) -> None:
+    """Per-class table, overlay table and sweep (table and plot) into an active W&B run,
+    each marked with whether the numbers come from random weights; ``extra`` joins the
+    same log call (e.g. Lightning's ``trainer/global_step``)."""
+    import wandb  # a runtime dependency; imported here because most callers have no run
+
+    names = evaluation.names
+    labels = {i: name for i, name in enumerate(names)} | {255: "void"}
+    random = bool(evaluation.not_meaningful)
+    payload: dict[str, Any] = {
+        f"{prefix}/random_weights": float(random),
+        f"{prefix}/per_class": wandb.Table(
+            columns=["class", "iou", "ap50", "random_weights"],
+            data=[[s.name, s.iou, s.ap50, random] for s in evaluation.per_class],
+        ),
+    }
+    if evaluation.samples:
+        rows = []
+        for (key, panel), sample in zip(overlay_images(evaluation), evaluation.samples):
+            interactive = wandb.Image(
+                sample.image,
+                masks={
+                    "ground_truth": {"mask_data": sample.truth, "class_labels": labels},
+                    "prediction": {"mask_data": sample.prediction, "class_labels": labels},
+                },
+            )
+            rows.append([key, wandb.Image(panel), interactive])
+        payload[f"{prefix}/overlays"] = wandb.Table(
+            columns=["key", "image | ground truth | prediction", "interactive"], data=rows
+        )
+    if evaluation.sweep:
+        payload[f"{prefix}/sweep"] = wandb.Table(
+            columns=["confidence_threshold", "nms_iou", "mIoU", "mAP50", "random_weights"],
+            data=[
+                [p.confidence_threshold, p.nms_iou, p.miou, p.map50, random]
+                for p in evaluation.sweep
+            ],
+        )
+        payload[f"{prefix}/sweep_plot"] = wandb.Image(sweep_plot(evaluation.sweep))
+    run.log({**payload, **(extra or {})})

@@ -1,0 +1,207 @@
+"""Turn a trained head and an image's SAM masks into labelled instances.
+
+One ``Predictor`` serves the evaluation callback, ``usam.eval`` and annotation:
+per-mask softmax over C+1 outputs, keep masks whose best non-background
+probability passes a threshold, greedy NMS on mask IoU (class-agnostic or per
+class), and a cap on detections per image. The two steps are separate so a
+threshold sweep can score every mask once and re-select many times.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+
+from usam.formats.embedding_shards import ImageRecord, decode_masks
+from usam.train.head import MaskClassifierHead, input_dim, select_input_view
+
+
+class HeadCheckpointError(ValueError):
+    """A file that is not a usam head checkpoint."""
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    confidence_threshold: float = 0.5
+    nms_iou: float = 0.5
+    nms_per_class: bool = False
+    max_detections: int = 100  # what COCO mask mAP counts per image
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.confidence_threshold <= 1.0:
+            raise ValueError(f"confidence_threshold={self.confidence_threshold} must be in [0, 1]")
+        if not 0.0 < self.nms_iou <= 1.0:
+            raise ValueError(f"nms_iou={self.nms_iou} must be in (0, 1]")
+        if self.max_detections < 1:
+            raise ValueError(f"max_detections={self.max_detections} must be at least 1")
+
+
+@dataclass
+class HeadCheckpoint:
+    """A head with what it was trained on, read from a teacher or student checkpoint."""
+
+    head: MaskClassifierHead
+    classes: list[str]
+    input_view: str
+    sam_model_type: str | None
+    random_weights: bool
+    path: Path | None = None  # None for a head still in training
+    # why numbers from it mean nothing when ``random_weights``
+    random_weights_reason: ClassVar[str] = (
+        "the head was trained on synthetic or untrained-SAM embeddings"
+    )
+
+    def check_sam(self, sam: str, error: type[Exception]) -> None:
+        """Mask tokens of another SAM than the head was trained on mean nothing to it."""
+        if self.sam_model_type and sam != self.sam_model_type:
+            raise error(
+                f"{self.path or 'the head'} was trained on {self.sam_model_type} mask tokens "
+                f"but sam={sam}; run with sam={self.sam_model_type} (and that model's checkpoint)"
+            )
+
+
+def load_head(path: str | Path) -> HeadCheckpoint:
+    """Load only the head (never the teacher inside a student) with ``weights_only=True``."""
+    path = Path(path)
+    if not path.is_file():
+        raise HeadCheckpointError(f"head checkpoint {path} does not exist")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if "usam" not in checkpoint or "hyper_parameters" not in checkpoint:
+        raise HeadCheckpointError(
+            f"{path} is not a usam head checkpoint (no 'usam' metadata): pass a checkpoint "
+            "written by `python -m usam.fit` (checkpoints/teacher or checkpoints/student)"
+        )
+    meta, hparams = checkpoint["usam"], checkpoint["hyper_parameters"]
+    head = MaskClassifierHead(
+        input_dim(meta["input_view"], hparams["embed_dim"]),
+        len(meta["classes"]) + 1,
+        **dict(hparams.get("head") or {}),
+    )
+    state = {
+        key.removeprefix("head."): value
+        for key, value in checkpoint["state_dict"].items()
+        if key.startswith("head.")
+    }
+    head.load_state_dict(state)
+    head.eval()
+    return HeadCheckpoint(
+        head=head,
+        classes=list(meta["classes"]),
+        input_view=meta["input_view"],
+        sam_model_type=meta["sam_model_type"],
+        random_weights=bool(meta["random_weights"]),
+        path=path,
+    )
+
+
+@dataclass
+class Prediction:
+    """Kept instances of one image; ``labels`` are 0-based class indices."""
+
+    key: str
+    height: int
+    width: int
+    rles: list[dict[str, Any]]
+    labels: np.ndarray
+    scores: np.ndarray
+    mask_indices: np.ndarray  # which of the image's SAM masks each instance is
+
+    def masks(self) -> np.ndarray:
+        """(K, H, W) bool."""
+        return decode_masks(self.rles, self.height, self.width)
+
+
+def mask_ious(rles: list[dict[str, Any]]) -> np.ndarray:
+    """Pairwise mask IoU, computed on RLE (no decoding)."""
+    if not rles:
+        return np.zeros((0, 0))
+    return np.asarray(mask_utils.iou(rles, rles, [0] * len(rles)), dtype=np.float64)
+
+
+def select_instances(
+    record: ImageRecord,
+    probs: np.ndarray,
+    settings: InferenceSettings,
+    ious: np.ndarray | None = None,
+) -> Prediction:
+    """Threshold, NMS and cap on precomputed (N, C+1) probabilities.
+
+    ``ious`` (all-mask IoU matrix) may be passed in so sweeps compute it once.
+    Ties in score keep the earlier mask.
+    """
+    labels = probs[:, 1:].argmax(1) if len(probs) else np.zeros(0, dtype=np.int64)
+    scores = probs[np.arange(len(probs)), labels + 1] if len(probs) else np.zeros(0)
+    candidates = np.flatnonzero(scores >= settings.confidence_threshold)
+    candidates = candidates[np.argsort(-scores[candidates], kind="stable")]
+    rles = record.coco_rles()
+    if ious is None:
+        ious = mask_ious([rles[i] for i in candidates])
+        local = np.arange(len(candidates))
+    else:
+        local = candidates
+    kept: list[int] = []
+    for position, index in enumerate(candidates):
+        if len(kept) == settings.max_detections:
+            break
+        overlaps = [
+            k
+            for k in kept
+            if ious[local[position], local[k]] > settings.nms_iou
+            and (not settings.nms_per_class or labels[index] == labels[candidates[k]])
+        ]
+        if not overlaps:
+            kept.append(position)
+    chosen = candidates[kept]
+    return Prediction(
+        key=record.key,
+        height=record.height,
+        width=record.width,
+        rles=[rles[i] for i in chosen],
+        labels=labels[chosen].astype(np.int64),
+        scores=scores[chosen].astype(np.float32),
+        mask_indices=chosen.astype(np.int64),
+    )
+
+
+class Predictor:
+    """A trained head plus inference settings."""
+
+    def __init__(
+        self,
+        checkpoint: HeadCheckpoint,
+        settings: InferenceSettings | None = None,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.checkpoint = checkpoint
+        self.settings = settings or InferenceSettings()
+        self.device = torch.device(device)
+        self.head = checkpoint.head.to(self.device)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        settings: InferenceSettings | None = None,
+        device: str | torch.device = "cpu",
+    ) -> Predictor:
+        return cls(load_head(path), settings, device)
+
+    @property
+    def classes(self) -> list[str]:
+        return self.checkpoint.classes
+
+    @torch.no_grad()
+    def mask_probabilities(self, record: ImageRecord) -> np.ndarray:
+        """(N, C+1) softmax over background and the classes for every SAM mask."""
+        embeddings = torch.from_numpy(record.embeddings).to(self.device)
+        multimask = torch.from_numpy(record.multimask.astype(np.int64)).to(self.device)
+        features = select_input_view(embeddings, multimask, self.checkpoint.input_view)
+        return self.head(features).softmax(-1).cpu().numpy()
+
+    def __call__(self, record: ImageRecord) -> Prediction:
+        return select_instances(record, self.mask_probabilities(record), self.settings)

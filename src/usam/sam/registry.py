@@ -1,0 +1,293 @@
+"""SAM model types: how to build each one and where its official weights come from.
+
+``vit_h``, ``vit_l`` and ``vit_b`` are the official segment-anything architectures with
+Meta's checkpoints. ``vit_t`` is MobileSAM: a TinyViT image encoder distilled from
+ViT-H in front of SAM's own prompt encoder and mask decoder. Its encoder runs about 9x
+faster than the official ``vit_b`` encoder on a CPU thread (about 6x faster than usam's
+exact piecewise one), so it is the practical choice on a CPU when its accuracy is
+enough. It needs the optional ``mobilesam-mirror`` package (and ``timm``, which that
+package imports without declaring).
+
+``tiny`` is a small SAM with random weights (fixed seed) so that tests and offline demos
+run in seconds without a download; everything it produces is marked ``random_weights``.
+Its mask decoder keeps the official width of 256, so the 4 mask tokens of a point are
+4 x 256 = 1024 values as with the real models.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from segment_anything import build_sam_vit_b, build_sam_vit_h, build_sam_vit_l
+from segment_anything.modeling import (
+    ImageEncoderViT,
+    MaskDecoder,
+    PromptEncoder,
+    Sam,
+    TwoWayTransformer,
+)
+
+from usam.sam import checkpoints
+
+DEFAULT_SEED = 0
+_RANDOM_LOGIT_SCALE = 100.0
+_URL_BASE = "https://dl.fbaipublicfiles.com/segment_anything/"
+_MOBILE_SAM_URL_BASE = "https://raw.githubusercontent.com/ChaoningZhang/MobileSAM/master/weights/"
+_MOBILE_SAM_MISSING = (
+    "sam=vit_t (MobileSAM) needs the optional packages mobilesam-mirror and timm: "
+    "pip install mobilesam-mirror timm, or choose sam=vit_b, vit_l or vit_h"
+)
+
+
+@dataclass(frozen=True)
+class SamSpec:
+    """One buildable SAM. ``checkpoint_name`` is None for architectures with no official weights.
+
+    Neither Meta nor MobileSAM publish checksums; the SHA-256 sums below are the ones
+    that independent projects verifying these downloads agree on (e.g. micro-sam's model
+    table). ``encoder_kind``, ``encoder_width`` and ``encoder_depth`` are what
+    :func:`identify` reads off a state dict: for a ViT the patch embedding width and the
+    block count, for a TinyViT the first stage's width and the blocks of all stages.
+    """
+
+    model_type: str
+    build: Callable[[], Sam]
+    encoder_width: int
+    encoder_depth: int
+    checkpoint_name: str | None = None
+    sha256: str | None = None
+    url_base: str = _URL_BASE
+    encoder_kind: str = "ViT"
+
+    @property
+    def url(self) -> str | None:
+        return None if self.checkpoint_name is None else self.url_base + self.checkpoint_name
+
+    @property
+    def random_weights(self) -> bool:
+        """True when the architecture has no trained weights to load."""
+        return self.checkpoint_name is None
+
+
+def _with_sam_heads(image_encoder: torch.nn.Module, image_size: int, mlp_dim: int) -> Sam:
+    """SAM's prompt encoder and mask decoder (width 256) behind ``image_encoder``.
+
+    Built after the encoder, in the order of the official builders, so that a seeded
+    build draws the same weights as ``segment_anything``'s and ``mobile_sam``'s.
+    """
+    dim, grid = 256, image_size // 16
+    return Sam(
+        image_encoder=image_encoder,
+        prompt_encoder=PromptEncoder(
+            embed_dim=dim,
+            image_embedding_size=(grid, grid),
+            input_image_size=(image_size, image_size),
+            mask_in_chans=16,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=mlp_dim, num_heads=8),
+            transformer_dim=dim,
+            iou_head_depth=3,
+            iou_head_hidden_dim=256,
+        ),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    )
+
+
+def _build_tiny() -> Sam:
+    image_size = 256
+    encoder = ImageEncoderViT(
+        img_size=image_size,
+        patch_size=16,
+        embed_dim=64,
+        depth=2,
+        num_heads=2,
+        mlp_ratio=4,
+        out_chans=256,
+        qkv_bias=True,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+        use_rel_pos=True,
+        window_size=4,
+        global_attn_indexes=(1,),
+    )
+    return _with_sam_heads(encoder, image_size, mlp_dim=512)
+
+
+def _tiny_vit_class() -> type[torch.nn.Module]:
+    """MobileSAM's TinyViT, imported only when asked for, so usam runs without it.
+
+    The import registers MobileSAM's TinyViT variants in timm's model registry (over
+    timm's own of the same names) and warns about timm's renamed modules; the warnings
+    are silenced, the registration cannot be avoided.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from mobile_sam.modeling import TinyViT
+    except ImportError as error:
+        raise ImportError(f"{_MOBILE_SAM_MISSING} ({error})") from error
+    return TinyViT
+
+
+def _build_vit_t() -> Sam:
+    """MobileSAM with the hyper-parameters of ``mobile_sam.build_sam_vit_t``.
+
+    A ``segment_anything`` Sam rather than MobileSAM's copy of the class (its prompt
+    encoder and mask decoder are the same code), so SamPredictor and the engine take it.
+    """
+    encoder = _tiny_vit_class()(
+        img_size=1024,
+        in_chans=3,
+        num_classes=1000,
+        embed_dims=[64, 128, 160, 320],
+        depths=[2, 2, 6, 2],
+        num_heads=[2, 4, 5, 10],
+        window_sizes=[7, 7, 14, 7],
+        mlp_ratio=4.0,
+        drop_rate=0.0,
+        drop_path_rate=0.0,
+        use_checkpoint=False,
+        mbconv_expand_ratio=4.0,
+        local_conv_size=3,
+        layer_lr_decay=0.8,
+    )
+    return _with_sam_heads(encoder, 1024, mlp_dim=2048)
+
+
+SPECS: dict[str, SamSpec] = {
+    "vit_h": SamSpec(
+        "vit_h",
+        build_sam_vit_h,
+        encoder_width=1280,
+        encoder_depth=32,
+        checkpoint_name="sam_vit_h_4b8939.pth",
+        sha256="a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
+    ),
+    "vit_l": SamSpec(
+        "vit_l",
+        build_sam_vit_l,
+        encoder_width=1024,
+        encoder_depth=24,
+        checkpoint_name="sam_vit_l_0b3195.pth",
+        sha256="3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622",
+    ),
+    "vit_b": SamSpec(
+        "vit_b",
+        build_sam_vit_b,
+        encoder_width=768,
+        encoder_depth=12,
+        checkpoint_name="sam_vit_b_01ec64.pth",
+        sha256="ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
+    ),
+    "vit_t": SamSpec(
+        "vit_t",
+        _build_vit_t,
+        encoder_width=64,
+        encoder_depth=12,
+        checkpoint_name="mobile_sam.pt",
+        sha256="6dbb90523a35330fedd7f1d3dfc66f995213d81b29a5ca8108dbcdd4e37d6c2f",
+        url_base=_MOBILE_SAM_URL_BASE,
+        encoder_kind="TinyViT",
+    ),
+    "tiny": SamSpec("tiny", _build_tiny, encoder_width=64, encoder_depth=2),
+}
+
+
+def get_spec(model_type: str) -> SamSpec:
+    if model_type not in SPECS:
+        raise ValueError(f"unknown SAM model type {model_type!r}; choose one of {sorted(SPECS)}")
+    return SPECS[model_type]
+
+
+def _encoder_shape(state_dict: dict[str, Any]) -> tuple[str, int, int] | None:
+    """(kind, width, depth) of the image encoder a state dict holds; None if it holds none."""
+    vit = state_dict.get("image_encoder.patch_embed.proj.weight")
+    if isinstance(vit, torch.Tensor):
+        blocks = {k.split(".")[2] for k in state_dict if k.startswith("image_encoder.blocks.")}
+        return "ViT", vit.shape[0], len(blocks)
+    tiny_vit = state_dict.get("image_encoder.patch_embed.seq.2.c.weight")
+    if isinstance(tiny_vit, torch.Tensor):
+        parts = [k.split(".") for k in state_dict if k.startswith("image_encoder.layers.")]
+        blocks = {(p[2], p[4]) for p in parts if len(p) > 4 and p[3] == "blocks"}
+        return "TinyViT", tiny_vit.shape[0], len(blocks)
+    return None
+
+
+def identify(state_dict: dict[str, Any]) -> str | None:
+    """Which registered architecture a state dict was saved from, judged by its encoder shape."""
+    shape = _encoder_shape(state_dict)
+    if shape is None:
+        return None
+    for spec in SPECS.values():
+        if (spec.encoder_kind, spec.encoder_width, spec.encoder_depth) == shape:
+            return spec.model_type
+    kind, width, depth = shape
+    return f"an unregistered {kind} encoder of width {width} and depth {depth}"
+
+
+def _mask_like_decoder(sam: Sam) -> None:
+    """Make an untrained decoder's masks look like masks rather than noise.
+
+    With default initialisation the decoder's 2x2 transposed convolutions print a 4x4
+    checkerboard on every mask, so each spans the whole image and NMS keeps one; their
+    kernels are made uniform, and the hypernetworks' output scaled up so that logits
+    sit as far from 0 as a trained SAM's and stability scores spread over [0, 1].
+    """
+    decoder = sam.mask_decoder
+    with torch.no_grad():
+        for layer in decoder.output_upscaling:
+            if isinstance(layer, torch.nn.ConvTranspose2d):
+                uniform = layer.weight.mean(dim=(2, 3), keepdim=True)
+                layer.weight.copy_(uniform.expand_as(layer.weight))
+        for mlp in decoder.output_hypernetworks_mlps:
+            mlp.layers[-1].weight.mul_(_RANDOM_LOGIT_SCALE)
+
+
+def build_random(model_type: str, seed: int = DEFAULT_SEED) -> Sam:
+    """Random weights drawn from ``seed`` (leaving the global RNG alone), decoder made mask-like."""
+    spec = get_spec(model_type)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = spec.build()
+    _mask_like_decoder(model)
+    return model.eval()
+
+
+def build_sam(
+    model_type: str,
+    checkpoint: str | Path | None = None,
+    *,
+    random_weights: bool = False,
+    seed: int = DEFAULT_SEED,
+) -> tuple[Sam, dict[str, Any]]:
+    """Build a SAM in eval mode and describe it for the shard manifest.
+
+    With ``random_weights`` (or for an architecture without official weights and no
+    ``checkpoint``) the weights are the seeded default initialisation. Otherwise the
+    checkpoint is resolved (explicit path, cache, download) and loaded.
+    """
+    spec = get_spec(model_type)
+    if random_weights or (spec.random_weights and checkpoint is None):
+        info = {"model_type": model_type, "checkpoint_sha256": None, "random_weights": True}
+        return build_random(model_type, seed), {**info, "seed": seed}
+    if checkpoint is None:
+        path = checkpoints.resolve(spec.checkpoint_name, spec.url, spec.sha256)
+    else:
+        path = checkpoints.resolve(Path(checkpoint).name, None, None, explicit=checkpoint)
+    model = spec.build()
+    checkpoints.load_into(model, path, model_type, identify=identify)
+    model.eval()  # after loading: TinyViT caches its attention biases when put in eval mode
+    info = {
+        "model_type": model_type,
+        "checkpoint_sha256": checkpoints.sha256_of(path),
+        "random_weights": False,
+    }
+    return model, info

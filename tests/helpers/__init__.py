@@ -1,0 +1,1 @@
+"""Code the tests share: config composition, child processes, tiny data and references."""

@@ -1,0 +1,68 @@
+"""Composing the entry configs and running the commands the way a user does."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from helpers.shards import SMALL_CLASSES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+CONF_DIR = ROOT / "conf"
+
+
+# usam.eval / usam.annotate overrides: tiny random SAM whose masks survive the filters, on CPU
+TINY_EVAL = [
+    "sam=tiny",
+    "amg.points_per_side=8",
+    "amg.pred_iou_thresh=0",
+    "amg.stability_score_thresh=0",
+    "amg.box_nms_thresh=0.95",
+    "extract.num_workers=0",
+    "extract.trainer.accelerator=cpu",
+    "extract.trainer.enable_progress_bar=false",
+    "device=cpu",
+]
+
+
+def compose_config(name: str, overrides: list[str]) -> DictConfig:
+    """The entry config ``conf/<name>.yaml`` with Hydra command-line ``overrides``."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name=name, overrides=overrides)
+
+
+def run_overrides(tmp_path: Path, data_dir: Path, *extra: str) -> list[str]:
+    """Overrides for a small fit run on synthetic shards, offline and inside tmp_path."""
+    return [
+        "data=synthetic",
+        "trainer.max_epochs=3",
+        f"paths.root_dir={tmp_path}",
+        f"paths.data_dir={data_dir}",
+        f"paths.output_dir={tmp_path / 'run'}",
+        f"data.classes=[{','.join(SMALL_CLASSES)}]",
+        "data.synthetic.images_per_class=12",
+        "data.batch_size=8",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        *extra,
+    ]
+
+
+def run_python(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """A child Python process (DDP launches, CLI runs) with one thread, output captured."""
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
