@@ -213,7 +213,7 @@ def _print_summary(summary: dict[str, Any], outputs: _Outputs) -> None:
         print(f"  {name:<{width}}  {count}")
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="annotate")
+@hydra.main(version_base="1.3", config_path="conf", config_name="annotate")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

@@ -26,7 +26,7 @@ from usam.evaluation.clip_baseline import clip_predictor
 from usam.evaluation.scoring import (
     NOT_MEANINGFUL,
     EvaluationError,
-    SweepGrid,
+    ThresholdGrid,
     evaluate,
     log_to_wandb,
     resolve_vocabulary,
@@ -64,8 +64,10 @@ def eval_shards(cfg: DictConfig, source: ImageSource) -> Path:
     return out_dir / "eval"
 
 
-def sweep_grid(cfg: DictConfig) -> SweepGrid | None:
-    grid = SweepGrid(tuple(cfg.sweep.confidence_thresholds or ()), tuple(cfg.sweep.nms_ious or ()))
+def threshold_grid(cfg: DictConfig) -> ThresholdGrid | None:
+    grid = ThresholdGrid(
+        tuple(cfg.sweep.confidence_thresholds or ()), tuple(cfg.sweep.nms_ious or ())
+    )
     return grid if grid.confidence_thresholds and grid.nms_ious else None
 
 
@@ -105,7 +107,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         shards,
         predictor,
         vocabulary=vocabulary,
-        sweep=sweep_grid(cfg),
+        sweep=threshold_grid(cfg),
         num_samples=cfg.num_overlays,
         source=source,
     )
@@ -139,7 +141,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     return {**evaluation.summary(), **extra}
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="eval")
+@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

@@ -17,7 +17,7 @@ from usam.data.sources import ImageSource
 from usam.sam.amg_settings import AmgSettings
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="extract")
+@hydra.main(version_base="1.3", config_path="conf", config_name="extract")
 def main(cfg: DictConfig) -> None:
     source: ImageSource = instantiate(cfg.source)
     settings = AmgSettings(**OmegaConf.to_container(cfg.amg, resolve=True))

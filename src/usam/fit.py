@@ -168,7 +168,7 @@ def run(cfg: DictConfig) -> dict[str, Path]:
     return checkpoints
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="fit")
+@hydra.main(version_base="1.3", config_path="conf", config_name="fit")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

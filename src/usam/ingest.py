@@ -34,7 +34,7 @@ def run(cfg: DictConfig) -> Path:
     return out_dir
 
 
-@hydra.main(config_path="../../conf", config_name="ingest", version_base="1.3")
+@hydra.main(config_path="conf", config_name="ingest", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
         print(run(cfg))

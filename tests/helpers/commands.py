@@ -12,10 +12,10 @@ from omegaconf import DictConfig
 
 from helpers.shards import SMALL_CLASSES
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 
 
-CONF_DIR = ROOT / "conf"
+CONF_DIR = ROOT / "src" / "usam" / "conf"
 
 
 # usam.eval / usam.annotate overrides: tiny random SAM whose masks survive the filters, on CPU

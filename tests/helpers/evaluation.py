@@ -12,7 +12,7 @@ from PIL import Image
 from usam.core.vocabulary import load_vocabulary
 from usam.data.ground_truth import load_ground_truth
 from usam.evaluation.metrics import MaskAP50, SemanticIoU
-from usam.evaluation.scoring import SweepGrid
+from usam.evaluation.scoring import ThresholdGrid
 from usam.formats.embedding_shards import iter_records
 from usam.inference.predictor import Predictor
 from usam.inference.semantic_map import semantic_from_instances
@@ -29,7 +29,7 @@ AMG = AmgSettings(
 FAST = {"accelerator": "cpu", "enable_progress_bar": False, "enable_model_summary": False}
 
 
-GRID = SweepGrid((0.0, 0.3, 0.6), (0.3, 0.9))
+GRID = ThresholdGrid((0.0, 0.3, 0.6), (0.3, 0.9))
 
 
 def write_voc(root: Path) -> Path:

@@ -50,7 +50,7 @@ class EvaluationError(ValueError):
 
 
 @dataclass(frozen=True)
-class SweepGrid:
+class ThresholdGrid:
     """Confidence thresholds x NMS IoU thresholds; the other settings stay as configured."""
 
     confidence_thresholds: tuple[float, ...]
@@ -246,7 +246,7 @@ def evaluate(
     predictor: Predictor,
     *,
     vocabulary: Vocabulary | None = None,
-    sweep: SweepGrid | None = None,
+    sweep: ThresholdGrid | None = None,
     num_samples: int = 0,
     source: ImageSource | None = None,
 ) -> Evaluation:
