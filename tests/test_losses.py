@@ -149,7 +149,14 @@ def test_input_views_pick_the_right_token():
                 own[b, n].tolist() == embeddings[b, n, 2 * token : 2 * token + 2].float().tolist()
             )
     assert select_input_view(embeddings, multimask, "tokens").shape == (2, 3, 8)
+    own_first = select_input_view(embeddings, multimask, "own_first")
+    assert own_first.shape == (2, 3, 10)
+    assert torch.equal(own_first[..., :2], own)
+    assert torch.equal(own_first[..., 2:], embeddings.float())
     assert input_dim("mask_token", 1024) == 256 and input_dim("tokens", 1024) == 1024
+    assert input_dim("own_first", 1024) == 1280
+    with pytest.raises(ValueError, match="model.input_view='cls'"):
+        select_input_view(embeddings, multimask, "cls")
     with pytest.raises(ValueError, match="model.input_view"):
         input_dim("cls", 1024)
 

@@ -1,13 +1,18 @@
 from __future__ import annotations
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from usam.data.datamodule import ShardDataModule
 from usam.data.synthetic import BACKGROUND_PROTOTYPES, prototypes
+from usam.formats.embedding_shards import iter_records
+from usam.train.head import select_input_view
 from usam.train.lightning_modules import StudentModule, TeacherModule
 
+from helpers.commands import compose_config
 from helpers.shards import SMALL_CLASSES, synthetic_datamodule
 
 HEAD = {"hidden_dims": [64, 32, 32], "dropout": 0.0}
@@ -69,9 +74,21 @@ def test_teacher_checkpoint_carries_what_inference_needs(trained_teacher):
     *_, path = trained_teacher
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     assert checkpoint["usam"]["classes"] == SMALL_CLASSES
-    assert checkpoint["usam"]["input_view"] == "tokens"
+    assert checkpoint["usam"]["input_view"] == "own_first"
     assert checkpoint["usam"]["sam_model_type"] == "tiny"
     assert checkpoint["usam"]["random_weights"] is True
+
+
+def test_student_head_starts_untrained_unless_told_to_copy_the_teacher(trained_teacher):
+    teacher, *_, path = trained_teacher
+    student_cfg = OmegaConf.to_container(compose_config("fit", []).model.student)
+    assert student_cfg["init_from_teacher"] is False  # the paper: an untrained classifier
+    fresh = StudentModule.from_teacher(str(path), **student_cfg)
+    copied = StudentModule.from_teacher(str(path), **{**student_cfg, "init_from_teacher": True})
+    for key, value in teacher.head.state_dict().items():
+        assert not torch.equal(fresh.head.state_dict()[key], value)
+        torch.testing.assert_close(copied.head.state_dict()[key], value)
+        torch.testing.assert_close(fresh.teacher.head.state_dict()[key], value)
 
 
 def test_student_trains_from_a_frozen_teacher(trained_teacher, shard_sets, tmp_path):
@@ -79,8 +96,6 @@ def test_student_trains_from_a_frozen_teacher(trained_teacher, shard_sets, tmp_p
     student = StudentModule.from_teacher(str(path), lambda_uncertainty=0.5, entropy_threshold=0.3)
     frozen = {k: v.clone() for k, v in student.teacher.state_dict().items()}
     start = {k: v.clone() for k, v in student.head.state_dict().items()}
-    for key, value in teacher.head.state_dict().items():
-        torch.testing.assert_close(start[key], value)  # init_from_teacher
     trainer = quiet_trainer(tmp_path, max_epochs=2)
     trainer.fit(student, datamodule=datamodule_for(shard_sets))
     for key, value in student.teacher.state_dict().items():
@@ -102,7 +117,36 @@ def test_student_trains_from_a_frozen_teacher(trained_teacher, shard_sets, tmp_p
     assert reloaded.lambda_uncertainty == 0.5 and reloaded.entropy_threshold == 0.3
 
 
-def test_mask_token_view_trains_a_256_input_head(shard_sets, tmp_path):
-    teacher = TeacherModule(SMALL_CLASSES, input_view="mask_token", head=HEAD)
-    assert teacher.head.layers[0].in_features == 256
+@pytest.mark.parametrize(("view", "width"), [("tokens", 1024), ("mask_token", 256)])
+def test_the_other_views_train_their_own_input_widths(shard_sets, tmp_path, view, width):
+    teacher = TeacherModule(SMALL_CLASSES, input_view=view, head=HEAD)
+    assert teacher.head.layers[0].in_features == width
     quiet_trainer(tmp_path, fast_dev_run=True).fit(teacher, datamodule=datamodule_for(shard_sets))
+
+
+def test_masks_of_one_sam_point_get_their_own_input_by_default(voc_set):
+    """Real tiny-SAM extraction: the up to 3 masks of a point share its 4 stored tokens."""
+    _, directory = voc_set
+    default_view = compose_config("fit", []).model.input_view
+    assert default_view == "own_first"
+    siblings = []
+    for record in iter_records(directory):
+        for point in np.unique(record.points, axis=0):
+            rows = np.flatnonzero((record.points == point).all(1))
+            if len(np.unique(record.multimask[rows])) > 1:
+                siblings.append((record, rows))
+    assert siblings, "the tiny SAM kept no point with two of its masks; loosen the AMG filters"
+    teacher = TeacherModule(SMALL_CLASSES, head=HEAD).eval()
+    assert teacher.input_view == default_view and teacher.head.layers[0].in_features == 1280
+    for record, rows in siblings:
+        embeddings = torch.from_numpy(record.embeddings[rows])
+        multimask = torch.from_numpy(record.multimask[rows].astype(np.int64))
+        shared = select_input_view(embeddings, multimask, "tokens")
+        assert (shared == shared[:1]).all()  # one input, so one prediction, for the whole point
+        own = select_input_view(embeddings, multimask, default_view)
+        for i, j in zip(*np.triu_indices(len(rows), k=1)):
+            if multimask[i] != multimask[j]:
+                assert not torch.equal(own[i], own[j])
+        with torch.no_grad():
+            logits = teacher(embeddings, multimask)
+        assert len({tuple(row.tolist()) for row in logits}) == len(set(multimask.tolist()))

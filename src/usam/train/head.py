@@ -9,33 +9,43 @@ from torch import nn
 
 from usam.formats.embedding_shards import TOKENS_PER_POINT
 
-INPUT_VIEWS = ("tokens", "mask_token")
+INPUT_VIEWS = ("own_first", "tokens", "mask_token")
 
 
 def input_dim(view: str, embed_dim: int) -> int:
-    """'tokens': all 4 flattened mask tokens (the paper); 'mask_token': the mask's own token."""
-    if view == "tokens":
-        return embed_dim
-    if view == "mask_token":
-        return embed_dim // TOKENS_PER_POINT
-    raise ValueError(f"model.input_view={view!r} is not one of {INPUT_VIEWS}")
+    """'own_first': the mask's own token, then the point's 4 tokens (1280-d, our default);
+    'tokens': the 4 flattened tokens (the paper's words); 'mask_token': the own token alone."""
+    token_dim = embed_dim // TOKENS_PER_POINT
+    dims = {"own_first": embed_dim + token_dim, "tokens": embed_dim, "mask_token": token_dim}
+    if view not in dims:
+        raise ValueError(f"model.input_view={view!r} is not one of {INPUT_VIEWS}")
+    return dims[view]
 
 
-def select_input_view(embeddings: torch.Tensor, multimask: torch.Tensor, view: str) -> torch.Tensor:
-    """Pick the head's input from stored embeddings (..., 4*T) and multimask indices (...).
+def own_token(embeddings: torch.Tensor, multimask: torch.Tensor) -> torch.Tensor:
+    """The mask's own token from embeddings (..., 4*T) and multimask indices (...): (..., T).
 
     Multimask output i of SAM comes from mask token i + 1 (token 0 is the single-mask
     output), so the mask's own token is slice ``multimask + 1`` of the 4 tokens.
+    """
+    tokens = embeddings.unflatten(-1, (TOKENS_PER_POINT, -1))
+    index = (multimask.long() + 1)[..., None, None].expand(*tokens.shape[:-2], 1, tokens.shape[-1])
+    return tokens.gather(-2, index).squeeze(-2)
+
+
+def select_input_view(embeddings: torch.Tensor, multimask: torch.Tensor, view: str) -> torch.Tensor:
+    """The head's input from stored embeddings (..., 4*T) and multimask indices (...).
+
+    The up to 3 masks of one point share its 4 tokens, so under 'tokens' they get one
+    input and one prediction; the other views give each mask its own.
     """
     embeddings = embeddings.float()
     if view == "tokens":
         return embeddings
     if view == "mask_token":
-        tokens = embeddings.unflatten(-1, (TOKENS_PER_POINT, -1))
-        index = (multimask.long() + 1)[..., None, None].expand(
-            *tokens.shape[:-2], 1, tokens.shape[-1]
-        )
-        return tokens.gather(-2, index).squeeze(-2)
+        return own_token(embeddings, multimask)
+    if view == "own_first":
+        return torch.cat([own_token(embeddings, multimask), embeddings], dim=-1)
     raise ValueError(f"model.input_view={view!r} is not one of {INPUT_VIEWS}")
 
 

@@ -32,7 +32,7 @@ class TeacherModule(L.LightningModule):
     def __init__(
         self,
         classes: Sequence[str],
-        input_view: str = "tokens",
+        input_view: str = "own_first",
         embed_dim: int = 1024,
         sam_model_type: str | None = None,
         head: dict[str, Any] | None = None,
@@ -150,7 +150,8 @@ class StudentModule(TeacherModule):
     """MIL plus lambda * the uncertainty loss on masks the frozen teacher gets wrong or doubts.
 
     Build it with :meth:`from_teacher` so the teacher's weights travel inside the
-    student's checkpoint and reloading it needs no teacher file.
+    student's checkpoint and reloading it needs no teacher file. Its own head starts
+    untrained, as in the paper, unless ``init_from_teacher`` copies the teacher's.
     """
 
     def __init__(
@@ -177,7 +178,7 @@ class StudentModule(TeacherModule):
 
     @classmethod
     def from_teacher(
-        cls, teacher_checkpoint: str, init_from_teacher: bool = True, **student_args: Any
+        cls, teacher_checkpoint: str, init_from_teacher: bool = False, **student_args: Any
     ) -> StudentModule:
         teacher = TeacherModule.load_from_checkpoint(teacher_checkpoint, map_location="cpu")
         student = cls(dict(teacher.hparams), **student_args)
