@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import usam.generate as generate_command
 import usam.images.stable_diffusion as generate
 from usam.core.vocabulary import load_vocabulary
 from usam.formats.image_shards import iter_images, read_image_manifest
@@ -67,15 +68,25 @@ def test_plans_depend_on_class_and_index_alone():
     assert set(drawn) == {"a photo of a cat", "a cat outdoors"} and drawn[:4] != prompts
 
 
-def test_superclass_prompts_cycle_through_members():
+def test_superclass_prompts_name_the_superclass_unless_members_are_asked_for():
     vocab = load_vocabulary("voc_superclasses")
+    paper = GenerateSettings(class_templates={"Animals": ["a {c} in the wild"]})
+    composed = GenerateSettings.from_config(compose_config("generate", []).generate)
+    assert composed.superclass_prompts == paper.superclass_prompts == "class_name"  # the paper
+    animals = [plan_image(vocab, 0, i, paper) for i in range(3)]
+    assert [p.prompt for p in animals] == ["a animals in the wild"] * 3
+    assert all(p.member is None and p.class_name == "animals" for p in animals)
+    assert plan_image(vocab, 2, 0, paper).prompt == "a photo of a household items"
     settings = GenerateSettings(
-        templates=["a photo of a {c}"], class_templates={"Animals": ["a {c} in the wild"]}
+        templates=["a photo of a {c}"],
+        class_templates={"Animals": ["a {c} in the wild"]},
+        superclass_prompts="members",
     )
     animals = [plan_image(vocab, 0, i, settings) for i in range(7)]
     assert [p.member for p in animals] == [*vocab.members["animals"], "bird"]
     assert animals[1].prompt == "a cat in the wild" and animals[1].class_name == "animals"
     assert plan_image(vocab, 1, 0, settings).prompt == "a photo of a chair"
+    assert plan_image(load_vocabulary(["animals"]), 0, 0, settings).member is None
     with pytest.raises(GenerationError, match="not classes of 'voc_superclasses'"):
         plan_image(vocab, 0, 0, GenerateSettings(class_templates={"cats": ["a {c}"]}))
 
@@ -85,7 +96,9 @@ def test_settings_are_checked():
         GenerateSettings.from_config({"templates": ["a photo"]})
     with pytest.raises(GenerationError, match="multiple of 8"):
         GenerateSettings.from_config({"height": 30})
-    with pytest.raises(GenerationError, match="unknown generate setting"):
+    with pytest.raises(GenerationError, match="superclass_prompts is 'parts'; use one of"):
+        GenerateSettings.from_config({"superclass_prompts": "parts"})
+    with pytest.raises(GenerationError, match="unknown key generate.prompts; valid keys: model"):
         GenerateSettings.from_config({"prompts": ["a {c}"]})
 
 
@@ -121,8 +134,8 @@ def test_generation_resumes_after_a_crash_without_duplicates(tmp_path, tiny_mode
     assert manifest.random_weights and manifest.source == "sd"
     metas = {key: meta for key, _, meta in iter_images(out)}
     animals = [metas[f"c000-animals-{i:06d}"] for i in range(3)]
-    assert [m["member"] for m in animals] == ["bird", "cat", "cow"]
-    assert [m["prompt"] for m in animals] == [f"a photo of a {c}" for c in ("bird", "cat", "cow")]
+    assert [m["member"] for m in animals] == [None] * 3
+    assert [m["prompt"] for m in animals] == ["a photo of a animals"] * 3
     assert all(m["random_weights"] and m["class_name"] == "animals" for m in animals)
     sheets = sorted(p.name for p in (out / "contact_sheets").glob("*.png"))
     assert sheets == [
@@ -205,7 +218,7 @@ def test_config_composes_and_runs(tmp_path, tiny_model):
             "generate.per_class=2",
         ],
     )
-    out = generate.run(cfg)
+    out = generate_command.run(cfg)
     assert out.parent == tmp_path / "data" / "images" and out.name.endswith("_sd_tiny")
     manifest = read_image_manifest(out)
     assert manifest.classes == ["cat", "dog"] and manifest.num_images == 4

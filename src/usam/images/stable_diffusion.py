@@ -13,8 +13,10 @@ the image's index within the class, so any single image can be regenerated
 alone (:func:`plan_image` + :func:`render`). Runs resume: images already in the
 directory are not generated again, and each image is flushed to disk as soon as
 its batch finishes. For a superclass vocabulary (``voc_superclasses``) the
-prompts of a class cycle through its member classes ("a photo of a cat" labelled
-``animals``) and the member is recorded in each image's metadata.
+prompt names the superclass itself ("a photo of a animals"), the paper's one
+prompt per class name; ``generate.superclass_prompts=members`` cycles through its
+member classes instead ("a photo of a cat" labelled ``animals``) and records the
+member in each image's metadata.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 TEMPLATE_ORDERS = ("round_robin", "random")
+SUPERCLASS_PROMPTS = ("class_name", "members")
 # What makes an image what it is: a resumed run must agree on all of these.
 RECIPE_KEYS = (
     "prompt",
@@ -71,6 +74,7 @@ class GenerateSettings:
     templates: list[str] = field(default_factory=lambda: ["a photo of a {c}"])
     template_order: str = "round_robin"
     class_templates: dict[str, list[str]] = field(default_factory=dict)
+    superclass_prompts: str = "class_name"  # class_name (the paper) | members
     negative_prompt: str | None = None
     per_class: int = 200
     batch_size: int = 8
@@ -103,6 +107,11 @@ class GenerateSettings:
         if self.template_order not in TEMPLATE_ORDERS:
             problems.append(
                 f"generate.template_order is {self.template_order!r}; use one of {TEMPLATE_ORDERS}"
+            )
+        if self.superclass_prompts not in SUPERCLASS_PROMPTS:
+            problems.append(
+                f"generate.superclass_prompts is {self.superclass_prompts!r}; "
+                f"use one of {SUPERCLASS_PROMPTS}"
             )
         all_templates = [*self.templates, *(t for ts in self.class_templates.values() for t in ts)]
         if not self.templates:
@@ -148,10 +157,12 @@ def class_templates(vocab: Vocabulary, settings: GenerateSettings) -> list[list[
 def plan_image(
     vocab: Vocabulary, class_index: int, index: int, settings: GenerateSettings
 ) -> ImagePlan:
-    """Members cycle first, then templates, so every (member, template) pair gets its turn."""
+    """Members (``superclass_prompts=members``) cycle first, then templates, so every
+    (member, template) pair gets its turn."""
     class_name = vocab.classes[class_index]
     templates = class_templates(vocab, settings)[class_index]
-    members = vocab.members.get(class_name) or (class_name,)
+    by_members = bool(vocab.members) and settings.superclass_prompts == "members"
+    members = vocab.members[class_name] if by_members else (class_name,)
     seed = image_seed(settings.seed, class_name, index)
     if settings.template_order == "round_robin":
         template = templates[(index // len(members)) % len(templates)]
@@ -162,7 +173,7 @@ def plan_image(
         key=f"c{class_index:03d}-{slug(class_name)}-{index:06d}",
         class_index=class_index,
         class_name=class_name,
-        member=member if vocab.members else None,
+        member=member if by_members else None,
         index=index,
         template=template,
         prompt=template.replace("{c}", member),
