@@ -1,5 +1,6 @@
 """The SAM+CLIP baseline with a tiny random open_clip model (real BPE tokenizer) on the tiny-SAM
-VOC set: masked crops, batching, the shared Predictor/metrics path, the command, weight errors."""
+VOC set: pooled images (the masked whole image or its box), batching, the shared
+Predictor/metrics path, the command, weight errors."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from usam.eval import run  # the one entry point: baseline=sam_clip dispatches to the baseline
-from usam.evaluation.clip_baseline import ClipWeightsError, clip_predictor, load_clip, masked_crops
+from usam.evaluation.clip_baseline import ClipWeightsError, clip_predictor, load_clip, masked_views
 from usam.evaluation.scoring import evaluate
 from usam.formats.embedding_shards import ImageRecord, iter_records
 from usam.inference.predictor import InferenceSettings, Predictor
@@ -44,15 +45,15 @@ def tiny_clip(tmp_path_factory) -> str:
     return TINY_CLIP
 
 
-def spec(model: str, batch_size: int = 64) -> dict:
+def spec(model: str, batch_size: int = 64, view: str = "masked_image") -> dict:
     return {
-        "clip": {"model": model, "pretrained": None, "checkpoint": None},
+        "clip": {"model": model, "pretrained": None, "checkpoint": None, "view": view},
         "template": "a photo of a {}",
         "batch_size": batch_size,
     }
 
 
-def test_masked_crops_are_the_mask_times_the_image_in_its_box():
+def test_pooled_images_are_the_mask_times_the_whole_image_or_its_box():
     image = np.random.default_rng(0).integers(1, 255, (20, 30, 3), dtype=np.uint8)
     mask = np.zeros((20, 30), np.uint8, order="F")
     mask[4:9, 10:25] = 1
@@ -60,10 +61,15 @@ def test_masked_crops_are_the_mask_times_the_image_in_its_box():
     rle = mask_utils.encode(mask)["counts"].decode()
     none = np.zeros((2, 1))
     record = ImageRecord("k", 20, 30, none, none, none, none, none, none, rles=[rle, rle])
-    crops = [np.asarray(c) for c in masked_crops(image, record)]
+    pooled = [np.asarray(i) for i in masked_views(image, record, "masked_image")]
+    assert len(pooled) == 2 and pooled[0].shape == (20, 30, 3)  # the paper's pooled image
+    np.testing.assert_array_equal(pooled[0], image * mask[..., None])
+    crops = [np.asarray(c) for c in masked_views(image, record, "masked_crop")]
     assert len(crops) == 2 and crops[0].shape == (5, 15, 3)
-    np.testing.assert_array_equal(crops[0], image[4:9, 10:25] * mask[4:9, 10:25, None])
+    np.testing.assert_array_equal(crops[0], pooled[0][4:9, 10:25])
     assert (crops[0][2, :4] == 0).all() and (crops[0][0] > 0).all()
+    with pytest.raises(ValueError, match="baseline.clip.view='box' is not one of"):
+        next(masked_views(image, record, "box"))
 
 
 def test_baseline_flows_through_the_same_predictor_and_metrics(voc_set, tiny_clip):
@@ -88,6 +94,20 @@ def test_baseline_flows_through_the_same_predictor_and_metrics(voc_set, tiny_cli
     assert evaluate(directory, strict).detections == 0  # the paper's threshold: none this sure
 
 
+def test_the_crop_view_shows_clip_other_pixels(voc_set, tiny_clip):
+    source, directory = voc_set
+    record = next(iter_records(directory))
+    pooled = clip_predictor(spec(tiny_clip), source, LOW).mask_probabilities(record)
+    cropped = clip_predictor(spec(tiny_clip, view="masked_crop"), source, LOW)
+    assert cropped.view == "masked_crop"
+    probs = cropped.mask_probabilities(record)
+    assert probs.shape == pooled.shape and (probs[:, 0] == 0).all()
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+    assert np.abs(probs - pooled).max() > 1e-3
+    with pytest.raises(ValueError, match="baseline.clip.view='crop'"):
+        clip_predictor(spec("ViT-X", view="crop"), source, LOW)  # before any weights load
+
+
 def test_command_scores_the_baseline(voc_set, tiny_clip, tmp_path, capsys):
     source, directory = voc_set
     overrides = [
@@ -101,6 +121,7 @@ def test_command_scores_the_baseline(voc_set, tiny_clip, tmp_path, capsys):
     default = compose_config("eval", overrides)
     assert default.inference.confidence_threshold == 0.7  # the paper's threshold
     assert default.baseline.clip.pretrained == "openai"
+    assert default.baseline.clip.view == "masked_image"  # the paper's pooled images
     cfg = compose_config(
         "eval",
         [
@@ -117,6 +138,7 @@ def test_command_scores_the_baseline(voc_set, tiny_clip, tmp_path, capsys):
     assert metrics == json.loads(json.dumps(summary))
     assert metrics["baseline"] == "sam_clip" and metrics["detections"] > 0
     assert metrics["inference"]["confidence_threshold"] == 0.06
+    assert metrics["clip"]["view"] == "masked_image"
     expected = evaluate(directory, clip_predictor(spec(tiny_clip), source, LOW))
     assert metrics["mIoU"] == pytest.approx(expected.miou)
 

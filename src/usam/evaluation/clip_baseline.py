@@ -2,9 +2,10 @@
 
 ``python -m usam.eval baseline=sam_clip eval_data=voc_val sam=vit_h``
 
-Every SAM mask of an evaluation shard set becomes a masked crop (the mask
-multiplied into the image, cut to the mask's box), which CLIP scores against
-"a photo of a {class}" for every class. The softmax over the classes fills the
+Every SAM mask of an evaluation shard set becomes a pooled image, the mask
+multiplied into the full image as in the paper (``baseline.clip.view:
+masked_image``; ``masked_crop`` also cuts it to the mask's box), which CLIP
+scores against "a photo of a {class}" for every class. The softmax over the classes fills the
 same (N, C+1) probability array a U-SAM head gives (background column 0), so
 the threshold (0.7 in the paper), NMS, semantic map and metrics are the very
 ones of :class:`usam.inference.predictor.Predictor` and :func:`usam.evaluation.scoring.evaluate`.
@@ -31,6 +32,7 @@ from usam.formats.embedding_shards import ImageRecord
 from usam.inference.predictor import InferenceSettings, Predictor
 
 CHECKPOINT_KEY = "baseline.clip.checkpoint"
+VIEWS = ("masked_image", "masked_crop")
 _PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")
 
 
@@ -107,15 +109,26 @@ def load_clip(
     return Clip(network.eval(), preprocess, open_clip.get_tokenizer(model), weights is None)
 
 
-def masked_crops(image: np.ndarray, record: ImageRecord) -> Iterator[Image.Image]:
-    """Each mask multiplied into the image and cut to its box, decoding each RLE once."""
+def check_view(view: str) -> str:
+    if view not in VIEWS:
+        raise ValueError(f"baseline.clip.view={view!r} is not one of {VIEWS}")
+    return view
+
+
+def masked_views(image: np.ndarray, record: ImageRecord, view: str) -> Iterator[Image.Image]:
+    """Each mask multiplied into the image: the whole image (``masked_image``) or cut to the
+    mask's box (``masked_crop``). Each RLE is decoded once."""
+    check_view(view)
     for rle in record.coco_rles():
+        mask = mask_utils.decode(rle)[..., None]
+        if view == "masked_image":
+            yield Image.fromarray(image * mask)
+            continue
         x, y, w, h = (int(round(v)) for v in mask_utils.toBbox(rle))
         if w == 0 or h == 0:  # an empty mask: nothing for CLIP to see
             yield Image.new("RGB", (1, 1))
             continue
-        mask = mask_utils.decode(rle)[y : y + h, x : x + w, None]
-        yield Image.fromarray(image[y : y + h, x : x + w] * mask)
+        yield Image.fromarray(image[y : y + h, x : x + w] * mask[y : y + h, x : x + w])
 
 
 class ClipPredictor(Predictor):
@@ -133,6 +146,7 @@ class ClipPredictor(Predictor):
         settings: InferenceSettings | None = None,
         *,
         template: str = "a photo of a {}",
+        view: str = "masked_image",
         batch_size: int = 64,
         device: str | torch.device = "cpu",
     ) -> None:  # no super().__init__: there is no head to load
@@ -142,6 +156,7 @@ class ClipPredictor(Predictor):
         self.clip = clip
         self.source = source
         self.batch_size = batch_size
+        self.view = view
         self._index = {key: i for i, key in enumerate(source.keys)}
         prompts = [template.format(name) for name in classes]
         with torch.no_grad():
@@ -168,10 +183,10 @@ class ClipPredictor(Predictor):
         probs = np.zeros((record.num_masks, len(self.classes) + 1), dtype=np.float32)
         if not record.num_masks:
             return probs
-        crops = masked_crops(self.image_of(record), record)
+        images = masked_views(self.image_of(record), record, self.view)
         scale = self.clip.model.logit_scale.exp().float()
         for start in range(0, record.num_masks, self.batch_size):
-            batch = [self.clip.preprocess(c) for _, c in zip(range(self.batch_size), crops)]
+            batch = [self.clip.preprocess(i) for _, i in zip(range(self.batch_size), images)]
             pixels = torch.stack(batch).to(self.device)
             features = self.clip.model.encode_image(pixels).float()
             logits = scale * torch.nn.functional.normalize(features, dim=-1) @ self.text.T
@@ -187,6 +202,7 @@ def clip_predictor(
 ) -> ClipPredictor:
     """The baseline described by the ``baseline`` config group, over ``source``'s classes."""
     spec = baseline["clip"]
+    check_view(spec["view"])  # before any weights are loaded
     clip = load_clip(spec["model"], spec.get("pretrained"), spec.get("checkpoint"), device)
     if clip.random_weights:
         print("RANDOM WEIGHTS: CLIP is untrained; the baseline's numbers mean nothing.")
@@ -196,6 +212,7 @@ def clip_predictor(
         source,
         settings,
         template=baseline["template"],
+        view=spec["view"],
         batch_size=baseline["batch_size"],
         device=device,
     )
