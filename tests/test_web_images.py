@@ -5,22 +5,19 @@ from __future__ import annotations
 import io
 import json
 import threading
-import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
-import numpy as np
 import pytest
 from PIL import Image
 
 import usam.ingest as ingest
 from usam.core.vocabulary import load_vocabulary
 from usam.formats.image_shards import ImageShardWriter, iter_images, read_image_manifest
+from usam.images.fetching import Fetcher, FetchError, HostGate, is_public, resolve_addresses
+from usam.images.ingest_settings import IngestError, IngestSettings
 from usam.images.web_crawl import (
     FAILED_NAME,
-    HostGate,
-    IngestError,
-    IngestSettings,
     ingest_folder,
     ingest_urls,
     read_url_list,
@@ -28,17 +25,10 @@ from usam.images.web_crawl import (
 )
 
 from helpers.commands import compose_config
+from helpers.web_server import FakeClock, drip, local_server, reply
+from helpers.web_server import encoded as _encoded
 
 VOCAB = load_vocabulary(["cat", "dog", "car"])
-
-
-def _encoded(seed: int, fmt: str = "JPEG", mode: str = "RGB", size=(40, 30)) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 4), dtype=np.uint8)
-    image = Image.fromarray(pixels, "RGBA").convert(mode)
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
-    return buffer.getvalue()
-
 
 GOOD = _encoded(1)
 ROUTES = {  # path -> (status, content type, body, extra headers)
@@ -54,28 +44,46 @@ ROUTES = {  # path -> (status, content type, body, extra headers)
     "/big.jpg": (200, "image/jpeg", _encoded(7, size=(200, 200)), {}),
     "/redirect-good": (302, "text/plain", b"", {"Location": "/good5.jpg"}),
     "/redirect-file": (302, "text/plain", b"", {"Location": "file:///etc/hostname"}),
+    "/private/cat.jpg": (200, "image/jpeg", _encoded(9), {}),
+    "/robots.txt": (200, "text/plain", b"User-agent: *\nDisallow: /private/\n", {}),
 }
 MAX_BYTES = 8000
 assert len(ROUTES["/big.jpg"][2]) > MAX_BYTES > len(_encoded(4))
+DRIPS = {  # path -> raw bytes sent one at a time, 0.1 s apart (4 s in all)
+    "/drip-body.jpg": b"HTTP/1.0 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: 40\r\n\r\n"
+    + b"x" * 40,
+    "/drip-headers.jpg": b"HTTP/1.0 200 OK\r\nX-Padding: " + b"x" * 40,
+}
+FAIL_ONCE = {  # path -> (first status, its headers, image seed after)
+    "/flaky.jpg": (503, {}, 8),
+    "/busy.jpg": (429, {"Retry-After": "3600"}, 10),
+}
 
 
 class _Handler(BaseHTTPRequestHandler):
     hits: Counter = Counter()
+    drips: dict[str, dict] = {}
 
     def log_message(self, *args) -> None:
         pass
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
         self.hits[self.path] += 1
+        if self.path in DRIPS:
+            data = DRIPS[self.path]
+            start = data.index(b"\r\n\r\n") + 4 if b"\r\n\r\n" in data else 17
+            self.wfile.write(data[:start])  # the status line (and headers) at once
+            drip(self, data[start:], 0.1, self.drips.setdefault(self.path, {}))
+            return
         if self.path == "/slow.jpg":
-            time.sleep(1.0)
+            threading.Event().wait(1.0)
             status, content_type, body, headers = ROUTES["/good1.jpg"]
-        elif self.path == "/flaky.jpg":  # fails once, then works: a retry must get it
-            first = self.hits[self.path] == 1
-            status, content_type, body = (503, "text/plain", b"busy") if first else (200, "", b"")
-            body = body or _encoded(8)
-            content_type = content_type or "image/jpeg"
-            headers = {}
+        elif self.path in FAIL_ONCE:  # fails once, then works: a retry must get it
+            failure, headers, seed = FAIL_ONCE[self.path]
+            if self.hits[self.path] == 1:
+                status, content_type, body = failure, "text/plain", b"try again"
+            else:
+                status, content_type, body, headers = 200, "image/jpeg", _encoded(seed), {}
         elif self.path == "/chunked-big.jpg":  # no Content-Length: the cap applies while reading
             self.send_response(200)
             self.send_header("Content-Type", "image/jpeg")
@@ -83,31 +91,21 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(ROUTES["/big.jpg"][2])
             self.close_connection = True
             return
+        elif self.path == "/redirect-inward":
+            port = self.server.server_address[1]
+            status, content_type, body = 302, "text/plain", b""
+            headers = {"Location": f"http://127.0.0.1:{port}/good1.jpg"}
         else:
             status, content_type, body, headers = ROUTES.get(
                 self.path, (404, "text/plain", b"unknown", {})
             )
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            for name, value in headers.items():
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(body)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client gave up (the slow route)
+        reply(self, status, content_type, body, headers)
 
 
 @pytest.fixture(scope="module")
 def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with local_server(_Handler) as url:
+        yield url
 
 
 @pytest.fixture(autouse=True)
@@ -127,6 +125,7 @@ def _settings(**changes) -> IngestSettings:
         politeness_delay=0.0,
         images_per_shard=3,
         contact_sheet_max=4,
+        allow_private_addresses=True,  # the test server is on 127.0.0.1
     )
     return IngestSettings(**{**base, **changes})
 
@@ -148,6 +147,7 @@ EXPECTED_FAILED = {  # url -> kind
     "/chunked-big.jpg": "too_large",
     "/slow.jpg": "timeout",
     "/redirect-file": "scheme",
+    "/private/cat.jpg": "robots",
 }
 
 
@@ -195,6 +195,8 @@ def test_url_list_end_to_end(tmp_path, server):
     assert samples[server + "/flaky.jpg"][1]["attempts"] == 2
     assert _Handler.hits["/missing.jpg"] == 1  # a 404 is not retried
     assert _Handler.hits["/slow.jpg"] == 2  # a timeout is, once
+    assert _Handler.hits["/private/cat.jpg"] == 0  # robots.txt keeps it out
+    assert _Handler.hits["/robots.txt"] == 1  # read once per host
     assert len(list((out / "contact_sheets").glob("*.png"))) == 3
 
 
@@ -265,12 +267,84 @@ def test_url_lists_are_checked(tmp_path):
 
 
 def test_host_gate_spaces_requests_to_one_host():
-    gate = HostGate(0.15)
-    start = time.monotonic()
+    clock = FakeClock()
+    gate = HostGate(0.15, clock, delays={"api.example": 2.0})
     for _ in range(3):
         gate.wait("a.example")
     gate.wait("b.example")
-    assert 0.3 <= time.monotonic() - start < 0.45
+    assert clock.sleeps == pytest.approx([0.15, 0.15])
+    for _ in range(3):
+        gate.wait("api.example")  # its own, longer delay
+    assert clock.sleeps[2:] == pytest.approx([2.0, 2.0])
+    gate.hold("b.example", 5.0)  # a Retry-After
+    gate.wait("b.example")
+    assert clock.sleeps[-1] == pytest.approx(5.0)
+
+
+def test_retry_after_is_honoured_up_to_its_cap(server):
+    clock = FakeClock()
+    settings = _settings(retry_after_cap=4.0, max_seconds=10.0)
+    fetcher = Fetcher(settings, HostGate(0.0, clock))
+    body, _, attempts = fetcher.fetch(server + "/busy.jpg")
+    assert attempts == 2 and body == _encoded(10)
+    assert clock.sleeps == [4.0]  # asked for 3600 s, waited the cap, then the host was free
+    short = Fetcher(_settings(retry_after_cap=4.0, max_seconds=2.0), HostGate(0.0, clock))
+    _Handler.hits["/busy.jpg"] = 0
+    with pytest.raises(FetchError, match=r"HTTP 429.*no time left for a retry"):
+        short.fetch(server + "/busy.jpg")  # the wait would pass the URL's deadline
+
+
+def test_slow_drip_fails_within_its_deadline(tmp_path, server):
+    for path in DRIPS:
+        _Handler.hits[path] = 0
+        _Handler.drips[path] = {"event": threading.Event()}
+    url_list = tmp_path / "urls.csv"
+    url_list.write_text(
+        "url,class\n" + "".join(f"{server}{p},cat\n" for p in [*DRIPS, "/good1.jpg"])
+    )
+    out = tmp_path / "web"
+    settings = _settings(timeout=2.0, max_seconds=0.6, retries=3)  # every read is in time
+    manifest = ingest_urls(url_list, VOCAB, out, settings, progress=False)
+    assert manifest.num_images == 1
+    failed = _failed(out)
+    for path in DRIPS:
+        record = failed[server + path]
+        assert record["kind"] == "timeout" and "deadline of 0.6s" in record["reason"]
+        assert _Handler.hits[path] == 1  # slow beyond the cap: not retried
+        assert _Handler.drips[path]["event"].wait(10)
+        assert not _Handler.drips[path]["finished"], f"{path} was read to the end"
+
+
+def test_private_addresses_are_refused_by_default(tmp_path, server):
+    assert not any(
+        map(is_public, ["127.0.0.1", "10.1.2.3", "192.168.0.1", "169.254.169.254", "::1"])
+    )
+    assert not any(map(is_public, ["100.64.0.1", "::ffff:127.0.0.1", "fd00::1", "224.0.0.1"]))
+    assert all(map(is_public, ["93.184.216.34", "2606:4700::1111"]))
+    url_list = tmp_path / "urls.csv"
+    url_list.write_text(f"url,class\n{server}/good1.jpg,cat\n")
+    out = tmp_path / "web"
+    _Handler.hits["/good1.jpg"] = 0
+    ingest_urls(url_list, VOCAB, out, _settings(allow_private_addresses=False), progress=False)
+    record = _failed(out)[server + "/good1.jpg"]
+    assert record["kind"] == "address" and "allow_private_addresses" in record["reason"]
+    assert _Handler.hits["/good1.jpg"] == 0
+
+
+def test_redirect_into_loopback_is_refused(server):
+    """'localhost' stands in for a public host; the redirect target gets the real check."""
+
+    def resolve(host: str) -> list[str]:
+        return ["93.184.216.34"] if host == "localhost" else resolve_addresses(host)
+
+    fetcher = Fetcher(_settings(allow_private_addresses=False), resolve=resolve)
+    public = server.replace("127.0.0.1", "localhost")
+    assert fetcher.fetch(public + "/good5.jpg")[0] == ROUTES["/good5.jpg"][2]
+    _Handler.hits["/good1.jpg"] = 0
+    with pytest.raises(FetchError, match="127.0.0.1.*not a public address") as error:
+        fetcher.fetch(public + "/redirect-inward")
+    assert error.value.kind == "address"
+    assert _Handler.hits["/good1.jpg"] == 0
 
 
 def _tree(root) -> None:
@@ -340,7 +414,7 @@ def test_ingest_config_composes_and_runs(tmp_path):
 
 
 def test_settings_are_checked():
-    with pytest.raises(IngestError, match="unknown ingest setting"):
+    with pytest.raises(IngestError, match="threads"):
         IngestSettings.from_config({"kind": "web", "urls": "x.csv", "threads": 3})
     with pytest.raises(IngestError, match="ingest.timeout must be positive"):
         IngestSettings.from_config({"kind": "web", "urls": "x.csv", "timeout": 0})

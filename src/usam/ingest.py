@@ -18,7 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from usam.core.vocabulary import load_vocabulary
 from usam.formats.image_shards import image_set_dir
-from usam.images.web_crawl import IngestSettings, ingest_folder, ingest_urls
+from usam.images.ingest_settings import IngestSettings
+from usam.images.web_crawl import ingest_folder, ingest_urls
 
 
 def run(cfg: DictConfig) -> Path:

@@ -2,14 +2,12 @@
 
 A URL list is CSV (a header with ``url`` and ``class`` columns) or JSONL (one
 ``{"url": ..., "class": ...}`` per line), the shape img2dataset users know.
-Only http and https are fetched, also after redirects. Downloads run in a
-thread pool with a timeout per socket operation and per download, retries with
-exponential backoff for transient failures (timeouts, 5xx, 429), a size cap, a
-content-type check (``image/*``, ``application/octet-stream`` or none), a full
-decode (truncated files are rejected) and a politeness delay between requests
-to the same host. A local tree is ``root/<class>/**/*.jpg`` (any common image
-suffix); folder names are matched to the vocabulary as class names, with ``_``
-read as a space.
+Downloads run in a thread pool through :class:`~usam.images.fetching.Fetcher`
+(deadlines, retries, size cap, politeness, public addresses only, each host's
+robots.txt), then a content-type check (``image/*``, ``application/octet-stream``
+or none) and a full decode (truncated files are rejected). A local tree is
+``root/<class>/**/*.jpg`` (any common image suffix); folder names are matched to
+the vocabulary as class names, with ``_`` read as a space.
 
 Every image is stored as an upright RGB JPEG, de-duplicated by the sha256 of
 those bytes. Every URL or file that did not make it gets a line in
@@ -22,26 +20,19 @@ the failures). A class given as a member of a superclass (``cat`` under
 from __future__ import annotations
 
 import csv
-import http.client
 import io
 import json
 import logging
-import threading
-import time
-import urllib.error
-import urllib.request
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urljoin, urlsplit
 
 from PIL import Image
 from rich.progress import TextColumn
 
-from usam.core.config import settings_from_config
 from usam.core.progress import progress_bar
 from usam.core.vocabulary import Vocabulary, normalise_name
 from usam.formats.image_shards import (
@@ -51,74 +42,13 @@ from usam.formats.image_shards import (
     encode_jpeg,
     sha256,
 )
+from usam.images.fetching import Fetcher, FetchError, RobotsRules
+from usam.images.ingest_settings import IngestError, IngestSettings
 from usam.viz.contact_sheet import write_contact_sheets
 
 log = logging.getLogger(__name__)
 
-ALLOWED_SCHEMES = ("http", "https")
-ACCEPTED_TYPES = ("application/octet-stream", "binary/octet-stream")
-RETRYABLE_STATUS = (408, 425, 429, 500, 502, 503, 504)
 FAILED_NAME = "failed.jsonl"
-
-
-class IngestError(ValueError):
-    """Input that cannot be ingested at all: a malformed list, an unknown class, bad settings."""
-
-
-class FetchError(Exception):
-    """One URL or file that did not make it; ``kind`` groups reasons in the summary."""
-
-    def __init__(self, kind: str, reason: str, *, retryable: bool = False) -> None:
-        super().__init__(reason)
-        self.kind = kind
-        self.reason = reason
-        self.retryable = retryable
-
-
-@dataclass
-class IngestSettings:
-    """The ``ingest`` config group."""
-
-    kind: str = "web"  # web (a URL list) | folder (a local tree)
-    urls: str | None = None  # kind=web: CSV or JSONL with url,class
-    root: str | None = None  # kind=folder: root/<class>/*.jpg
-    name: str | None = None  # suffix of the default output directory (default: kind)
-    workers: int = 16
-    timeout: float = 10.0  # seconds per connect or read
-    max_seconds: float = 60.0  # seconds per download attempt in all
-    retries: int = 2
-    backoff: float = 1.0  # first retry waits this long, then twice as long each time
-    max_bytes: int = 20_000_000
-    max_pixels: int = 40_000_000
-    politeness_delay: float = 1.0  # seconds between requests to the same host
-    user_agent: str = "usam-ingest/0.1 (research; training images from class names)"
-    jpeg_quality: int = 95
-    images_per_shard: int = 1000
-    out_dir: str | None = None
-    contact_sheet_max: int = 64
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> IngestSettings:
-        return settings_from_config(cls, config, "ingest", IngestError)
-
-    def check(self) -> None:
-        if self.kind not in ("web", "folder"):
-            raise IngestError(f"ingest.kind is {self.kind!r}; use web or folder")
-        needed = "urls" if self.kind == "web" else "root"
-        if not getattr(self, needed):
-            example = "ingest.urls=FILE" if self.kind == "web" else "ingest=folder ingest.root=DIR"
-            raise IngestError(
-                f"ingest.{needed} is not set; run e.g. `python -m usam.ingest {example}`"
-            )
-        for name in ("workers", "max_bytes", "max_pixels", "images_per_shard"):
-            if getattr(self, name) < 1:
-                raise IngestError(f"ingest.{name} must be at least 1 (got {getattr(self, name)})")
-        for name in ("timeout", "max_seconds"):
-            if getattr(self, name) <= 0:
-                raise IngestError(f"ingest.{name} must be positive (got {getattr(self, name)})")
-        for name in ("retries", "backoff", "politeness_delay"):
-            if getattr(self, name) < 0:
-                raise IngestError(f"ingest.{name} may not be negative (got {getattr(self, name)})")
 
 
 @dataclass(frozen=True)
@@ -247,124 +177,6 @@ def decode_image(data: bytes, settings: IngestSettings) -> tuple[bytes, int, int
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise FetchError("decode", f"not a decodable image ({error})") from error
     return jpeg, image.width, image.height
-
-
-class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
-    """Follows redirects only to http and https (urllib alone would also follow ftp)."""
-
-    def http_error_302(self, req, fp, code, msg, headers):
-        target = urljoin(req.full_url, headers.get("Location") or headers.get("URI") or "")
-        if urlsplit(target).scheme.lower() not in ALLOWED_SCHEMES:
-            raise FetchError("scheme", f"redirected to {target}; only http and https are fetched")
-        return super().http_error_302(req, fp, code, msg, headers)
-
-    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
-
-
-class HostGate:
-    """Spaces requests to the same host by ``delay`` seconds across all threads."""
-
-    def __init__(self, delay: float) -> None:
-        self.delay = delay
-        self._next: dict[str, float] = {}
-        self._lock = threading.Lock()
-
-    def wait(self, host: str) -> None:
-        if self.delay <= 0:
-            return
-        with self._lock:
-            now = time.monotonic()
-            slot = max(now, self._next.get(host, now))
-            self._next[host] = slot + self.delay
-        if slot > now:
-            time.sleep(slot - now)
-
-
-class Fetcher:
-    """Downloads one URL to checked image bytes, or raises :class:`FetchError`."""
-
-    def __init__(self, settings: IngestSettings, gate: HostGate | None = None) -> None:
-        self.settings = settings
-        self.gate = gate or HostGate(settings.politeness_delay)
-        self.opener = urllib.request.OpenerDirector()
-        for handler in (
-            urllib.request.ProxyHandler(),
-            urllib.request.UnknownHandler(),
-            urllib.request.HTTPHandler(),
-            urllib.request.HTTPSHandler(),
-            urllib.request.HTTPDefaultErrorHandler(),
-            _HttpOnlyRedirects(),
-            urllib.request.HTTPErrorProcessor(),
-        ):
-            self.opener.add_handler(handler)
-
-    def fetch(self, url: str) -> tuple[bytes, str, int]:
-        """(body, final URL, attempts); retries transient failures with exponential backoff."""
-        parts = urlsplit(url)
-        if parts.scheme.lower() not in ALLOWED_SCHEMES or not parts.hostname:
-            raise FetchError(
-                "scheme", f"unsupported URL {url!r}; only http(s) URLs with a host are fetched"
-            )
-        attempt = 0
-        while True:
-            attempt += 1
-            self.gate.wait(parts.hostname)
-            try:
-                body, final_url = self._attempt(url)
-                return body, final_url, attempt
-            except FetchError as error:
-                if not error.retryable or attempt > self.settings.retries:
-                    if attempt > 1:
-                        error.reason += f" (after {attempt} attempts)"
-                    raise
-            time.sleep(self.settings.backoff * 2 ** (attempt - 1))
-
-    def _attempt(self, url: str) -> tuple[bytes, str]:
-        settings = self.settings
-        request = urllib.request.Request(
-            url, headers={"User-Agent": settings.user_agent, "Accept": "image/*"}
-        )
-        deadline = time.monotonic() + settings.max_seconds
-        try:
-            with self.opener.open(request, timeout=settings.timeout) as response:
-                final_url = response.geturl()
-                if response.headers.get("Content-Type") is not None:
-                    content_type = response.headers.get_content_type()
-                    if not content_type.startswith("image/") and content_type not in ACCEPTED_TYPES:
-                        raise FetchError("content_type", f"content type {content_type} is no image")
-                length = response.headers.get("Content-Length")
-                if length and length.isdigit() and int(length) > settings.max_bytes:
-                    raise FetchError(
-                        "too_large", f"{length} bytes is over the cap of {settings.max_bytes}"
-                    )
-                chunks, total = [], 0
-                while chunk := response.read(65536):
-                    total += len(chunk)
-                    if total > settings.max_bytes:
-                        raise FetchError("too_large", f"body over the cap of {settings.max_bytes}")
-                    if time.monotonic() > deadline:
-                        raise FetchError(
-                            "timeout", f"slower than {settings.max_seconds}s", retryable=True
-                        )
-                    chunks.append(chunk)
-                return b"".join(chunks), final_url
-        except urllib.error.HTTPError as error:
-            error.close()
-            retryable = error.code in RETRYABLE_STATUS
-            reason = f"HTTP {error.code} {error.reason}"
-            raise FetchError("http", reason, retryable=retryable) from None
-        except urllib.error.URLError as error:
-            if isinstance(error.reason, TimeoutError):
-                reason = f"no answer in {settings.timeout}s"
-                raise FetchError("timeout", reason, retryable=True) from None
-            reason = f"connection failed ({error.reason})"
-            raise FetchError("connection", reason, retryable=True) from None
-        except TimeoutError:
-            raise FetchError("timeout", f"no data in {settings.timeout}s", retryable=True) from None
-        except (http.client.HTTPException, ConnectionError) as error:
-            raise FetchError("connection", f"broken response ({error!r})", retryable=True) from None
-        except ValueError as error:
-            raise FetchError("scheme", f"invalid URL ({error})") from None
 
 
 class FailureLog:
@@ -510,12 +322,16 @@ def ingest_urls(
     settings: IngestSettings,
     *,
     progress: bool = True,
+    fetcher: Fetcher | None = None,
 ) -> ImageManifest:
     """Download, check, de-duplicate and store the images of a URL list."""
     entries = read_url_list(url_list, vocab)
-    fetcher = Fetcher(settings)
+    fetcher = fetcher or Fetcher(settings)
+    robots = RobotsRules(fetcher) if settings.respect_robots else None
 
     def work(entry: Entry) -> tuple[bytes, dict[str, Any]]:
+        if robots is not None:
+            robots.check(entry.ident)
         body, final_url, attempts = fetcher.fetch(entry.ident)
         jpeg, width, height = decode_image(body, settings)
         meta = _metadata(entry, "web", width, height)
