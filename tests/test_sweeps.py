@@ -1,22 +1,91 @@
 from __future__ import annotations
 
+import os
+import re
+import shlex
 import subprocess
 import sys
 
+import lightning as L
 import pytest
 import yaml
 from omegaconf import OmegaConf
 
 from usam.sweep import SweepFileError, multirun_overrides
+from usam.train.head import INPUT_VIEWS
+from usam.train.lightning_modules import StudentModule, TeacherModule
 
 from helpers.commands import ROOT, compose_config
+from helpers.shards import SMALL_CLASSES, synthetic_datamodule
 
 SWEEPS = sorted((ROOT / "experiments" / "sweeps").glob("*.yaml"))
+README = ROOT / "experiments" / "README.md"
+# the shell variables the README's commands read
+README_VARIABLES = (
+    "VOC",
+    "COCO",
+    "SAM_CKPT",
+    "VOC_URLS",
+    "COCO_URLS",
+    "VOC_STUDENT",
+    "COCO_STUDENT",
+    "SUPERCLASS_STUDENT",
+)
+
+
+def readme_commands() -> list[str]:
+    """Every ``python -m usam.<command> ...`` line of the README's bash blocks, joined."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0].strip()
+            if line.startswith("python -m usam."):
+                commands.append(" ".join(line.split()))
+    return commands
+
+
+COMMANDS = readme_commands()
 
 
 def test_the_paper_ablations_have_sweeps():
     names = {p.stem for p in SWEEPS}
-    assert {"teacher_top_k", "student_uncertainty", "head_input_view", "data_source"} <= names
+    assert {
+        "teacher_top_k",
+        "student_uncertainty",
+        "head_input_view",
+        "student_init",
+        "data_source",
+    } <= names
+
+
+def sweep(stem: str) -> dict:
+    return yaml.safe_load((ROOT / "experiments" / "sweeps" / f"{stem}.yaml").read_text())
+
+
+def test_the_ablation_sweeps_cover_every_switch():
+    views = sweep("head_input_view")["parameters"]["model.input_view"]["values"]
+    assert sorted(views) == sorted(INPUT_VIEWS)
+    starts = sweep("student_init")["parameters"]["model.student.init_from_teacher"]["values"]
+    assert sorted(starts) == [False, True]
+
+
+def test_sweeps_select_on_held_out_training_images_never_on_test_data(shard_sets, tmp_path):
+    """The metric of every sweep is one the modules log on the val split of the training
+    shards (image labels only): a real validation pass of each stage logs it."""
+    metrics = {sweep(p.stem)["metric"]["name"] for p in SWEEPS}
+    assert metrics == {"val/image_acc"}
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    teacher = TeacherModule(SMALL_CLASSES, head={"hidden_dims": [16, 16, 16]})
+    for module in (teacher, StudentModule(dict(teacher.hparams))):
+        logged = trainer.validate(module, datamodule=synthetic_datamodule(shard_sets))[0]
+        assert metrics <= set(logged) and 0.0 <= logged["val/image_acc"] <= 1.0
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
@@ -88,3 +157,38 @@ def test_a_two_point_sweep_runs_as_a_hydra_multirun(tmp_path):
     for job, top_k in zip(jobs, ("0.1", "3")):
         assert (job / "checkpoints" / "teacher" / "final.ckpt").is_file()
         assert f"top_k: {top_k}" in (job / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=[str(i) for i in range(len(COMMANDS))])
+def test_every_readme_command_composes(command, tmp_path, monkeypatch):
+    """Each override of each command exists: Hydra refuses unknown keys and groups."""
+    for name in README_VARIABLES:
+        monkeypatch.setenv(name, str(tmp_path / name.lower()))
+    words = shlex.split(os.path.expandvars(command))
+    assert not [w for w in words if "$" in w], f"an unset variable in: {command}"
+    entry, overrides = words[2].removeprefix("usam."), words[3:]
+    if entry == "sweep":
+        assert (ROOT / overrides[0]).is_file()
+        return
+    paths = [f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/run"]
+    cfg = compose_config(entry, [*overrides, *paths])
+    for override in overrides:
+        key, value = override.split("=", 1)
+        if "." in key:  # a value, not a group choice: it must arrive as written
+            assert str(OmegaConf.select(cfg, key)) == value, override
+
+
+def test_the_readme_has_a_command_for_every_table():
+    commands = "\n".join(COMMANDS)
+    text = README.read_text()
+    assert "Table 3" in text and "Table 1" not in text  # the paper's main comparison
+    for wanted in (
+        "usam.fit experiment=voc_sd",  # Table 3 U-SAM (VOC), Table 4 SD rows
+        "usam.fit experiment=coco_sd",  # Table 3 U-SAM (COCO)
+        "usam.eval baseline=sam_clip eval_data=voc_val",  # Table 3 SAM+CLIP
+        "usam.eval baseline=sam_clip eval_data=coco_val",
+        "usam.fit experiment=voc_wc",  # Table 4 web rows
+        "usam.fit experiment=coco_wc",  # the COCO web-crawled row
+        "usam.fit experiment=voc_superclasses",  # the superclass result
+    ):
+        assert wanted in commands, wanted
