@@ -18,7 +18,7 @@ from usam.formats.embedding_shards import iter_records, read_manifest
 from usam.formats.image_shards import ImageShardWriter, encode_jpeg
 from usam.sam.amg_settings import AmgSettings
 from usam.sam.mask_engine import AutomaticMaskEngine
-from usam.sam.registry import build_sam
+from usam.sam.registry import SamSettings, build_sam
 
 from helpers.commands import ROOT, run_python
 
@@ -108,15 +108,16 @@ def test_training_images_keep_labels_and_split_by_key(tmp_path, tiny_sam):
     )
 
 
-def test_cache_id_follows_inputs_and_settings(tmp_path, tiny_sam):
+def test_cache_id_follows_inputs_and_settings(tmp_path):
     folder = image_folder(tmp_path / "images", 2)
-    _, info = tiny_sam
+    sam = SamSettings("tiny")
     source = FolderSource(folder, CLASSES)
-    first = shard_set_id(source, info, SETTINGS, 0.05)
-    assert first == shard_set_id(FolderSource(folder, CLASSES), info, SETTINGS, 0.05)
-    assert first != shard_set_id(source, info, AmgSettings(points_per_side=8), 0.05)
+    first = shard_set_id(source, sam, SETTINGS, 0.05)
+    assert first == shard_set_id(FolderSource(folder, CLASSES), sam, SETTINGS, 0.05)
+    assert first != shard_set_id(source, sam, AmgSettings(points_per_side=8), 0.05)
+    assert first != shard_set_id(source, SamSettings("tiny", "other.pth"), SETTINGS, 0.05)
     shapes_image(9).save(folder / "new.jpg")
-    assert first != shard_set_id(FolderSource(folder, CLASSES), info, SETTINGS, 0.05)
+    assert first != shard_set_id(FolderSource(folder, CLASSES), sam, SETTINGS, 0.05)
 
 
 def extract_command(folder: Path, out: Path, *extra: str) -> list[str]:
@@ -187,3 +188,17 @@ def test_two_process_ddp_extracts_every_image_once(tmp_path):
     assert len(keys) == len(set(keys)) == 7
     manifest = read_manifest(out / "eval")
     assert [s["name"] for s in manifest.shards] == names and manifest.num_images == 7
+
+
+def test_a_file_name_that_is_not_utf8_is_extracted_under_a_safe_key(tmp_path, tiny_sam):
+    folder = image_folder(tmp_path / "images", 1)
+    latin1 = os.fsdecode(b"\xe9t\xe9.jpg")
+    shapes_image(5).save(folder / latin1)
+    sam, info = tiny_sam
+    source = FolderSource(folder, CLASSES)
+    manifests = extract(
+        source, tmp_path / "out", AutomaticMaskEngine(sam, SETTINGS), info, trainer_args=FAST
+    )
+    assert manifests["eval"].num_images == 2
+    paths = {record.source["path"] for record in iter_records(tmp_path / "out" / "eval")}
+    assert paths == {"photo.00.jpg", latin1}

@@ -265,3 +265,17 @@ def test_image_shard_source_detects_tampered_image(tmp_path):
     source = ImageShardSource(tmp_path / "set")
     with pytest.raises(ValueError, match="sha256"):
         source.load(0)
+
+
+def test_a_file_name_that_is_not_utf8_gets_a_safe_key(tmp_path):
+    root = tmp_path / "photos"
+    root.mkdir()
+    latin1 = os.fsdecode(b"caf\xe9.png")  # a name written on a Latin-1 system
+    _save(root / latin1, Image.new("RGB", (6, 4)))
+    _save(root / "plain.png", Image.new("RGB", (4, 4)))
+    source = FolderSource(root, CLASSES)
+    assert len(source) == 2 and all(KEY_PATTERN.match(key) for key in source.keys)
+    loaded = source.load(source.keys.index(image_key(latin1)))
+    assert loaded.image.size == (6, 4) and loaded.source["path"] == latin1
+    assert image_key(latin1) != image_key(os.fsdecode(b"caf\xe8.png"))
+    assert len(source.fingerprint()) == 64

@@ -24,13 +24,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from usam.cli import hydra_command
+from usam.core.config import settings_from_config
 from usam.core.devices import resolve_device
 from usam.core.progress import progress_bar
-from usam.data.extraction import REJECTED_NAME, run_extraction, shard_set_dir
+from usam.data.extraction import REJECTED_NAME, ExtractSettings, run_extraction, shard_set_dir
 from usam.data.sources import FolderSource
 from usam.formats.embedding_shards import iter_records, read_manifest
 from usam.formats.storage import atomic_write_text
@@ -46,7 +47,7 @@ from usam.inference.exports import (
 )
 from usam.inference.predictor import InferenceSettings
 from usam.sam.amg_settings import AmgSettings
-from usam.sam.registry import get_spec
+from usam.sam.registry import SamSettings, get_spec
 
 
 def _output_names(source: FolderSource) -> dict[str, str]:
@@ -111,19 +112,27 @@ class _Outputs:
         atomic_write_text(self.rejected, "".join(json.dumps(e) + "\n" for e in merged.values()))
 
 
-def _extract_and_annotate(cfg, annotator, source, names, outputs, pending, amg) -> int:
+def _extract_and_annotate(
+    annotator: Annotator,
+    source: FolderSource,
+    names: dict[str, str],
+    outputs: _Outputs,
+    pending: set[str],
+    extract: ExtractSettings,
+    progress: bool,
+) -> int:
     """SAM over the pending images, then the head over their masks; returns images written."""
     source = _restrict(source, pending)
-    sam_cfg = OmegaConf.to_container(cfg.sam, resolve=True)
-    work = shard_set_dir(outputs.out / "sam", "pending", source, sam_cfg, amg, 0.0)
+    sam = SamSettings(annotator.sam_model_type, annotator.sam_checkpoint)
+    work = shard_set_dir(outputs.out / "sam", "pending", source, sam, annotator.amg, 0.0)
     for stale in work.parent.glob("*"):  # left by a run interrupted with other images pending
         if stale != work:
             shutil.rmtree(stale)
-    run_extraction(source, work, sam_cfg, amg, OmegaConf.to_container(cfg.extract, resolve=True))
+    run_extraction(source, work, sam, annotator.amg, extract)
     outputs.add_rejected(_rejected(work / REJECTED_NAME), pending)
     index = {key: i for i, key in enumerate(source.keys)}
     written = 0
-    with progress_bar(enabled=cfg.progress) as bar:
+    with progress_bar(enabled=progress) as bar:
         task = bar.add_task("annotating", total=read_manifest(work / "eval").num_images)
         for record in iter_records(work / "eval"):
             annotation = annotator.annotate_record(record)
@@ -138,12 +147,14 @@ def _extract_and_annotate(cfg, annotator, source, names, outputs, pending, amg) 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Annotate ``cfg.images`` into ``cfg.out``; returns the summary it prints."""
-    amg = AmgSettings(**OmegaConf.to_container(cfg.amg, resolve=True))
-    inference = InferenceSettings(**OmegaConf.to_container(cfg.inference, resolve=True))
+    sam = settings_from_config(SamSettings, cfg.sam, "sam")
+    amg = settings_from_config(AmgSettings, cfg.amg, "amg")
+    inference = settings_from_config(InferenceSettings, cfg.inference, "inference")
+    extract = settings_from_config(ExtractSettings, cfg.extract, "extract")
     annotator = Annotator.from_checkpoint(
         cfg.ckpt,
-        cfg.sam.model_type,
-        cfg.sam.checkpoint,
+        sam.model_type,
+        sam.checkpoint,
         amg,
         inference,
         resolve_device(cfg.device, "device"),
@@ -157,7 +168,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     pending = {key for key in source.keys if key not in skip}
     written = 0
     if pending:
-        written = _extract_and_annotate(cfg, annotator, source, names, outputs, pending, amg)
+        written = _extract_and_annotate(
+            annotator, source, names, outputs, pending, extract, cfg.progress
+        )
     finished = outputs.done()
     results = [
         json.loads((outputs.results / f"{key}.json").read_text())
@@ -213,9 +226,7 @@ def _print_summary(summary: dict[str, Any], outputs: _Outputs) -> None:
         print(f"  {name:<{width}}  {count}")
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="annotate")
-def main(cfg: DictConfig) -> None:
-    run(cfg)
+main = hydra_command("annotate", run)
 
 
 if __name__ == "__main__":

@@ -15,12 +15,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from usam.cli import hydra_command
+from usam.core.config import settings_from_config
 from usam.core.devices import resolve_device
-from usam.data.extraction import run_extraction, shard_set_dir
+from usam.data.eval_shards import eval_shards
+from usam.data.extraction import ExtractSettings
 from usam.data.sources import ImageSource
 from usam.evaluation.clip_baseline import clip_predictor
 from usam.evaluation.scoring import (
@@ -34,34 +36,9 @@ from usam.evaluation.scoring import (
 )
 from usam.inference.predictor import InferenceSettings, Predictor
 from usam.sam.amg_settings import AmgSettings
+from usam.sam.registry import SamSettings
 
 log = logging.getLogger(__name__)
-
-
-def eval_shards(cfg: DictConfig, source: ImageSource) -> Path:
-    """The ``eval`` folder of the evaluation shard set, extracted first when missing."""
-    settings = AmgSettings(**OmegaConf.to_container(cfg.amg, resolve=True))
-    out_dir = (
-        Path(cfg.eval_data.shards_dir)
-        if cfg.eval_data.shards_dir
-        else shard_set_dir(
-            Path(cfg.paths.data_dir) / "shards",
-            f"eval-{cfg.eval_data.name}",
-            source,
-            cfg.sam,
-            settings,
-            0.0,
-        )
-    )
-    run_extraction(
-        source,
-        out_dir,
-        cfg.sam,
-        settings,
-        OmegaConf.to_container(cfg.extract, resolve=True),
-        config={"eval_data": OmegaConf.to_container(cfg.eval_data, resolve=True)},
-    )
-    return out_dir / "eval"
 
 
 def threshold_grid(cfg: DictConfig) -> ThresholdGrid | None:
@@ -81,7 +58,11 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     ``metrics.json`` (None with ckpt=null and no baseline).
     """
     source: ImageSource = instantiate(cfg.eval_data.source)
-    settings = InferenceSettings(**OmegaConf.to_container(cfg.inference, resolve=True))
+    settings = settings_from_config(InferenceSettings, cfg.inference, "inference")
+    sam = settings_from_config(SamSettings, cfg.sam, "sam")
+    amg = settings_from_config(AmgSettings, cfg.amg, "amg")
+    extract = settings_from_config(ExtractSettings, cfg.extract, "extract")
+    data_dir = Path(cfg.paths.data_dir)
     device = resolve_device(cfg.device, "device")
     vocabulary = None
     if cfg.get("baseline"):
@@ -95,14 +76,15 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         extra = {"baseline": cfg.baseline.name, "clip": baseline["clip"]}
     elif cfg.ckpt:
         predictor = Predictor.from_checkpoint(cfg.ckpt, settings, device)
-        predictor.checkpoint.check_sam(cfg.sam.model_type, EvaluationError)
+        predictor.checkpoint.check_sam(sam.model_type, EvaluationError)
         vocabulary = resolve_vocabulary(predictor.classes, cfg.vocabulary)
         label = cfg.eval_data.name
         extra = {"checkpoint": str(cfg.ckpt)}
     else:
-        print(f"evaluation shard set ready: {eval_shards(cfg, source)}")
+        ready = eval_shards(cfg.eval_data, source, data_dir, sam, amg, extract)
+        print(f"evaluation shard set ready: {ready}")
         return None
-    shards = eval_shards(cfg, source)
+    shards = eval_shards(cfg.eval_data, source, data_dir, sam, amg, extract)
     evaluation = evaluate(
         shards,
         predictor,
@@ -141,9 +123,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     return {**evaluation.summary(), **extra}
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
-def main(cfg: DictConfig) -> None:
-    run(cfg)
+main = hydra_command("eval", run)
 
 
 if __name__ == "__main__":

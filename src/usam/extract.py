@@ -8,20 +8,28 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from usam.data.extraction import random_weights_note, run_extraction, shard_set_dir
+from usam.cli import hydra_command
+from usam.core.config import settings_from_config
+from usam.data.extraction import (
+    ExtractSettings,
+    random_weights_note,
+    run_extraction,
+    shard_set_dir,
+)
 from usam.data.sources import ImageSource
 from usam.sam.amg_settings import AmgSettings
+from usam.sam.registry import SamSettings
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="extract")
-def main(cfg: DictConfig) -> None:
+def run(cfg: DictConfig) -> None:
+    """Extract ``cfg.source`` and print what each split holds."""
     source: ImageSource = instantiate(cfg.source)
-    settings = AmgSettings(**OmegaConf.to_container(cfg.amg, resolve=True))
-    extract_cfg = OmegaConf.to_container(cfg.extract, resolve=True)
+    sam = settings_from_config(SamSettings, cfg.sam, "sam")
+    amg = settings_from_config(AmgSettings, cfg.amg, "amg")
+    extract = settings_from_config(ExtractSettings, cfg.extract, "extract")
     out_dir = (
         Path(cfg.out_dir)
         if cfg.out_dir
@@ -29,18 +37,13 @@ def main(cfg: DictConfig) -> None:
             Path(cfg.paths.data_dir) / "shards",
             cfg.source_name,
             source,
-            cfg.sam,
-            settings,
-            extract_cfg["val_fraction"],
+            sam,
+            amg,
+            extract.val_fraction,
         )
     )
     manifests = run_extraction(
-        source,
-        out_dir,
-        cfg.sam,
-        settings,
-        extract_cfg,
-        config=OmegaConf.to_container(cfg, resolve=True),
+        source, out_dir, sam, amg, extract, config=OmegaConf.to_container(cfg, resolve=True)
     )
     for split, manifest in manifests.items():
         print(
@@ -54,6 +57,8 @@ def main(cfg: DictConfig) -> None:
 def _megabytes(directory: Path) -> float:
     return sum(p.stat().st_size for p in directory.glob("*.tar")) / 1e6
 
+
+main = hydra_command("extract", run)
 
 if __name__ == "__main__":
     main()

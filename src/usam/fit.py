@@ -10,16 +10,23 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from usam.cli import hydra_command
+from usam.core.config import settings_from_config
 from usam.core.vocabulary import load_vocabulary
-from usam.eval import eval_shards
+from usam.data.eval_shards import eval_shards
+from usam.data.extraction import ExtractSettings
 from usam.evaluation.callback import EvaluationCallback
+from usam.images.stable_diffusion import GenerateSettings
+from usam.inference.predictor import InferenceSettings
+from usam.run_identity import flat_config, run_identity
+from usam.sam.amg_settings import AmgSettings
+from usam.sam.registry import SamSettings
 from usam.train.lightning_modules import RANDOM_WEIGHTS_WARNING, StudentModule, TeacherModule
 
 log = logging.getLogger(__name__)
@@ -27,22 +34,42 @@ log = logging.getLogger(__name__)
 STAGES = ("teacher", "student", "both")
 
 
-def _instantiate_all(group: DictConfig | None) -> list[Any]:
-    """One object per entry of a logger/callback group (``logger=none`` gives none)."""
-    return [instantiate(entry) for entry in (group or {}).values() if entry]
+def _callbacks(cfg: DictConfig, inference: InferenceSettings) -> list[Any]:
+    """One object per entry of the callbacks group (``callbacks=none`` gives none); the
+    evaluation callback scores with the run's typed ``inference`` settings."""
+    return [
+        instantiate(entry, _partial_=True)(inference=inference)
+        if name == "eval"
+        else instantiate(entry)
+        for name, entry in (cfg.callbacks or {}).items()
+        if entry
+    ]
+
+
+def _data_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The settings the DataModule makes missing images and shards with, parsed once here."""
+    return {
+        "sam": settings_from_config(SamSettings, cfg.sam, "sam"),
+        "amg": settings_from_config(AmgSettings, cfg.amg, "amg"),
+        "generate": settings_from_config(GenerateSettings, cfg.generate, "generate"),
+        "extract": settings_from_config(ExtractSettings, cfg.extract, "extract"),
+    }
 
 
 def _loggers(cfg: DictConfig, stage: str, random_weights: bool) -> list[Any]:
-    """The configured loggers for one stage; W&B runs of random-weight data are tagged so."""
+    """The configured loggers for one stage. A W&B run carries the whole resolved config
+    (dotted keys), a name and group that tell sweep jobs apart, and tags for the
+    experiment, data source, SAM and random weights."""
     loggers = []
     for name, entry in (cfg.logger or {}).items():
         if not entry:
             continue
         if name == "wandb":
-            tags = list(entry.get("tags") or [])
-            if random_weights and "random-weights" not in tags:
-                tags.append("random-weights")
-            loggers.append(instantiate(entry, name=f"{cfg.run_name}-{stage}", tags=tags))
+            identity = run_identity(cfg, stage, random_weights)
+            tags = list(dict.fromkeys([*(entry.get("tags") or []), *identity.tags]))
+            logger = instantiate(entry, name=identity.name, group=identity.group, tags=tags)
+            logger.experiment.config.update(flat_config(cfg), allow_val_change=True)
+            loggers.append(logger)
         else:
             loggers.append(instantiate(entry, name=stage))
     return loggers
@@ -64,7 +91,11 @@ def _announce_random_weights(datamodule: Any) -> None:
 
 
 def train_stage(
-    cfg: DictConfig, stage: str, datamodule: Any, teacher_ckpt: str | None = None
+    cfg: DictConfig,
+    stage: str,
+    datamodule: Any,
+    inference: InferenceSettings,
+    teacher_ckpt: str | None = None,
 ) -> Path:
     """Fit one stage and return the checkpoint the next stage should read."""
     classes = list(datamodule.classes)
@@ -93,7 +124,7 @@ def train_stage(
                 f"({module.classes[:5]}...), the run has {len(classes)} ({classes[:5]}...)"
             )
     ckpt_dir = Path(cfg.paths.output_dir) / "checkpoints" / stage
-    callbacks = _instantiate_all(cfg.callbacks)
+    callbacks = _callbacks(cfg, inference)
     for callback in callbacks:
         if isinstance(callback, ModelCheckpoint):
             callback.dirpath = str(ckpt_dir)
@@ -127,7 +158,7 @@ def train_stage(
     return checkpoint
 
 
-def _prepare_evaluation(cfg: DictConfig) -> None:
+def _prepare_evaluation(cfg: DictConfig, data_settings: dict[str, Any]) -> None:
     """Point the evaluation callback at ``eval_data``'s shard set, extracting it if missing."""
     callback = (cfg.callbacks or {}).get("eval")
     if callback is None or callback.shards_dir:
@@ -137,7 +168,14 @@ def _prepare_evaluation(cfg: DictConfig) -> None:
             "callbacks include eval but there is nothing to evaluate on: set eval_data=<dataset> "
             "(conf/eval_data) or callbacks.eval.shards_dir=<an eval shard set's eval folder>"
         )
-    eval_dir = eval_shards(cfg, instantiate(cfg.eval_data.source))
+    eval_dir = eval_shards(
+        cfg.eval_data,
+        instantiate(cfg.eval_data.source),
+        Path(cfg.paths.data_dir),
+        data_settings["sam"],
+        data_settings["amg"],
+        data_settings["extract"],
+    )
     with open_dict(cfg):
         cfg.callbacks.eval.shards_dir = str(eval_dir)
 
@@ -148,29 +186,29 @@ def run(cfg: DictConfig) -> dict[str, Path]:
         raise ValueError(f"stage={cfg.stage!r} must be one of {STAGES}")
     L.seed_everything(cfg.seed, workers=True)
     load_vocabulary(cfg.data.classes)  # fail early on a bad class list
+    data_settings = _data_settings(cfg)
+    inference = settings_from_config(InferenceSettings, cfg.inference, "inference")
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    _prepare_evaluation(cfg)
-    datamodule = instantiate(cfg.data)
+    _prepare_evaluation(cfg, data_settings)
+    datamodule = instantiate(cfg.data, _partial_=True)(**data_settings)
     datamodule.prepare_data()
     datamodule.setup("fit")
     _announce_random_weights(datamodule)
     checkpoints: dict[str, Path] = {}
     if cfg.stage in ("teacher", "both"):
-        checkpoints["teacher"] = train_stage(cfg, "teacher", datamodule)
+        checkpoints["teacher"] = train_stage(cfg, "teacher", datamodule, inference)
         log.info("teacher checkpoint: %s", checkpoints["teacher"])
     if cfg.stage in ("student", "both"):
         teacher_ckpt = str(checkpoints.get("teacher") or cfg.teacher_ckpt or "") or None
-        checkpoints["student"] = train_stage(cfg, "student", datamodule, teacher_ckpt)
+        checkpoints["student"] = train_stage(cfg, "student", datamodule, inference, teacher_ckpt)
         log.info("student checkpoint: %s", checkpoints["student"])
     _announce_random_weights(datamodule)
     return checkpoints
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="fit")
-def main(cfg: DictConfig) -> None:
-    run(cfg)
+main = hydra_command("fit", run)
 
 
 if __name__ == "__main__":

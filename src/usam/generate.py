@@ -6,16 +6,15 @@ Stable Diffusion (:mod:`usam.images.stable_diffusion`) renders "a photo of a
 
 from __future__ import annotations
 
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from usam.cli import hydra_command
 from usam.core.vocabulary import load_vocabulary
 from usam.formats.image_shards import image_set_dir
-from usam.images.stable_diffusion import GenerateSettings, GenerationError, generate_images
+from usam.images.stable_diffusion import GenerateSettings, generate_images
 
 
 def run(cfg: DictConfig) -> Path:
@@ -38,12 +37,7 @@ def run(cfg: DictConfig) -> Path:
     return out_dir
 
 
-@hydra.main(config_path="conf", config_name="generate", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    try:
-        print(run(cfg))
-    except (GenerationError, ValueError) as error:  # ValueError: vocabulary and shard errors
-        sys.exit(f"usam.generate: {error}")
+main = hydra_command("generate", lambda cfg: print(run(cfg)))
 
 
 if __name__ == "__main__":

@@ -49,11 +49,18 @@ def multirun_overrides(sweep: dict[str, Any], where: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if not args:
+    if not args or args[0] in ("-h", "--help"):
         print(__doc__)
-        return 2
+        return 0 if args else 2
     path = Path(args[0])
-    overrides = multirun_overrides(yaml.safe_load(path.read_text()), str(path))
+    if not path.is_file():
+        print(f"usam.sweep: error: no sweep file {path}; see experiments/sweeps/", file=sys.stderr)
+        return 2
+    try:
+        overrides = multirun_overrides(yaml.safe_load(path.read_text()), str(path))
+    except SweepFileError as error:
+        print(f"usam.sweep: error: {error}", file=sys.stderr)
+        return 2
     command = [sys.executable, "-m", ENTRY, "-m", *overrides, *args[1:]]
     print(" ".join(command[1:]))
     return subprocess.call(command)

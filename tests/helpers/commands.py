@@ -10,6 +10,8 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from usam.core.config import register_resolvers
+
 from helpers.shards import SMALL_CLASSES
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository
@@ -34,6 +36,7 @@ TINY_EVAL = [
 
 def compose_config(name: str, overrides: list[str]) -> DictConfig:
     """The entry config ``conf/<name>.yaml`` with Hydra command-line ``overrides``."""
+    register_resolvers()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name=name, overrides=overrides)
 

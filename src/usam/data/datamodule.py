@@ -21,6 +21,7 @@ import torch
 import webdataset as wds
 
 from usam.core.vocabulary import load_vocabulary
+from usam.data.extraction import ExtractSettings
 from usam.data.pipeline import TrainingPipeline
 from usam.data.synthetic import write_synthetic_shard_set
 from usam.formats.embedding_shards import (
@@ -33,6 +34,9 @@ from usam.formats.embedding_shards import (
     read_manifest,
     shard_urls,
 )
+from usam.images.stable_diffusion import GenerateSettings
+from usam.sam.amg_settings import AmgSettings
+from usam.sam.registry import SamSettings
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +71,10 @@ class ShardDataModule(L.LightningDataModule):
     """Training and validation shard sets for one vocabulary and SAM model type.
 
     Either name the shard sets (``train_dir``/``val_dir``; ``source: synthetic``
-    writes them on demand) or give ``pipeline`` (the ``sam``, ``amg``,
-    ``generate`` and ``extract`` config groups) with ``images_dir`` and
-    ``shards_dir``: missing images are generated and missing shards extracted in
-    ``prepare_data``, cached by a hash of their inputs.
+    writes them on demand) or give the typed ``sam``, ``amg``, ``generate`` and
+    ``extract`` settings with ``images_dir`` and ``shards_dir``: missing images are
+    generated and missing shards extracted in ``prepare_data``, cached by a hash of
+    their inputs.
     """
 
     def __init__(
@@ -81,7 +85,10 @@ class ShardDataModule(L.LightningDataModule):
         source: str = "sd",
         images_dir: str | None = None,
         shards_dir: str | None = None,
-        pipeline: dict[str, Any] | None = None,
+        sam: SamSettings | None = None,
+        amg: AmgSettings | None = None,
+        generate: GenerateSettings | None = None,
+        extract: ExtractSettings | None = None,
         embed_dim: int = DEFAULT_EMBED_DIM,
         sam_model_type: str | None = None,
         batch_size: int = 32,
@@ -96,16 +103,20 @@ class ShardDataModule(L.LightningDataModule):
         self.classes = self.vocabulary.classes
         self.pipeline = None
         if train_dir is None or val_dir is None:
-            if not (pipeline and images_dir and shards_dir):
+            if not (images_dir and shards_dir and sam and amg and generate and extract):
                 raise ValueError(
-                    "data: give train_dir and val_dir, or images_dir, shards_dir and pipeline"
+                    "data: give train_dir and val_dir, or images_dir and shards_dir with the "
+                    "sam, amg, generate and extract settings"
                 )
             self.pipeline = TrainingPipeline(
                 vocabulary=self.vocabulary,
                 source=source,
                 images_root=Path(images_dir),
                 shards_root=Path(shards_dir),
-                **{k: dict(pipeline[k]) for k in ("sam", "amg", "generate", "extract")},
+                sam=sam,
+                amg=amg,
+                generate=generate,
+                extract=extract,
             )
         self.train_dir = Path(train_dir) if train_dir else None
         self.val_dir = Path(val_dir) if val_dir else None

@@ -17,9 +17,8 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Mapping
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +39,30 @@ from usam.formats.embedding_shards import (
 from usam.formats.storage import atomic_write_text
 from usam.sam.amg_settings import AmgSettings
 from usam.sam.mask_engine import AutomaticMaskEngine
-from usam.sam.registry import build_sam
+from usam.sam.registry import SamSettings
 
 log = logging.getLogger(__name__)
 
 REJECTED_NAME = "rejected.jsonl"
+
+
+@dataclass
+class ExtractSettings:
+    """The ``extract`` config group: how SAM embeddings are written."""
+
+    val_fraction: float = 0.05  # training sources: share of images held out (by key hash)
+    images_per_shard: int = 500
+    num_workers: int = 2  # image decoding processes
+    trainer: dict[str, Any] = field(default_factory=dict)  # Trainer arguments of the predict loop
+
+    def check(self) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction={self.val_fraction} must be in [0, 1)")
+        if self.images_per_shard < 1 or self.num_workers < 0:
+            raise ValueError(
+                f"images_per_shard={self.images_per_shard} must be >= 1 and "
+                f"num_workers={self.num_workers} >= 0"
+            )
 
 
 @dataclass(frozen=True)
@@ -70,18 +88,13 @@ def split_of(key: str, kind: str, val_fraction: float) -> str:
     return "val" if position < val_fraction else "train"
 
 
-def sam_identity(model_type: str, checkpoint: str | None) -> dict[str, Any]:
-    """What names a SAM for caching, known without loading or hashing the checkpoint."""
-    return {"model_type": model_type, "checkpoint": str(checkpoint) if checkpoint else None}
-
-
 def shard_set_id(
-    source: ImageSource, sam: dict[str, Any], settings: AmgSettings, val_fraction: float
+    source: ImageSource, sam: SamSettings, settings: AmgSettings, val_fraction: float
 ) -> str:
-    """Cache key of a shard set: what went in (``sam``: :func:`sam_identity`) and how SAM ran."""
+    """Cache key of a shard set: what went in and how SAM ran."""
     payload = {
         "source": source.fingerprint(),
-        "sam": sam,
+        "sam": sam.identity(),
         "amg": asdict(settings),
         "val_fraction": val_fraction if source.kind == "train" else None,
     }
@@ -305,43 +318,42 @@ def shard_set_dir(
     shards_root: str | Path,
     name: str,
     source: ImageSource,
-    sam_cfg: Mapping[str, Any],
+    sam: SamSettings,
     settings: AmgSettings,
     val_fraction: float,
 ) -> Path:
     """Where the cached shard set of ``source`` under these settings lives."""
-    identity = sam_identity(sam_cfg["model_type"], sam_cfg.get("checkpoint"))
-    cache_id = shard_set_id(source, identity, settings, val_fraction)
-    return Path(shards_root) / f"{name}-{sam_cfg['model_type']}-{cache_id}"
+    cache_id = shard_set_id(source, sam, settings, val_fraction)
+    return Path(shards_root) / f"{name}-{sam.model_type}-{cache_id}"
 
 
 def run_extraction(
     source: ImageSource,
     out_dir: str | Path,
-    sam_cfg: Mapping[str, Any],
+    sam: SamSettings,
     settings: AmgSettings,
-    extract_cfg: Mapping[str, Any],
+    extract_settings: ExtractSettings,
     *,
     config: dict[str, Any] | None = None,
 ) -> dict[str, Manifest]:
-    """Build SAM (only when work is left) and extract; ``extract_cfg`` is the extract group."""
-    splits = splits_for(source, extract_cfg["val_fraction"])
+    """Build SAM (only when work is left) and extract."""
+    splits = splits_for(source, extract_settings.val_fraction)
     if is_complete(Path(out_dir), splits):
         return {split: read_manifest(Path(out_dir) / split) for split in splits}
     print(f"extracting SAM embeddings of {len(source)} images into {out_dir}")
-    sam, sam_info = build_sam(sam_cfg["model_type"], sam_cfg.get("checkpoint"))
+    model, sam_info = sam.build()
     if sam_info["random_weights"]:
         print("RANDOM WEIGHTS: SAM is untrained; these embeddings only exercise the pipeline.")
     return extract(
         source,
         out_dir,
-        AutomaticMaskEngine(sam, settings),
+        AutomaticMaskEngine(model, settings),
         sam_info,
-        val_fraction=extract_cfg["val_fraction"],
-        images_per_shard=extract_cfg["images_per_shard"],
+        val_fraction=extract_settings.val_fraction,
+        images_per_shard=extract_settings.images_per_shard,
         config=config,
-        num_workers=extract_cfg["num_workers"],
-        trainer_args=dict(extract_cfg["trainer"]),
+        num_workers=extract_settings.num_workers,
+        trainer_args=dict(extract_settings.trainer),
     )
 
 

@@ -8,18 +8,17 @@ changed input or setting gets its own set and an unchanged one is reused.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from usam.core.vocabulary import Vocabulary
-from usam.data.extraction import run_extraction, shard_set_dir
+from usam.data.extraction import ExtractSettings, run_extraction, shard_set_dir
 from usam.data.sources import ImageShardSource
 from usam.formats.embedding_shards import ShardSetError
 from usam.formats.image_shards import image_set_dir
 from usam.images.stable_diffusion import GenerateSettings, generate_images
 from usam.sam.amg_settings import AmgSettings
+from usam.sam.registry import SamSettings
 
 GENERATED = "sd"
 
@@ -30,13 +29,13 @@ class TrainingPipeline:
     source: str  # sd | web | folder
     images_root: Path
     shards_root: Path
-    sam: Mapping[str, Any]  # the sam group: model_type, checkpoint
-    amg: Mapping[str, Any]  # the amg group
-    generate: Mapping[str, Any]  # the generate group (used when source is sd)
-    extract: Mapping[str, Any]  # the extract group
+    sam: SamSettings
+    amg: AmgSettings
+    generate: GenerateSettings  # used when source is sd
+    extract: ExtractSettings
 
     def image_dir(self) -> Path:
-        name = self.generate["name"] if self.source == GENERATED else self.source
+        name = self.generate.name if self.source == GENERATED else self.source
         return image_set_dir(self.images_root, self.vocabulary, name)
 
     def _image_source(self) -> ImageShardSource:
@@ -55,8 +54,8 @@ class TrainingPipeline:
             self.image_dir().name,
             source,
             self.sam,
-            AmgSettings(**self.amg),
-            self.extract["val_fraction"],
+            self.amg,
+            self.extract.val_fraction,
         )
 
     def locate(self) -> Path:
@@ -66,15 +65,8 @@ class TrainingPipeline:
     def prepare(self) -> Path:
         """Generate missing images (source sd), extract missing shards; return the set."""
         if self.source == GENERATED and not (self.image_dir() / "manifest.json").is_file():
-            settings = GenerateSettings.from_config(dict(self.generate))
-            generate_images(self.vocabulary, settings, self.image_dir())
+            generate_images(self.vocabulary, self.generate, self.image_dir())
         source = self._image_source()
         out_dir = self._shard_dir(source)
-        run_extraction(
-            source,
-            out_dir,
-            self.sam,
-            AmgSettings(**self.amg),
-            self.extract,
-        )
+        run_extraction(source, out_dir, self.sam, self.amg, self.extract)
         return out_dir

@@ -76,12 +76,15 @@ def image_key(name: str) -> str:
     Otherwise its readable form (runs of characters outside [A-Za-z0-9_-], dots
     included, become '_') plus a hash of the exact name, so two names that read
     alike ('a.b.jpg', 'a_b.jpg') still get different keys, and the same name
-    always gets the same key whatever else is in the directory.
+    always gets the same key whatever else is in the directory. A file name that is
+    not valid UTF-8 reaches Python with its bytes as surrogates; they are hashed as
+    those bytes.
     """
     if KEY_PATTERN.match(name):
         return name
     readable = _UNSAFE.sub("_", name).strip("_")[:_MAX_READABLE] or "image"
-    return f"{readable}-{hashlib.sha256(name.encode()).hexdigest()[:10]}"
+    exact = name.encode("utf-8", "surrogateescape")
+    return f"{readable}-{hashlib.sha256(exact).hexdigest()[:10]}"
 
 
 def load_rgb(path: str | Path, *, upright: bool = True) -> Image.Image:

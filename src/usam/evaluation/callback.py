@@ -18,9 +18,7 @@ group's timeout (Lightning's default: 30 minutes).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
@@ -46,7 +44,7 @@ class EvaluationCallback(Callback):
         self,
         shards_dir: str | Path,
         source: ImageSource | None = None,
-        inference: Mapping[str, Any] | None = None,
+        inference: InferenceSettings | None = None,
         every_n_epochs: int = 1,
         num_overlays: int = 8,
         vocabulary: str | None = None,
@@ -58,7 +56,7 @@ class EvaluationCallback(Callback):
             raise ValueError(f"every_n_epochs={every_n_epochs} must be at least 1")
         self.shards_dir = Path(shards_dir)
         self.source = source
-        self.settings = InferenceSettings(**dict(inference or {}))
+        self.settings = inference or InferenceSettings()
         self.every_n_epochs = every_n_epochs
         self.num_overlays = num_overlays
         self.vocabulary_spec = vocabulary

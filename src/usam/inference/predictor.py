@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
+from usam.core.weights import load_weights
 from usam.formats.embedding_shards import ImageRecord, decode_masks
 from usam.train.head import MaskClassifierHead, input_dim, select_input_view
 
@@ -65,13 +66,15 @@ class HeadCheckpoint:
             )
 
 
-def load_head(path: str | Path) -> HeadCheckpoint:
-    """Load only the head (never the teacher inside a student) with ``weights_only=True``."""
+def load_head(path: str | Path, config_key: str = "ckpt") -> HeadCheckpoint:
+    """Load only the head (never the teacher inside a student), weights only."""
+    checkpoint = load_weights(path, config_key, HeadCheckpointError)
     path = Path(path)
-    if not path.is_file():
-        raise HeadCheckpointError(f"head checkpoint {path} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if "usam" not in checkpoint or "hyper_parameters" not in checkpoint:
+    if (
+        not isinstance(checkpoint, dict)
+        or "usam" not in checkpoint
+        or "hyper_parameters" not in checkpoint
+    ):
         raise HeadCheckpointError(
             f"{path} is not a usam head checkpoint (no 'usam' metadata): pass a checkpoint "
             "written by `python -m usam.fit` (checkpoints/teacher or checkpoints/student)"

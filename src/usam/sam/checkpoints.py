@@ -28,11 +28,14 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from usam.core.errors import UsageError
+from usam.core.weights import load_weights
+
 CONFIG_KEY = "sam.checkpoint"
 _CHUNK = 1 << 20
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UsageError, RuntimeError):
     """A checkpoint that is missing, cannot be fetched, is corrupt or belongs to another model."""
 
 
@@ -130,14 +133,7 @@ def load_into(
     identify: Callable[[dict[str, Any]], str | None] | None = None,
 ) -> None:
     """Load a state dict without unpickling code, naming the model it fits when it doesn't fit."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several unrelated types for unreadable files
-        raise CheckpointError(
-            f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else ''}); "
-            f"point {CONFIG_KEY} at a SAM state dict"
-        ) from error
+    state = load_weights(path, CONFIG_KEY, CheckpointError)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(
             f"{path} is not a SAM state dict (a mapping of parameter names to tensors); "

@@ -207,6 +207,24 @@ def get_spec(model_type: str) -> SamSpec:
     return SPECS[model_type]
 
 
+@dataclass(frozen=True)
+class SamSettings:
+    """The ``sam`` config group: which SAM, and where its weights are."""
+
+    model_type: str = "vit_h"
+    checkpoint: str | None = None  # the official checkpoint file; None: cache, then download
+
+    def check(self) -> None:
+        get_spec(self.model_type)
+
+    def identity(self) -> dict[str, Any]:
+        """What names this SAM for caching, known without loading or hashing the checkpoint."""
+        return {"model_type": self.model_type, "checkpoint": self.checkpoint or None}
+
+    def build(self) -> tuple[Sam, dict[str, Any]]:
+        return build_sam(self.model_type, self.checkpoint)
+
+
 def _encoder_shape(state_dict: dict[str, Any]) -> tuple[str, int, int] | None:
     """(kind, width, depth) of the image encoder a state dict holds; None if it holds none."""
     vit = state_dict.get("image_encoder.patch_embed.proj.weight")
