@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from usam.fit import run
 from usam.formats.embedding_shards import ShardSetError, read_manifest
 from usam.images.stable_diffusion import GenerationError
+from usam.sam.checkpoints import CheckpointError
 
 from helpers.commands import CONF_DIR, ROOT, compose_config, run_overrides
 
@@ -111,16 +112,19 @@ def test_student_stage_without_teacher_fails_clearly(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("experiment", "error", "message"),
+    ("overrides", "error", "message"),
     [
-        ("voc_sd", GenerationError, "generate.model=/path/to/dir"),  # no SD weights offline
-        ("voc_wc", ShardSetError, r"no finished web image set .*usam.ingest"),
+        # SAM is checked before hours of image generation start
+        (["experiment=voc_sd"], CheckpointError, r"sam_vit_h_4b8939\.pth.*sam\.checkpoint"),
+        (["experiment=voc_sd", "sam=tiny"], GenerationError, "generate.model=/path/to/dir"),
+        (["experiment=voc_wc"], ShardSetError, r"no finished web image set .*usam.ingest"),
     ],
 )
-def test_missing_inputs_say_what_to_do(tmp_path, experiment, error, message):
+def test_missing_inputs_say_what_to_do(tmp_path, overrides, error, message):
     paths = [f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/run", "logger=none"]
     with pytest.raises(error, match=message):
-        run(compose_config("fit", [f"experiment={experiment}", *paths]))
+        run(compose_config("fit", [*overrides, *paths]))
+    assert not list(tmp_path.rglob("*.tar"))  # no image or embedding shard was started
 
 
 def test_class_names_to_trained_head_on_tiny_models(tmp_path):

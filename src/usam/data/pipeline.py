@@ -12,7 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from usam.core.vocabulary import Vocabulary
-from usam.data.extraction import ExtractSettings, run_extraction, shard_set_dir
+from usam.data.extraction import (
+    ExtractSettings,
+    is_complete,
+    run_extraction,
+    shard_set_dir,
+    splits_for,
+)
 from usam.data.sources import ImageShardSource
 from usam.formats.embedding_shards import ShardSetError
 from usam.formats.image_shards import image_set_dir
@@ -62,9 +68,23 @@ class TrainingPipeline:
         """The shard set directory (its ``train``/``val`` splits), without making anything."""
         return self._shard_dir(self._image_source())
 
+    def _needs_images(self) -> bool:
+        return self.source == GENERATED and not (self.image_dir() / "manifest.json").is_file()
+
+    def check_weights(self) -> None:
+        """Before any long step, the SAM that extraction will need is on disk (downloaded now
+        when online), so hours of image generation never end in a missing checkpoint."""
+        if not self._needs_images():
+            source = self._image_source()
+            splits = splits_for(source, self.extract.val_fraction)
+            if is_complete(self._shard_dir(source), splits):
+                return
+        self.sam.ensure_weights()
+
     def prepare(self) -> Path:
         """Generate missing images (source sd), extract missing shards; return the set."""
-        if self.source == GENERATED and not (self.image_dir() / "manifest.json").is_file():
+        self.check_weights()
+        if self._needs_images():
             generate_images(self.vocabulary, self.generate, self.image_dir())
         source = self._image_source()
         out_dir = self._shard_dir(source)

@@ -224,6 +224,11 @@ class SamSettings:
     def build(self) -> tuple[Sam, dict[str, Any]]:
         return build_sam(self.model_type, self.checkpoint)
 
+    def ensure_weights(self) -> Path | None:
+        """The checkpoint this SAM will load (downloaded now when missing and online), or
+        None for random weights; raises ``CheckpointError`` naming ``sam.checkpoint``."""
+        return _weights_path(get_spec(self.model_type), self.checkpoint)
+
 
 def _encoder_shape(state_dict: dict[str, Any]) -> tuple[str, int, int] | None:
     """(kind, width, depth) of the image encoder a state dict holds; None if it holds none."""
@@ -279,6 +284,15 @@ def build_random(model_type: str, seed: int = DEFAULT_SEED) -> Sam:
     return model.eval()
 
 
+def _weights_path(spec: SamSpec, checkpoint: str | Path | None) -> Path | None:
+    """None for an architecture without official weights and no checkpoint given."""
+    if spec.random_weights and checkpoint is None:
+        return None
+    if checkpoint is None:
+        return checkpoints.resolve(spec.checkpoint_name, spec.url, spec.sha256)
+    return checkpoints.resolve(Path(checkpoint).name, None, None, explicit=checkpoint)
+
+
 def build_sam(
     model_type: str,
     checkpoint: str | Path | None = None,
@@ -293,13 +307,10 @@ def build_sam(
     checkpoint is resolved (explicit path, cache, download) and loaded.
     """
     spec = get_spec(model_type)
-    if random_weights or (spec.random_weights and checkpoint is None):
+    path = None if random_weights else _weights_path(spec, checkpoint)
+    if path is None:
         info = {"model_type": model_type, "checkpoint_sha256": None, "random_weights": True}
         return build_random(model_type, seed), {**info, "seed": seed}
-    if checkpoint is None:
-        path = checkpoints.resolve(spec.checkpoint_name, spec.url, spec.sha256)
-    else:
-        path = checkpoints.resolve(Path(checkpoint).name, None, None, explicit=checkpoint)
     model = spec.build()
     checkpoints.load_into(model, path, model_type, identify=identify)
     model.eval()  # after loading: TinyViT caches its attention biases when put in eval mode
