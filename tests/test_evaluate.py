@@ -15,10 +15,12 @@ from pycocotools import mask as mask_utils
 
 from usam.core.vocabulary import load_vocabulary
 from usam.data.datamodule import ShardDataModule
-from usam.data.ground_truth import VOCSegmentation, load_ground_truth
+from usam.data.ground_truth import ADE20K, load_ground_truth
+from usam.data.sources import ImageSource
 from usam.data.synthetic import write_synthetic_shard_set
 from usam.evaluation.callback import EvaluationCallback
 from usam.evaluation.scoring import (
+    SWEEP_ON_TEST,
     EvaluationError,
     evaluate,
     not_meaningful_reasons,
@@ -69,16 +71,18 @@ class OracleHead(Predictor):
         return probs
 
 
-def truth_mask_set(source: VOCSegmentation, directory: Path) -> Path:
+def truth_mask_set(source: ImageSource, directory: Path, unseen: int | None = None) -> Path:
     """An eval shard set whose masks are the ground-truth instances plus one background-only
-    mask, as a perfect SAM would give them."""
+    mask, as a perfect SAM would give them; instances of class ``unseen`` are left out, so
+    their pixels stay uncovered."""
     manifest = Manifest(list(source.classes), 1024, "eval", {"model_type": "tiny"})
     rng = np.random.default_rng(0)
     with ShardSetWriter(directory, manifest) as writer:
         for image in source:
             truth = load_ground_truth(image.ground_truth)
             background = truth.semantic == 0
-            masks = [i.mask for i in truth.instances] + [background]
+            kept = [i.mask for i in truth.instances if i.label != unseen]
+            masks = kept + [background] * bool(background.any())
             rles = [mask_utils.encode(np.asfortranarray(m.astype(np.uint8))) for m in masks]
             count, (height, width) = len(masks), truth.semantic.shape
             writer.write(
@@ -113,6 +117,40 @@ def test_perfect_masks_and_scores_give_100_miou_and_map50_1(voc_set, tmp_path):
             assert (point.miou, point.map50) == pytest.approx((100.0, 1.0))
         else:  # the background mask passes as its argmax class and paints the background
             assert point.miou < 100.0 and point.map50 == pytest.approx(1.0)
+
+
+def write_ade(root: Path) -> ADE20K:
+    """Two ADE20K-layout images of wall, building and sky, with unlabelled (0) pixels."""
+    for folder in ("images", "annotations"):
+        (root / folder / "validation").mkdir(parents=True)
+    (root / "objectInfo150.txt").write_text(
+        "Idx\tRatio\tTrain\tVal\tName\n1\t0.1\t1\t1\twall\n2\t0.1\t1\t1\tbuilding, edifice\n"
+        "3\t0.1\t1\t1\tsky\n"
+    )
+    labels = np.zeros((24, 32), np.uint8)
+    labels[:8] = 3  # sky
+    labels[8:, :20] = 1  # wall
+    labels[8:, 20:] = 2  # building
+    labels[:, 30:] = 0  # unlabelled
+    for number, values in enumerate((labels, labels[::-1]), start=1):
+        rgb = np.stack([values * 60] * 3, axis=-1).astype(np.uint8)
+        Image.fromarray(rgb).save(root / "images" / "validation" / f"ADE_val_{number}.jpg")
+        Image.fromarray(values, mode="L").save(
+            root / "annotations" / "validation" / f"ADE_val_{number}.png"
+        )
+    return ADE20K(root)
+
+
+def test_ade20k_scores_150_classes_and_uncovered_pixels_as_misses(tmp_path):
+    source = write_ade(tmp_path / "ADE")
+    sky = source.classes.index("sky")
+    directory = truth_mask_set(source, tmp_path / "truth", unseen=sky)
+    head = load_head(head_checkpoint(tmp_path / "head.ckpt", list(source.classes)))
+    evaluation = evaluate(directory, OracleHead(head, LOW))
+    scores = {s.name: s.iou for s in evaluation.per_class}
+    # no mask covers the sky: a miss for sky (IoU 0), not a background class beside it
+    assert scores == {"background": None, "wall": 100.0, "building": 100.0, "sky": 0.0}
+    assert evaluation.miou == pytest.approx(200 / 3)  # a background class would make it 50
 
 
 def test_evaluation_matches_a_direct_computation(voc_set, tmp_path):
@@ -161,9 +199,16 @@ def test_outputs_overlays_and_random_weights(voc_set, tmp_path):
     assert float(table[0]["iou"]) == pytest.approx(evaluation.per_class[0].iou, abs=1e-3)
     with open(tmp_path / "out" / "sweep.csv") as handle:
         sweep = list(csv.reader(handle))
-    header = ["confidence_threshold", "nms_iou", "mIoU", "mAP50", "random_weights"]
+    header = ["confidence_threshold", "nms_iou", "mIoU", "mAP50", "random_weights", "analysis"]
     assert sweep[0] == header and len(sweep) == 7
-    assert {row[-1] for row in sweep[1:]} == {"True"} == {row["random_weights"] for row in table}
+    assert {row[-2] for row in sweep[1:]} == {"True"} == {row["random_weights"] for row in table}
+    # thresholds scored on the test images are labelled as such wherever the sweep goes
+    assert {row[-1] for row in sweep[1:]} == {SWEEP_ON_TEST}
+    assert "test data, not model selection" in SWEEP_ON_TEST
+    assert metrics["threshold_sweep"]["analysis"] == SWEEP_ON_TEST
+    assert [
+        (p["confidence_threshold"], p["nms_iou"]) for p in metrics["threshold_sweep"]["points"]
+    ] == [(p.confidence_threshold, p.nms_iou) for p in evaluation.sweep]
     with Image.open(tmp_path / "out" / "sweep.png") as plot:
         assert plot.width > plot.height > 100
     # the overlay of the first image (the VOC photo): photo | truth | prediction
@@ -244,7 +289,7 @@ def test_callback_logs_scores_during_fit_validate_and_test(voc_set, tmp_path):
     callback = EvaluationCallback(
         eval_dir,
         source,
-        inference={"confidence_threshold": 0.04},
+        inference=InferenceSettings(confidence_threshold=0.04),
         every_n_epochs=2,
         num_overlays=1,
         output_dir=tmp_path / "eval",

@@ -71,6 +71,23 @@ def test_confusion_accumulates_over_the_dataset_not_per_image():
     assert math.isnan(metric.compute().miou)
 
 
+def test_without_a_background_class_uncovered_pixels_are_misses():
+    # ADE20K-style: no background in the ground truth (0 was unlabelled, now 255)
+    target = np.array([[1, 1, 2, 2]] * 2 + [[255] * 4], np.uint8)
+    prediction = np.array([[1, 0, 2, 2]] * 2 + [[0] * 4], np.uint8)  # two cat pixels uncovered
+    metric = SemanticIoU(CLASSES, background_class=False)
+    metric.update(prediction, target)
+    scores = metric.compute()
+    # cat: 2 hits of 4 true pixels -> 1/2, the misses in its union; dog: 4 of 4
+    assert scores.per_class == {"background": None, "cat": 50.0, "dog": 100.0, "car": None}
+    assert scores.miou == pytest.approx(75.0)
+    with_background = SemanticIoU(CLASSES)  # background would join the mean with IoU 0
+    with_background.update(prediction, target)
+    assert with_background.compute().miou == pytest.approx(50.0)
+    with pytest.raises(ValueError, match="no background class"):
+        metric.update(np.zeros((1, 2), np.uint8), np.array([[0, 1]], np.uint8))
+
+
 def test_semantic_iou_rejects_bad_maps():
     metric = SemanticIoU(CLASSES)
     with pytest.raises(ValueError, match="differ in shape"):
@@ -149,7 +166,7 @@ def test_detections_beyond_coco_cap_of_100_do_not_count():
 
 def test_empty_cases_and_per_class_table():
     a = _box(SHAPE, 0, 0, 10, 10)
-    assert _ap([], _truth(Instance(a, 0))) == 0.0  # torchmetrics alone would say -1
+    assert _ap([], _truth(Instance(a, 0))) == 0.0  # every object missed
     metric = MaskAP50(CLASSES)
     metric.update([], [], [], _truth(Instance(a, 0)))
     assert metric.compute().map50 == 0.0
@@ -157,7 +174,7 @@ def test_empty_cases_and_per_class_table():
     metric = MaskAP50(CLASSES, per_class=True)
     metric.update(a[None], [0], [0.9], _truth(Instance(a, 0), Instance(~a, 1)))
     scores = metric.compute()
-    assert scores.per_class == {"cat": 1.0, "dog": 0.0, "car": None}
+    assert scores.per_class == {"cat": pytest.approx(1.0), "dog": 0.0, "car": None}
     assert scores.map50 == pytest.approx(0.5)
 
 

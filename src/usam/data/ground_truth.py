@@ -7,8 +7,10 @@ in the run vocabulary's class indices.
 
 Conventions (those of VOC): a semantic map is ``uint8`` with 0 = background,
 ``i + 1`` = class ``i`` and 255 = ignore (void borders, unlabelled pixels, COCO
-crowds). Images are read on their stored pixel grid, without EXIF rotation,
-because that is the grid their masks were drawn on. Where a dataset has no
+crowds); ADE20K has no background class (its 0 is unlabelled, so ignore, and
+``GroundTruth.background_class`` is False). Images are read on their stored
+pixel grid, without EXIF rotation, because that is the grid their masks were
+drawn on. Where a dataset has no
 instance masks (VOC without ``SegmentationObject/``, ADE20K scene parsing),
 instances are the 8-connected components of each class and
 ``GroundTruth.instances_derived`` says so: mAP50 on those is a proxy, not the
@@ -58,6 +60,9 @@ class GroundTruth:
     semantic: np.ndarray  # (H, W) uint8: 0 background, i + 1 class i, 255 ignore
     instances: list[Instance]
     instances_derived: bool = False  # True when instances are connected components
+    # False where the dataset labels no background (ADE20K: its 0 is unlabelled, read as
+    # ignore); mIoU then averages the named classes only (see usam.evaluation.metrics)
+    background_class: bool = True
 
 
 class DatasetError(ValueError):
@@ -128,7 +133,9 @@ def to_superclasses(truth: GroundTruth, label_map: Mapping[int, int]) -> GroundT
         for i in truth.instances
         if i.label in label_map
     ]
-    return GroundTruth(lookup[truth.semantic], instances, truth.instances_derived)
+    return GroundTruth(
+        lookup[truth.semantic], instances, truth.instances_derived, truth.background_class
+    )
 
 
 def read_index_png(path: Path) -> np.ndarray:
@@ -534,7 +541,8 @@ def _ade_truth(ref: dict[str, Any]) -> tuple[GroundTruth, tuple[str, ...]]:
     path = root / ref["annotation"]
     raw = _check_values(read_index_png(path), len(classes), path)
     semantic = np.where(raw == 0, IGNORE, raw).astype(np.uint8)
-    return GroundTruth(semantic, instances_from_semantic(semantic), True), classes
+    instances = instances_from_semantic(semantic)
+    return GroundTruth(semantic, instances, True, background_class=False), classes
 
 
 # ---------------------------------------------------------------- dispatch

@@ -1,16 +1,24 @@
-"""Segmentation metrics the way the benchmarks compute them: VOC mIoU and COCO mask mAP50.
+"""Segmentation metrics the way the benchmarks compute them: mIoU and COCO mask mAP50.
 
 ``SemanticIoU`` accumulates one confusion matrix over the whole dataset (not a
-mean of per-image scores), background included as in VOC-21, 255 ignored.
-torchmetrics reports 0 for a class that appears in neither prediction nor
-ground truth (its union is empty); such a class has no IoU at all, so it is
-reported as None and left out of the mean instead of dragging it down.
+mean of per-image scores), 255 ignored. A class that appears in neither
+prediction nor ground truth has no IoU at all (its union is empty), so it is
+reported as None and left out of the mean instead of dragging it down. Two
+protocols, by what the dataset labels:
 
-``MaskAP50`` is COCO's mask AP at IoU 0.5 through torchmetrics (pycocotools
-underneath): crowd regions are ``iscrowd`` (a detection on one is neither a hit
-nor a false positive), at most 100 detections per image and class count
-(COCO keeps the highest-scoring ones), and the mean runs over classes with
-ground truth.
+- with a background class (VOC-21, COCO painted from instances): background is
+  label 0 and one of the averaged classes;
+- without one (ADE20K's 150 classes, where 0 is unlabelled and read as ignore):
+  the mean runs over the named classes only. A pixel no kept mask covers is
+  predicted "no class": it is a miss for its true class (that class's false
+  negatives and union grow) and never a class of its own.
+
+``MaskAP50`` is COCO's mask AP at IoU 0.5 computed by pycocotools' ``COCOeval``
+itself (its 101 float64 recall points, its matching): every image counts,
+including those without ground truth, whose detections are false positives;
+crowd regions are ``iscrowd`` (a detection on one is neither a hit nor a false
+positive); at most 100 detections per image and class count (COCO keeps the
+highest-scoring ones); the mean runs over classes with ground truth.
 
 Units: mIoU and per-class IoU in percent (as VOC tables print them), mAP50 as
 a fraction in [0, 1] (as COCO tools print it).
@@ -18,23 +26,30 @@ a fraction in [0, 1] (as COCO tools print it).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
-from torchmetrics.classification import MulticlassJaccardIndex
-from torchmetrics.detection import MeanAveragePrecision
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torchmetrics.classification import MulticlassConfusionMatrix
 
 from usam.core.labels import BACKGROUND, IGNORE, MAX_CLASSES
 from usam.data.ground_truth import GroundTruth
+
+COCO_MAX_DETECTIONS = 100  # per image and class, as in COCO's AP
 
 
 @dataclass
 class SemanticScores:
     miou: float  # percent, over the classes that occur; NaN when none does
-    per_class: dict[str, float | None]  # percent; None when the class never occurs
+    per_class: dict[str, float | None]  # percent; None when the class is not scored
 
 
 @dataclass
@@ -57,18 +72,23 @@ def _as_long(array) -> torch.Tensor:
 
 
 class SemanticIoU:
-    """Dataset-level mIoU over background + ``classes``; maps use 0 = background,
-    ``i + 1`` = class ``i`` and 255 = ignore (ground truth only)."""
+    """Dataset-level mIoU; maps use 0 = background (or no class), ``i + 1`` = class ``i``
+    and 255 = ignore (ground truth only).
 
-    def __init__(self, classes: Sequence[str]) -> None:
+    ``background_class=False`` is the protocol of datasets without a background
+    class (ADE20K): background is then neither reported nor averaged, and a
+    pixel predicted 0 counts against its true class.
+    """
+
+    def __init__(self, classes: Sequence[str], *, background_class: bool = True) -> None:
         self.classes = _check_classes(classes)
         if BACKGROUND in self.classes:
             raise ValueError(f"'{BACKGROUND}' is implicit (label 0); remove it from the class list")
+        self.background_class = background_class
         self.names = (BACKGROUND, *self.classes)
-        self.metric = MulticlassJaccardIndex(
+        self.metric = MulticlassConfusionMatrix(
             num_classes=len(self.names),
             ignore_index=IGNORE,
-            average=None,
             validate_args=False,
             sync_on_compute=False,  # fed by the one process that sees every image
         )
@@ -91,17 +111,21 @@ class SemanticIoU:
                 f"ground truth values must lie in 0..{top} or be {IGNORE}; got "
                 f"{target.unique().tolist()}: was it read with another class list?"
             )
+        if not self.background_class and (target == 0).any():
+            raise ValueError(
+                "ground truth holds background (0) but this protocol has no background class; "
+                "score it with background_class=True or read 0 as ignore"
+            )
         self.metric.update(prediction.flatten(), target.flatten())
 
     def compute(self) -> SemanticScores:
-        confmat = self.metric.confmat
-        if not confmat.any():
-            return SemanticScores(math.nan, dict.fromkeys(self.names))
-        iou = self.metric.compute()
-        occurs = (confmat.sum(0) + confmat.sum(1)) > 0
+        confusion = self.metric.confmat.double()  # rows: ground truth, columns: prediction
+        hits = confusion.diagonal()
+        union = confusion.sum(0) + confusion.sum(1) - hits
+        scored = [self.background_class, *[True] * len(self.classes)]
         per_class = {
-            name: float(100 * value) if present else None
-            for name, value, present in zip(self.names, iou.tolist(), occurs.tolist())
+            name: float(100 * hit / size) if keep and size > 0 else None
+            for name, hit, size, keep in zip(self.names, hits, union, scored)
         }
         present = [v for v in per_class.values() if v is not None]
         miou = sum(present) / len(present) if present else math.nan
@@ -111,14 +135,19 @@ class SemanticIoU:
         self.metric.reset()
 
 
-def _instance_target(truth: GroundTruth) -> dict[str, torch.Tensor]:
-    height, width = truth.semantic.shape
-    masks = [torch.as_tensor(np.asarray(i.mask, dtype=bool)) for i in truth.instances]
-    return {
-        "masks": torch.stack(masks) if masks else torch.zeros(0, height, width, dtype=torch.bool),
-        "labels": torch.tensor([i.label for i in truth.instances], dtype=torch.long),
-        "iscrowd": torch.tensor([int(i.iscrowd) for i in truth.instances], dtype=torch.long),
-    }
+def _rles(masks: np.ndarray) -> list[dict[str, Any]]:
+    """pycocotools RLEs of (N, H, W) bool masks."""
+    if not len(masks):
+        return []
+    return mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+
+
+def _coco_index(dataset: dict[str, Any]) -> COCO:
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools narrates its indexing
+        coco.createIndex()
+    return coco
 
 
 class MaskAP50:
@@ -127,17 +156,7 @@ class MaskAP50:
     def __init__(self, classes: Sequence[str], *, per_class: bool = False) -> None:
         self.classes = _check_classes(classes)
         self.per_class = per_class
-        # pycocotools' summary reads AP at 100 detections whatever else it is given,
-        # so COCO's cap of 100 stays; callers cap their detections before this.
-        self.metric = MeanAveragePrecision(
-            iou_type="segm",
-            iou_thresholds=[0.5],
-            class_metrics=per_class,
-            sync_on_compute=False,  # fed by the one process that sees every image
-        )
-        self.metric.warn_on_many_detections = False  # the cap is documented behaviour here
-        self._detections = 0
-        self._objects = 0
+        self.reset()
 
     def update(
         self, masks: np.ndarray, labels: Sequence[int], scores: Sequence[float], truth: GroundTruth
@@ -145,9 +164,9 @@ class MaskAP50:
         """``masks`` (N, H, W) bool at the ground truth's size; ``labels`` 0-based."""
         shape = tuple(truth.semantic.shape)
         masks = np.asarray(masks, dtype=bool)
-        masks = torch.as_tensor(masks.reshape(0, *shape) if masks.size == 0 else masks)
-        labels = torch.as_tensor(np.asarray(labels)).long().reshape(-1)
-        scores = torch.as_tensor(np.asarray(scores, dtype=np.float32)).reshape(-1)
+        masks = masks.reshape(0, *shape) if masks.size == 0 else masks
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        scores = np.asarray(scores, dtype=np.float64).reshape(-1)
         if masks.ndim != 3 or tuple(masks.shape[1:]) != shape:
             raise ValueError(
                 f"predicted masks have shape {tuple(masks.shape)}; expected (N, {shape[0]}, "
@@ -155,32 +174,56 @@ class MaskAP50:
             )
         if not len(masks) == len(labels) == len(scores):
             raise ValueError(f"{len(masks)} masks, {len(labels)} labels and {len(scores)} scores")
-        if labels.numel() and (labels.min() < 0 or labels.max() >= len(self.classes)):
+        if labels.size and (labels.min() < 0 or labels.max() >= len(self.classes)):
             raise ValueError(
-                f"labels must lie in 0..{len(self.classes) - 1}, got {labels.unique().tolist()}"
+                f"labels must lie in 0..{len(self.classes) - 1}, got {np.unique(labels).tolist()}"
             )
-        target = _instance_target(truth)
-        self._detections += len(masks)
-        self._objects += int((target["iscrowd"] == 0).sum())
-        self.metric.update(
-            [{"masks": masks, "labels": labels, "scores": scores}],
-            [target],
+        image_id = len(self._images) + 1
+        self._images.append({"id": image_id, "height": shape[0], "width": shape[1]})
+        truths = np.array([i.mask for i in truth.instances], dtype=bool).reshape(-1, *shape)
+        for instance, rle in zip(truth.instances, _rles(truths)):
+            self._objects += not instance.iscrowd
+            self._add(self._truths, image_id, instance.label, rle, iscrowd=int(instance.iscrowd))
+        for label, score, rle in zip(labels, scores, _rles(masks)):
+            self._add(self._detections, image_id, label, rle, score=float(score))
+
+    @staticmethod
+    def _add(annotations: list, image_id: int, label: int, rle: dict, **fields: Any) -> None:
+        annotations.append(
+            {
+                "id": len(annotations) + 1,
+                "image_id": image_id,
+                "category_id": int(label) + 1,
+                "segmentation": rle,
+                "area": float(mask_utils.area(rle)),
+                **fields,
+            }
         )
 
     def compute(self) -> MaskAPScores:
         per_class = dict.fromkeys(self.classes) if self.per_class else None
         if self._objects == 0:
             return MaskAPScores(math.nan, per_class)
-        if self._detections == 0:  # torchmetrics says -1 here; COCO's answer is 0
-            return MaskAPScores(0.0, per_class)
-        result = self.metric.compute()
+        categories = [{"id": i + 1, "name": name} for i, name in enumerate(self.classes)]
+        truths, detections = (
+            _coco_index({"images": self._images, "annotations": a, "categories": categories})
+            for a in (self._truths, self._detections)
+        )
+        evaluator = COCOeval(truths, detections, iouType="segm")
+        evaluator.params.iouThrs = np.array([0.5])
+        evaluator.params.areaRng, evaluator.params.areaRngLbl = [[0, 1e10]], ["all"]
+        evaluator.params.maxDets = [COCO_MAX_DETECTIONS]
+        with contextlib.redirect_stdout(io.StringIO()):
+            evaluator.evaluate()
+            evaluator.accumulate()
+        precision = evaluator.eval["precision"][0, :, :, 0, 0]  # (recall points, classes)
         if per_class is not None:
-            values = result["map_per_class"].reshape(-1).tolist()
-            for label, value in zip(result["classes"].reshape(-1).tolist(), values):
-                per_class[self.classes[label]] = value if value >= 0 else None
-        return MaskAPScores(float(result["map"]), per_class)
+            for name, column in zip(self.classes, precision.T):
+                per_class[name] = float(column.mean()) if (column > -1).all() else None
+        return MaskAPScores(float(precision[precision > -1].mean()), per_class)
 
     def reset(self) -> None:
-        self.metric.reset()
-        self._detections = 0
+        self._images: list[dict[str, Any]] = []
+        self._truths: list[dict[str, Any]] = []
+        self._detections: list[dict[str, Any]] = []
         self._objects = 0

@@ -5,11 +5,17 @@ those probabilities (with the image's all-mask IoU matrix, decoded masks and
 ground truth) are reused for the configured inference settings and for every
 point of a (confidence threshold x NMS IoU) sweep, so ablations over thresholds
 never re-run the head. The semantic map of a prediction follows
-:func:`usam.evaluation.metrics.semantic_from_instances` (highest-scoring kept mask wins a
-pixel, background elsewhere).
+:func:`usam.inference.semantic_map.semantic_from_instances` (highest-scoring kept mask wins
+a pixel, background elsewhere); on a dataset without a background class (ADE20K) mIoU
+follows its 150-class protocol, where such an uncovered pixel is a miss for its true class.
+
+The sweep scores thresholds on the evaluation set itself, so it is after-the-fact
+analysis on test data, not model selection: every output of it says so
+(:data:`SWEEP_ON_TEST`); thresholds picked from it would be tuned on the data that
+scores them.
 
 Evaluation runs in one process. Under DDP the callback runs it on rank zero,
-so the torchmetrics objects here are told not to gather across ranks.
+so the metrics here never gather across ranks.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +50,10 @@ from usam.viz.overlays import heatmaps, overlay_panel
 NOT_MEANINGFUL = (
     "NOT MEANINGFUL: {why}; these numbers check the evaluation pipeline and are NOT results."
 )
+
+
+SWEEP_ON_TEST = "after-the-fact analysis on test data, not model selection"
+SWEEP_COLUMNS = ("confidence_threshold", "nms_iou", "mIoU", "mAP50")
 
 
 class EvaluationError(ValueError):
@@ -75,7 +86,9 @@ class SweepPoint:
 @dataclass
 class ClassScore:
     name: str
-    iou: float | None  # percent; None when the class is in neither prediction nor ground truth
+    # percent; None when not scored: in neither prediction nor ground truth, or background
+    # on a dataset without a background class
+    iou: float | None
     ap50: float | None  # fraction; None for background and classes without ground truth
 
 
@@ -121,6 +134,11 @@ class Evaluation:
                 "not_meaningful_because": self.not_meaningful,
                 "inference": asdict(self.settings),
                 "per_class": [asdict(score) for score in self.per_class],
+                "threshold_sweep": (
+                    {"analysis": SWEEP_ON_TEST, "points": [asdict(p) for p in self.sweep]}
+                    if self.sweep
+                    else None
+                ),
             }
         )
 
@@ -204,9 +222,15 @@ def _truth_of(record: ImageRecord, vocabulary: Vocabulary, directory: Path) -> G
 class _Scorer:
     """Metrics for one inference setting."""
 
-    def __init__(self, classes: Sequence[str], settings: InferenceSettings, per_class: bool):
+    def __init__(
+        self,
+        classes: Sequence[str],
+        settings: InferenceSettings,
+        per_class: bool,
+        background_class: bool,
+    ):
         self.settings = settings
-        self.semantic = SemanticIoU(classes)
+        self.semantic = SemanticIoU(classes, background_class=background_class)
         self.instances = MaskAP50(classes, per_class=per_class)
         self.detections = 0
 
@@ -259,14 +283,20 @@ def evaluate(
     manifest = read_manifest(directory)
     vocabulary = vocabulary or resolve_vocabulary(predictor.classes)
     check_eval_set(manifest, directory, predictor, vocabulary)
-    main = _Scorer(vocabulary.classes, predictor.settings, per_class=True)
+    records = iter_records(directory)
+    first = next(records, None)
+    if first is None:
+        raise EvaluationError(f"{directory} holds no images; re-extract it from the dataset")
+    # one dataset per shard set, so its first image tells the mIoU protocol
+    background = _truth_of(first, vocabulary, directory).background_class
+    main = _Scorer(vocabulary.classes, predictor.settings, True, background)
     grid = [
-        _Scorer(vocabulary.classes, settings, per_class=False)
+        _Scorer(vocabulary.classes, settings, False, background)
         for settings in (sweep.settings(predictor.settings) if sweep else [])
     ]
     wanted = sample_positions(manifest.num_images, num_samples)
     samples, images, masks, derived = [], 0, 0, False
-    for position, record in enumerate(iter_records(directory)):
+    for position, record in enumerate(chain([first], records)):
         truth = _truth_of(record, vocabulary, directory)
         probs = predictor.mask_probabilities(record)
         ious = mask_ious(record.coco_rles()) if grid else None
@@ -280,8 +310,6 @@ def evaluate(
         images += 1
         masks += record.num_masks
         derived |= truth.instances_derived
-    if not images:
-        raise EvaluationError(f"{directory} holds no images; re-extract it from the dataset")
     semantic_scores = main.semantic.compute()
     instance_scores = main.instances.compute()
     ap = instance_scores.per_class or {}
@@ -355,17 +383,10 @@ def write_outputs(evaluation: Evaluation, out_dir: str | Path, extra: dict | Non
     if evaluation.sweep:
         with open(out_dir / "sweep.csv", "w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["confidence_threshold", "nms_iou", "mIoU", "mAP50", "random_weights"])
+            writer.writerow([*SWEEP_COLUMNS, "random_weights", "analysis"])
             for p in evaluation.sweep:
-                writer.writerow(
-                    [
-                        p.confidence_threshold,
-                        p.nms_iou,
-                        _cell(p.miou),
-                        _cell(p.map50),
-                        random_weights,
-                    ]
-                )
+                row = [p.confidence_threshold, p.nms_iou, _cell(p.miou), _cell(p.map50)]
+                writer.writerow([*row, random_weights, SWEEP_ON_TEST])
         sweep_plot(evaluation.sweep).save(out_dir / "sweep.png")
     write_overlays(evaluation, out_dir / "overlays")
     return metrics
@@ -419,9 +440,9 @@ def log_to_wandb(
         )
     if evaluation.sweep:
         payload[f"{prefix}/sweep"] = wandb.Table(
-            columns=["confidence_threshold", "nms_iou", "mIoU", "mAP50", "random_weights"],
+            columns=[*SWEEP_COLUMNS, "random_weights", "analysis"],
             data=[
-                [p.confidence_threshold, p.nms_iou, p.miou, p.map50, random]
+                [p.confidence_threshold, p.nms_iou, p.miou, p.map50, random, SWEEP_ON_TEST]
                 for p in evaluation.sweep
             ],
         )

@@ -1,0 +1,329 @@
+"""mAP50 and mIoU against the reference implementations, on hand cases and the real subsets.
+
+The mAP50 reference is pycocotools' ``COCOeval(iouType="segm")`` as COCO runs it
+(default parameters, detections through ``loadRes``, AP at IoU 0.5, all areas,
+100 detections), with ground truth built here from the datasets' own files:
+YOLO-seg polygons as COCO polygons, VOC instances as OpenCV's 8-connected
+components of each class. The mIoU reference is ADE20K's 150-class protocol from
+a numpy confusion matrix over the raw annotation PNGs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from usam.data.ground_truth import (
+    ADE20K,
+    GroundTruth,
+    Instance,
+    VOCSegmentation,
+    YOLOSegmentation,
+    load_ground_truth,
+)
+from usam.evaluation.metrics import MaskAP50, SemanticIoU
+from usam.inference.semantic_map import semantic_from_instances
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+needs_data = pytest.mark.skipif(
+    not SHARED_DATA.is_dir(), reason="../shared/data is not on this machine"
+)
+
+
+def _rle(mask: np.ndarray) -> dict:
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": rle["size"], "counts": rle["counts"].decode()}
+
+
+def coco_ap50(images: list[dict], num_classes: int) -> tuple[float, np.ndarray]:
+    """COCO's AP at IoU 0.5 and the per-class AP (-1 without ground truth).
+
+    ``images``: dicts with ``height``, ``width``, ``truths`` (segmentation, 0-based
+    label) and ``detections`` (mask, label, score).
+    """
+    gt_images, truths, detections = [], [], []
+    for image_id, image in enumerate(images, start=1):
+        gt_images.append({"id": image_id, "height": image["height"], "width": image["width"]})
+        for segmentation, label in image["truths"]:
+            rle = (
+                segmentation
+                if isinstance(segmentation, dict)
+                else mask_utils.merge(
+                    mask_utils.frPyObjects(segmentation, image["height"], image["width"])
+                )
+            )
+            truths.append(
+                {
+                    "id": len(truths) + 1,
+                    "image_id": image_id,
+                    "category_id": label + 1,
+                    "segmentation": segmentation,
+                    "area": float(mask_utils.area(rle)),
+                    "iscrowd": 0,
+                }
+            )
+        for mask, label, score in image["detections"]:
+            detections.append(
+                {
+                    "image_id": image_id,
+                    "category_id": label + 1,
+                    "segmentation": _rle(mask),
+                    "score": score,
+                }
+            )
+    with contextlib.redirect_stdout(io.StringIO()):
+        ground = COCO()
+        ground.dataset = {
+            "images": gt_images,
+            "annotations": truths,
+            "categories": [{"id": i + 1} for i in range(num_classes)],
+        }
+        ground.createIndex()
+        evaluator = COCOeval(ground, ground.loadRes(detections), iouType="segm")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    params = evaluator.params
+    assert params.iouThrs[0] == 0.5 and params.areaRngLbl[0] == "all" and params.maxDets[2] == 100
+    precision = evaluator.eval["precision"][0, :, :, 0, 2]
+    per_class = np.where((precision > -1).all(0), precision.mean(0), -1.0)
+    return float(evaluator.stats[1]), per_class
+
+
+def usam_ap50(images: list[dict], truths: list[GroundTruth], classes) -> tuple[float, dict]:
+    metric = MaskAP50(classes, per_class=True)
+    for image, truth in zip(images, truths):
+        detections = image["detections"]
+        shape = (image["height"], image["width"])
+        masks = np.array([d[0] for d in detections], bool).reshape(-1, *shape)
+        metric.update(masks, [d[1] for d in detections], [d[2] for d in detections], truth)
+    scores = metric.compute()
+    return scores.map50, scores.per_class
+
+
+# ---------------------------------------------------------------- hand cases
+
+SHAPE = (20, 20)
+
+
+def _cell(index: int) -> np.ndarray:
+    mask = np.zeros(SHAPE, bool)
+    top, left = 5 * (index // 4), 5 * (index % 4)
+    mask[top : top + 4, left : left + 4] = True
+    return mask
+
+
+def _hand(truths: list[list[np.ndarray]], detections: list[list[tuple]]) -> list[dict]:
+    return [
+        {
+            "height": SHAPE[0],
+            "width": SHAPE[1],
+            "truths": [(_rle(mask), 0) for mask in image_truths],
+            "detections": image_detections,
+        }
+        for image_truths, image_detections in zip(truths, detections)
+    ]
+
+
+def _hand_truths(truths: list[list[np.ndarray]]) -> list[GroundTruth]:
+    return [GroundTruth(np.zeros(SHAPE, np.uint8), [Instance(m, 0) for m in t]) for t in truths]
+
+
+def test_recall_of_exactly_k_percent_keeps_its_recall_point():
+    # 3 of 5 objects found at precision 1: recall 0.6 exactly, so the points 0, ..., 0.60
+    # count (61 of 101); float32 recall points would drop 0.60, which lies above 3/5
+    objects = [_cell(i) for i in range(5)]
+    truths = [objects]
+    images = _hand(truths, [[(objects[i], 0, 0.9 - 0.1 * i) for i in range(3)]])
+    reference, _ = coco_ap50(images, 1)
+    assert reference == pytest.approx(61 / 101, abs=1e-12)
+    assert usam_ap50(images, _hand_truths(truths), ["cat"])[0] == pytest.approx(reference, abs=1e-6)
+
+
+def test_false_positives_on_images_without_ground_truth_count():
+    # a perfect hit at 0.5 on one image, a false positive at 0.9 on an empty one
+    objects = [_cell(0)]
+    truths = [objects, []]
+    images = _hand(truths, [[(objects[0], 0, 0.5)], [(_cell(5), 0, 0.9)]])
+    reference, _ = coco_ap50(images, 1)
+    assert reference == pytest.approx(0.5, abs=1e-12)
+    assert usam_ap50(images, _hand_truths(truths), ["cat"])[0] == pytest.approx(reference, abs=1e-6)
+
+
+# ---------------------------------------------------------------- perturbed predictions
+
+
+def _shift(mask: np.ndarray, dy: int, dx: int) -> np.ndarray:
+    """``mask`` moved by (dy, dx), pixels pushed off the edge lost (no wrap-around)."""
+    height, width = mask.shape
+    moved = np.zeros_like(mask)
+    moved[max(dy, 0) : height + min(dy, 0), max(dx, 0) : width + min(dx, 0)] = mask[
+        max(-dy, 0) : height + min(-dy, 0), max(-dx, 0) : width + min(-dx, 0)
+    ]
+    return moved
+
+
+def perturbed(
+    instances: list[Instance], shape: tuple[int, int], num_classes: int, rng
+) -> list[tuple[np.ndarray, int, float]]:
+    """Detections from ground truth: drops, jitter around IoU 0.5, duplicates, wrong classes,
+    false positives (at least one on an image without objects)."""
+    detections = []
+    for instance in instances:
+        if rng.random() < 0.15:
+            continue  # missed
+        ys, xs = np.nonzero(instance.mask)
+        span = max(int(np.ptp(ys)), int(np.ptp(xs)), 1)
+        reach = int(rng.integers(0, max(span // 3, 1) + 1))
+        mask = _shift(instance.mask, reach * int(rng.choice([-1, 1])), int(rng.integers(-2, 3)))
+        label = int(rng.integers(num_classes)) if rng.random() < 0.1 else instance.label
+        detections.append((mask, label, float(rng.random())))
+        if rng.random() < 0.2:  # a duplicate, usually scored lower
+            detections.append((instance.mask, instance.label, float(rng.random())))
+    for _ in range(int(rng.poisson(1.0)) + (not instances)):
+        mask = np.zeros(shape, bool)
+        top, left = int(rng.integers(0, shape[0] - 8)), int(rng.integers(0, shape[1] - 8))
+        mask[top : top + int(rng.integers(4, 80)), left : left + int(rng.integers(4, 80))] = True
+        detections.append((mask, int(rng.integers(num_classes)), float(rng.random())))
+    return detections
+
+
+@pytest.mark.integration
+@needs_data
+def test_map50_equals_coco_eval_on_coco128_predictions():
+    source = YOLOSegmentation(SHARED_DATA / "coco128-seg", "train2017")
+    rng = np.random.default_rng(0)
+    images, truths = [], []
+    for index in range(len(source)):
+        loaded = source.load(index)
+        width, height = loaded.image.size
+        truth = load_ground_truth(loaded.ground_truth)
+        label_file = SHARED_DATA / "coco128-seg" / "labels" / "train2017"
+        label_file = label_file / f"{Path(source.images[index]).stem}.txt"
+        polygons = []
+        if label_file.is_file():
+            for line in label_file.read_text().splitlines():
+                values = line.split()
+                points = np.array(values[1:], float).reshape(-1, 2) * [width, height]
+                polygons.append(([points.ravel().tolist()], int(values[0])))
+        detections = perturbed(truth.instances, (height, width), len(source.classes), rng)
+        images.append(
+            {"height": height, "width": width, "truths": polygons, "detections": detections}
+        )
+        truths.append(truth)
+    assert sum(not image["truths"] for image in images) == 2  # the pure-background images
+    assert sum(len(image["truths"]) for image in images) == sum(len(t.instances) for t in truths)
+    reference, reference_per_class = coco_ap50(images, len(source.classes))
+    map50, per_class = usam_ap50(images, truths, source.classes)
+    assert 0.2 < reference < 0.95  # the perturbations leave something to get right
+    assert map50 == pytest.approx(reference, abs=1e-6)
+    for name, expected in zip(source.classes, reference_per_class):
+        got = per_class[name]
+        assert (got is None) == (expected == -1), name
+        if got is not None:
+            assert got == pytest.approx(expected, abs=1e-6), name
+
+
+def _components(class_map: np.ndarray) -> list[tuple[np.ndarray, int]]:
+    """8-connected components of each VOC class (void and background skipped)."""
+    found = []
+    for value in range(1, 21):
+        count, labels = cv2.connectedComponents(
+            (class_map == value).astype(np.uint8), connectivity=8, ltype=cv2.CV_32S
+        )
+        found += [(labels == number, value - 1) for number in range(1, count)]
+    return found
+
+
+@pytest.mark.integration
+@needs_data
+def test_map50_equals_coco_eval_on_voc_mini_predictions():
+    root = SHARED_DATA / "voc2012-mini"
+    source = VOCSegmentation(root, "trainval")
+    rng = np.random.default_rng(1)
+    images, truths = [], []
+    for index, image_id in enumerate(source.ids):
+        truth = load_ground_truth(source.load(index).ground_truth)
+        with Image.open(root / "SegmentationClass" / f"{image_id}.png") as png:
+            class_map = np.array(png)
+        components = _components(class_map)
+        assert len(components) == len(truth.instances), image_id
+        height, width = class_map.shape
+        images.append(
+            {
+                "height": height,
+                "width": width,
+                "truths": [(_rle(mask), label) for mask, label in components],
+                "detections": perturbed(truth.instances, (height, width), 20, rng),
+            }
+        )
+        truths.append(truth)
+    reference, _ = coco_ap50(images, 20)
+    map50, _ = usam_ap50(images, truths, source.classes)
+    assert 0.1 < reference < 0.95  # low: jitter undoes the many tiny derived components
+    assert map50 == pytest.approx(reference, abs=1e-6)
+
+
+# ---------------------------------------------------------------- ADE20K mIoU
+
+
+def ade_miou(pairs: list[tuple[np.ndarray, np.ndarray]]) -> float:
+    """ADE20K's mIoU: raw annotations (0 unlabelled, 1..150) against predictions (0 = no
+    class, a miss), one confusion matrix, averaged over the 150 classes that occur."""
+    confusion = np.zeros((151, 151), np.int64)
+    for prediction, raw in pairs:
+        labelled = raw > 0
+        pixels = raw[labelled].astype(np.int64) * 151 + prediction[labelled]
+        confusion += np.bincount(pixels, minlength=151 * 151).reshape(151, 151)
+    hits = np.diag(confusion)[1:]
+    union = (confusion.sum(0) + confusion.sum(1))[1:] - hits
+    return float(np.mean(100 * hits[union > 0] / union[union > 0]))
+
+
+@pytest.mark.integration
+@needs_data
+def test_ade20k_miou_follows_the_150_class_protocol():
+    root = SHARED_DATA / "ade20k-val100"
+    source = ADE20K(root, "validation")
+    rng = np.random.default_rng(2)
+    kernel = np.ones((5, 5), np.uint8)
+    metric = SemanticIoU(source.classes, background_class=False)
+    with_background = SemanticIoU(source.classes)  # the old reading: uncovered = a class
+    pairs = []
+    for index in range(len(source)):
+        truth = load_ground_truth(source.load(index).ground_truth)
+        assert not truth.background_class
+        masks, labels = [], []
+        for instance in truth.instances:
+            if rng.random() < 0.1:
+                continue  # missed: its pixels stay uncovered
+            masks.append(cv2.erode(instance.mask.astype(np.uint8), kernel).astype(bool))
+            wrong = rng.random() < 0.1
+            labels.append(int(rng.integers(150)) if wrong else instance.label)
+        scores = rng.random(len(labels))
+        prediction = semantic_from_instances(
+            np.array(masks, bool).reshape(-1, *truth.semantic.shape),
+            labels,
+            scores,
+            truth.semantic.shape,
+        )
+        with Image.open(root / source.masks[index]) as png:
+            raw = np.array(png)
+        pairs.append((prediction, raw))
+        metric.update(prediction, truth.semantic)
+        with_background.update(prediction, truth.semantic)
+    reference = ade_miou(pairs)
+    scores = metric.compute()
+    assert scores.miou == pytest.approx(reference, abs=1e-6)
+    assert scores.per_class["background"] is None and len(scores.per_class) == 151
+    # background as a 151st class with IoU 0 pulls the mean below the protocol's
+    assert with_background.compute().miou < reference - 0.1
