@@ -109,12 +109,14 @@ def test_coco_file_matches_the_predictor(annotated):
     for name in ("voc.jpg", "nested/drawn.png", "deep16.png"):
         pixels = np.asarray(load_rgb(images / name))
         expected = predictor(engine.generate(pixels).to_record("x"))
+        has_pixels = expected.masks().any(axis=(1, 2))  # exports drop masks without pixels
         image = by_name[name]
         anns = coco.loadAnns(coco.getAnnIds(imgIds=[image["id"]]))
         assert (image["height"], image["width"]) == pixels.shape[:2]
-        assert [a["category_id"] - 1 for a in anns] == expected.labels.tolist()
-        np.testing.assert_allclose([a["score"] for a in anns], expected.scores, rtol=1e-6)
-        for ann, mask in zip(anns, expected.masks()):
+        assert [a["category_id"] - 1 for a in anns] == expected.labels[has_pixels].tolist()
+        scores = np.asarray(expected.scores)[has_pixels]
+        np.testing.assert_allclose([a["score"] for a in anns], scores, rtol=1e-6)
+        for ann, mask in zip(anns, expected.masks()[has_pixels]):
             np.testing.assert_array_equal(coco.annToMask(ann).astype(bool), mask)
             assert ann["area"] == mask.sum() and ann["iscrowd"] == 0
             assert ann["bbox"] == pytest.approx(
@@ -218,3 +220,31 @@ def test_python_api_matches_the_command(annotated):
         np.testing.assert_array_equal(np.asarray(png), result.semantic)
     same = annotator(Image.open(images / "nested" / "drawn.png"))
     np.testing.assert_array_equal(same.semantic, result.semantic)
+
+
+def test_one_image_or_a_glob_pattern_is_annotated_like_in_the_folder(annotated, tmp_path):
+    root, images, ckpt, _ = annotated
+    folder = json.loads((root / "out" / "annotations.json").read_text())
+
+    def instances(coco: dict, file_name: str) -> list:
+        image = next(i for i in coco["images"] if i["file_name"] == file_name)
+        return [
+            (a["category_id"], a["segmentation"]["counts"])
+            for a in coco["annotations"]
+            if a["image_id"] == image["id"]
+        ]
+
+    one = run(compose_annotate(tmp_path, images / "voc.jpg", ckpt, tmp_path / "one"))
+    alone = json.loads((tmp_path / "one" / "annotations.json").read_text())
+    assert one["images"] == 1 and instances(alone, "voc.jpg") == instances(folder, "voc.jpg")
+    pattern = f"{images}/**/*.png"
+    matched = run(compose_annotate(tmp_path, pattern, ckpt, tmp_path / "glob"))
+    globbed = json.loads((tmp_path / "glob" / "annotations.json").read_text())
+    assert {i["file_name"] for i in globbed["images"]} == {
+        "nested/drawn.png",
+        "rgba.png",
+        "palette.png",
+        "deep16.png",
+    }
+    assert matched["rejected"] == 0
+    assert instances(globbed, "nested/drawn.png") == instances(folder, "nested/drawn.png")

@@ -208,8 +208,24 @@ def test_folder_fingerprint_is_stable_and_tracks_inputs(tmp_path):
 
 
 def test_folder_source_missing_folder(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nowhere"):
+    with pytest.raises(FileNotFoundError, match="nowhere is not an image file, a folder or a glob"):
         FolderSource(tmp_path / "nowhere", CLASSES)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty holds no files"):
+        FolderSource(tmp_path / "empty", CLASSES)
+    with pytest.raises(FileNotFoundError, match=r"pattern images=.*\*\.gif matches no file"):
+        FolderSource(tmp_path / "*.gif", CLASSES)
+
+
+def test_folder_source_takes_one_image_or_a_glob_pattern(tmp_path):
+    root = _folder(tmp_path)
+    single = FolderSource(root / "nested" / "deeper" / "a.png", CLASSES)
+    assert [i.source["path"] for i in single] == [
+        "a.png"
+    ] and single.root == root / "nested" / "deeper"
+    pattern = FolderSource(f"{root}/**/*.png", CLASSES)
+    assert [i.source["path"] for i in pattern] == ["a_png.png", "nested/deeper/a.png"]
+    assert pattern.root == root and not pattern.rejected
 
 
 def _image_set(directory: Path, count: int = 5) -> list[tuple[str, bytes]]:

@@ -20,6 +20,7 @@ none for plain folders to annotate. Evaluation datasets live in
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -191,19 +192,46 @@ def _visible_files(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
+_GLOB_CHARACTERS = frozenset("*?[")
+
+
+def _selected_files(images: str | Path) -> tuple[Path, list[Path]]:
+    """(root, files) for one image, a folder (recursively) or a glob pattern (``**`` too)."""
+    text = str(images)
+    if _GLOB_CHARACTERS & set(text):
+        parts = Path(text).parts
+        fixed = next(i for i, part in enumerate(parts) if _GLOB_CHARACTERS & set(part))
+        root = Path(*parts[:fixed]).resolve() if fixed else Path.cwd()
+        matches = (Path(m).resolve() for m in glob.glob(text, recursive=True))
+        files = [m for m in matches if m.is_file() and not m.name.startswith(".")]
+        if not files:
+            raise FileNotFoundError(f"the pattern images={images} matches no file")
+        return root, sorted(files, key=lambda p: p.relative_to(root).as_posix())
+    path = Path(images).resolve()
+    if path.is_file():
+        return path.parent, [path]
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"images={images} is not an image file, a folder or a glob pattern ('photos/*.jpg')"
+        )
+    files = _visible_files(path)
+    if not files:
+        raise FileNotFoundError(f"the image folder {images} holds no files")
+    return path, files
+
+
 class FolderSource(ImageSource):
-    """Every file under a folder, recursively, for annotation (no ground truth).
+    """One image, every file under a folder (recursively), or the files a glob pattern
+    matches, for annotation (no ground truth).
 
     Every visible file is a candidate, so stray non-images show up in ``rejected``
-    instead of vanishing silently. Keys derive from the relative path.
+    instead of vanishing silently. Keys derive from the path relative to ``root`` (the
+    folder, the file's folder, or the pattern's fixed leading folders).
     """
 
-    def __init__(self, root: str | Path, classes: str | Sequence[str]) -> None:
+    def __init__(self, images: str | Path, classes: str | Sequence[str]) -> None:
         super().__init__(load_vocabulary(classes).classes, "eval")
-        self.root = Path(root).resolve()
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"image folder {root} does not exist or is not a folder")
-        self.paths = _visible_files(self.root)
+        self.root, self.paths = _selected_files(images)
         names = [p.relative_to(self.root).as_posix() for p in self.paths]
         self.keys = tuple(image_key(n) for n in names)
         check_unique_keys(self.keys, names, self.root)
