@@ -18,12 +18,13 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 from PIL import Image, ImageEnhance
 
 import usam.ingest as ingest
 from usam.core.vocabulary import load_vocabulary
 from usam.formats.image_shards import ImageShardWriter, iter_images
-from usam.images.image_search import ATTRIBUTION_NAME, ingest_search
+from usam.images.image_search import ATTRIBUTION_NAME, class_queries, ingest_search
 from usam.images.ingest_settings import IngestError, IngestSettings
 from usam.images.perceptual_hash import HashIndex, dhash, dhash_bytes
 from usam.images.search_providers import normalise_licence
@@ -437,7 +438,23 @@ def test_killed_run_resumes_with_every_image_once(tmp_path, server, eval_dir):
     assert len(rows) == len({r["key"] for r in rows}) == 8
 
 
+def test_queries_cover_every_template_and_superclass_member():
+    vocab = load_vocabulary("voc_superclasses")
+    index = next(i for i, name in enumerate(vocab.classes) if "cat" in vocab.members[name])
+    queries = class_queries(vocab, index, ["{c}", "a photo of a {c}"], 1)
+    members = vocab.members[vocab.classes[index]]
+    assert [q.text for q in queries] == [*members, *(f"a photo of a {m}" for m in members)]
+    assert [q.member for q in queries] == [*members, *members]
+    (plain,) = class_queries(VOCAB, 1, ["{c}"], 1)
+    assert (plain.text, plain.member, plain.state) == ("dog", None, 1)
+
+
 def test_search_settings_are_checked(tmp_path, server, eval_dir):
+    for kind, host in [("openverse", "api.openverse.org"), ("wikimedia", "commons.wikimedia.org")]:
+        config = compose_config("ingest", [f"ingest={kind}"]).ingest
+        settings = IngestSettings.from_config(OmegaConf.to_container(config, resolve=True))
+        assert settings.kind == kind and urlsplit(settings.api_url).hostname == host
+        assert settings.name == "web" and not settings.allow_private_addresses
     with pytest.raises(IngestError, match="ingest.api_url is not set"):
         IngestSettings(kind="openverse").check()
     with pytest.raises(IngestError, match=r"ingest.queries.*\{c\}"):
