@@ -108,9 +108,11 @@ def is_public(address: str) -> bool:
 
 
 class _PublicHostsOnly(urllib.request.BaseHandler):
-    """Refuses a request (the first or a redirect) to a host with a non-public address."""
+    """Refuses a request (the first or a redirect) to a host with a non-public address.
 
-    handler_order = 100  # before the proxy handler rewrites the request's host
+    Requests are pre-processed before any handler opens them, so the target host is
+    the one checked even when a proxy carries the request.
+    """
 
     def __init__(self, resolve: Callable[[str], list[str]]) -> None:
         self.resolve = resolve

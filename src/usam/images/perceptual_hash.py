@@ -86,7 +86,10 @@ def image_files(paths: Iterable[str | Path]) -> list[Path]:
 def hash_files(paths: Iterable[str | Path], bits: int) -> HashIndex:
     """An index of every readable image named (unreadable ones are logged and skipped)."""
     index = HashIndex(bits)
-    for file in image_files(paths):
+    files = image_files(paths)
+    if files:
+        log.info("hashing %d images to keep out of the training set", len(files))
+    for file in files:
         try:
             with Image.open(file) as image:
                 index.add(dhash(image), str(file))
