@@ -10,14 +10,13 @@ Conventions (those of VOC): a semantic map is ``uint8`` with 0 = background,
 crowds); ADE20K has no background class (its 0 is unlabelled, so ignore, and
 ``GroundTruth.background_class`` is False). Images are read on their stored
 pixel grid, without EXIF rotation, because that is the grid their masks were
-drawn on. Where a dataset has no
-instance masks (VOC without ``SegmentationObject/``, ADE20K scene parsing),
-instances are the 8-connected components of each class and
-``GroundTruth.instances_derived`` says so: mAP50 on those is a proxy, not the
-benchmark's instance metric. Touching objects of one class merge, and thin
-parts cut by void fall apart (a VOC bicycle can give a hundred pieces, past
-COCO's cap of 100 detections per image and class), so even a perfect
-prediction can score below 1 there.
+drawn on. Where a dataset has no instance masks (VOC without
+``SegmentationObject/``, ADE20K scene parsing), instances are the 8-connected
+components of each class and ``GroundTruth.instances_derived`` says so: mAP50
+on those is a proxy, not the benchmark's instance metric. Touching objects of
+one class merge, and thin parts cut by void fall apart (a VOC bicycle can give a
+hundred pieces, past COCO's cap of 100 detections per image and class), so even
+a perfect prediction can score below 1 there.
 """
 
 from __future__ import annotations
