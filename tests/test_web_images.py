@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 import threading
 from collections import Counter
 from http.server import BaseHTTPRequestHandler
@@ -25,7 +26,7 @@ from usam.images.web_crawl import (
 )
 
 from helpers.commands import compose_config
-from helpers.web_server import FakeClock, drip, local_server, reply
+from helpers.web_server import TLS_CERT, FakeClock, drip, local_server, reply
 from helpers.web_server import encoded as _encoded
 
 VOCAB = load_vocabulary(["cat", "dog", "car"])
@@ -313,6 +314,20 @@ def test_slow_drip_fails_within_its_deadline(tmp_path, server):
         assert _Handler.hits[path] == 1  # slow beyond the cap: not retried
         assert _Handler.drips[path]["event"].wait(10)
         assert not _Handler.drips[path]["finished"], f"{path} was read to the end"
+
+
+def test_https_is_bounded_by_the_same_deadline(monkeypatch):
+    """A slow encrypted body and a TLS handshake that never finishes are both cut."""
+    monkeypatch.setenv("SSL_CERT_FILE", str(TLS_CERT))
+    _Handler.drips["/drip-body.jpg"] = {"event": threading.Event()}
+    fetcher = Fetcher(_settings(timeout=30.0, max_seconds=0.6, retries=2))
+    with local_server(_Handler, tls=True) as url, socket.create_server(("127.0.0.1", 0)) as mute:
+        assert fetcher.fetch(url + "/good1.jpg")[0] == GOOD
+        for target in (url + "/drip-body.jpg", f"https://localhost:{mute.getsockname()[1]}/x"):
+            with pytest.raises(FetchError, match="deadline of 0.6s"):
+                fetcher.fetch(target)
+        assert _Handler.drips["/drip-body.jpg"]["event"].wait(10)
+    assert not _Handler.drips["/drip-body.jpg"]["finished"]
 
 
 def test_private_addresses_are_refused_by_default(tmp_path, server):

@@ -1,28 +1,40 @@
-"""A local HTTP server for the crawler tests (127.0.0.1 only) and a clock that counts waits."""
+"""A local HTTP(S) server for the crawler tests (127.0.0.1 only) and a clock that counts waits."""
 
 from __future__ import annotations
 
 import io
+import ssl
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from usam.images.fetching import Clock
 
+# a self-signed certificate and key for 'localhost' (valid to 2126), for tests only:
+# clients trust it through SSL_CERT_FILE
+TLS_CERT = Path(__file__).with_name("localhost_tls.pem")
+
 
 @contextmanager
-def local_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
-    """Serves ``handler`` on a free loopback port; yields the base URL."""
+def local_server(handler: type[BaseHTTPRequestHandler], *, tls: bool = False) -> Iterator[str]:
+    """Serves ``handler`` on a free loopback port; yields the base URL (https://localhost
+    with ``tls``)."""
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     httpd.daemon_threads = True
+    if tls:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(TLS_CERT)
+        httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
+    port = httpd.server_address[1]
     try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+        yield f"https://localhost:{port}" if tls else f"http://127.0.0.1:{port}"
     finally:
         httpd.shutdown()
         httpd.server_close()
@@ -43,7 +55,7 @@ def reply(
             handler.send_header(name, value)
         handler.end_headers()
         handler.wfile.write(body)
-    except (BrokenPipeError, ConnectionResetError):
+    except OSError:
         pass  # the client gave up
 
 
@@ -61,7 +73,7 @@ def drip(handler: BaseHTTPRequestHandler, data: bytes, interval: float, done: di
             handler.wfile.flush()
             sent += 1
             stop.wait(interval)
-    except (BrokenPipeError, ConnectionResetError):
+    except OSError:  # a broken pipe, a reset, a TLS connection cut
         pass
     handler.close_connection = True
     done.update(sent=sent, finished=sent == len(data))

@@ -151,7 +151,12 @@ _attempt_state = threading.local()
 
 
 class _Watchdog:
-    """Shuts every socket an attempt opens (in this thread) once its time is up."""
+    """Shuts every connection an attempt opens (in this thread) once its time is up.
+
+    It holds a duplicate of each socket: TLS takes the original socket object over
+    (detaching it) while the connection, which the duplicate still reaches, stays
+    the same, so a slow handshake or a slow encrypted body is cut as well.
+    """
 
     def __init__(self, seconds: float) -> None:
         self.tripped = False
@@ -168,22 +173,25 @@ class _Watchdog:
     def __exit__(self, *exc) -> None:
         self._timer.cancel()
         _attempt_state.watchdog = None
+        with self._lock:
+            for duplicate in self._sockets:
+                duplicate.close()
 
     def watch(self, sock: socket.socket) -> None:
         with self._lock:
             if self.tripped:
                 sock.close()
                 raise TimeoutError("the URL's deadline passed")
-            self._sockets.append(sock)
+            self._sockets.append(sock.dup())
 
     def _trip(self) -> None:
         with self._lock:
             self.tripped = True
-            for sock in self._sockets:
+            for duplicate in self._sockets:
                 try:
-                    sock.shutdown(socket.SHUT_RDWR)
+                    duplicate.shutdown(socket.SHUT_RDWR)
                 except OSError:
-                    pass  # already closed
+                    pass  # the connection is already gone
 
 
 def _watched_connection(address, timeout, source_address=None) -> socket.socket:
