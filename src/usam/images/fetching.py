@@ -12,7 +12,8 @@ Hosts that resolve to loopback, private, link-local or otherwise non-global
 addresses are refused, checked again for every redirect, unless
 ``allow_private_addresses`` is set (for crawling one's own network). The check
 resolves the name just before the request; a host that changes its answer between
-that check and the connection is not caught.
+that check and the connection is not caught. Image hosts' robots.txt is
+:mod:`usam.images.robots`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-import urllib.robotparser
 from collections.abc import Callable
 from urllib.parse import urljoin, urlsplit
 
@@ -37,7 +37,6 @@ JSON = "application/json"
 ANY = "*/*"
 ACCEPTED_BINARY = ("application/octet-stream", "binary/octet-stream")
 RETRYABLE_STATUS = (408, 425, 429, 500, 502, 503, 504)
-ROBOTS_AGENT = "usam"
 
 
 class FetchError(Exception):
@@ -366,43 +365,3 @@ class Fetcher:
             raise FetchError("connection", f"broken response ({error!r})", retryable=True) from None
         except ValueError as error:
             raise FetchError("scheme", f"invalid URL ({error})") from None
-
-
-class RobotsRules:
-    """Each image host's robots.txt, read once per run: missing (4xx) allows all,
-    unreachable (5xx, no answer, a refused address) allows nothing, as RFC 9309 asks."""
-
-    def __init__(self, fetcher: Fetcher) -> None:
-        self.fetcher = fetcher
-        self._parsers: dict[str, urllib.robotparser.RobotFileParser | FetchError] = {}
-        self._locks: dict[str, threading.Lock] = {}
-        self._lock = threading.Lock()
-
-    def check(self, url: str) -> None:
-        """Raises :class:`FetchError` (kind ``robots``) when the host asks crawlers to stay out."""
-        parts = urlsplit(url)
-        if parts.scheme.lower() not in ALLOWED_SCHEMES or not parts.hostname:
-            return  # the fetch refuses it, with the reason
-        origin = f"{parts.scheme.lower()}://{parts.netloc.lower()}"
-        with self._lock:
-            lock = self._locks.setdefault(origin, threading.Lock())
-        with lock:
-            if origin not in self._parsers:
-                self._parsers[origin] = self._read(origin)
-        rules = self._parsers[origin]
-        if isinstance(rules, FetchError):  # an address refused stays an address refused
-            kind = "address" if rules.kind == "address" else "robots"
-            raise FetchError(kind, f"{origin}/robots.txt unreadable ({rules.reason}); host skipped")
-        if not rules.can_fetch(ROBOTS_AGENT, url):
-            raise FetchError("robots", f"{origin}/robots.txt disallows {parts.path}")
-
-    def _read(self, origin: str) -> urllib.robotparser.RobotFileParser | FetchError:
-        parser = urllib.robotparser.RobotFileParser(origin + "/robots.txt")
-        try:
-            body, _, _ = self.fetcher.fetch(origin + "/robots.txt", accept=ANY)
-        except FetchError as error:
-            if error.kind != "http" or error.retryable:  # a 4xx other than 408/425/429
-                return error
-            body = b""
-        parser.parse(body.decode("utf-8", errors="replace").splitlines())
-        return parser

@@ -40,9 +40,10 @@ from usam.core.progress import progress_bar
 from usam.core.vocabulary import Vocabulary
 from usam.formats.image_shards import ImageManifest, ImageShardWriter, sha256
 from usam.formats.storage import atomic_write_text
-from usam.images.fetching import JSON, Clock, Fetcher, FetchError, HostGate, RobotsRules
+from usam.images.fetching import JSON, Clock, Fetcher, FetchError, HostGate
 from usam.images.ingest_settings import IngestError, IngestSettings
 from usam.images.perceptual_hash import HashIndex, dhash_bytes, hash_files
+from usam.images.robots import RobotsRules
 from usam.images.search_providers import PROVIDERS, Candidate, SearchError
 from usam.images.web_crawl import FAILED_NAME, Entry, FailureLog, decode_image
 from usam.viz.contact_sheet import write_contact_sheets

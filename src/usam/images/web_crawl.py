@@ -42,8 +42,9 @@ from usam.formats.image_shards import (
     encode_jpeg,
     sha256,
 )
-from usam.images.fetching import Fetcher, FetchError, RobotsRules
+from usam.images.fetching import Fetcher, FetchError
 from usam.images.ingest_settings import IngestError, IngestSettings
+from usam.images.robots import RobotsRules
 from usam.viz.contact_sheet import write_contact_sheets
 
 log = logging.getLogger(__name__)
