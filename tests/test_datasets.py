@@ -369,6 +369,7 @@ def test_ade20k_reader(tmp_path):
     truth = load_ground_truth(source.load(0).ground_truth)
     assert truth.semantic.tolist()[0] == [255, 1, 1, 255, 3, 3]
     assert truth.instances_derived
+    assert not truth.background_class  # 0 is unlabelled: mIoU averages the named classes
     assert sorted((i.label, int(i.mask.sum())) for i in truth.instances) == [
         (0, 4),
         (1, 12),
@@ -404,4 +405,5 @@ def test_real_subsets_read_with_matching_shapes_and_classes():
                 assert instance.mask.shape == truth.semantic.shape and instance.mask.any()
                 assert 0 <= instance.label < limit - 1
     assert load_ground_truth(voc.load(0).ground_truth).instances_derived
+    assert load_ground_truth(voc.load(0).ground_truth).background_class
     assert not load_ground_truth(coco.load(0).ground_truth).instances_derived
