@@ -27,7 +27,7 @@ from usam.formats.image_shards import ImageShardWriter, iter_images
 from usam.images.image_search import ATTRIBUTION_NAME, class_queries, ingest_search
 from usam.images.ingest_settings import IngestError, IngestSettings
 from usam.images.perceptual_hash import HashIndex, dhash, dhash_bytes
-from usam.images.search_providers import normalise_licence
+from usam.images.search_providers import Openverse, SearchError, Wikimedia, normalise_licence
 from usam.images.web_crawl import FAILED_NAME
 
 from helpers.commands import ROOT, compose_config
@@ -465,6 +465,11 @@ def test_search_settings_are_checked(tmp_path, server, eval_dir):
     wrong = _settings(server, eval_dir, api_url=server + "/nothing/here/")
     with pytest.raises(IngestError, match="404.*check ingest.api_url"):
         ingest_search(VOCAB, tmp_path / "b", wrong, progress=False)
+    commons = Wikimedia(_settings(server, eval_dir, kind="wikimedia"))
+    with pytest.raises(SearchError, match="badvalue: Unrecognized value"):
+        commons.parse({"error": {"code": "badvalue", "info": "Unrecognized value"}}, {})
+    with pytest.raises(SearchError, match="not an Openverse"):
+        Openverse(_settings(server, eval_dir)).parse({"detail": "throttled"}, 1)
     inward = _settings(server, eval_dir, allow_private_addresses=False)
     with pytest.raises(IngestError, match="allow_private_addresses"):
         ingest_search(VOCAB, tmp_path / "c", inward, progress=False)

@@ -146,6 +146,9 @@ class Wikimedia:
         return f"{self.api_url}?{urlencode({**params, **cont})}"
 
     def parse(self, payload: Any, cont: dict[str, Any]) -> tuple[list[Candidate], Any]:
+        if isinstance(payload, dict) and "error" in payload:  # MediaWiki errors come as HTTP 200
+            error = payload["error"]
+            raise SearchError(f"MediaWiki error {error.get('code')}: {error.get('info')}")
         try:
             pages = sorted(payload.get("query", {}).get("pages", []), key=lambda p: p["index"])
             candidates = [self._candidate(p) for p in pages if p.get("imageinfo")]
