@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 import yaml
 
-import usam.sam.mask_engine
+import usam.sam.point_decoder
+from usam.sam.agreement import agreement
 from usam.sam.amg_settings import AmgSettings
-from usam.sam.mask_engine import AutomaticMaskEngine, agreement
+from usam.sam.mask_engine import AutomaticMaskEngine
 from usam.sam.registry import build_sam
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "amg" / "default.yaml"
@@ -102,7 +103,7 @@ def test_approximate_mode_agrees_with_exact_mode(sam, image, exact):
 
 def test_bf16_autocast_path(sam, image, exact, monkeypatch):
     """The CUDA-only bf16 path, run under CPU autocast to check its dtypes and plumbing."""
-    monkeypatch.setattr(usam.sam.mask_engine, "_AUTOCAST_DEVICE_TYPES", frozenset({"cpu"}))
+    monkeypatch.setattr(usam.sam.point_decoder, "_AUTOCAST_DEVICE_TYPES", frozenset({"cpu"}))
     settings = AmgSettings(**{**SETTINGS.as_kwargs(), "approximate": True})
     ours = AutomaticMaskEngine(sam, settings).generate(image)
     assert_same_structure(ours, exact)

@@ -1,10 +1,13 @@
-"""The official SAM generator as the reference the mask engine is held to."""
+"""The official SAM generator as the reference the mask engine is held to, under exact
+mode's contract: differences no larger than float32 rounding can make.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 from segment_anything import SamAutomaticMaskGenerator
 
+from usam.sam.agreement import OfficialComparison, compare_with_official
 from usam.sam.amg_settings import AmgSettings
 
 
@@ -30,14 +33,9 @@ def official(sam, image, settings: AmgSettings) -> list[dict]:
     return generator.generate(image)
 
 
-def assert_same(ours, theirs: list[dict]) -> None:
-    assert len(ours) == len(theirs)
-    assert ours.rles == [t["segmentation"]["counts"] for t in theirs]
-    assert all(t["segmentation"]["size"] == [ours.height, ours.width] for t in theirs)
-    assert ours.boxes.tolist() == [t["bbox"] for t in theirs]
-    assert ours.areas.tolist() == [t["area"] for t in theirs]
-    assert ours.iou_preds.tolist() == [t["predicted_iou"] for t in theirs]
-    np.testing.assert_array_equal(
-        ours.stability, np.array([t["stability_score"] for t in theirs], np.float32)
-    )
-    assert ours.points.tolist() == [t["point_coords"][0] for t in theirs]
+def assert_matches_official(ours, sam, image, settings: AmgSettings) -> OfficialComparison:
+    """Exact mode's contract (``usam.sam.mask_engine``) against the official generator."""
+    report = compare_with_official(ours, official(sam, image, settings), sam, image, settings)
+    assert report.holds, "\n".join(report.violations[:20])
+    assert report.paired >= report.official_masks - report.near_ties
+    return report

@@ -1,0 +1,165 @@
+"""SAM's mask decoder for a batch of point prompts, as the official one computes it.
+
+The token-side layers see the whole point batch, because small matrix products are not
+bit-identical across batch sizes on CPU BLAS; the image side runs ``chunk`` points at a
+time (``usam.sam.decoder_attention``). Predicted IoU and the mask tokens come from the
+transformer alone; the upscaling to low-resolution mask logits runs later, only for the
+points some mask of which passed the IoU filter.
+"""
+
+from __future__ import annotations
+
+import bisect
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from segment_anything import SamPredictor
+
+from usam.sam.decoder_attention import ImageSide, to_image, two_way_block, upscale
+
+_UPSCALE_CHUNK = 2  # points per pass of the decoder's transposed convolutions: fastest on CPU
+# Devices whose decoder runs under bf16 autocast in approximate mode. Not CPU: even with
+# AMX bf16 units (vit_b, 16x16 points) it saved only 6% of the decoder time, the rest being
+# casts and element-wise work, for ~10x larger score differences.
+_AUTOCAST_DEVICE_TYPES = frozenset({"cuda"})
+
+
+def chunk_sizes(points: int, chunk: int) -> list[int]:
+    """Points per pass of the image-side work.
+
+    A lone point takes other product kernels than two or more do (its per-head views
+    fold into strided matrices where a batch's are copied), and on some CPUs (AMD EPYC
+    with MKL) they round differently; so no chunk holds a lone point unless the whole
+    batch is one, as in the official decoder: a remainder of one joins the last chunk.
+    """
+    sizes = [min(chunk, points - i) for i in range(0, points, chunk)]
+    if len(sizes) > 1 and sizes[-1] == 1:
+        sizes[-2:] = [sizes[-2] + 1]
+    return sizes
+
+
+class PointDecoder:
+    """The mask decoder of ``predictor``'s model on the image set in ``predictor``.
+
+    ``chunk``: points per pass of the image-side work; two is fastest on CPU and keeps
+    the official batch's kernels. On a GPU a larger chunk saves kernel launches.
+    ``approximate``: fold the attention products (and bf16 autocast on the devices in
+    ``_AUTOCAST_DEVICE_TYPES``).
+    """
+
+    def __init__(self, predictor: SamPredictor, *, chunk: int, approximate: bool) -> None:
+        if chunk < 1:
+            raise ValueError(f"decoder_chunk must be at least 1, got {chunk}")
+        self.predictor = predictor
+        self.chunk = chunk
+        self.approximate = approximate
+        self._side: ImageSide | None = None
+
+    def decode(self, points: np.ndarray, crop_size) -> DecodedPoints:
+        """Transformer outputs for ``points`` (x, y) in the pixels of the image set."""
+        predictor = self.predictor
+        sam = predictor.model
+        decoder = sam.mask_decoder
+        coords = torch.as_tensor(
+            predictor.transform.apply_coords(points, crop_size), device=predictor.device
+        )
+        labels = torch.ones(coords.shape[0], dtype=torch.int, device=coords.device)
+        sparse, dense = sam.prompt_encoder(
+            points=(coords[:, None, :], labels[:, None]), boxes=None, masks=None
+        )
+        output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+        tokens = torch.cat((output_tokens.unsqueeze(0).expand(sparse.size(0), -1, -1), sparse), 1)
+        features = predictor.features
+        side = self._image_side()
+        sizes = chunk_sizes(tokens.shape[0], self.chunk)
+        initial = {n: (features + dense[:n]).flatten(2).permute(0, 2, 1) for n in set(sizes)}
+        chunks = [initial[n] for n in sizes]
+        transformer = decoder.transformer
+        with self.low_precision():
+            queries = tokens
+            for i, layer in enumerate(transformer.layers):
+                queries, chunks = two_way_block(
+                    layer, queries, chunks, tokens, side, folded=self.approximate, index=i
+                )
+            attn = to_image(
+                transformer.final_attn_token_to_image,
+                queries + tokens,
+                chunks,
+                side,
+                folded=self.approximate,
+                shared=False,
+            )
+            hs = transformer.norm_final_attn(queries + attn)
+            iou_preds = decoder.iou_prediction_head(hs[:, 0, :])
+            mask_tokens = hs[:, 1 : 1 + decoder.num_mask_tokens, :]
+            hyper_in = torch.stack(
+                [
+                    mlp(mask_tokens[:, i, :])
+                    for i, mlp in enumerate(decoder.output_hypernetworks_mlps)
+                ],
+                dim=1,
+            )
+        return DecodedPoints(
+            iou_preds=iou_preds[:, 1:].float(),
+            tokens=mask_tokens.flatten(1).float(),
+            hyper_in=hyper_in,
+            image_keys=chunks,
+            image_shape=tuple(features.shape[1:]),
+            decoder=self,
+        )
+
+    def low_precision(self):
+        """bf16 autocast in approximate mode on the devices that get it, else nothing."""
+        device = self.predictor.device
+        if self.approximate and device.type in _AUTOCAST_DEVICE_TYPES:
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _image_side(self) -> ImageSide:
+        """The reused image-side state; the positional encoding is the model's."""
+        if self._side is None:
+            prompt_encoder = self.predictor.model.prompt_encoder
+            self._side = ImageSide(prompt_encoder.get_dense_pe().flatten(2).permute(0, 2, 1))
+        return self._side
+
+
+@dataclass(frozen=True)
+class DecodedPoints:
+    """The transformer's outputs for a batch of points; mask logits are made on request."""
+
+    iou_preds: torch.Tensor  # (points, 3) float32, the multimask outputs
+    tokens: torch.Tensor  # (points, 4 * 256) float32: the 4 mask tokens of each point
+    hyper_in: torch.Tensor  # (points, 4, upscaled channels)
+    image_keys: list[torch.Tensor]  # the final image keys, by chunk of points
+    image_shape: tuple[int, int, int]  # (channels, height, width) of the image embedding
+    decoder: PointDecoder
+
+    def low_res_masks(self, point_idx: torch.Tensor) -> torch.Tensor:
+        """Multimask low-res logits (len(point_idx), 3, h', w') of some of the points."""
+        upscaling = self.decoder.predictor.model.mask_decoder.output_upscaling
+        starts = np.cumsum([0] + [len(keys) for keys in self.image_keys]).tolist()
+        c, h, w = self.image_shape
+        out = []
+        for i in range(0, len(point_idx), _UPSCALE_CHUNK):
+            idx = point_idx[i : i + _UPSCALE_CHUNK]
+            # A lone point takes other convolution and product kernels than a batch does,
+            # with other rounding: it is paired with itself, unless the official decoder
+            # sees it alone too.
+            lone = len(idx) == 1 and len(self.tokens) > 1
+            if lone:
+                idx = idx.repeat(2)
+            keys = torch.cat([self._keys_of(int(j), starts) for j in idx])
+            src = keys.transpose(1, 2).view(len(idx), c, h, w)
+            with self.decoder.low_precision():
+                upscaled = upscale(upscaling, src, self.decoder.approximate)
+                n, cu, hu, wu = upscaled.shape
+                masks = (self.hyper_in[idx] @ upscaled.view(n, cu, hu * wu)).view(n, -1, hu, wu)
+            out.append(masks[: 1 if lone else n, 1:].float())
+        return torch.cat(out)
+
+    def _keys_of(self, point: int, starts: list[int]) -> torch.Tensor:
+        chunk = bisect.bisect_right(starts, point) - 1
+        offset = point - starts[chunk]
+        return self.image_keys[chunk][offset : offset + 1]
