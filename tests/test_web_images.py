@@ -50,10 +50,10 @@ ROUTES = {  # path -> (status, content type, body, extra headers)
 }
 MAX_BYTES = 8000
 assert len(ROUTES["/big.jpg"][2]) > MAX_BYTES > len(_encoded(4))
-DRIPS = {  # path -> raw bytes sent one at a time, 0.1 s apart (4 s in all)
-    "/drip-body.jpg": b"HTTP/1.0 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: 40\r\n\r\n"
-    + b"x" * 40,
-    "/drip-headers.jpg": b"HTTP/1.0 200 OK\r\nX-Padding: " + b"x" * 40,
+DRIPS = {  # path -> raw bytes, the part after the status line (or headers) 0.1 s a byte: 10 s
+    "/drip-body.jpg": b"HTTP/1.0 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: 100\r\n\r\n"
+    + b"x" * 100,
+    "/drip-headers.jpg": b"HTTP/1.0 200 OK\r\nX-Padding: " + b"x" * 100,
 }
 FAIL_ONCE = {  # path -> (first status, its headers, image seed after)
     "/flaky.jpg": (503, {}, 8),
