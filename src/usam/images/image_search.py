@@ -5,8 +5,9 @@ Each class is searched with every query template (``{c}`` is the class name, or
 each member of a superclass), the queries taking turns page by page, until
 ``per_class`` images from this provider are stored or the queries run out. A hit
 is skipped before download when its licence is not in ``licenses``, its MIME
-type is no image or its reported size is under ``min_side``; after download it
-must decode, be at least ``min_side`` pixels on its shorter side, and differ from
+type is no image or its reported size is under ``min_side`` (counted in the
+log, not kept as a failure, so a rerun with other settings weighs it again);
+after download it must decode, be at least ``min_side`` pixels on its shorter side, and differ from
 every stored image (sha256 of the stored JPEG, and a dHash more than
 ``near_duplicate_bits`` away, within and across classes) and from every image
 named in ``exclude_images`` (the evaluation set: the paper's setting has no
@@ -27,6 +28,7 @@ import csv
 import io
 import json
 import logging
+import math
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -112,6 +114,7 @@ class _SearchRun:
                 self.near.add(int(meta["dhash"], 16), key)
             if meta.get("provider") == self.provider.name:
                 self.counts[meta["class_name"]] += 1
+        self.screened: Counter[str] = Counter()
         self.searches = 0
         self.failed_searches = 0
 
@@ -137,8 +140,9 @@ class _SearchRun:
             query.state = None
         return candidates
 
-    def screen(self, candidates: list[Candidate], entry_of, seen: set[str]) -> list[Candidate]:
-        """Hits worth downloading; the ones turned away for good go to failed.jsonl."""
+    def screen(self, candidates: list[Candidate], seen: set[str]) -> list[Candidate]:
+        """Hits worth downloading. Those turned away by their metadata are counted, not
+        logged as failures, so a rerun with other licences or ``min_side`` weighs them again."""
         settings = self.settings
         keep = []
         for candidate in candidates:
@@ -148,14 +152,11 @@ class _SearchRun:
             if candidate.url in self.failures.done:
                 continue
             if candidate.license not in settings.licenses:
-                reason = f"licence {candidate.license} is not in ingest.licenses"
-                self.failures.add(entry_of(candidate), FetchError("license", reason))
+                self.screened[f"licence {candidate.license}"] += 1
             elif candidate.mime and not candidate.mime.startswith("image/"):
-                reason = f"{candidate.mime} is no image"
-                self.failures.add(entry_of(candidate), FetchError("content_type", reason))
-            elif min(candidate.width or 1e9, candidate.height or 1e9) < settings.min_side:
-                reason = f"{candidate.width}x{candidate.height} is under min_side"
-                self.failures.add(entry_of(candidate), FetchError("too_small", reason))
+                self.screened[candidate.mime] += 1
+            elif min(candidate.width or math.inf, candidate.height or math.inf) < settings.min_side:
+                self.screened["under min_side"] += 1
             else:
                 keep.append(candidate)
         return keep
@@ -223,10 +224,7 @@ class _SearchRun:
                 if self.counts[name] >= settings.per_class:
                     break
 
-                def entry_of(candidate: Candidate, query=query) -> Entry:
-                    return Entry(candidate.url, index, name, query.member)
-
-                todo = self.screen(self.search(query), entry_of, seen)
+                todo = self.screen(self.search(query), seen)
                 while todo and self.counts[name] < settings.per_class:
                     batch = todo[: settings.per_class - self.counts[name]]
                     todo = todo[len(batch) :]
@@ -235,7 +233,8 @@ class _SearchRun:
                         try:
                             self.store(query, index, candidate, future.result())
                         except FetchError as error:
-                            self.failures.add(entry_of(candidate), error)
+                            entry = Entry(candidate.url, index, name, query.member)
+                            self.failures.add(entry, error)
                         else:
                             advance()
         if self.counts[name] < settings.per_class:
@@ -297,12 +296,14 @@ def ingest_search(
     write_attribution(out_dir, list(writer.done.items()))
     write_contact_sheets(out_dir, max_per_class=settings.contact_sheet_max)
     log.info(
-        "%d images in %s (%s); %d searches, %d failed; turned away this run: %s (see %s)",
+        "%d images in %s (%s); %d searches, %d failed; hits left out by their metadata: %s; "
+        "downloads turned away this run: %s (see %s)",
         writer.manifest.num_images,
         out_dir,
         dict(run.counts),
         run.searches,
         run.failed_searches,
+        dict(run.screened) or "none",
         dict(run.failures.kinds) or "none",
         out_dir / FAILED_NAME,
     )
