@@ -24,6 +24,7 @@ from PIL import Image, ImageEnhance
 
 import usam.ingest as ingest
 from usam.core.vocabulary import load_vocabulary
+from usam.data.sources import ImageShardSource
 from usam.formats.image_shards import ImageShardWriter, iter_images
 from usam.images.image_search import ATTRIBUTION_NAME, class_queries, ingest_search
 from usam.images.ingest_settings import IngestError, IngestSettings
@@ -340,6 +341,9 @@ def test_openverse_end_to_end(tmp_path, server, eval_dir, caplog):
     assert {r["key"] for r in rows} == {k for k, _, _ in iter_images(out)}
     assert all(r["attribution"] and r["license"] and r["source_page"] for r in rows)
     assert len(list((out / "contact_sheets").glob("*.png"))) == 2
+    source = ImageShardSource(out)  # what extraction reads: the usual web image set
+    samples = [source.load(i) for i in range(len(source.keys))]
+    assert sorted(tuple(s.labels) for s in samples) == [(0, 1)] * 4 + [(1, 0)] * 4
 
     # politeness, on the injected clock: 30 s between API requests, the 429's Retry-After
     # of 100 s waited up to its 50 s cap, and the throttled query asked again
