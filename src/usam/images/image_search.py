@@ -223,7 +223,6 @@ class _SearchRun:
             for query in [q for q in queries if q.state is not None]:
                 if self.counts[name] >= settings.per_class:
                     break
-
                 todo = self.screen(self.search(query), seen)
                 while todo and self.counts[name] < settings.per_class:
                     batch = todo[: settings.per_class - self.counts[name]]
