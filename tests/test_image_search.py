@@ -276,6 +276,12 @@ def _stored(out) -> dict[str, dict]:
     return dict(zip(names, metas))
 
 
+def _stored_unfinished(out) -> list[dict]:
+    """The metadata a stopped run left (opening the set finishes it, as a rerun would)."""
+    with ImageShardWriter(out, vocabulary="custom", classes=VOCAB.classes, source="web") as w:
+        return list(w.done.values())
+
+
 def _failed(out) -> dict[str, str]:
     lines = (out / FAILED_NAME).read_text().splitlines()
     records = [json.loads(line) for line in lines]
@@ -425,8 +431,7 @@ def test_killed_run_resumes_with_every_image_once(tmp_path, server, eval_dir):
         / next(p.name for p in (tmp_path / "data" / "images").iterdir())
     )
     assert not (out / "manifest.json").exists()  # killed before the end
-    with ImageShardWriter(out, vocabulary="custom", classes=VOCAB.classes, source="web") as w:
-        first = {meta["url"] for meta in w.done.values()}  # what the killed run kept
+    first = {meta["url"] for meta in _stored_unfinished(out)}  # what the killed run kept
     assert 0 < len(first) < 8
 
     STATE.block_after = None
@@ -452,6 +457,25 @@ def test_queries_cover_every_template_and_superclass_member():
     assert [q.member for q in queries] == [*members, *members]
     (plain,) = class_queries(VOCAB, 1, ["{c}"], 1)
     assert (plain.text, plain.member, plain.state) == ("dog", None, 1)
+
+
+def test_a_refusing_api_stops_the_run_and_the_rerun_goes_on(tmp_path, server, eval_dir):
+    out = tmp_path / "voc_web"
+    clock = FakeClock()
+    templates = ["{c}", "a photo of a {c}", "{c} photo"]  # the last finds nothing
+    settings = _settings(server, eval_dir, retries=1, queries=templates)
+    STATE.throttle = {"dog": 99, "a photo of a dog": 99, "dog photo": 99}  # cat goes through
+    with pytest.raises(IngestError, match="3 searches in a row failed.*HTTP 429.*Run the same"):
+        ingest_search(VOCAB, out, settings, progress=False, clock=clock)
+    assert not (out / "manifest.json").exists()  # unfinished: the rerun resumes it
+    assert clock.sleeps.count(50.0) == 3  # each refused search waited out one Retry-After
+    assert {m["class_name"] for m in _stored_unfinished(out)} == {"cat"}
+    STATE.throttle = {}
+    searched = len(STATE.api)
+    manifest = ingest_search(VOCAB, out, settings, progress=False, clock=clock)
+    assert manifest.per_class == {"cat": 4, "dog": 4}
+    assert set(_stored(out)) == STORED["cat"] | STORED["dog"]
+    assert all("cat" not in query for query in STATE.api[searched:])  # cat was complete
 
 
 def test_search_settings_are_checked(tmp_path, server, eval_dir):

@@ -53,6 +53,7 @@ from usam.viz.contact_sheet import write_contact_sheets
 log = logging.getLogger(__name__)
 
 ATTRIBUTION_NAME = "ATTRIBUTION.csv"
+FAILED_SEARCHES_IN_A_ROW = 3  # then the API is down or the quota spent: stop, rerun later
 ATTRIBUTION_COLUMNS = (
     "key",
     "class",
@@ -117,6 +118,7 @@ class _SearchRun:
         self.screened: Counter[str] = Counter()
         self.searches = 0
         self.failed_searches = 0
+        self.failed_in_a_row = 0
 
     def search(self, query: Query) -> list[Candidate]:
         """The next page of hits; a failed page ends that query (the next run tries again)."""
@@ -132,8 +134,16 @@ class _SearchRun:
                     f"the {self.provider.name} API at {self.settings.api_url} answered {url} "
                     f"with: {error}; check ingest.api_url"
                 ) from None
+            self.failed_in_a_row += 1
+            if self.failed_in_a_row >= FAILED_SEARCHES_IN_A_ROW:
+                raise IngestError(
+                    f"{self.failed_in_a_row} searches in a row failed, the last with: {error}; "
+                    f"the {self.provider.name} API is down or this client's quota is spent. "
+                    "Run the same command later: it goes on where this run stopped"
+                ) from None
             log.warning("search %r failed (%s); its remaining pages are skipped", url, error)
             return []
+        self.failed_in_a_row = 0
         self.searches += 1
         query.pages += 1
         if query.pages >= self.settings.max_pages:
