@@ -1,4 +1,4 @@
-"""Web and folder ingestion, against a local HTTP server on 127.0.0.1 only."""
+"""Web and folder ingestion, against a local HTTP(S) server on loopback only (127.0.0.1)."""
 
 from __future__ import annotations
 
