@@ -21,7 +21,7 @@ def test_top_k_as_count_or_fraction():
     assert top_k_counts(counts, 3).tolist() == [1, 3, 3]
     assert top_k_counts(counts, 0.25).tolist() == [1, 2, 3]  # ceil(0.25 N), at least 1
     for bad in (0, -1, 2.5):
-        with pytest.raises(ValueError, match="model.top_k"):
+        with pytest.raises(ValueError, match=r"model\.teacher\.top_k"):
             top_k_counts(counts, bad)
 
 

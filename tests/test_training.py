@@ -4,7 +4,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
+from hydra.utils import instantiate
 
 from usam.data.datamodule import ShardDataModule
 from usam.data.synthetic import BACKGROUND_PROTOTYPES, prototypes
@@ -81,10 +81,11 @@ def test_teacher_checkpoint_carries_what_inference_needs(trained_teacher):
 
 def test_student_head_starts_untrained_unless_told_to_copy_the_teacher(trained_teacher):
     teacher, *_, path = trained_teacher
-    student_cfg = OmegaConf.to_container(compose_config("fit", []).model.student)
-    assert student_cfg["init_from_teacher"] is False  # the paper: an untrained classifier
-    fresh = StudentModule.from_teacher(str(path), **student_cfg)
-    copied = StudentModule.from_teacher(str(path), **{**student_cfg, "init_from_teacher": True})
+    student_cfg = compose_config("fit", []).model.student
+    assert student_cfg.init_from_teacher is False  # the paper: an untrained classifier
+    fresh = instantiate(student_cfg, teacher_checkpoint=str(path))
+    copied = instantiate(student_cfg, teacher_checkpoint=str(path), init_from_teacher=True)
+    assert isinstance(fresh, StudentModule)
     for key, value in teacher.head.state_dict().items():
         assert not torch.equal(fresh.head.state_dict()[key], value)
         torch.testing.assert_close(copied.head.state_dict()[key], value)

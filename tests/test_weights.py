@@ -12,6 +12,7 @@ from usam.core.weights import WeightsFileError, load_weights
 from usam.inference.predictor import HeadCheckpointError, load_head
 from usam.sam.checkpoints import CheckpointError, load_into
 from usam.sam.registry import build_random
+from usam.train.lightning_modules import StudentModule
 
 from helpers.commands import TINY_EVAL, run_python
 
@@ -73,3 +74,24 @@ def test_a_command_given_an_image_as_checkpoint_says_so_in_one_line(tmp_path):
     )
     loud = run_python(*args, "verbose=true")
     assert loud.returncode != 0 and "Traceback" in loud.stderr
+
+
+@pytest.mark.parametrize("force_unsafe", [False, True])
+def test_a_crafted_teacher_checkpoint_does_not_run(crafted, monkeypatch, force_unsafe):
+    path, marker = crafted
+    if force_unsafe:
+        monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(WeightsFileError, match=r"point teacher_ckpt at one"):
+        StudentModule.from_teacher(str(path))
+    with pytest.raises(
+        WeightsFileError, match=r"teacher_ckpt=http://127\.0\.0\.1:9/t\.ckpt is a URL"
+    ):
+        StudentModule.from_teacher("http://127.0.0.1:9/t.ckpt")
+    assert not marker.exists()
+
+
+def test_a_head_that_is_not_a_teacher_is_refused_as_one(tmp_path):
+    not_a_teacher = tmp_path / "student.ckpt"
+    torch.save({"usam": {"stage": "StudentModule"}, "state_dict": {}}, not_a_teacher)
+    with pytest.raises(WeightsFileError, match="holds StudentModule"):
+        StudentModule.from_teacher(str(not_a_teacher))

@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from usam.core.errors import UsageError
 from usam.data.sources import ImageSource
 from usam.formats.embedding_shards import ImageRecord
 from usam.inference.predictor import InferenceSettings, Predictor
@@ -36,7 +37,7 @@ VIEWS = ("masked_image", "masked_crop")
 _PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")
 
 
-class ClipWeightsError(RuntimeError):
+class ClipWeightsError(UsageError, RuntimeError):
     """CLIP weights that cannot be found or loaded."""
 
 

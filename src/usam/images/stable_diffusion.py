@@ -31,6 +31,7 @@ from typing import Any
 
 from usam.core.config import settings_from_config
 from usam.core.devices import resolve_device
+from usam.core.errors import UsageError
 from usam.core.progress import progress_bar
 from usam.core.vocabulary import Vocabulary, normalise_name
 from usam.formats.image_shards import (
@@ -60,7 +61,7 @@ RECIPE_KEYS = (
 )
 
 
-class GenerationError(RuntimeError):
+class GenerationError(UsageError, RuntimeError):
     """Generation cannot start or continue: bad settings, missing weights, a foreign directory."""
 
 

@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics import MeanMetric
 
+from usam.core.weights import WeightsFileError, load_weights
 from usam.train.head import MaskClassifierHead, input_dim, select_input_view
 from usam.train.losses import (
     check_top_k,
@@ -51,6 +52,7 @@ class TeacherModule(L.LightningModule):
             input_dim(input_view, embed_dim), len(self.classes) + 1, **dict(head or {})
         )
         self.random_weights = False
+        self.mask_settings: dict[str, Any] | None = None  # amg of the training shards
         # metric objects reduce by image count across DDP ranks, whatever each rank saw
         self.held_out = nn.ModuleDict(
             {
@@ -129,6 +131,9 @@ class TeacherModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         self.random_weights = bool(getattr(datamodule, "random_weights", False))
+        train = getattr(datamodule, "manifests", {}).get("train")
+        if train is not None and train.config.get("amg"):
+            self.mask_settings = dict(train.config["amg"])
 
     def on_fit_start(self) -> None:
         if self.random_weights:
@@ -143,6 +148,7 @@ class TeacherModule(L.LightningModule):
             "sam_model_type": self.hparams.sam_model_type,
             "random_weights": self.random_weights,
             "stage": type(self).__name__,
+            "amg": self.mask_settings,  # eval and annotate make masks the same way
         }
 
 
@@ -180,7 +186,18 @@ class StudentModule(TeacherModule):
     def from_teacher(
         cls, teacher_checkpoint: str, init_from_teacher: bool = False, **student_args: Any
     ) -> StudentModule:
-        teacher = TeacherModule.load_from_checkpoint(teacher_checkpoint, map_location="cpu")
+        """The teacher is read weights-only (never code from the file), and must be one."""
+        checkpoint = load_weights(teacher_checkpoint, "teacher_ckpt")
+        stage = (
+            (checkpoint.get("usam") or {}).get("stage") if isinstance(checkpoint, dict) else None
+        )
+        if stage != TeacherModule.__name__:
+            raise WeightsFileError(
+                f"teacher_ckpt={teacher_checkpoint} is not a teacher checkpoint (it holds "
+                f"{stage or 'no usam head'}): pass one from checkpoints/teacher of a fit run"
+            )
+        teacher = TeacherModule(**checkpoint["hyper_parameters"])
+        teacher.load_state_dict(checkpoint["state_dict"])
         student = cls(dict(teacher.hparams), **student_args)
         student.teacher.load_state_dict(teacher.state_dict())
         if init_from_teacher:

@@ -17,9 +17,11 @@ UNCERTAINTY_TARGETS = ("label_restricted", "background")
 
 def check_top_k(top_k: float) -> float:
     if top_k >= 1 and top_k != int(top_k):
-        raise ValueError(f"model.top_k={top_k}: use an integer count >= 1 or a fraction in (0, 1)")
+        raise ValueError(
+            f"model.teacher.top_k={top_k}: use an integer count >= 1 or a fraction in (0, 1)"
+        )
     if top_k <= 0:
-        raise ValueError(f"model.top_k={top_k} must be positive")
+        raise ValueError(f"model.teacher.top_k={top_k} must be positive")
     return top_k
 
 
