@@ -4,6 +4,7 @@ warning, and end to end on the VOC and COCO128 subsets in ``../shared/data``."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -15,10 +16,11 @@ from PIL import Image
 
 from usam.eval import run
 from usam.evaluation.scoring import EvaluationError, evaluate
-from usam.inference.predictor import InferenceSettings, Predictor
+from usam.formats.embedding_shards import ShardSetError, read_manifest
+from usam.inference.predictor import InferenceSettings, Predictor, load_head
 
-from helpers.commands import ROOT, TINY_EVAL, compose_config
-from helpers.evaluation import head_checkpoint, write_voc
+from helpers.commands import ROOT, TINY_EVAL, compose_config, run_python
+from helpers.evaluation import AMG, head_checkpoint, write_voc
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SMALL = [
@@ -75,6 +77,36 @@ def test_eval_extracts_once_and_writes_its_results(tmp_path, capsys):
     per_class = json.loads(next(p for p in logged if p.name.startswith("per")).read_text())
     assert per_class["columns"][-1] == "random_weights"
     assert {row[-1] for row in per_class["data"]} == {True}
+
+
+def test_eval_makes_masks_the_way_the_head_was_trained(tmp_path):
+    voc = write_voc(tmp_path / "VOC2012")
+    recorded = dataclasses.asdict(AMG)
+    ckpt = head_checkpoint(tmp_path / "head.ckpt", mask_settings=recorded)
+    assert load_head(ckpt).mask_settings == recorded
+    no_amg = [o for o in SMALL if not o.startswith("amg.")]  # the config's amg: 32 x 32 points
+    shown = run_python(
+        "-m",
+        "usam.eval",
+        f"ckpt={ckpt}",
+        f"eval_data.source.root={voc}",
+        *no_amg,
+        f"paths.root_dir={tmp_path}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert f"mask settings recorded in {ckpt}: points_per_side=8," in shown.stdout
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert read_manifest(Path(metrics["shards"])).config["amg"] == recorded
+
+
+def test_eval_stops_when_sam_keeps_no_mask(tmp_path):
+    voc = write_voc(tmp_path / "VOC2012")
+    ckpt = head_checkpoint(tmp_path / "head.ckpt")
+    strict = ["amg.pred_iou_thresh=0.999", "amg.stability_score_thresh=0.999"]
+    with pytest.raises(ShardSetError, match=r"SAM kept no mask in any of the 2 images .*amg\."):
+        run(compose_eval(tmp_path, f"ckpt={ckpt}", f"eval_data.source.root={voc}", *strict))
 
 
 def test_eval_refuses_a_head_from_another_sam(tmp_path):

@@ -27,11 +27,17 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-from usam.cli import hydra_command
+from usam.cli import head_mask_settings, hydra_command
 from usam.core.config import settings_from_config
 from usam.core.devices import resolve_device
 from usam.core.progress import progress_bar
-from usam.data.extraction import REJECTED_NAME, ExtractSettings, run_extraction, shard_set_dir
+from usam.data.extraction import (
+    REJECTED_NAME,
+    ExtractSettings,
+    require_masks,
+    run_extraction,
+    shard_set_dir,
+)
 from usam.data.sources import FolderSource
 from usam.formats.embedding_shards import iter_records, read_manifest
 from usam.formats.storage import atomic_write_text
@@ -45,8 +51,7 @@ from usam.inference.exports import (
     save_yolo,
     write_result,
 )
-from usam.inference.predictor import InferenceSettings
-from usam.sam.amg_settings import AmgSettings
+from usam.inference.predictor import InferenceSettings, Predictor, load_head
 from usam.sam.registry import SamSettings, get_spec
 
 
@@ -128,7 +133,8 @@ def _extract_and_annotate(
     for stale in work.parent.glob("*"):  # left by a run interrupted with other images pending
         if stale != work:
             shutil.rmtree(stale)
-    run_extraction(source, work, sam, annotator.amg, extract)
+    manifests = run_extraction(source, work, sam, annotator.amg, extract)
+    require_masks(manifests["eval"], work / "eval", annotator.amg)
     outputs.add_rejected(_rejected(work / REJECTED_NAME), pending)
     index = {key: i for i, key in enumerate(source.keys)}
     written = 0
@@ -148,17 +154,11 @@ def _extract_and_annotate(
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Annotate ``cfg.images`` into ``cfg.out``; returns the summary it prints."""
     sam = settings_from_config(SamSettings, cfg.sam, "sam")
-    amg = settings_from_config(AmgSettings, cfg.amg, "amg")
     inference = settings_from_config(InferenceSettings, cfg.inference, "inference")
     extract = settings_from_config(ExtractSettings, cfg.extract, "extract")
-    annotator = Annotator.from_checkpoint(
-        cfg.ckpt,
-        sam.model_type,
-        sam.checkpoint,
-        amg,
-        inference,
-        resolve_device(cfg.device, "device"),
-    )
+    head = load_head(cfg.ckpt)
+    predictor = Predictor(head, inference, resolve_device(cfg.device, "device"))
+    annotator = Annotator(predictor, sam.model_type, sam.checkpoint, head_mask_settings(cfg, head))
     source = FolderSource(cfg.images, annotator.classes)
     names = _output_names(source)
     outputs = _Outputs(Path(cfg.out), cfg.yolo)

@@ -18,7 +18,7 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from usam.cli import hydra_command
+from usam.cli import head_mask_settings, hydra_command
 from usam.core.config import settings_from_config
 from usam.core.devices import resolve_device
 from usam.data.eval_shards import eval_shards
@@ -27,6 +27,7 @@ from usam.data.sources import ImageSource
 from usam.evaluation.clip_baseline import clip_predictor
 from usam.evaluation.scoring import (
     NOT_MEANINGFUL,
+    SWEEP_ON_TEST,
     EvaluationError,
     ThresholdGrid,
     evaluate,
@@ -77,6 +78,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     elif cfg.ckpt:
         predictor = Predictor.from_checkpoint(cfg.ckpt, settings, device)
         predictor.checkpoint.check_sam(sam.model_type, EvaluationError)
+        amg = head_mask_settings(cfg, predictor.checkpoint)
         vocabulary = resolve_vocabulary(predictor.classes, cfg.vocabulary)
         label = cfg.eval_data.name
         extra = {"checkpoint": str(cfg.ckpt)}
@@ -117,6 +119,11 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         f"{label}: mIoU {evaluation.miou:.2f}  mAP50 {evaluation.map50:.4f}{derived}"
         f"  over {evaluation.images} images; results in {out_dir}"
     )
+    if evaluation.sweep:
+        print(
+            f"threshold x NMS sweep ({len(evaluation.sweep)} points): {SWEEP_ON_TEST}; "
+            f"{out_dir / 'sweep.csv'}"
+        )
     if evaluation.not_meaningful:
         print(banner(evaluation.not_meaningful))
     log.info("metrics written to %s", metrics_path)

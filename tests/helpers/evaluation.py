@@ -77,11 +77,18 @@ def peaky(module: TeacherModule) -> TeacherModule:
 
 
 def head_checkpoint(
-    path: Path, classes: str | list[str] = "voc20", sam: str = "tiny", random: bool = True
+    path: Path,
+    classes: str | list[str] = "voc20",
+    sam: str = "tiny",
+    random: bool = True,
+    mask_settings: dict | None = None,
 ) -> Path:
+    """A peaky random head saved as fit saves one; ``mask_settings`` as if its training
+    shards had been made with them."""
     torch.manual_seed(0)
     module = TeacherModule(list(load_vocabulary(classes).classes), sam_model_type=sam)
     module.random_weights = random
+    module.mask_settings = mask_settings
     peaky(module)
     trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
     trainer.strategy.connect(module)

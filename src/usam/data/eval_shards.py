@@ -10,7 +10,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from usam.data.extraction import ExtractSettings, run_extraction, shard_set_dir
+from usam.data.extraction import (
+    ExtractSettings,
+    require_masks,
+    run_extraction,
+    shard_set_dir,
+)
 from usam.data.sources import ImageSource
 from usam.sam.amg_settings import AmgSettings
 from usam.sam.registry import SamSettings
@@ -30,7 +35,7 @@ def eval_shards(
         if eval_data.shards_dir
         else shard_set_dir(data_dir / "shards", f"eval-{eval_data.name}", source, sam, amg, 0.0)
     )
-    run_extraction(
+    manifests = run_extraction(
         source,
         out_dir,
         sam,
@@ -38,4 +43,5 @@ def eval_shards(
         extract,
         config={"eval_data": OmegaConf.to_container(eval_data, resolve=True)},
     )
+    require_masks(manifests["eval"], out_dir / "eval", amg)
     return out_dir / "eval"

@@ -52,6 +52,7 @@ class HeadCheckpoint:
     sam_model_type: str | None
     random_weights: bool
     path: Path | None = None  # None for a head still in training
+    mask_settings: dict[str, Any] | None = None  # amg of its training shards, when recorded
     # why numbers from it mean nothing when ``random_weights``
     random_weights_reason: ClassVar[str] = (
         "the head was trained on synthetic or untrained-SAM embeddings"
@@ -99,6 +100,7 @@ def load_head(path: str | Path, config_key: str = "ckpt") -> HeadCheckpoint:
         sam_model_type=meta["sam_model_type"],
         random_weights=bool(meta["random_weights"]),
         path=path,
+        mask_settings=meta.get("amg"),
     )
 
 
