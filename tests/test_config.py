@@ -13,7 +13,7 @@ from usam.inference.predictor import InferenceSettings
 from usam.sam.amg_settings import AmgSettings
 from usam.sam.registry import SamSettings
 
-from helpers.commands import compose_config
+from helpers.commands import compose_config, run_python
 
 
 def test_a_misspelt_key_is_named_with_the_key_it_resembles():
@@ -85,3 +85,13 @@ def test_fit_stops_on_a_misspelt_key_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match=r"did you mean amg\.points_per_side"):
         run(cfg)
     assert not (tmp_path / "data").exists()
+
+
+def test_the_command_line_names_the_key_and_leaves_no_run_folder(tmp_path):
+    failed = run_python("-m", "usam.fit", "+amg.point_per_side=8", "logger=none", cwd=tmp_path)
+    assert failed.returncode == 2
+    assert failed.stderr.strip().splitlines()[-1] == (
+        "usam.fit: error: unknown key amg.point_per_side; did you mean amg.points_per_side"
+    )
+    assert "Traceback" not in failed.stderr
+    assert not (tmp_path / "outputs").exists()

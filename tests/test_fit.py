@@ -161,7 +161,9 @@ def test_class_names_to_trained_head_on_tiny_models(tmp_path):
     train, val = (read_manifest(sets[0] / split) for split in ("train", "val"))
     assert train.num_images + val.num_images == 6 and val.num_images >= 1
     assert train.images_random_weights and train.sam["random_weights"] and train.random_weights
-    assert torch.load(checkpoints["teacher"], weights_only=True)["usam"]["random_weights"]
+    meta = torch.load(checkpoints["teacher"], weights_only=True)["usam"]
+    assert meta["random_weights"]
+    assert meta["amg"] == train.config["amg"] and meta["amg"]["points_per_side"] == 4
     stamp = sorted(p.stat().st_mtime_ns for p in (sets[0] / "train").iterdir())
     run(
         compose_config("fit", [*overrides, f"paths.output_dir={tmp_path}/run2"])
@@ -189,7 +191,7 @@ def test_ddp_on_two_cpu_processes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     for stage in ("teacher", "student"):
         assert (tmp_path / "run" / "checkpoints" / stage / "last.ckpt").is_file()
-    assert result.stdout.count("RANDOM WEIGHTS") == 2  # rank zero only, before and after
+    assert result.stdout.count("RANDOM WEIGHTS") == 2  # rank zero only: banner and ending
 
 
 def test_demo_runs_the_whole_pipeline_into_one_run_directory(tmp_path, capsys):
@@ -215,9 +217,17 @@ def test_demo_runs_the_whole_pipeline_into_one_run_directory(tmp_path, capsys):
     assert set(checkpoints) == {"teacher", "student"}
     assert all(path.is_relative_to(run_dir) for path in checkpoints.values())
     assert (run_dir / "data" / "images").is_dir() and (run_dir / "data" / "shards").is_dir()
-    final = run_dir / "eval" / "student" / "test-epoch001"  # final head on the real photo
+    # the final head on the real photo, in a folder named by the checkpoint that was tested
+    final = run_dir / "eval" / "student" / f"test-{checkpoints['student'].stem}"
     metrics = json.loads((final / "metrics.json").read_text())
     assert metrics["images"] == 1 and metrics["meaningful"] is False
     assert len(list((final / "overlays").glob("*.png"))) == 1
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 2  # one per stage
-    assert "RANDOM WEIGHTS" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    ending = printed[printed.index("usam.fit finished") :].splitlines()
+    assert ending[1].split() == ["stage", "tested", "checkpoint", "mIoU", "mAP50", "image", "acc"]
+    student = next(line.split() for line in ending if line.split()[:1] == ["student"])
+    assert student[1] == str(checkpoints["student"].relative_to(run_dir))
+    assert float(student[2]) == pytest.approx(metrics["mIoU"], abs=0.01)
+    assert any(str(final) in line for line in ending)
+    assert "RANDOM WEIGHTS" in ending[-1]

@@ -6,7 +6,7 @@ config, checkpoints per stage, and the logger files (W&B offline by default).
 
 from __future__ import annotations
 
-import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +27,7 @@ from usam.inference.predictor import InferenceSettings
 from usam.run_identity import flat_config, run_identity
 from usam.sam.amg_settings import AmgSettings
 from usam.sam.registry import SamSettings
-from usam.train.lightning_modules import RANDOM_WEIGHTS_WARNING, StudentModule, TeacherModule
-
-log = logging.getLogger(__name__)
+from usam.train.lightning_modules import RANDOM_WEIGHTS_WARNING
 
 STAGES = ("teacher", "student", "both")
 
@@ -90,34 +88,29 @@ def _announce_random_weights(datamodule: Any) -> None:
         print(f"{banner}\n{RANDOM_WEIGHTS_WARNING}\nbecause of: {'; '.join(reasons)}\n{banner}")
 
 
+@dataclass(frozen=True)
+class StageResult:
+    checkpoint: Path  # what the next stage reads, and what was tested
+    scores: dict[str, float]  # the test/* metrics of that checkpoint
+
+
 def train_stage(
     cfg: DictConfig,
     stage: str,
     datamodule: Any,
     inference: InferenceSettings,
     teacher_ckpt: str | None = None,
-) -> Path:
-    """Fit one stage and return the checkpoint the next stage should read."""
+) -> StageResult:
+    """Fit one stage, then test the checkpoint the next stage should read."""
     classes = list(datamodule.classes)
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     if stage == "teacher":
-        module = TeacherModule(
-            classes=classes,
-            input_view=model_cfg["input_view"],
-            embed_dim=cfg.data.embed_dim,
-            sam_model_type=cfg.sam.model_type,
-            head=model_cfg["head"],
-            optimizer=model_cfg["optimizer"],
-            **model_cfg["teacher"],
-        )
+        module = instantiate(cfg.model.teacher, classes=classes)
     else:
         if teacher_ckpt is None:
             raise ValueError(
                 "stage=student needs a teacher checkpoint: set teacher_ckpt=/path.ckpt"
             )
-        module = StudentModule.from_teacher(
-            teacher_ckpt, optimizer=model_cfg["optimizer"], **model_cfg["student"]
-        )
+        module = instantiate(cfg.model.student, teacher_checkpoint=teacher_ckpt)
         if module.classes != classes:
             raise ValueError(
                 f"teacher checkpoint {teacher_ckpt} was trained on {len(module.classes)} classes "
@@ -152,10 +145,41 @@ def train_stage(
         if not best:
             trainer.save_checkpoint(checkpoint)
         # test/* metrics (and the evaluation callback's scores) for the head the next stage reads
-        trainer.test(module, datamodule=datamodule, ckpt_path=str(checkpoint), verbose=False)
+        tested = trainer.test(
+            module, datamodule=datamodule, ckpt_path=str(checkpoint), verbose=False
+        )
     finally:
         _finish_loggers(loggers)
-    return checkpoint
+    return StageResult(checkpoint, {k: float(v) for k, v in (tested[0] if tested else {}).items()})
+
+
+SUMMARY_COLUMNS = {  # test metric: (column, format)
+    "test/mIoU": ("mIoU", "{:.2f}"),
+    "test/mAP50": ("mAP50", "{:.4f}"),
+    "test/image_acc": ("image acc", "{:.3f}"),
+}
+
+
+@rank_zero_only
+def _print_summary(output_dir: Path, results: dict[str, StageResult], reasons: list[str]) -> None:
+    """The ending people read: each stage's tested checkpoint, its scores, where files are."""
+    rows = [["stage", "tested checkpoint", *(column for column, _ in SUMMARY_COLUMNS.values())]]
+    for stage, result in results.items():
+        shown = [
+            "-" if key not in result.scores else form.format(result.scores[key])
+            for key, (_, form) in SUMMARY_COLUMNS.items()
+        ]
+        rows.append([stage, str(result.checkpoint.relative_to(output_dir)), *shown])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["", f"usam.fit finished: {output_dir}"]
+    lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    for stage in results:
+        metrics = sorted((output_dir / "eval" / stage).glob("test-*/metrics.json"))
+        if metrics:
+            lines.append(f"  {stage} scores and overlays: {metrics[-1].parent}")
+    if reasons:
+        lines.append(f"  {RANDOM_WEIGHTS_WARNING} ({'; '.join(reasons)})")
+    print("\n".join(lines))
 
 
 def _prepare_evaluation(cfg: DictConfig, data_settings: dict[str, Any]) -> None:
@@ -196,16 +220,15 @@ def run(cfg: DictConfig) -> dict[str, Path]:
     datamodule.prepare_data()
     datamodule.setup("fit")
     _announce_random_weights(datamodule)
-    checkpoints: dict[str, Path] = {}
+    results: dict[str, StageResult] = {}
     if cfg.stage in ("teacher", "both"):
-        checkpoints["teacher"] = train_stage(cfg, "teacher", datamodule, inference)
-        log.info("teacher checkpoint: %s", checkpoints["teacher"])
+        results["teacher"] = train_stage(cfg, "teacher", datamodule, inference)
     if cfg.stage in ("student", "both"):
-        teacher_ckpt = str(checkpoints.get("teacher") or cfg.teacher_ckpt or "") or None
-        checkpoints["student"] = train_stage(cfg, "student", datamodule, inference, teacher_ckpt)
-        log.info("student checkpoint: %s", checkpoints["student"])
-    _announce_random_weights(datamodule)
-    return checkpoints
+        teacher = results["teacher"].checkpoint if "teacher" in results else cfg.teacher_ckpt
+        teacher_ckpt = str(teacher) if teacher else None
+        results["student"] = train_stage(cfg, "student", datamodule, inference, teacher_ckpt)
+    _print_summary(output_dir, results, datamodule.random_weight_reasons())
+    return {stage: result.checkpoint for stage, result in results.items()}
 
 
 main = hydra_command("fit", run)

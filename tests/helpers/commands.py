@@ -59,11 +59,11 @@ def run_overrides(tmp_path: Path, data_dir: Path, *extra: str) -> list[str]:
     ]
 
 
-def run_python(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_python(*args: str, timeout: int = 300, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """A child Python process (DDP launches, CLI runs) with one thread, output captured."""
     return subprocess.run(
         [sys.executable, *args],
-        cwd=ROOT,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -219,10 +219,12 @@ class ShardDataModule(L.LightningDataModule):
             .batched(self.batch_size, collation_fn=collate_records, partial=world_size == 1)
         )
         loader = wds.WebLoader(dataset, batch_size=None, num_workers=workers)
+        # every rank runs the same number of batches; the count is also the progress total
+        # (an upper bound in one process: images without masks are dropped on the way)
+        batches_per_rank = math.ceil(manifest.num_images / (world_size * self.batch_size))
         if world_size > 1:
-            batches_per_rank = math.ceil(manifest.num_images / (world_size * self.batch_size))
             loader = loader.with_epoch(batches_per_rank)
-        return loader
+        return loader.with_length(batches_per_rank, silent=True)
 
     @staticmethod
     def _check_shard_per_rank(directory: Path, urls: list[str], world_size: int) -> None:
@@ -249,7 +251,10 @@ class ShardDataModule(L.LightningDataModule):
             .batched(self.batch_size, collation_fn=collate_records, partial=True)
         )
         workers = self._workers_for(len(urls), shards_per_rank=True)
-        return wds.WebLoader(dataset, batch_size=None, num_workers=workers)
+        loader = wds.WebLoader(dataset, batch_size=None, num_workers=workers)
+        if self._world()[1] > 1:  # ranks read whole shards: their counts are not known here
+            return loader
+        return loader.with_length(math.ceil(manifest.num_images / self.batch_size), silent=True)
 
     def val_dataloader(self) -> wds.WebLoader:
         return self.eval_loader(self.val_dir, self.manifests["val"])

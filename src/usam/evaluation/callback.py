@@ -131,7 +131,15 @@ class EvaluationCallback(Callback):
             log_to_wandb(logger.experiment, evaluation, prefix, extra)
         if not wandb_loggers or prefix == "test":  # the final scores always land as files too
             root = self.output_dir or Path(trainer.default_root_dir) / "eval"
-            write_outputs(evaluation, root / f"{prefix}-epoch{trainer.current_epoch:03d}")
+            write_outputs(evaluation, root / _folder_name(trainer, prefix))
+
+
+def _folder_name(trainer: L.Trainer, prefix: str) -> str:
+    """``test-<checkpoint name>`` for a tested checkpoint (its epoch, not the trainer's);
+    ``<prefix>-epoch<N>`` for the live head."""
+    if prefix == "test" and trainer.ckpt_path:
+        return f"test-{Path(trainer.ckpt_path).stem}"
+    return f"{prefix}-epoch{trainer.current_epoch:03d}"
 
 
 def _scores(evaluation: Evaluation) -> dict[str, float]:
