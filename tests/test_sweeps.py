@@ -9,6 +9,7 @@ import sys
 import lightning as L
 import pytest
 import yaml
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from usam.sweep import SweepFileError, multirun_overrides
@@ -172,10 +173,13 @@ def test_every_readme_command_composes(command, tmp_path, monkeypatch):
         return
     paths = [f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/run"]
     cfg = compose_config(entry, [*overrides, *paths])
-    for override in overrides:
-        key, value = override.split("=", 1)
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key = override.key_or_group
         if "." in key:  # a value, not a group choice: it must arrive as written
-            assert str(OmegaConf.select(cfg, key)) == value, override
+            arrived = OmegaConf.select(cfg, key)
+            if OmegaConf.is_config(arrived):
+                arrived = OmegaConf.to_container(arrived)
+            assert arrived == override.value(), override.input_line
 
 
 def test_the_readme_has_a_command_for_every_table():

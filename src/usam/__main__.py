@@ -8,7 +8,7 @@ from usam import __version__
 
 COMMANDS = {
     "generate": "training images from class names with Stable Diffusion",
-    "ingest": "training images from the web, a URL list or a folder",
+    "ingest": "training images from an image search by class name, a URL list or a folder",
     "extract": "SAM embedding shards of an image set",
     "fit": "train the teacher and student heads (images and shards made when missing)",
     "eval": "score a head, or the SAM+CLIP baseline, on an annotated dataset",
