@@ -152,9 +152,24 @@ def test_the_contract_rejects_a_real_difference(sam):
     assert any("1 pixels differ" in v for v in report.violations), report.violations
 
 
-KERNELS = {
-    "ATen without SIMD": {"ATEN_CPU_CAPABILITY": "default"},
-    "oneDNN and MKL at AVX2": {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+def test_other_batch_sizes_stay_within_the_contract(sam):
+    """``points_per_batch`` changes only the token-side products' shapes, and so their
+    kernels: on some CPUs (AMD EPYC with MKL) their rounding, within the contract.
+    """
+    image = shapes_image(96, 128, 2)
+    settings = AmgSettings(
+        points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.3, box_nms_thresh=1.0
+    )
+    ours = AutomaticMaskEngine(sam, replace(settings, points_per_batch=3)).generate(image)
+    report = assert_matches_official(ours, sam, image, settings)
+    assert report.paired >= 50  # 100 masks here, 21 with bit-identical scores on an EPYC
+
+
+# ATen's element-wise kernels without SIMD, oneDNN's and MKL's at AVX2 only.
+OTHER_KERNELS = {
+    "ATEN_CPU_CAPABILITY": "default",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
 }
 CHILD = """
 import json, sys
@@ -180,12 +195,11 @@ for threads in (1, 2):
 """
 
 
-@pytest.mark.parametrize("kernels", list(KERNELS))
-def test_the_contract_holds_with_other_kernels(kernels):
+def test_the_contract_holds_with_other_kernels():
     """Other ATen and BLAS kernels, at one and two threads, round differently, the official
     generator's output included; the contract holds all the same.
     """
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **KERNELS[kernels]}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **OTHER_KERNELS}
     tests = str(Path(__file__).resolve().parent)
     result = subprocess.run(
         [sys.executable, "-c", CHILD, tests], capture_output=True, text=True, env=env

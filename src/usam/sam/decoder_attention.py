@@ -32,6 +32,9 @@ class ImageSide:
         self.key_pe = key_pe
         self.key_pe_flat = key_pe.contiguous()
         self._buffers: dict[tuple, torch.Tensor] = {}
+        # Whether the official decoder sees more than one point in the batch at hand:
+        # then a point alone in its chunk has its attention products paired.
+        self.batch_of_many = True
 
     def buffer(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         key = (name, tuple(shape), like.dtype)
@@ -73,17 +76,26 @@ class ImageSide:
         return out
 
 
-def _attention_core(module, q, k, v, side: ImageSide | None = None) -> torch.Tensor:
+def _attention_core(module, q, k, v, side: ImageSide, *, buffered: bool) -> torch.Tensor:
     """The official ``Attention.forward`` between the input projections and ``out_proj``;
-    with ``side``, its large products go into that image's reused buffers.
+    ``buffered``: its large products go into the image's reused buffers.
+
+    A point alone takes other kernels for its per-head products than two or more points
+    do (its head views fold into strided matrices where a batch's are copied), which round
+    differently on some CPUs (AMD EPYC with MKL): unless the official batch is one point,
+    it is paired with itself here, at the cost of a few small products.
     """
+    lone = q.shape[0] == 1 and side.batch_of_many
+    if lone:
+        q, k, v = (torch.cat([x, x]) for x in (q, k, v))
     q = module._separate_heads(q, module.num_heads)
     k = module._separate_heads(k, module.num_heads)
     v = module._separate_heads(v, module.num_heads)
     attn = q @ k.permute(0, 1, 3, 2)
     attn = attn / math.sqrt(q.shape[-1])
     attn = torch.softmax(attn, dim=-1)
-    return module._recombine_heads(attn @ v) if side is None else side.attend(attn, v)
+    out = side.attend(attn, v) if buffered else module._recombine_heads(attn @ v)
+    return out[:1] if lone else out
 
 
 class _SameInput:
@@ -116,7 +128,7 @@ def _tokens_to_image(module, q_tokens, chunks, side: ImageSide, *, shared: bool)
     outs, start = [], 0
     for keys in chunks:
         stop = start + keys.shape[0]
-        outs.append(_attention_core(module, q[start:stop], k(keys), v(keys)))
+        outs.append(_attention_core(module, q[start:stop], k(keys), v(keys), side, buffered=False))
         start = stop
     return module.out_proj(torch.cat(outs))
 
@@ -135,7 +147,9 @@ def _image_to_tokens(module, norm, chunks, side, k_tokens, v_tokens, *, layer: i
     store, updated, start = side.layer_keys(layer, chunks), [], 0
     for keys in chunks:
         stop = start + keys.shape[0]
-        attended = _attention_core(module, q(keys), k[start:stop], v[start:stop], side)
+        attended = _attention_core(
+            module, q(keys), k[start:stop], v[start:stop], side, buffered=True
+        )
         out = side.linear("out", module.out_proj, attended)
         updated.append(store[start:stop].copy_(norm(out.add_(residual(keys)))))  # keys + out
         start = stop

@@ -26,25 +26,11 @@ _UPSCALE_CHUNK = 2  # points per pass of the decoder's transposed convolutions: 
 _AUTOCAST_DEVICE_TYPES = frozenset({"cuda"})
 
 
-def chunk_sizes(points: int, chunk: int) -> list[int]:
-    """Points per pass of the image-side work.
-
-    A lone point takes other product kernels than two or more do (its per-head views
-    fold into strided matrices where a batch's are copied), and on some CPUs (AMD EPYC
-    with MKL) they round differently; so no chunk holds a lone point unless the whole
-    batch is one, as in the official decoder: a remainder of one joins the last chunk.
-    """
-    sizes = [min(chunk, points - i) for i in range(0, points, chunk)]
-    if len(sizes) > 1 and sizes[-1] == 1:
-        sizes[-2:] = [sizes[-2] + 1]
-    return sizes
-
-
 class PointDecoder:
     """The mask decoder of ``predictor``'s model on the image set in ``predictor``.
 
-    ``chunk``: points per pass of the image-side work; two is fastest on CPU and keeps
-    the official batch's kernels. On a GPU a larger chunk saves kernel launches.
+    ``chunk``: points per pass of the image-side work; one is fastest on CPU, where it
+    stays in cache. On a GPU a larger chunk saves kernel launches.
     ``approximate``: fold the attention products (and bf16 autocast on the devices in
     ``_AUTOCAST_DEVICE_TYPES``).
     """
@@ -73,7 +59,8 @@ class PointDecoder:
         tokens = torch.cat((output_tokens.unsqueeze(0).expand(sparse.size(0), -1, -1), sparse), 1)
         features = predictor.features
         side = self._image_side()
-        sizes = chunk_sizes(tokens.shape[0], self.chunk)
+        side.batch_of_many = tokens.shape[0] > 1
+        sizes = [min(self.chunk, len(tokens) - i) for i in range(0, len(tokens), self.chunk)]
         initial = {n: (features + dense[:n]).flatten(2).permute(0, 2, 1) for n in set(sizes)}
         chunks = [initial[n] for n in sizes]
         transformer = decoder.transformer
