@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -213,7 +214,9 @@ class ShardDataModule(L.LightningDataModule):
             dataset = wds.WebDataset(urls, shardshuffle=len(urls), seed=self.seed)
             workers = self._workers_for(len(urls), shards_per_rank=False)
         dataset = (
-            dataset.shuffle(self.shuffle_buffer)
+            # seeded: the same data.seed gives the same training order (webdataset's default
+            # seeds from the clock)
+            dataset.shuffle(self.shuffle_buffer, rng=random.Random(self.seed))
             .map(decode_sample)
             .select(_has_masks)
             .batched(self.batch_size, collation_fn=collate_records, partial=world_size == 1)
