@@ -12,8 +12,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from usam import annotate
-from usam.annotate import run
+from usam.commands import annotate
+from usam.commands.annotate import run
 from usam.data.sources import load_rgb
 from usam.inference.annotator import AnnotationError, Annotator
 from usam.inference.predictor import InferenceSettings, Predictor, load_head

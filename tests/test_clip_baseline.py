@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from usam.eval import run  # the one entry point: baseline=sam_clip dispatches to the baseline
+from usam.commands.eval import (
+    run,  # the one entry point: baseline=sam_clip dispatches to the baseline
+)
 from usam.evaluation.clip_baseline import ClipWeightsError, clip_predictor, load_clip, masked_views
 from usam.evaluation.scoring import evaluate
 from usam.formats.embedding_shards import ImageRecord, iter_records

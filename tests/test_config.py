@@ -6,9 +6,9 @@ import dataclasses
 
 import pytest
 
+from usam.commands.fit import run
 from usam.core.config import ConfigError, settings_from_config
 from usam.data.extraction import ExtractSettings
-from usam.fit import run
 from usam.inference.predictor import InferenceSettings
 from usam.sam.amg_settings import AmgSettings
 from usam.sam.registry import SamSettings

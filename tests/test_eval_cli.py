@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from usam.eval import run
+from usam.commands.eval import run
 from usam.evaluation.scoring import EvaluationError, evaluate
 from usam.formats.embedding_shards import ShardSetError, read_manifest
 from usam.inference.predictor import InferenceSettings, Predictor, load_head

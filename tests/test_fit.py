@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from usam.fit import run
+from usam.commands.fit import run
 from usam.formats.embedding_shards import ShardSetError, read_manifest
 from usam.images.stable_diffusion import GenerationError
 from usam.sam.checkpoints import CheckpointError

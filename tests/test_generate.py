@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import usam.generate as generate_command
+import usam.commands.generate as generate_command
 import usam.images.stable_diffusion as generate
 from usam.core.vocabulary import load_vocabulary
 from usam.formats.image_shards import iter_images, read_image_manifest

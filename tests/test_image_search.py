@@ -22,7 +22,7 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image, ImageEnhance
 
-import usam.ingest as ingest
+import usam.commands.ingest as ingest
 from usam.core.vocabulary import load_vocabulary
 from usam.data.sources import ImageShardSource
 from usam.formats.image_shards import ImageShardWriter, iter_images

@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler
 import pytest
 from PIL import Image
 
-import usam.ingest as ingest
+import usam.commands.ingest as ingest
 from usam.core.vocabulary import load_vocabulary
 from usam.formats.image_shards import ImageShardWriter, iter_images, read_image_manifest
 from usam.images.fetching import Fetcher, FetchError, HostGate, is_public, resolve_addresses

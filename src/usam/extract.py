@@ -1,64 +1,11 @@
-"""Extract SAM embedding shards: ``python -m usam.extract source=image_set data=voc sam=vit_b``.
+"""SAM embedding shards of an image set: ``python -m usam.extract data=voc sam=vit_b``.
 
-Writes ``<out_dir>/train`` and ``<out_dir>/val`` (or ``eval`` for an evaluation
-source) through :mod:`usam.data.extraction`; prints per split what it holds.
+What it does lives in :mod:`usam.commands.extract`; ``--help`` lists its options.
 """
 
-from __future__ import annotations
-
-from pathlib import Path
-
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
-
 from usam.cli import hydra_command
-from usam.core.config import settings_from_config
-from usam.data.extraction import (
-    ExtractSettings,
-    random_weights_note,
-    run_extraction,
-    shard_set_dir,
-)
-from usam.data.sources import ImageSource
-from usam.sam.amg_settings import AmgSettings
-from usam.sam.registry import SamSettings
 
-
-def run(cfg: DictConfig) -> None:
-    """Extract ``cfg.source`` and print what each split holds."""
-    source: ImageSource = instantiate(cfg.source)
-    sam = settings_from_config(SamSettings, cfg.sam, "sam")
-    amg = settings_from_config(AmgSettings, cfg.amg, "amg")
-    extract = settings_from_config(ExtractSettings, cfg.extract, "extract")
-    out_dir = (
-        Path(cfg.out_dir)
-        if cfg.out_dir
-        else shard_set_dir(
-            Path(cfg.paths.data_dir) / "shards",
-            cfg.source_name,
-            source,
-            sam,
-            amg,
-            extract.val_fraction,
-        )
-    )
-    manifests = run_extraction(
-        source, out_dir, sam, amg, extract, config=OmegaConf.to_container(cfg, resolve=True)
-    )
-    for split, manifest in manifests.items():
-        print(
-            f"{split}: {manifest.num_images} images, {manifest.num_masks} masks "
-            f"({manifest.num_masks / max(manifest.num_images, 1):.1f} per image), "
-            f"{len(manifest.shards)} shards, {_megabytes(out_dir / split):.1f} MB in "
-            f"{out_dir / split}{random_weights_note(manifest)}"
-        )
-
-
-def _megabytes(directory: Path) -> float:
-    return sum(p.stat().st_size for p in directory.glob("*.tar")) / 1e6
-
-
-main = hydra_command("extract", run)
+main = hydra_command("extract", "usam.commands.extract")
 
 if __name__ == "__main__":
     main()

@@ -1,44 +1,11 @@
-"""Generate training images: ``python -m usam.generate data.classes=voc20 generate.per_class=200``.
+"""Training images from class names: ``python -m usam.generate data.classes=voc20``.
 
-Stable Diffusion (:mod:`usam.images.stable_diffusion`) renders "a photo of a
-{class}" per class into an image set that ``usam.extract`` and ``usam.fit`` read.
+What it does lives in :mod:`usam.commands.generate`; ``--help`` lists its options.
 """
 
-from __future__ import annotations
-
-from dataclasses import asdict
-from pathlib import Path
-
-from omegaconf import DictConfig, OmegaConf
-
 from usam.cli import hydra_command
-from usam.core.vocabulary import load_vocabulary
-from usam.formats.image_shards import image_set_dir
-from usam.images.stable_diffusion import GenerateSettings, generate_images
 
-
-def run(cfg: DictConfig) -> Path:
-    """Generate from a composed config (``generate.yaml``); returns the image set directory."""
-    vocab = load_vocabulary(cfg.data.classes)
-    settings = GenerateSettings.from_config(OmegaConf.to_container(cfg.generate, resolve=True))
-    out_dir = Path(settings.out_dir or image_set_dir(cfg.images_dir, vocab, settings.name))
-    if cfg.get("wandb_project"):
-        import wandb
-
-        with wandb.init(
-            project=cfg.wandb_project,
-            job_type="generate",
-            dir=str(cfg.paths.output_dir),
-            config={"classes": list(vocab.classes), "generate": asdict(settings)},
-        ):
-            generate_images(vocab, settings, out_dir)
-    else:
-        generate_images(vocab, settings, out_dir)
-    return out_dir
-
-
-main = hydra_command("generate", lambda cfg: print(run(cfg)))
-
+main = hydra_command("generate", "usam.commands.generate")
 
 if __name__ == "__main__":
     main()

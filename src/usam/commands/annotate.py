@@ -1,0 +1,226 @@
+"""Label a folder of images with a trained head: ``python -m usam.annotate images=DIR ckpt=HEAD.ckpt
+out=DIR sam=vit_h``.
+
+The folder goes through the extraction engine into a shard set (SAM's masks and
+mask tokens; unusable files into ``rejected.jsonl``), then every image through
+the :class:`usam.inference.predictor.Predictor` the evaluation uses. Each image's result
+is written atomically to ``results/<key>.json`` after its pictures, so an
+interrupted run loses nothing and the next one skips what is done (unless
+``overwrite=true``); ``annotations.json`` (COCO instances) is rebuilt from those
+results at the end, so it never holds an image twice. The work shard set under
+``sam/`` is deleted once its images are annotated.
+
+Output folder: ``annotations.json``, ``semantic/<path>.png`` (VOC palette, pixel
+value = label), ``legend.png``, ``overlays/<path>.jpg``, optional
+``labels/<path>.txt`` (YOLO-seg), ``results/``, ``rejected.jsonl``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig
+
+from usam.commands.mask_settings import head_mask_settings
+from usam.core.config import settings_from_config
+from usam.core.devices import resolve_device
+from usam.core.progress import progress_bar
+from usam.data.extraction import (
+    REJECTED_NAME,
+    ExtractSettings,
+    require_masks,
+    run_extraction,
+    shard_set_dir,
+)
+from usam.data.sources import FolderSource
+from usam.formats.embedding_shards import iter_records, read_manifest
+from usam.formats.storage import atomic_write_text
+from usam.inference.annotator import AnnotationError, Annotator
+from usam.inference.exports import (
+    Annotation,
+    coco_instances,
+    save_legend,
+    save_overlay,
+    save_semantic,
+    save_yolo,
+    write_result,
+)
+from usam.inference.predictor import InferenceSettings, Predictor, load_head
+from usam.sam.registry import SamSettings, get_spec
+
+
+def _output_names(source: FolderSource) -> dict[str, str]:
+    """Key -> relative path without its suffix, which names the image's output files."""
+    names: dict[str, str] = {}
+    seen: dict[str, Path] = {}
+    for key, path in zip(source.keys, source.paths):
+        stem = path.relative_to(source.root).with_suffix("").as_posix()
+        if stem in seen:
+            raise AnnotationError(
+                f"{seen[stem]} and {path} would share the output files {stem}.*; rename one"
+            )
+        seen[stem] = path
+        names[key] = stem
+    return names
+
+
+def _rejected(path: Path) -> dict[str, dict[str, Any]]:
+    found = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+                found[entry["key"]] = entry
+            except (json.JSONDecodeError, KeyError):
+                continue  # a line cut off by a crash: the image is simply tried again
+    return found
+
+
+def _restrict(source: FolderSource, keys: set[str]) -> FolderSource:
+    """A copy of ``source`` limited to ``keys``, so extraction sees (and caches) only those."""
+    kept = [(k, p) for k, p in zip(source.keys, source.paths) if k in keys]
+    subset = copy.copy(source)
+    subset.keys = tuple(k for k, _ in kept)
+    subset.paths = [p for _, p in kept]
+    return subset
+
+
+class _Outputs:
+    """Where one run writes, and what earlier runs already wrote there."""
+
+    def __init__(self, out: Path, yolo: bool) -> None:
+        self.out = out
+        self.yolo = yolo
+        self.results = out / "results"
+        self.rejected = out / REJECTED_NAME
+
+    def done(self) -> set[str]:
+        return {p.stem for p in self.results.glob("*.json")} if self.results.is_dir() else set()
+
+    def write(self, annotation: Annotation, image: np.ndarray, name: str, file_name: str, classes):
+        save_semantic(annotation.semantic, self.out / "semantic" / f"{name}.png")
+        save_overlay(image, annotation, classes, self.out / "overlays" / f"{name}.jpg")
+        if self.yolo:
+            save_yolo(annotation, self.out / "labels" / f"{name}.txt")
+        write_result(annotation.to_result(file_name), self.results / f"{annotation.key}.json")
+
+    def add_rejected(self, entries: dict[str, dict[str, Any]], retried: set[str]) -> None:
+        """This run's rejects replace the earlier verdicts on the images it tried again."""
+        earlier = {k: e for k, e in _rejected(self.rejected).items() if k not in retried}
+        merged = {**earlier, **entries}
+        atomic_write_text(self.rejected, "".join(json.dumps(e) + "\n" for e in merged.values()))
+
+
+def _extract_and_annotate(
+    annotator: Annotator,
+    source: FolderSource,
+    names: dict[str, str],
+    outputs: _Outputs,
+    pending: set[str],
+    extract: ExtractSettings,
+    progress: bool,
+) -> int:
+    """SAM over the pending images, then the head over their masks; returns images written."""
+    source = _restrict(source, pending)
+    sam = SamSettings(annotator.sam_model_type, annotator.sam_checkpoint)
+    work = shard_set_dir(outputs.out / "sam", "pending", source, sam, annotator.amg, 0.0)
+    for stale in work.parent.glob("*"):  # left by a run interrupted with other images pending
+        if stale != work:
+            shutil.rmtree(stale)
+    manifests = run_extraction(source, work, sam, annotator.amg, extract)
+    require_masks(manifests["eval"], work / "eval", annotator.amg)
+    outputs.add_rejected(_rejected(work / REJECTED_NAME), pending)
+    index = {key: i for i, key in enumerate(source.keys)}
+    written = 0
+    with progress_bar(enabled=progress) as bar:
+        task = bar.add_task("annotating", total=read_manifest(work / "eval").num_images)
+        for record in iter_records(work / "eval"):
+            annotation = annotator.annotate_record(record)
+            image = np.asarray(source.load(index[record.key]).image)
+            file_name = record.source["path"]
+            outputs.write(annotation, image, names[record.key], file_name, annotator.classes)
+            written += 1
+            bar.advance(task)
+    shutil.rmtree(work.parent)
+    return written
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Annotate ``cfg.images`` into ``cfg.out``; returns the summary it prints."""
+    sam = settings_from_config(SamSettings, cfg.sam, "sam")
+    inference = settings_from_config(InferenceSettings, cfg.inference, "inference")
+    extract = settings_from_config(ExtractSettings, cfg.extract, "extract")
+    head = load_head(cfg.ckpt)
+    predictor = Predictor(head, inference, resolve_device(cfg.device, "device"))
+    annotator = Annotator(predictor, sam.model_type, sam.checkpoint, head_mask_settings(cfg, head))
+    source = FolderSource(cfg.images, annotator.classes)
+    names = _output_names(source)
+    outputs = _Outputs(Path(cfg.out), cfg.yolo)
+    outputs.out.mkdir(parents=True, exist_ok=True)
+    done = outputs.done()
+    skip = set() if cfg.overwrite else done | set(_rejected(outputs.rejected))
+    pending = {key for key in source.keys if key not in skip}
+    written = 0
+    if pending:
+        written = _extract_and_annotate(
+            annotator, source, names, outputs, pending, extract, cfg.progress
+        )
+    finished = outputs.done()
+    results = [
+        json.loads((outputs.results / f"{key}.json").read_text())
+        for key in source.keys
+        if key in finished
+    ]
+    coco = coco_instances(results, annotator.classes)
+    reasons = random_weight_reasons(annotator)
+    if reasons:
+        coco["info"]["not_meaningful_because"] = reasons
+    atomic_write_text(outputs.out / "annotations.json", json.dumps(coco))
+    save_legend(annotator.classes, outputs.out / "legend.png")
+    rejected = [k for k in _rejected(outputs.rejected) if k in set(source.keys)]
+    counts = Counter(annotator.classes[a["category_id"] - 1] for a in coco["annotations"])
+    summary = {
+        "images": len(results),
+        "annotated_now": written,
+        "skipped_done": 0 if cfg.overwrite else len(done & set(source.keys)),
+        "rejected": len(rejected),
+        "instances": len(coco["annotations"]),
+        "instances_per_class": {name: counts[name] for name in annotator.classes if counts[name]},
+        "out": str(outputs.out),
+        "not_meaningful_because": reasons,
+    }
+    _print_summary(summary, outputs)
+    return summary
+
+
+def random_weight_reasons(annotator: Annotator) -> list[str]:
+    """Why these annotations are no labels at all: a head or a SAM that was never trained."""
+    reasons = []
+    if annotator.predictor.checkpoint.random_weights:
+        reasons.append("the head was trained on synthetic data or untrained models")
+    if get_spec(annotator.sam_model_type).random_weights and not annotator.sam_checkpoint:
+        reasons.append(f"SAM {annotator.sam_model_type} has random weights")
+    return reasons
+
+
+def _print_summary(summary: dict[str, Any], outputs: _Outputs) -> None:
+    if summary["not_meaningful_because"]:
+        print(
+            "RANDOM WEIGHTS: these annotations only exercise the pipeline; they are NOT labels "
+            f"({'; '.join(summary['not_meaningful_because'])})"
+        )
+    print(
+        f"{summary['images']} images annotated in {summary['out']} ({summary['annotated_now']} "
+        f"now, {summary['skipped_done']} already done), {summary['instances']} instances"
+    )
+    if summary["rejected"]:
+        print(f"{summary['rejected']} files are not usable images: see {outputs.rejected}")
+    width = max((len(n) for n in summary["instances_per_class"]), default=0)
+    for name, count in summary["instances_per_class"].items():
+        print(f"  {name:<{width}}  {count}")

@@ -1,0 +1,130 @@
+"""Score a trained head: ``python -m usam.eval ckpt=<head.ckpt> eval_data=voc_val sam=vit_h``.
+
+The evaluation set becomes an embedding shard set first (SAM's automatic masks
+with the ``amg`` settings), extracted on demand and cached under
+``paths.data_dir/shards`` by the id of its images, SAM and settings, so the next
+evaluation with the same SAM reuses it. With ``ckpt=null`` only that happens,
+and the shard set's path is printed (the evaluation callback of ``usam.fit``
+reads it). Results go to the Hydra run directory: ``metrics.json``,
+``per_class.csv``, ``overlays/*.png``, ``sweep.csv`` and ``sweep.png``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from usam.commands.mask_settings import head_mask_settings
+from usam.core.config import settings_from_config
+from usam.core.devices import resolve_device
+from usam.data.eval_shards import eval_shards
+from usam.data.extraction import ExtractSettings
+from usam.data.sources import ImageSource
+from usam.evaluation.clip_baseline import clip_predictor
+from usam.evaluation.scoring import (
+    NOT_MEANINGFUL,
+    SWEEP_ON_TEST,
+    EvaluationError,
+    ThresholdGrid,
+    evaluate,
+    log_to_wandb,
+    resolve_vocabulary,
+    write_outputs,
+)
+from usam.inference.predictor import InferenceSettings, Predictor
+from usam.sam.amg_settings import AmgSettings
+from usam.sam.registry import SamSettings
+
+log = logging.getLogger(__name__)
+
+
+def threshold_grid(cfg: DictConfig) -> ThresholdGrid | None:
+    grid = ThresholdGrid(
+        tuple(cfg.sweep.confidence_thresholds or ()), tuple(cfg.sweep.nms_ious or ())
+    )
+    return grid if grid.confidence_thresholds and grid.nms_ious else None
+
+
+def banner(reasons: list[str]) -> str:
+    line = "=" * 78
+    return f"{line}\n{NOT_MEANINGFUL.format(why='; '.join(reasons))}\n{line}"
+
+
+def run(cfg: DictConfig) -> dict[str, Any] | None:
+    """Evaluate ``cfg.ckpt``, or the ``cfg.baseline``; returns the contents of
+    ``metrics.json`` (None with ckpt=null and no baseline).
+    """
+    source: ImageSource = instantiate(cfg.eval_data.source)
+    settings = settings_from_config(InferenceSettings, cfg.inference, "inference")
+    sam = settings_from_config(SamSettings, cfg.sam, "sam")
+    amg = settings_from_config(AmgSettings, cfg.amg, "amg")
+    extract = settings_from_config(ExtractSettings, cfg.extract, "extract")
+    data_dir = Path(cfg.paths.data_dir)
+    device = resolve_device(cfg.device, "device")
+    vocabulary = None
+    if cfg.get("baseline"):
+        if cfg.ckpt:
+            raise ValueError(
+                f"ckpt={cfg.ckpt} is a U-SAM head; the baseline takes none (ckpt=null)"
+            )
+        baseline = OmegaConf.to_container(cfg.baseline, resolve=True)
+        predictor = clip_predictor(baseline, source, settings, device)
+        label = f"{cfg.baseline.name} on {cfg.eval_data.name}"
+        extra = {"baseline": cfg.baseline.name, "clip": baseline["clip"]}
+    elif cfg.ckpt:
+        predictor = Predictor.from_checkpoint(cfg.ckpt, settings, device)
+        predictor.checkpoint.check_sam(sam.model_type, EvaluationError)
+        amg = head_mask_settings(cfg, predictor.checkpoint)
+        vocabulary = resolve_vocabulary(predictor.classes, cfg.vocabulary)
+        label = cfg.eval_data.name
+        extra = {"checkpoint": str(cfg.ckpt)}
+    else:
+        ready = eval_shards(cfg.eval_data, source, data_dir, sam, amg, extract)
+        print(f"evaluation shard set ready: {ready}")
+        return None
+    shards = eval_shards(cfg.eval_data, source, data_dir, sam, amg, extract)
+    evaluation = evaluate(
+        shards,
+        predictor,
+        vocabulary=vocabulary,
+        sweep=threshold_grid(cfg),
+        num_samples=cfg.num_overlays,
+        source=source,
+    )
+    out_dir = Path(cfg.paths.output_dir)
+    extra |= {"eval_data": cfg.eval_data.name, "shards": str(shards)}
+    metrics_path = write_outputs(evaluation, out_dir, extra)
+    if cfg.wandb.enabled:
+        import wandb
+
+        with wandb.init(
+            project=cfg.wandb.project,
+            mode=cfg.wandb.mode,
+            dir=str(out_dir),
+            name=cfg.run_name,
+            job_type="eval",
+            config=OmegaConf.to_container(cfg, resolve=True),
+            tags=["random-weights"] if evaluation.not_meaningful else None,
+        ) as wandb_run:
+            scores = {"eval/mIoU": evaluation.miou, "eval/mAP50": evaluation.map50}
+            log_to_wandb(wandb_run, evaluation, "eval", scores)
+    derived = ""
+    if evaluation.instances_derived:
+        derived = " (mAP50 on instances derived as connected components of the class map)"
+    print(
+        f"{label}: mIoU {evaluation.miou:.2f}  mAP50 {evaluation.map50:.4f}{derived}"
+        f"  over {evaluation.images} images; results in {out_dir}"
+    )
+    if evaluation.sweep:
+        print(
+            f"threshold x NMS sweep ({len(evaluation.sweep)} points): {SWEEP_ON_TEST}; "
+            f"{out_dir / 'sweep.csv'}"
+        )
+    if evaluation.not_meaningful:
+        print(banner(evaluation.not_meaningful))
+    log.info("metrics written to %s", metrics_path)
+    return {**evaluation.summary(), **extra}

@@ -1,0 +1,230 @@
+"""Train the U-SAM head: ``python -m usam.fit experiment=voc_sd [stage=teacher|student|both]``.
+
+Everything a run writes lives under its Hydra output directory: the resolved
+config, checkpoints per stage, and the logger files (W&B offline by default).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from usam.commands.run_identity import flat_config, run_identity
+from usam.core.config import settings_from_config
+from usam.core.vocabulary import load_vocabulary
+from usam.data.eval_shards import eval_shards
+from usam.data.extraction import ExtractSettings
+from usam.evaluation.callback import EvaluationCallback
+from usam.images.stable_diffusion import GenerateSettings
+from usam.inference.predictor import InferenceSettings
+from usam.sam.amg_settings import AmgSettings
+from usam.sam.registry import SamSettings
+from usam.train.lightning_modules import RANDOM_WEIGHTS_WARNING
+
+STAGES = ("teacher", "student", "both")
+
+
+def _callbacks(cfg: DictConfig, inference: InferenceSettings) -> list[Any]:
+    """One object per entry of the callbacks group (``callbacks=none`` gives none); the
+    evaluation callback scores with the run's typed ``inference`` settings."""
+    return [
+        instantiate(entry, _partial_=True)(inference=inference)
+        if name == "eval"
+        else instantiate(entry)
+        for name, entry in (cfg.callbacks or {}).items()
+        if entry
+    ]
+
+
+def _data_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The settings the DataModule makes missing images and shards with, parsed once here."""
+    return {
+        "sam": settings_from_config(SamSettings, cfg.sam, "sam"),
+        "amg": settings_from_config(AmgSettings, cfg.amg, "amg"),
+        "generate": settings_from_config(GenerateSettings, cfg.generate, "generate"),
+        "extract": settings_from_config(ExtractSettings, cfg.extract, "extract"),
+    }
+
+
+def _loggers(cfg: DictConfig, stage: str, random_weights: bool) -> list[Any]:
+    """The configured loggers for one stage. A W&B run carries the whole resolved config
+    (dotted keys), a name and group that tell sweep jobs apart, and tags for the
+    experiment, data source, SAM and random weights."""
+    loggers = []
+    for name, entry in (cfg.logger or {}).items():
+        if not entry:
+            continue
+        if name == "wandb":
+            identity = run_identity(cfg, stage, random_weights)
+            tags = list(dict.fromkeys([*(entry.get("tags") or []), *identity.tags]))
+            logger = instantiate(entry, name=identity.name, group=identity.group, tags=tags)
+            logger.experiment.config.update(flat_config(cfg), allow_val_change=True)
+            loggers.append(logger)
+        else:
+            loggers.append(instantiate(entry, name=stage))
+    return loggers
+
+
+def _finish_loggers(loggers: list[Any]) -> None:
+    """W&B keeps one run per process open; close it so the next stage gets its own."""
+    for logger in loggers:
+        if type(logger).__name__ == "WandbLogger":
+            logger.experiment.finish()
+
+
+@rank_zero_only
+def _announce_random_weights(datamodule: Any) -> None:
+    reasons = datamodule.random_weight_reasons()
+    if reasons:
+        banner = "=" * 78
+        print(f"{banner}\n{RANDOM_WEIGHTS_WARNING}\nbecause of: {'; '.join(reasons)}\n{banner}")
+
+
+@dataclass(frozen=True)
+class StageResult:
+    checkpoint: Path  # what the next stage reads, and what was tested
+    scores: dict[str, float]  # the test/* metrics of that checkpoint
+
+
+def train_stage(
+    cfg: DictConfig,
+    stage: str,
+    datamodule: Any,
+    inference: InferenceSettings,
+    teacher_ckpt: str | None = None,
+) -> StageResult:
+    """Fit one stage, then test the checkpoint the next stage should read."""
+    classes = list(datamodule.classes)
+    if stage == "teacher":
+        module = instantiate(cfg.model.teacher, classes=classes)
+    else:
+        if teacher_ckpt is None:
+            raise ValueError(
+                "stage=student needs a teacher checkpoint: set teacher_ckpt=/path.ckpt"
+            )
+        module = instantiate(cfg.model.student, teacher_checkpoint=teacher_ckpt)
+        if module.classes != classes:
+            raise ValueError(
+                f"teacher checkpoint {teacher_ckpt} was trained on {len(module.classes)} classes "
+                f"({module.classes[:5]}...), the run has {len(classes)} ({classes[:5]}...)"
+            )
+    ckpt_dir = Path(cfg.paths.output_dir) / "checkpoints" / stage
+    callbacks = _callbacks(cfg, inference)
+    for callback in callbacks:
+        if isinstance(callback, ModelCheckpoint):
+            callback.dirpath = str(ckpt_dir)
+        if isinstance(callback, EvaluationCallback):
+            callback.output_dir = Path(cfg.paths.output_dir) / "eval" / stage
+    loggers = _loggers(cfg, stage, datamodule.random_weights)
+    checkpointing = any(isinstance(c, ModelCheckpoint) for c in callbacks)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        enable_checkpointing=checkpointing,  # callbacks=none: only the final checkpoint below
+    )
+    try:
+        trainer.fit(module, datamodule=datamodule)
+        best = next(
+            (
+                c.best_model_path
+                for c in callbacks
+                if isinstance(c, ModelCheckpoint) and c.best_model_path
+            ),
+            "",
+        )
+        checkpoint = Path(best) if best else ckpt_dir / "final.ckpt"
+        if not best:
+            trainer.save_checkpoint(checkpoint)
+        # test/* metrics (and the evaluation callback's scores) for the head the next stage reads
+        tested = trainer.test(
+            module, datamodule=datamodule, ckpt_path=str(checkpoint), verbose=False
+        )
+    finally:
+        _finish_loggers(loggers)
+    return StageResult(checkpoint, {k: float(v) for k, v in (tested[0] if tested else {}).items()})
+
+
+SUMMARY_COLUMNS = {  # test metric: (column, format)
+    "test/mIoU": ("mIoU", "{:.2f}"),
+    "test/mAP50": ("mAP50", "{:.4f}"),
+    "test/image_acc": ("image acc", "{:.3f}"),
+}
+
+
+@rank_zero_only
+def _print_summary(output_dir: Path, results: dict[str, StageResult], reasons: list[str]) -> None:
+    """The ending people read: each stage's tested checkpoint, its scores, where files are."""
+    rows = [["stage", "tested checkpoint", *(column for column, _ in SUMMARY_COLUMNS.values())]]
+    for stage, result in results.items():
+        shown = [
+            "-" if key not in result.scores else form.format(result.scores[key])
+            for key, (_, form) in SUMMARY_COLUMNS.items()
+        ]
+        rows.append([stage, str(result.checkpoint.relative_to(output_dir)), *shown])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["", f"usam.fit finished: {output_dir}"]
+    lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    for stage in results:
+        metrics = sorted((output_dir / "eval" / stage).glob("test-*/metrics.json"))
+        if metrics:
+            lines.append(f"  {stage} scores and overlays: {metrics[-1].parent}")
+    if reasons:
+        lines.append(f"  {RANDOM_WEIGHTS_WARNING} ({'; '.join(reasons)})")
+    print("\n".join(lines))
+
+
+def _prepare_evaluation(cfg: DictConfig, data_settings: dict[str, Any]) -> None:
+    """Point the evaluation callback at ``eval_data``'s shard set, extracting it if missing."""
+    callback = (cfg.callbacks or {}).get("eval")
+    if callback is None or callback.shards_dir:
+        return
+    if not cfg.get("eval_data"):
+        raise ValueError(
+            "callbacks include eval but there is nothing to evaluate on: set eval_data=<dataset> "
+            "(conf/eval_data) or callbacks.eval.shards_dir=<an eval shard set's eval folder>"
+        )
+    eval_dir = eval_shards(
+        cfg.eval_data,
+        instantiate(cfg.eval_data.source),
+        Path(cfg.paths.data_dir),
+        data_settings["sam"],
+        data_settings["amg"],
+        data_settings["extract"],
+    )
+    with open_dict(cfg):
+        cfg.callbacks.eval.shards_dir = str(eval_dir)
+
+
+def run(cfg: DictConfig) -> dict[str, Path]:
+    """Run the configured stages; returns the checkpoint of each."""
+    if cfg.stage not in STAGES:
+        raise ValueError(f"stage={cfg.stage!r} must be one of {STAGES}")
+    L.seed_everything(cfg.seed, workers=True)
+    load_vocabulary(cfg.data.classes)  # fail early on a bad class list
+    data_settings = _data_settings(cfg)
+    inference = settings_from_config(InferenceSettings, cfg.inference, "inference")
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    _prepare_evaluation(cfg, data_settings)
+    datamodule = instantiate(cfg.data, _partial_=True)(**data_settings)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    _announce_random_weights(datamodule)
+    results: dict[str, StageResult] = {}
+    if cfg.stage in ("teacher", "both"):
+        results["teacher"] = train_stage(cfg, "teacher", datamodule, inference)
+    if cfg.stage in ("student", "both"):
+        teacher = results["teacher"].checkpoint if "teacher" in results else cfg.teacher_ckpt
+        teacher_ckpt = str(teacher) if teacher else None
+        results["student"] = train_stage(cfg, "student", datamodule, inference, teacher_ckpt)
+    _print_summary(output_dir, results, datamodule.random_weight_reasons())
+    return {stage: result.checkpoint for stage, result in results.items()}

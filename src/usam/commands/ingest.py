@@ -1,0 +1,41 @@
+"""Entry point for training images from the web or disk (see :mod:`usam.images.web_crawl`
+and :mod:`usam.images.image_search`).
+
+    python -m usam.ingest data.classes=voc20 ingest.urls=urls.csv
+    python -m usam.ingest data.classes=voc20 ingest=folder ingest.root=my_photos
+    python -m usam.ingest data.classes=voc20 ingest=openverse ingest.per_class=200
+    python -m usam.ingest data.classes=voc20 ingest=wikimedia ingest.per_class=200
+
+Images go to ``${paths.data_dir}/images/<vocabulary>_<ingest.name>/`` (``voc20_web``
+for URL lists and both image searches, which ``data.source=web`` reads, or
+``voc20_folder``; ``ingest.out_dir`` overrides it), next to the generated sets of
+:mod:`usam.generate`, with ``failed.jsonl``, ``contact_sheets/`` and, for image
+searches, ``ATTRIBUTION.csv`` inside.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from usam.core.vocabulary import load_vocabulary
+from usam.formats.image_shards import image_set_dir
+from usam.images.image_search import ingest_search
+from usam.images.ingest_settings import SEARCH_KINDS, IngestSettings
+from usam.images.web_crawl import ingest_folder, ingest_urls
+
+
+def run(cfg: DictConfig) -> Path:
+    """Ingest from a composed config (``ingest.yaml``); returns the image set directory."""
+    vocab = load_vocabulary(cfg.data.classes)
+    settings = IngestSettings.from_config(OmegaConf.to_container(cfg.ingest, resolve=True))
+    name = settings.name or settings.kind
+    out_dir = Path(settings.out_dir or image_set_dir(cfg.images_dir, vocab, name))
+    if settings.kind == "web":
+        ingest_urls(settings.urls, vocab, out_dir, settings)
+    elif settings.kind in SEARCH_KINDS:
+        ingest_search(vocab, out_dir, settings)
+    else:
+        ingest_folder(settings.root, vocab, out_dir, settings)
+    return out_dir
