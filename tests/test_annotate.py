@@ -4,6 +4,9 @@ against the Predictor, the pictures, resuming after a crash, and a head given th
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +21,7 @@ from usam.data.sources import load_rgb
 from usam.inference.annotator import AnnotationError, Annotator
 from usam.inference.predictor import InferenceSettings, Predictor, load_head
 from usam.inference.semantic_map import semantic_from_instances
+from usam.sam.mask_engine import AutomaticMaskEngine
 from usam.sam.registry import build_sam
 
 from helpers.commands import TINY_EVAL, compose_config
@@ -248,3 +252,77 @@ def test_one_image_or_a_glob_pattern_is_annotated_like_in_the_folder(annotated, 
     }
     assert matched["rejected"] == 0
     assert instances(globbed, "nested/drawn.png") == instances(folder, "nested/drawn.png")
+
+
+def test_a_kill_during_the_sam_stage_loses_only_the_image_in_progress(
+    annotated, tmp_path, monkeypatch
+):
+    root, images, ckpt, _ = annotated
+    out = tmp_path / "out"
+    command = [
+        sys.executable,
+        "-m",
+        "usam.annotate",
+        f"images={images}",
+        f"ckpt={ckpt}",
+        f"out={out}",
+        f"paths.root_dir={tmp_path}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        *SMALL,
+    ]
+    child = subprocess.Popen(
+        command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 240
+    finished: list[Path] = []
+    while child.poll() is None and len(finished) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        finished = list((out / "sam").glob("*/eval/*.tar"))
+    child.kill()
+    child.wait()
+    finished = list((out / "sam").glob("*/eval/*.tar"))  # what the kill left, final names only
+    assert 2 <= len(finished) < len(GOOD), "the kill should land inside the SAM stage"
+    extracted = []
+    original = AutomaticMaskEngine.generate
+    monkeypatch.setattr(
+        AutomaticMaskEngine,
+        "generate",
+        lambda self, image: extracted.append(image.shape) or original(self, image),
+    )
+    summary = run(compose_annotate(tmp_path, images, ckpt, out))
+    assert len(extracted) == len(GOOD) - len(finished)  # SAM redoes only the unfinished images
+    assert summary["annotated_now"] == len(GOOD) and summary["rejected"] == len(BAD)
+    reference = json.loads((root / "out" / "annotations.json").read_text())
+    assert json.loads((out / "annotations.json").read_text()) == reference
+    assert not (out / "sam").exists()  # the work shards go once every image is annotated
+
+
+def test_a_stop_during_the_head_stage_keeps_the_masks_of_the_images_left(
+    annotated, tmp_path, monkeypatch
+):
+    root, images, ckpt, _ = annotated
+    out = tmp_path / "out"
+    original = annotate._Outputs.write
+    calls = []
+
+    def stop_on_third(self, *args, **kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(1)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(annotate._Outputs, "write", stop_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        run(compose_annotate(tmp_path, images, ckpt, out))
+    monkeypatch.undo()
+    extracted = []
+    original_generate = AutomaticMaskEngine.generate
+    monkeypatch.setattr(
+        AutomaticMaskEngine,
+        "generate",
+        lambda self, image: extracted.append(1) or original_generate(self, image),
+    )
+    summary = run(compose_annotate(tmp_path, images, ckpt, out))
+    assert not extracted and summary["annotated_now"] == len(GOOD) - 2
+    reference = json.loads((root / "out" / "annotations.json").read_text())
+    assert json.loads((out / "annotations.json").read_text()) == reference

@@ -18,6 +18,7 @@ value = label), ``legend.png``, ``overlays/<path>.jpg``, optional
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import shutil
 from collections import Counter
@@ -34,12 +35,14 @@ from usam.core.progress import progress_bar
 from usam.data.extraction import (
     REJECTED_NAME,
     ExtractSettings,
+    is_complete,
+    rejected_keys,
     require_masks,
     run_extraction,
     shard_set_dir,
 )
 from usam.data.sources import FolderSource
-from usam.formats.embedding_shards import iter_records, read_manifest
+from usam.formats.embedding_shards import existing_keys, iter_records
 from usam.formats.storage import atomic_write_text
 from usam.inference.annotator import AnnotationError, Annotator
 from usam.inference.exports import (
@@ -126,21 +129,32 @@ def _extract_and_annotate(
     extract: ExtractSettings,
     progress: bool,
 ) -> int:
-    """SAM over the pending images, then the head over their masks; returns images written."""
-    source = _restrict(source, pending)
+    """SAM over the pending images, then the head over their masks; returns images written.
+
+    The work shard set is named by the whole image set and the SAM settings, not by what
+    is pending, and holds one image per shard: an interrupted run, in either stage, leaves
+    every finished image's masks for the next run, which extracts only the rest.
+    """
     sam = SamSettings(annotator.sam_model_type, annotator.sam_checkpoint)
-    work = shard_set_dir(outputs.out / "sam", "pending", source, sam, annotator.amg, 0.0)
-    for stale in work.parent.glob("*"):  # left by a run interrupted with other images pending
+    work = shard_set_dir(outputs.out / "sam", "work", source, sam, annotator.amg, 0.0)
+    for stale in work.parent.glob("*"):  # another image set or other settings
         if stale != work:
             shutil.rmtree(stale)
-    manifests = run_extraction(source, work, sam, annotator.amg, extract)
+    held = existing_keys(work / "eval") | rejected_keys(work) if work.is_dir() else set()
+    if is_complete(work, ("eval",)) and not pending <= held:  # overwrite=true after a stop
+        shutil.rmtree(work)
+    per_image = dataclasses.replace(extract, images_per_shard=1)
+    manifests = run_extraction(_restrict(source, pending), work, sam, annotator.amg, per_image)
     require_masks(manifests["eval"], work / "eval", annotator.amg)
-    outputs.add_rejected(_rejected(work / REJECTED_NAME), pending)
+    rejected = _rejected(work / REJECTED_NAME)
+    outputs.add_rejected(rejected, pending)
     index = {key: i for i, key in enumerate(source.keys)}
     written = 0
     with progress_bar(enabled=progress) as bar:
-        task = bar.add_task("annotating", total=read_manifest(work / "eval").num_images)
+        task = bar.add_task("annotating", total=len(pending - set(rejected)))
         for record in iter_records(work / "eval"):
+            if record.key not in pending:  # annotated before an interruption
+                continue
             annotation = annotator.annotate_record(record)
             image = np.asarray(source.load(index[record.key]).image)
             file_name = record.source["path"]
