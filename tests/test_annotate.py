@@ -4,6 +4,7 @@ against the Predictor, the pictures, resuming after a crash, and a head given th
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -17,7 +18,8 @@ from pycocotools.coco import COCO
 
 from usam.commands import annotate
 from usam.commands.annotate import run
-from usam.data.sources import load_rgb
+from usam.data.extraction import ExtractionModule
+from usam.data.sources import SourceImage, load_rgb
 from usam.inference.annotator import AnnotationError, Annotator
 from usam.inference.predictor import InferenceSettings, Predictor, load_head
 from usam.inference.semantic_map import semantic_from_instances
@@ -326,3 +328,40 @@ def test_a_stop_during_the_head_stage_keeps_the_masks_of_the_images_left(
     assert not extracted and summary["annotated_now"] == len(GOOD) - 2
     reference = json.loads((root / "out" / "annotations.json").read_text())
     assert json.loads((out / "annotations.json").read_text()) == reference
+
+
+def test_max_side_runs_sam_on_a_smaller_copy_and_writes_masks_at_full_size(tmp_path):
+    big = np.full((480, 640, 3), 40, np.uint8)
+    big[80:300, 60:300] = (200, 60, 60)
+    big[200:440, 360:600] = (60, 60, 200)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(big).save(folder / "big.png")
+    ckpt = head_checkpoint(tmp_path / "head.ckpt")
+    summary = run(compose_annotate(tmp_path, folder, ckpt, tmp_path / "out", "max_side=160"))
+    coco = json.loads((tmp_path / "out" / "annotations.json").read_text())
+    assert summary["images"] == 1 and summary["instances"] > 0
+    assert (coco["images"][0]["height"], coco["images"][0]["width"]) == (480, 640)
+    with Image.open(tmp_path / "out" / "semantic" / "big.png") as png:
+        assert png.size == (640, 480)
+    # the same instances as the small copy's, scaled up
+    small = np.asarray(Image.fromarray(big).resize((160, 120), Image.Resampling.BILINEAR))
+    annotator = Annotator.from_checkpoint(
+        ckpt, amg=AMG, inference=InferenceSettings(confidence_threshold=0.3)
+    )
+    expected = annotator(small).resized(480, 640)
+    assert [a["category_id"] - 1 for a in coco["annotations"]] == expected.labels.tolist()
+    for ann, mask in zip(coco["annotations"], expected.masks()):
+        np.testing.assert_array_equal(decode(ann["segmentation"]), mask)
+
+
+def test_an_image_far_slower_than_the_rest_is_named(caplog):
+    module = ExtractionModule.__new__(ExtractionModule)
+    module.seconds = [1.0, 1.2, 0.9]
+    photo = SourceImage(key="k", image=Image.new("RGB", (8000, 6000)), source={"path": "huge.jpg"})
+    with caplog.at_level(logging.WARNING):
+        module._note_time(photo, 2.0)
+        assert not caplog.records
+        module._note_time(photo, 30.0)
+    assert "huge.jpg took 30.0 s" in caplog.text and "8000x6000" in caplog.text
+    assert "max_side" in caplog.text

@@ -41,7 +41,7 @@ from usam.data.extraction import (
     run_extraction,
     shard_set_dir,
 )
-from usam.data.sources import FolderSource
+from usam.data.sources import FolderSource, load_rgb
 from usam.formats.embedding_shards import existing_keys, iter_records
 from usam.formats.storage import atomic_write_text
 from usam.inference.annotator import AnnotationError, Annotator
@@ -156,7 +156,9 @@ def _extract_and_annotate(
             if record.key not in pending:  # annotated before an interruption
                 continue
             annotation = annotator.annotate_record(record)
-            image = np.asarray(source.load(index[record.key]).image)
+            image = np.asarray(load_rgb(source.paths[index[record.key]]))  # the file's pixels
+            if image.shape[:2] != (annotation.height, annotation.width):  # seen at max_side
+                annotation = annotation.resized(*image.shape[:2])
             file_name = record.source["path"]
             outputs.write(annotation, image, names[record.key], file_name, annotator.classes)
             written += 1
@@ -173,7 +175,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     head = load_head(cfg.ckpt)
     predictor = Predictor(head, inference, resolve_device(cfg.device, "device"))
     annotator = Annotator(predictor, sam.model_type, sam.checkpoint, head_mask_settings(cfg, head))
-    source = FolderSource(cfg.images, annotator.classes)
+    source = FolderSource(cfg.images, annotator.classes, cfg.max_side)
     names = _output_names(source)
     outputs = _Outputs(Path(cfg.out), cfg.yolo)
     outputs.out.mkdir(parents=True, exist_ok=True)

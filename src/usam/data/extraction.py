@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import statistics
 import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
@@ -45,6 +46,7 @@ from usam.sam.registry import SamSettings
 log = logging.getLogger(__name__)
 
 REJECTED_NAME = "rejected.jsonl"
+SLOW_FACTOR = 5.0  # an image this many times slower than the median is reported
 
 
 @dataclass
@@ -153,6 +155,22 @@ class ExtractionModule(L.LightningModule):
         super().__init__()
         self.engine = engine
         self.sam = engine.sam  # registered, so the strategy moves it to the device
+        self.seconds: list[float] = []  # per image, to point out the outliers
+
+    def _note_time(self, item: SourceImage, seconds: float) -> None:
+        """Say which image took far longer than the others so far: usually a huge photo."""
+        if len(self.seconds) >= 3 and seconds > SLOW_FACTOR * statistics.median(self.seconds):
+            width, height = item.image.size
+            log.warning(
+                "%s took %.1f s, %.0fx the median so far, at %dx%d pixels; "
+                "max_side bounds the size SAM works at",
+                item.source.get("path", item.key),
+                seconds,
+                seconds / statistics.median(self.seconds),
+                width,
+                height,
+            )
+        self.seconds.append(seconds)
 
     def transfer_batch_to_device(self, batch: Any, device: Any, dataloader_idx: int) -> Any:
         return batch  # PIL images; the engine moves pixels to the model's device itself
@@ -163,7 +181,9 @@ class ExtractionModule(L.LightningModule):
             if isinstance(item, Rejected):
                 outputs.append(item)
                 continue
+            started = time.perf_counter()
             masks = self.engine.generate(np.asarray(item.image))
+            self._note_time(item, time.perf_counter() - started)
             outputs.append(
                 masks.to_record(
                     item.key,

@@ -229,8 +229,15 @@ class FolderSource(ImageSource):
     folder, the file's folder, or the pattern's fixed leading folders).
     """
 
-    def __init__(self, images: str | Path, classes: str | Sequence[str]) -> None:
+    def __init__(
+        self, images: str | Path, classes: str | Sequence[str], max_side: int | None = None
+    ) -> None:
+        """``max_side``: images whose longer side exceeds it are scaled down to it before SAM
+        sees them (``source["original_size"]`` keeps the file's size); None keeps every pixel."""
         super().__init__(load_vocabulary(classes).classes, "eval")
+        if max_side is not None and max_side < 64:
+            raise ValueError(f"max_side={max_side}: give at least 64 pixels, or null")
+        self.max_side = max_side
         self.root, self.paths = _selected_files(images)
         names = [p.relative_to(self.root).as_posix() for p in self.paths]
         self.keys = tuple(image_key(n) for n in names)
@@ -238,15 +245,23 @@ class FolderSource(ImageSource):
 
     def load(self, index: int) -> SourceImage:
         path = self.paths[index]
-        relative = path.relative_to(self.root).as_posix()
-        return SourceImage(
-            key=self.keys[index],
-            image=load_rgb(path),
-            source={"type": "folder", "root": str(self.root), "path": relative},
-        )
+        image = load_rgb(path)
+        source = {
+            "type": "folder",
+            "root": str(self.root),
+            "path": path.relative_to(self.root).as_posix(),
+        }
+        if self.max_side is not None and max(image.size) > self.max_side:
+            source["original_size"] = [image.height, image.width]
+            scale = self.max_side / max(image.size)
+            size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+            image = image.resize(size, Image.Resampling.BILINEAR)
+        return SourceImage(key=self.keys[index], image=image, source=source)
 
     def _inputs(self) -> Any:
-        return {"root": str(self.root), "files": [file_stamp(p, self.root) for p in self.paths]}
+        files = [file_stamp(p, self.root) for p in self.paths]
+        scaled = {"max_side": self.max_side} if self.max_side is not None else {}
+        return {"root": str(self.root), "files": files, **scaled}
 
 
 class ImageShardSource(ImageSource):

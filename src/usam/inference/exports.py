@@ -26,6 +26,11 @@ from usam.viz.overlays import PALETTE, blend, legend_strip
 LEGEND_WIDTH = 640
 
 
+def _encode(mask: np.ndarray) -> dict[str, Any]:
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": list(rle["size"]), "counts": rle["counts"].decode()}
+
+
 @dataclass
 class Annotation:
     """Kept instances (those with pixels) of one image and its semantic map
@@ -49,6 +54,26 @@ class Annotation:
         self.labels = np.asarray(self.labels)[keep]
         self.names = [name for name, kept in zip(self.names, keep) if kept]
         self.scores = np.asarray(self.scores)[keep]
+
+    def resized(self, height: int, width: int) -> Annotation:
+        """The same instances on a (height, width) grid: masks of an image SAM saw scaled
+        down, written back at the file's size (nearest neighbour, as label maps are)."""
+        size = (width, height)
+        masks = [
+            np.asarray(Image.fromarray(mask).resize(size, Image.Resampling.NEAREST))
+            for mask in self.masks().astype(np.uint8)
+        ]
+        semantic = Image.fromarray(self.semantic).resize(size, Image.Resampling.NEAREST)
+        return Annotation(
+            key=self.key,
+            height=height,
+            width=width,
+            rles=[_encode(mask) for mask in masks],
+            labels=self.labels,
+            names=self.names,
+            scores=self.scores,
+            semantic=np.asarray(semantic),
+        )
 
     def masks(self) -> np.ndarray:
         """(K, H, W) bool."""
