@@ -87,6 +87,32 @@ def annotated(tmp_path_factory):
     return root, images, ckpt, summary
 
 
+def stop_writing_after(monkeypatch, written: int) -> None:
+    """Interrupt annotate (as Ctrl-C does) when it is about to write image ``written + 1``."""
+    original = annotate._Outputs.write
+    calls = []
+
+    def write(self, *args, **kwargs):
+        if len(calls) == written:
+            raise KeyboardInterrupt
+        calls.append(1)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(annotate._Outputs, "write", write)
+
+
+def count_sam_calls(monkeypatch) -> list:
+    """A list that grows by one for each image SAM processes from now on."""
+    calls = []
+    original = AutomaticMaskEngine.generate
+    monkeypatch.setattr(
+        AutomaticMaskEngine,
+        "generate",
+        lambda self, image: calls.append(1) or original(self, image),
+    )
+    return calls
+
+
 def decode(segmentation: dict) -> np.ndarray:
     return mask_utils.decode(segmentation).astype(bool)
 
@@ -169,22 +195,16 @@ def test_pictures_labels_and_rejects(annotated):
 def test_resume_after_a_crash_skips_done_images(annotated, tmp_path, monkeypatch, capsys):
     root, images, ckpt, _ = annotated
     out = tmp_path / "out"
-    original = annotate._Outputs.write
-    calls = []
-
-    def crash_on_third(self, *args, **kwargs):
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        calls.append(1)
-        original(self, *args, **kwargs)
-
-    monkeypatch.setattr(annotate._Outputs, "write", crash_on_third)
+    stop_writing_after(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         run(compose_annotate(tmp_path, images, ckpt, out))
     monkeypatch.undo()
     assert len(list((out / "results").glob("*.json"))) == 2
+    extracted = count_sam_calls(monkeypatch)
     summary = run(compose_annotate(tmp_path, images, ckpt, out))
+    assert not extracted  # the masks of the images left were kept
     assert summary["annotated_now"] == 3 and summary["skipped_done"] == 2
+    monkeypatch.undo()
     reference = json.loads((root / "out" / "annotations.json").read_text())
     resumed = json.loads((out / "annotations.json").read_text())
     assert resumed == reference  # nothing lost, nothing twice
@@ -284,50 +304,13 @@ def test_a_kill_during_the_sam_stage_loses_only_the_image_in_progress(
     child.wait()
     finished = list((out / "sam").glob("*/eval/*.tar"))  # what the kill left, final names only
     assert 2 <= len(finished) < len(GOOD), "the kill should land inside the SAM stage"
-    extracted = []
-    original = AutomaticMaskEngine.generate
-    monkeypatch.setattr(
-        AutomaticMaskEngine,
-        "generate",
-        lambda self, image: extracted.append(image.shape) or original(self, image),
-    )
+    extracted = count_sam_calls(monkeypatch)
     summary = run(compose_annotate(tmp_path, images, ckpt, out))
     assert len(extracted) == len(GOOD) - len(finished)  # SAM redoes only the unfinished images
     assert summary["annotated_now"] == len(GOOD) and summary["rejected"] == len(BAD)
     reference = json.loads((root / "out" / "annotations.json").read_text())
     assert json.loads((out / "annotations.json").read_text()) == reference
     assert not (out / "sam").exists()  # the work shards go once every image is annotated
-
-
-def test_a_stop_during_the_head_stage_keeps_the_masks_of_the_images_left(
-    annotated, tmp_path, monkeypatch
-):
-    root, images, ckpt, _ = annotated
-    out = tmp_path / "out"
-    original = annotate._Outputs.write
-    calls = []
-
-    def stop_on_third(self, *args, **kwargs):
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        calls.append(1)
-        original(self, *args, **kwargs)
-
-    monkeypatch.setattr(annotate._Outputs, "write", stop_on_third)
-    with pytest.raises(KeyboardInterrupt):
-        run(compose_annotate(tmp_path, images, ckpt, out))
-    monkeypatch.undo()
-    extracted = []
-    original_generate = AutomaticMaskEngine.generate
-    monkeypatch.setattr(
-        AutomaticMaskEngine,
-        "generate",
-        lambda self, image: extracted.append(1) or original_generate(self, image),
-    )
-    summary = run(compose_annotate(tmp_path, images, ckpt, out))
-    assert not extracted and summary["annotated_now"] == len(GOOD) - 2
-    reference = json.loads((root / "out" / "annotations.json").read_text())
-    assert json.loads((out / "annotations.json").read_text()) == reference
 
 
 def test_max_side_runs_sam_on_a_smaller_copy_and_writes_masks_at_full_size(tmp_path):

@@ -6,7 +6,6 @@ import shlex
 import subprocess
 import sys
 
-import lightning as L
 import pytest
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -17,7 +16,7 @@ from usam.train.head import INPUT_VIEWS
 from usam.train.lightning_modules import StudentModule, TeacherModule
 
 from helpers.commands import ROOT, compose_config
-from helpers.shards import SMALL_CLASSES, synthetic_datamodule
+from helpers.shards import SMALL_CLASSES, quiet_trainer, synthetic_datamodule
 
 SWEEPS = sorted((ROOT / "experiments" / "sweeps").glob("*.yaml"))
 README = ROOT / "experiments" / "README.md"
@@ -75,14 +74,7 @@ def test_sweeps_select_on_held_out_training_images_never_on_test_data(shard_sets
     shards (image labels only): a real validation pass of each stage logs it."""
     metrics = {sweep(p.stem)["metric"]["name"] for p in SWEEPS}
     assert metrics == {"val/image_acc"}
-    trainer = L.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(tmp_path)
     teacher = TeacherModule(SMALL_CLASSES, head={"hidden_dims": [16, 16, 16]})
     for module in (teacher, StudentModule(dict(teacher.hparams))):
         logged = trainer.validate(module, datamodule=synthetic_datamodule(shard_sets))[0]

@@ -13,26 +13,13 @@ from usam.train.head import select_input_view
 from usam.train.lightning_modules import StudentModule, TeacherModule
 
 from helpers.commands import compose_config
-from helpers.shards import SMALL_CLASSES, synthetic_datamodule
+from helpers.shards import SMALL_CLASSES, quiet_trainer, synthetic_datamodule
 
 HEAD = {"hidden_dims": [64, 32, 32], "dropout": 0.0}
 
 
 def datamodule_for(shard_sets) -> ShardDataModule:
     return synthetic_datamodule(shard_sets, batch_size=8)
-
-
-def quiet_trainer(tmp_path, **kwargs) -> L.Trainer:
-    args = dict(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
-    args.update(kwargs)
-    return L.Trainer(**args)
 
 
 @pytest.fixture(scope="module")

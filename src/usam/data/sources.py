@@ -230,15 +230,17 @@ class FolderSource(ImageSource):
     """
 
     def __init__(
-        self, images: str | Path, classes: str | Sequence[str], max_side: int | None = None
+        self, root: str | Path, classes: str | Sequence[str], max_side: int | None = None
     ) -> None:
-        """``max_side``: images whose longer side exceeds it are scaled down to it before SAM
-        sees them (``source["original_size"]`` keeps the file's size); None keeps every pixel."""
+        """``root``: one image, a folder or a glob pattern (``source.root``, annotate's
+        ``images``). ``max_side``: images whose longer side exceeds it are scaled down to it
+        before SAM sees them (``source["original_size"]`` keeps the file's size); None keeps
+        every pixel."""
         super().__init__(load_vocabulary(classes).classes, "eval")
         if max_side is not None and max_side < 64:
             raise ValueError(f"max_side={max_side}: give at least 64 pixels, or null")
         self.max_side = max_side
-        self.root, self.paths = _selected_files(images)
+        self.root, self.paths = _selected_files(root)
         names = [p.relative_to(self.root).as_posix() for p in self.paths]
         self.keys = tuple(image_key(n) for n in names)
         check_unique_keys(self.keys, names, self.root)
