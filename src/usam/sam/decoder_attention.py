@@ -33,7 +33,7 @@ class ImageSide:
         self.key_pe_flat = key_pe.contiguous()
         self._buffers: dict[tuple, torch.Tensor] = {}
         # Whether the official decoder sees more than one point in the batch at hand:
-        # then a point alone in its chunk has its attention products paired.
+        # then a point alone in its chunk takes the batch's product kernels.
         self.batch_of_many = True
 
     def buffer(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
@@ -80,22 +80,20 @@ def _attention_core(module, q, k, v, side: ImageSide, *, buffered: bool) -> torc
     """The official ``Attention.forward`` between the input projections and ``out_proj``;
     ``buffered``: its large products go into the image's reused buffers.
 
-    A point alone takes other kernels for its per-head products than two or more points
-    do (its head views fold into strided matrices where a batch's are copied), which round
-    differently on some CPUs (AMD EPYC with MKL): unless the official batch is one point,
-    it is paired with itself here, at the cost of a few small products.
+    For two or more points ``matmul`` copies the per-head views into contiguous batches
+    of matrices; for a point alone they fold into strided matrices, which takes other
+    kernels, with other rounding on some CPUs (AMD EPYC with MKL). Unless the official
+    batch is one point, a lone point's views are copied as a batch's would be.
     """
-    lone = q.shape[0] == 1 and side.batch_of_many
-    if lone:
-        q, k, v = (torch.cat([x, x]) for x in (q, k, v))
     q = module._separate_heads(q, module.num_heads)
-    k = module._separate_heads(k, module.num_heads)
+    k_t = module._separate_heads(k, module.num_heads).permute(0, 1, 3, 2)
     v = module._separate_heads(v, module.num_heads)
-    attn = q @ k.permute(0, 1, 3, 2)
+    if q.shape[0] == 1 and side.batch_of_many:
+        q, k_t, v = q.contiguous(), k_t.contiguous(), v.contiguous()
+    attn = q @ k_t
     attn = attn / math.sqrt(q.shape[-1])
     attn = torch.softmax(attn, dim=-1)
-    out = side.attend(attn, v) if buffered else module._recombine_heads(attn @ v)
-    return out[:1] if lone else out
+    return side.attend(attn, v) if buffered else module._recombine_heads(attn @ v)
 
 
 class _SameInput:

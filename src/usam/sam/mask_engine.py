@@ -2,11 +2,12 @@
 
 Exact mode (the default) runs the computation of
 ``segment_anything.SamAutomaticMaskGenerator.generate`` with the same weights and
-settings, and keeps the official shapes of its products so that the BLAS picks the same
-kernels. Where those kernels round alike for our shapes and the official ones (a 2-core
-AMD EPYC with MKL, Intel CPUs with AMX) the output is bit-identical; but kernels, and so
-rounding, change with the CPU, the thread count (even the official output does), ATen's
-and oneDNN's instruction sets and the device. What holds everywhere is this contract,
+settings, and gives its products the official layouts so that the BLAS picks the same
+kernels: on a 2-core AMD EPYC with MKL (and on the Intel CPUs with AMX this was first
+measured on) the output is bit-identical, all 768 masks and scores of vit_b at 16 x 16
+points. But kernels, and so rounding, change with the CPU, the thread count (the
+official output changes with it too), ATen's and oneDNN's instruction sets and the
+device. What holds on every one of them is this contract,
 checked by ``usam.sam.agreement.compare_with_official``, which pairs each official mask
 with ours of the same point prompt:
 
@@ -24,8 +25,8 @@ with ours of the same point prompt:
 * The order is the same except among masks whose predicted IoUs lie within
   ``SCORE_RTOL`` of each other.
 
-The bounds leave a wide margin over what rounding did: with one point per pass of the
-decoder's attention products (other kernels than the official batch's, on the EPYC), vit_b with
+The bounds leave a wide margin over what rounding did on the EPYC while a lone point's
+attention products still took other kernels than the official batch's: vit_b with
 seeded random weights on a VOC photo (16 x 16 points, box NMS off) gave 764 of 768
 masks bit-identical, 14 pixels different (all within the logit tolerance) and predicted
 IoUs at most 9.3e-8 apart, 100x inside the bound; a pixel flipped far from the
@@ -38,11 +39,12 @@ values, which is what U-SAM classifies.
 Where the time goes and what is done about it, without changing the computation:
 
 * The image encoder computes its attention in cache-sized pieces
-  (``usam.sam.image_encoder``), about 3x faster than the official one on a CPU.
+  (``usam.sam.image_encoder``): about 3x faster than the official one on an Intel CPU,
+  1.5-2.6x on the 2-core AMD EPYC, where others' memory traffic slows the official one.
 * The mask decoder's image-side work (4096 x 256 values per point for the 1024-pixel
   models) is memory-bound; it runs one point at a time so that it stays in cache, while
-  the token-side layers see the whole point batch; a point's small attention products
-  are paired with themselves to keep the batch's kernels (``usam.sam.point_decoder``,
+  the token-side layers see the whole point batch; a point's per-head attention views
+  are copied as a batch's are, which keeps the batch's kernels (``usam.sam.point_decoder``,
   ``usam.sam.decoder_attention``).
 * Predicted IoU comes from the transformer alone, so the IoU filter runs first: mask
   upscaling inside the decoder and the upsampling to image size are done only for the
