@@ -77,6 +77,9 @@ def test_eval_extracts_once_and_writes_its_results(tmp_path, capsys):
     per_class = json.loads(next(p for p in logged if p.name.startswith("per")).read_text())
     assert per_class["columns"][-1] == "random_weights"
     assert {row[-1] for row in per_class["data"]} == {True}
+    record = next((run_dir / "wandb").glob("offline-run-*/run-*.wandb")).read_bytes()
+    for marker in (b"eval/iou/background", b"inference.confidence_threshold", b"random-weights"):
+        assert marker in record, marker  # per-class scalars, the flat config, the tag
 
 
 def test_eval_makes_masks_the_way_the_head_was_trained(tmp_path):

@@ -131,25 +131,47 @@ def test_a_two_point_sweep_runs_as_a_hydra_multirun(tmp_path):
             "-m",
             "usam.sweep",
             str(path),
-            f"paths.root_dir={tmp_path}",
             "data.classes=[cat,dog]",
             "data.synthetic.images_per_class=4",
-            "logger=none",
             "++trainer.fast_dev_run=true",
             "trainer.enable_progress_bar=false",
-            f"hydra.sweep.dir={tmp_path}/multirun",
         ],
-        cwd=ROOT,
+        cwd=tmp_path,  # where a user starts it: nothing points the paths elsewhere
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    jobs = sorted((tmp_path / "multirun").glob("[0-9]*"))
+    (sweep_dir,) = (tmp_path / "outputs" / "fit" / "multiruns").iterdir()
+    jobs = sorted(sweep_dir.glob("[0-9]*"))
     assert [j.name for j in jobs] == ["0", "1"]
     for job, top_k in zip(jobs, ("0.1", "3")):
         assert (job / "checkpoints" / "teacher" / "final.ckpt").is_file()
         assert f"top_k: {top_k}" in (job / "config.yaml").read_text()
+        # the offline W&B run: named by its swept value, grouped by its sweep, whole config
+        record = next(job.glob("wandb/offline-run-*/run-*.wandb")).read_bytes()
+        assert f"top_k={top_k}-teacher".encode() in record
+        assert f"synthetic-tiny-sweep-{sweep_dir.name}".encode() in record
+        for marker in (b"model.teacher.top_k", b"data.classes", b"sam:tiny", b"random-weights"):
+            assert marker in record, marker
+
+
+def test_the_sweep_command_explains_itself(tmp_path):
+    shown = subprocess.run(
+        [sys.executable, "-m", "usam.sweep", "--help"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert shown.returncode == 0 and "Hydra multirun" in shown.stdout
+    missing = subprocess.run(
+        [sys.executable, "-m", "usam.sweep", "nowhere.yaml"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert missing.returncode == 2
+    assert (
+        missing.stderr.strip()
+        == "usam.sweep: error: no sweep file nowhere.yaml; see experiments/sweeps/"
+    )
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=[str(i) for i in range(len(COMMANDS))])

@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from usam.commands.mask_settings import head_mask_settings
+from usam.commands.run_identity import flat_config, run_identity
 from usam.core.config import settings_from_config
 from usam.core.devices import resolve_device
 from usam.data.eval_shards import eval_shards
@@ -101,16 +102,23 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     if cfg.wandb.enabled:
         import wandb
 
+        identity = run_identity(cfg, "eval", bool(evaluation.not_meaningful))
         with wandb.init(
             project=cfg.wandb.project,
             mode=cfg.wandb.mode,
             dir=str(out_dir),
-            name=cfg.run_name,
+            name=identity.name,
+            group=identity.group,
             job_type="eval",
-            config=OmegaConf.to_container(cfg, resolve=True),
-            tags=["random-weights"] if evaluation.not_meaningful else None,
+            config=flat_config(cfg),
+            tags=identity.tags,
         ) as wandb_run:
             scores = {"eval/mIoU": evaluation.miou, "eval/mAP50": evaluation.map50}
+            scores |= {
+                f"eval/iou/{score.name}": score.iou
+                for score in evaluation.per_class
+                if score.iou is not None
+            }
             log_to_wandb(wandb_run, evaluation, "eval", scores)
     derived = ""
     if evaluation.instances_derived:

@@ -37,8 +37,8 @@ def flat_config(cfg: DictConfig) -> dict[str, Any]:
     return flat
 
 
-def _swept_overrides() -> list[str]:
-    """``key=value`` of this multirun job for the keys its sweep varies, in sweep order."""
+def _swept_overrides() -> list[tuple[str, str]]:
+    """(key, value) of this multirun job for the keys its sweep varies, in sweep order."""
     hydra_cfg = HydraConfig.get()
     sweep_file = Path(hydra_cfg.sweep.dir) / "multirun.yaml"
     if hydra_cfg.mode != RunMode.MULTIRUN or not sweep_file.is_file():
@@ -50,7 +50,7 @@ def _swept_overrides() -> list[str]:
         if o.is_sweep_override()
     }
     own = OverridesParser.create().parse_overrides(list(hydra_cfg.overrides.task))
-    return [f"{o.key_or_group}={o.value()}" for o in own if o.key_or_group in swept]
+    return [(o.key_or_group, str(o.value())) for o in own if o.key_or_group in swept]
 
 
 def run_identity(cfg: DictConfig, job: str, random_weights: bool) -> RunIdentity:
@@ -59,7 +59,7 @@ def run_identity(cfg: DictConfig, job: str, random_weights: bool) -> RunIdentity
     choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
     experiment = choices.get("experiment")
     if swept:
-        name = f"{','.join(o.split('.')[-1] for o in swept)}-{job}"
+        name = ",".join(f"{key.split('.')[-1]}={value}" for key, value in swept) + f"-{job}"
         group = f"{cfg.run_name}-sweep-{Path(HydraConfig.get().sweep.dir).name}"
     else:
         name, group = f"{cfg.run_name}-{job}", str(cfg.run_name)
