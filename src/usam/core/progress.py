@@ -16,8 +16,11 @@ from rich.text import Text
 
 
 class SpeedColumn(ProgressColumn):
+    """Items per second; a finished task keeps its final rate instead of falling to 0."""
+
     def render(self, task: Task) -> Text:
-        return Text(f"{task.speed or 0:.2f} img/s")
+        speed = task.finished_speed or task.speed
+        return Text("-- img/s" if speed is None else f"{speed:.2f} img/s")
 
 
 def progress_bar(*extra: ProgressColumn, enabled: bool = True) -> Progress:

@@ -1,0 +1,18 @@
+"""Progress bars say a finished task keeps its rate; an unstarted one has none."""
+
+from __future__ import annotations
+
+from rich.progress import Progress
+
+from usam.core.progress import SpeedColumn
+
+
+def test_speed_is_unknown_before_work_and_kept_after_it():
+    clock = iter(float(t) for t in range(100))
+    progress = Progress(SpeedColumn(), get_time=lambda: next(clock))
+    task = progress.add_task("images", total=4)
+    assert str(SpeedColumn().render(progress.tasks[task])) == "-- img/s"
+    for _ in range(4):
+        progress.advance(task)  # one image per tick of the clock
+    assert progress.tasks[task].finished
+    assert str(SpeedColumn().render(progress.tasks[task])) == "1.00 img/s"
