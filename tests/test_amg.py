@@ -68,9 +68,10 @@ def assert_logits_within_contract(ours: torch.Tensor, official: torch.Tensor) ->
 
 
 def test_a_lone_point_upscales_to_the_official_batch_logits(full_size_decoder):
-    """Alone, the decoder's 64 x 64 upscaling takes single-sample convolution kernels that
-    round differently (~2e-7) from the official batch; rarely enough to flip a mask
-    pixel, so the low-resolution logits themselves are compared.
+    """Upscaled alone, a point takes single-sample convolution kernels that round
+    differently (~2e-7) from the official batch, so the engine pairs it with itself. That
+    would rarely flip a mask pixel, so the low-resolution logits themselves are held to
+    the contract's logit tolerance.
     """
     sam = full_size_decoder
     image = shapes_image(96, 128, 0)
@@ -80,7 +81,7 @@ def test_a_lone_point_upscales_to_the_official_batch_logits(full_size_decoder):
     points = engine.point_grids[0] * np.array(image.shape[:2])[None, ::-1]
     coords = torch.as_tensor(predictor.transform.apply_coords(points, image.shape[:2]))
     with torch.inference_mode():
-        decoded = engine.decoder.decode(points, image.shape[:2])  # 9 points: the last chunk has 3
+        decoded = engine.decoder.decode(points, image.shape[:2])  # 9 points, one per pass
         _, _, batch = predictor.predict_torch(
             coords[:, None], torch.ones(len(points), 1), multimask_output=True
         )
