@@ -14,8 +14,8 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from usam.data.eval_datasets import VOCSegmentation  # noqa: E402
 from usam.data.extraction import extract  # noqa: E402
-from usam.data.ground_truth import VOCSegmentation  # noqa: E402
 from usam.data.synthetic import write_synthetic_shard_set  # noqa: E402
 from usam.sam.mask_engine import AutomaticMaskEngine  # noqa: E402
 from usam.sam.registry import build_sam  # noqa: E402

@@ -12,16 +12,18 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from usam.core.vocabulary import load_vocabulary
-from usam.data.ground_truth import (
+from usam.data.eval_datasets import (
     ADE20K,
     COCOInstances,
+    VOCSegmentation,
+    YOLOSegmentation,
+    load_ground_truth,
+)
+from usam.data.ground_truth import (
     DatasetError,
     GroundTruth,
     Instance,
-    VOCSegmentation,
-    YOLOSegmentation,
     connected_components,
-    load_ground_truth,
     to_superclasses,
 )
 from usam.formats.storage import KEY_PATTERN

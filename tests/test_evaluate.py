@@ -15,17 +15,17 @@ from pycocotools import mask as mask_utils
 
 from usam.core.vocabulary import load_vocabulary
 from usam.data.datamodule import ShardDataModule
-from usam.data.ground_truth import ADE20K, load_ground_truth
+from usam.data.eval_datasets import ADE20K, load_ground_truth
 from usam.data.sources import ImageSource
 from usam.data.synthetic import write_synthetic_shard_set
 from usam.evaluation.callback import EvaluationCallback
+from usam.evaluation.reports import write_outputs
 from usam.evaluation.scoring import (
     SWEEP_ON_TEST,
     EvaluationError,
     evaluate,
     not_meaningful_reasons,
     resolve_vocabulary,
-    write_outputs,
 )
 from usam.formats.embedding_shards import (
     ImageRecord,

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from usam.data.ground_truth import YOLOSegmentation, load_ground_truth
+from usam.data.eval_datasets import YOLOSegmentation, load_ground_truth
 from usam.inference.exports import Annotation, coco_instances, polygon_of, save_yolo
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -22,14 +22,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from usam.data.ground_truth import (
-    ADE20K,
-    GroundTruth,
-    Instance,
-    VOCSegmentation,
-    YOLOSegmentation,
-    load_ground_truth,
-)
+from usam.data.eval_datasets import ADE20K, VOCSegmentation, YOLOSegmentation, load_ground_truth
+from usam.data.ground_truth import GroundTruth, Instance
 from usam.evaluation.metrics import MaskAP50, SemanticIoU
 from usam.inference.semantic_map import semantic_from_instances
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from usam.data.ground_truth import GroundTruth, Instance, VOCSegmentation, load_ground_truth
+from usam.data.eval_datasets import VOCSegmentation, load_ground_truth
+from usam.data.ground_truth import GroundTruth, Instance
 from usam.evaluation.metrics import MaskAP50, SemanticIoU
 from usam.inference.semantic_map import semantic_from_instances
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from usam.core.vocabulary import load_vocabulary
-from usam.data.ground_truth import load_ground_truth
+from usam.data.eval_datasets import load_ground_truth
 from usam.evaluation.metrics import MaskAP50, SemanticIoU
 from usam.evaluation.scoring import ThresholdGrid
 from usam.formats.embedding_shards import iter_records

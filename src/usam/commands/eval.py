@@ -26,15 +26,14 @@ from usam.data.eval_shards import eval_shards
 from usam.data.extraction import ExtractSettings
 from usam.data.sources import ImageSource
 from usam.evaluation.clip_baseline import clip_predictor
+from usam.evaluation.reports import log_to_wandb, write_outputs
 from usam.evaluation.scoring import (
     NOT_MEANINGFUL,
     SWEEP_ON_TEST,
     EvaluationError,
     ThresholdGrid,
     evaluate,
-    log_to_wandb,
     resolve_vocabulary,
-    write_outputs,
 )
 from usam.inference.predictor import InferenceSettings, Predictor
 from usam.sam.amg_settings import AmgSettings

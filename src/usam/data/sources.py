@@ -13,7 +13,7 @@ format stores them) so that a shard set made from it can be cached and reused.
 
 Training sources (``kind == "train"``) give image-level multi-hot ``labels``;
 evaluation sources (``kind == "eval"``) give a JSON-able ``ground_truth``
-reference that :func:`usam.data.ground_truth.load_ground_truth` turns into masks, or
+reference that :func:`usam.data.eval_datasets.load_ground_truth` turns into masks, or
 none for plain folders to annotate. Evaluation datasets live in
 :mod:`usam.data.ground_truth`.
 """

@@ -27,14 +27,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from usam.core.vocabulary import Vocabulary
 from usam.data.sources import ImageSource
-from usam.evaluation.scoring import (
-    Evaluation,
-    check_eval_set,
-    evaluate,
-    log_to_wandb,
-    resolve_vocabulary,
-    write_outputs,
-)
+from usam.evaluation.reports import log_to_wandb, write_outputs
+from usam.evaluation.scoring import Evaluation, check_eval_set, evaluate, resolve_vocabulary
 from usam.formats.embedding_shards import ShardSetError, read_manifest
 from usam.inference.predictor import HeadCheckpoint, InferenceSettings, Predictor
 

@@ -1,0 +1,130 @@
+"""What an evaluation leaves for people: metrics.json, per_class.csv, sweep.csv and its plot,
+overlay PNGs, and the same as tables and images in a W&B run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from usam.evaluation.scoring import (
+    SWEEP_COLUMNS,
+    SWEEP_ON_TEST,
+    Evaluation,
+    SweepPoint,
+)
+from usam.viz.overlays import heatmaps, overlay_panel
+
+
+def sweep_maps(points: Sequence[SweepPoint]) -> tuple[list[float], list[float], dict]:
+    """Rows (confidence), columns (NMS IoU) and the mIoU / mAP50 grids of a sweep."""
+    rows = sorted({p.confidence_threshold for p in points})
+    columns = sorted({p.nms_iou for p in points})
+    grids = {name: np.full((len(rows), len(columns)), np.nan) for name in ("mIoU", "mAP50")}
+    for p in points:
+        r, c = rows.index(p.confidence_threshold), columns.index(p.nms_iou)
+        grids["mIoU"][r, c] = p.miou
+        grids["mAP50"][r, c] = p.map50
+    return rows, columns, grids
+
+
+def sweep_plot(points: Sequence[SweepPoint]):
+    rows, columns, grids = sweep_maps(points)
+    return heatmaps(rows, columns, grids, row_name="confidence threshold", column_name="NMS IoU")
+
+
+def overlay_images(evaluation: Evaluation) -> list[tuple[str, Any]]:
+    """(key, PIL panel) per kept sample."""
+    names = evaluation.names
+    return [
+        (s.key, overlay_panel(s.image, s.truth, s.prediction, names, title=s.key))
+        for s in evaluation.samples
+    ]
+
+
+def write_outputs(evaluation: Evaluation, out_dir: str | Path, extra: dict | None = None) -> Path:
+    """``metrics.json``, ``per_class.csv``, ``overlays/*.png`` and, with a sweep,
+    ``sweep.csv`` and ``sweep.png``; returns the metrics path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = out_dir / "metrics.json"
+    metrics.write_text(json.dumps({**evaluation.summary(), **(extra or {})}, indent=2))
+    random_weights = bool(evaluation.not_meaningful)  # a column, so no row reads as a result
+    with open(out_dir / "per_class.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["class", "iou", "ap50", "random_weights"])
+        for score in evaluation.per_class:
+            writer.writerow([score.name, _cell(score.iou), _cell(score.ap50), random_weights])
+    if evaluation.sweep:
+        with open(out_dir / "sweep.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow([*SWEEP_COLUMNS, "random_weights", "analysis"])
+            for p in evaluation.sweep:
+                row = [p.confidence_threshold, p.nms_iou, _cell(p.miou), _cell(p.map50)]
+                writer.writerow([*row, random_weights, SWEEP_ON_TEST])
+        sweep_plot(evaluation.sweep).save(out_dir / "sweep.png")
+    write_overlays(evaluation, out_dir / "overlays")
+    return metrics
+
+
+def write_overlays(evaluation: Evaluation, out_dir: str | Path) -> list[Path]:
+    out_dir = Path(out_dir)
+    paths = []
+    for key, panel in overlay_images(evaluation):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        paths.append(out_dir / f"{key}.png")
+        panel.save(paths[-1])
+    return paths
+
+
+def _cell(value: float | None) -> str:
+    return "" if value is None or not math.isfinite(value) else f"{value:.6g}"
+
+
+def log_to_wandb(
+    run: Any, evaluation: Evaluation, prefix: str, extra: dict[str, Any] | None = None
+) -> None:
+    """Per-class table, overlay table and sweep (table and plot) into an active W&B run,
+    each marked with whether the numbers come from random weights; ``extra`` joins the
+    same log call (e.g. Lightning's ``trainer/global_step``)."""
+    import wandb  # a runtime dependency; imported here because most callers have no run
+
+    names = evaluation.names
+    labels = {i: name for i, name in enumerate(names)} | {255: "void"}
+    random = bool(evaluation.not_meaningful)
+    payload: dict[str, Any] = {
+        f"{prefix}/random_weights": float(random),
+        f"{prefix}/per_class": wandb.Table(
+            columns=["class", "iou", "ap50", "random_weights"],
+            data=[[s.name, s.iou, s.ap50, random] for s in evaluation.per_class],
+        ),
+    }
+    if evaluation.samples:
+        rows = []
+        for (key, panel), sample in zip(overlay_images(evaluation), evaluation.samples):
+            interactive = wandb.Image(
+                sample.image,
+                masks={
+                    "ground_truth": {"mask_data": sample.truth, "class_labels": labels},
+                    "prediction": {"mask_data": sample.prediction, "class_labels": labels},
+                },
+            )
+            rows.append([key, wandb.Image(panel), interactive])
+        payload[f"{prefix}/overlays"] = wandb.Table(
+            columns=["key", "image | ground truth | prediction", "interactive"], data=rows
+        )
+    if evaluation.sweep:
+        payload[f"{prefix}/sweep"] = wandb.Table(
+            columns=[*SWEEP_COLUMNS, "random_weights", "analysis"],
+            data=[
+                [p.confidence_threshold, p.nms_iou, p.miou, p.map50, random, SWEEP_ON_TEST]
+                for p in evaluation.sweep
+            ],
+        )
+        payload[f"{prefix}/sweep_plot"] = wandb.Image(sweep_plot(evaluation.sweep))
+    run.log({**payload, **(extra or {})})
