@@ -192,6 +192,9 @@ def test_ddp_on_two_cpu_processes(tmp_path):
     for stage in ("teacher", "student"):
         assert (tmp_path / "run" / "checkpoints" / stage / "last.ckpt").is_file()
     assert result.stdout.count("RANDOM WEIGHTS") == 2  # rank zero only: banner and ending
+    printed = result.stdout + result.stderr
+    for chatter in ("GPU available", "litlogger", "LeafSpec", "module(s) in eval mode"):
+        assert chatter not in printed, chatter  # known third-party notes are silenced
 
 
 def test_demo_runs_the_whole_pipeline_into_one_run_directory(tmp_path, capsys):
