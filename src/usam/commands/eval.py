@@ -94,6 +94,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         sweep=threshold_grid(cfg),
         num_samples=cfg.num_overlays,
         source=source,
+        progress=True,
     )
     out_dir = Path(cfg.paths.output_dir)
     extra |= {"eval_data": cfg.eval_data.name, "shards": str(shards)}

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from usam.core.labels import BACKGROUND
+from usam.core.progress import progress_bar
 from usam.core.vocabulary import PACKAGED, Vocabulary, load_vocabulary
 from usam.data.eval_datasets import load_ground_truth
 from usam.data.ground_truth import GroundTruth
@@ -271,11 +272,13 @@ def evaluate(
     sweep: ThresholdGrid | None = None,
     num_samples: int = 0,
     source: ImageSource | None = None,
+    progress: bool = False,
 ) -> Evaluation:
     """Score ``predictor`` on the eval shard set in ``directory`` (the ``eval`` split folder).
 
     ``num_samples`` images, evenly spaced, are kept for overlays; their pixels are
     read from ``source`` (the image source the set was extracted from) when given.
+    ``progress`` shows a bar (not inside a Trainer, which draws its own).
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
@@ -294,20 +297,23 @@ def evaluate(
     ]
     wanted = sample_positions(manifest.num_images, num_samples)
     samples, images, masks, derived = [], 0, 0, False
-    for position, record in enumerate(chain([first], records)):
-        truth = _truth_of(record, vocabulary, directory)
-        probs = predictor.mask_probabilities(record)
-        ious = mask_ious(record.coco_rles()) if grid else None
-        decoded = record.masks()
-        semantic = main.update(record, probs, ious, decoded, truth)
-        for scorer in grid:
-            scorer.update(record, probs, ious, decoded, truth)
-        if position in wanted:
-            image = _image_of(source, record)
-            samples.append(Sample(record.key, image, truth.semantic, semantic))
-        images += 1
-        masks += record.num_masks
-        derived |= truth.instances_derived
+    with progress_bar(enabled=progress) as bar:
+        task = bar.add_task("scoring", total=manifest.num_images)
+        for position, record in enumerate(chain([first], records)):
+            truth = _truth_of(record, vocabulary, directory)
+            probs = predictor.mask_probabilities(record)
+            ious = mask_ious(record.coco_rles()) if grid else None
+            decoded = record.masks()
+            semantic = main.update(record, probs, ious, decoded, truth)
+            for scorer in grid:
+                scorer.update(record, probs, ious, decoded, truth)
+            if position in wanted:
+                image = _image_of(source, record)
+                samples.append(Sample(record.key, image, truth.semantic, semantic))
+            images += 1
+            masks += record.num_masks
+            derived |= truth.instances_derived
+            bar.advance(task)
     semantic_scores = main.semantic.compute()
     instance_scores = main.instances.compute()
     ap = instance_scores.per_class or {}
