@@ -21,6 +21,7 @@ from usam.inference.predictor import InferenceSettings, Predictor, load_head
 
 from helpers.commands import ROOT, TINY_EVAL, compose_config, run_python
 from helpers.evaluation import AMG, head_checkpoint, write_voc
+from helpers.wandb_runs import offline_record
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SMALL = [
@@ -77,8 +78,9 @@ def test_eval_extracts_once_and_writes_its_results(tmp_path, capsys):
     per_class = json.loads(next(p for p in logged if p.name.startswith("per")).read_text())
     assert per_class["columns"][-1] == "random_weights"
     assert {row[-1] for row in per_class["data"]} == {True}
-    record = next((run_dir / "wandb").glob("offline-run-*/run-*.wandb")).read_bytes()
-    for marker in (b"eval/iou/background", b"inference.confidence_threshold", b"random-weights"):
+    markers = (b"eval/iou/background", b"inference.confidence_threshold", b"random-weights")
+    record = offline_record(run_dir / "wandb", *markers)
+    for marker in markers:
         assert marker in record, marker  # per-class scalars, the flat config, the tag
 
 

@@ -14,6 +14,7 @@ from usam.images.stable_diffusion import GenerationError
 from usam.sam.checkpoints import CheckpointError
 
 from helpers.commands import CONF_DIR, ROOT, compose_config, run_overrides
+from helpers.wandb_runs import offline_record
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 
@@ -96,10 +97,9 @@ def test_wandb_offline_run_is_marked_random_weights(tmp_path):
     )
     checkpoints = run(cfg)
     assert checkpoints["teacher"].is_file()
-    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1
-    record = next(runs[0].glob("run-*.wandb")).read_bytes()  # offline run log, synced later
-    for marker in (b"results_meaningful", b"val/random_weights", b"random-weights"):
+    markers = (b"results_meaningful", b"val/random_weights", b"random-weights")
+    record = offline_record(tmp_path / "run" / "wandb", *markers)  # the log synced later
+    for marker in markers:
         assert marker in record
 
 

@@ -17,6 +17,7 @@ from usam.train.lightning_modules import StudentModule, TeacherModule
 
 from helpers.commands import ROOT, compose_config
 from helpers.shards import SMALL_CLASSES, quiet_trainer, synthetic_datamodule
+from helpers.wandb_runs import offline_record
 
 SWEEPS = sorted((ROOT / "experiments" / "sweeps").glob("*.yaml"))
 README = ROOT / "experiments" / "README.md"
@@ -149,10 +150,13 @@ def test_a_two_point_sweep_runs_as_a_hydra_multirun(tmp_path):
         assert (job / "checkpoints" / "teacher" / "final.ckpt").is_file()
         assert f"top_k: {top_k}" in (job / "config.yaml").read_text()
         # the offline W&B run: named by its swept value, grouped by its sweep, whole config
-        record = next(job.glob("wandb/offline-run-*/run-*.wandb")).read_bytes()
-        assert f"top_k={top_k}-teacher".encode() in record
-        assert f"synthetic-tiny-sweep-{sweep_dir.name}".encode() in record
-        for marker in (b"model.teacher.top_k", b"data.classes", b"sam:tiny", b"random-weights"):
+        markers = (
+            f"top_k={top_k}-teacher".encode(),
+            f"synthetic-tiny-sweep-{sweep_dir.name}".encode(),
+            *(b"model.teacher.top_k", b"data.classes", b"sam:tiny", b"random-weights"),
+        )
+        record = offline_record(job / "wandb", *markers)
+        for marker in markers:
             assert marker in record, marker
 
 
