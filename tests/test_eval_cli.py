@@ -74,7 +74,10 @@ def test_eval_extracts_once_and_writes_its_results(tmp_path, capsys):
         "2011_000004.png",
     ]
     logged = list((run_dir / "wandb").glob("offline-run-*/files/media/table/eval/*.table.json"))
-    assert {p.name.split("_")[0] for p in logged} == {"overlays", "per", "sweep"}
+    assert {p.name.split("_")[0] for p in logged} == {"per", "sweep"}
+    # the overlays travel inside the offline run: two panels and two interactive masks
+    media = (run_dir / "wandb").glob("offline-run-*/files/media/images/eval/overlays*.png")
+    assert len(list(media)) == 4
     per_class = json.loads(next(p for p in logged if p.name.startswith("per")).read_text())
     assert per_class["columns"][-1] == "random_weights"
     assert {row[-1] for row in per_class["data"]} == {True}

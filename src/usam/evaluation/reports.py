@@ -105,19 +105,21 @@ def log_to_wandb(
         ),
     }
     if evaluation.samples:
-        rows = []
-        for (key, panel), sample in zip(overlay_images(evaluation), evaluation.samples):
-            interactive = wandb.Image(
+        # lists of images, not a table of them: an offline run keeps a table's images only
+        # as the word "Image", while listed images are saved into the run's folder
+        panels = overlay_images(evaluation)
+        payload[f"{prefix}/overlays"] = [wandb.Image(panel, caption=key) for key, panel in panels]
+        payload[f"{prefix}/overlays_interactive"] = [
+            wandb.Image(
                 sample.image,
+                caption=sample.key,
                 masks={
                     "ground_truth": {"mask_data": sample.truth, "class_labels": labels},
                     "prediction": {"mask_data": sample.prediction, "class_labels": labels},
                 },
             )
-            rows.append([key, wandb.Image(panel), interactive])
-        payload[f"{prefix}/overlays"] = wandb.Table(
-            columns=["key", "image | ground truth | prediction", "interactive"], data=rows
-        )
+            for sample in evaluation.samples
+        ]
     if evaluation.sweep:
         payload[f"{prefix}/sweep"] = wandb.Table(
             columns=[*SWEEP_COLUMNS, "random_weights", "analysis"],
