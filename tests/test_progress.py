@@ -16,3 +16,12 @@ def test_speed_is_unknown_before_work_and_kept_after_it():
         progress.advance(task)  # one image per tick of the clock
     assert progress.tasks[task].finished
     assert str(SpeedColumn().render(progress.tasks[task])) == "1.00 img/s"
+
+
+def test_a_task_done_in_one_step_shows_its_average_rate():
+    clock = iter(float(t) for t in range(0, 100, 2))
+    progress = Progress(SpeedColumn(), get_time=lambda: next(clock))
+    task = progress.add_task("a class of images", total=4)
+    progress.advance(task, 4)  # a whole batch rendered at once
+    shown = str(SpeedColumn().render(progress.tasks[task]))
+    assert shown.endswith(" img/s") and float(shown.split()[0]) > 0

@@ -16,10 +16,13 @@ from rich.text import Text
 
 
 class SpeedColumn(ProgressColumn):
-    """Items per second; a finished task keeps its final rate instead of falling to 0."""
+    """Items per second; a finished task keeps its final rate instead of falling to 0, and one
+    done in a single step (a whole batch at once) shows its average."""
 
     def render(self, task: Task) -> Text:
         speed = task.finished_speed or task.speed
+        if speed is None and task.finished and task.elapsed:
+            speed = task.completed / task.elapsed
         return Text("-- img/s" if speed is None else f"{speed:.2f} img/s")
 
 

@@ -189,7 +189,13 @@ def _is_local(model: str) -> bool:
 def load_pipeline(settings: GenerateSettings):
     """The diffusers pipeline on its device; fails with what to do when weights are missing."""
     import torch
+    import transformers
     from diffusers import StableDiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    # generation draws its own bar per class; the libraries' loading bars would interleave
+    diffusers_logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
 
     device = resolve_device(settings.device, "generate.device")
     dtype = torch.float16 if device.type == "cuda" and settings.fp16 else torch.float32
