@@ -14,6 +14,16 @@ from usam.sam import image_encoder
 from usam.sam.image_encoder import EncoderPredictor, encode_image
 from usam.sam.registry import build_sam
 
+# The encoder is the official computation; other CPUs, instruction sets and piece shapes
+# may round differently, so it is held to float32 rounding: 1e-5 of its largest value.
+EMBEDDING_RTOL = 1e-5
+
+
+def assert_official(ours: torch.Tensor, official: torch.Tensor) -> None:
+    assert ours.shape == official.shape
+    bound = EMBEDDING_RTOL * max(1.0, official.abs().max().item())
+    assert (ours - official).abs().max().item() <= bound
+
 
 def vit(window_size: int, global_blocks: tuple[int, ...], use_rel_pos: bool) -> ImageEncoderViT:
     torch.manual_seed(0)
@@ -41,7 +51,7 @@ def vit(window_size: int, global_blocks: tuple[int, ...], use_rel_pos: bool) -> 
     ("window_size", "global_blocks", "use_rel_pos"),
     [(7, (1,), True), (5, (), True), (0, (), True), (7, (2,), False)],
 )
-def test_bit_identical_to_the_official_encoder(
+def test_the_official_encoder_up_to_float32_rounding(
     monkeypatch, logits_per_piece, window_size, global_blocks, use_rel_pos
 ):
     """Windows with padding (20 x 20 tokens in 7 x 7 windows), global blocks, with and
@@ -51,7 +61,7 @@ def test_bit_identical_to_the_official_encoder(
     encoder = vit(window_size, global_blocks, use_rel_pos)
     images = torch.randn(2, 3, 320, 320)
     with torch.no_grad():
-        assert torch.equal(encode_image(encoder, images), encoder(images))
+        assert_official(encode_image(encoder, images), encoder(images))
 
 
 def test_the_predictor_holds_the_official_embedding():
@@ -60,7 +70,7 @@ def test_the_predictor_holds_the_official_embedding():
     ours, official = EncoderPredictor(sam), SamPredictor(sam)
     ours.set_image(image)
     official.set_image(image)
-    assert torch.equal(ours.features, official.features)
+    assert_official(ours.features, official.features)
     assert (ours.input_size, ours.original_size) == (official.input_size, official.original_size)
     with pytest.raises(ValueError, match="long side 256"):
         ours.set_torch_image(torch.zeros(1, 3, 100, 100), (100, 100))
