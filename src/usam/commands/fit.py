@@ -48,7 +48,7 @@ def _data_settings(cfg: DictConfig) -> dict[str, Any]:
     return {
         "sam": settings_from_config(SamSettings, cfg.sam, "sam"),
         "amg": settings_from_config(AmgSettings, cfg.amg, "amg"),
-        "generate": settings_from_config(GenerateSettings, cfg.generate, "generate"),
+        "generate": GenerateSettings.from_config(cfg.generate),
         "extract": settings_from_config(ExtractSettings, cfg.extract, "extract"),
     }
 

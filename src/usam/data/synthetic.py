@@ -17,10 +17,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from pycocotools import mask as mask_utils
 
 from usam.core.vocabulary import load_vocabulary
-from usam.formats.embedding_shards import DEFAULT_EMBED_DIM, ImageRecord, Manifest, ShardSetWriter
+from usam.formats.embedding_shards import (
+    DEFAULT_EMBED_DIM,
+    ImageRecord,
+    Manifest,
+    ShardSetWriter,
+    encode_mask,
+)
 
 IMAGE_SIZE = 64
 BACKGROUND_PROTOTYPES = 8
@@ -38,10 +43,9 @@ def prototypes(num_classes: int, embed_dim: int, seed: int) -> tuple[np.ndarray,
 def _box_rle(rng: np.random.Generator) -> tuple[str, np.ndarray]:
     x0, y0 = rng.integers(0, IMAGE_SIZE - 8, size=2)
     w, h = rng.integers(4, IMAGE_SIZE - max(x0, y0), size=2)
-    mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8, order="F")
+    mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
     mask[y0 : y0 + h, x0 : x0 + w] = 1
-    rle = mask_utils.encode(mask)
-    return rle["counts"].decode(), np.array([x0, y0, w, h], dtype=np.float32)
+    return encode_mask(mask)["counts"], np.array([x0, y0, w, h], dtype=np.float32)
 
 
 def make_record(

@@ -87,6 +87,12 @@ class ImageRecord:
         return decode_masks(self.coco_rles(), self.height, self.width)
 
 
+def encode_mask(mask: np.ndarray) -> dict[str, Any]:
+    """The pycocotools RLE of one (H, W) mask, ``counts`` as a str: the form records hold."""
+    rle = mask_utils.encode(np.asfortranarray(np.asarray(mask, dtype=np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode()}
+
+
 def decode_masks(rles: list[dict[str, Any]], height: int, width: int) -> np.ndarray:
     """(K, H, W) bool masks of pycocotools RLE dicts of one image."""
     if not rles:

@@ -19,16 +19,11 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from usam.core.labels import BACKGROUND
-from usam.formats.embedding_shards import decode_masks
+from usam.formats.embedding_shards import decode_masks, encode_mask
 from usam.formats.storage import atomic_write_text
 from usam.viz.overlays import PALETTE, blend, legend_strip
 
 LEGEND_WIDTH = 640
-
-
-def _encode(mask: np.ndarray) -> dict[str, Any]:
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": list(rle["size"]), "counts": rle["counts"].decode()}
 
 
 @dataclass
@@ -68,7 +63,7 @@ class Annotation:
             key=self.key,
             height=height,
             width=width,
-            rles=[_encode(mask) for mask in masks],
+            rles=[encode_mask(mask) for mask in masks],
             labels=self.labels,
             names=self.names,
             scores=self.scores,
