@@ -1,4 +1,8 @@
-"""The official ``SamAutomaticMaskGenerator`` against ``usam.sam.mask_engine``: one image set.
+"""Each backend's official automatic mask generator against usam's engine: one image set.
+
+For SAM 1 models (``--model vit_b``, ``vit_t``, ...) the official one is
+``segment_anything.SamAutomaticMaskGenerator``; for SAM 2.1 (``--model sam2.1_hiera_t``)
+``sam2.automatic_mask_generator.SAM2AutomaticMaskGenerator``.
 
 Both run in this process with the same settings, at predicted-IoU thresholds chosen from
 a first pass so that about 100%, 50% and 10% of the masks pass the IoU filter. Printed
@@ -28,6 +32,7 @@ weights at the same pass rates.
 
     python benchmarks/extract_speed.py --model vit_b --points-per-side 16 --images 1
     python benchmarks/extract_speed.py --model tiny --points-per-side 16 --images 2
+    python benchmarks/extract_speed.py --model sam2.1_hiera_t --points-per-side 16 --images 1
     python benchmarks/extract_speed.py --model vit_b --pass-rates 1 --approximate \
         --box-nms-thresh 1
 """
@@ -44,14 +49,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 from torch.utils.flop_counter import FlopCounterMode
 
 from usam.sam.agreement import agreement, compare_with_official, point_ious
 from usam.sam.amg_settings import AmgSettings
-from usam.sam.image_encoder import EncoderPredictor
-from usam.sam.mask_engine import AutomaticMaskEngine
-from usam.sam.registry import build_sam
+from usam.sam.mask_engine import PointGridEngine
+from usam.sam.registry import build_engine, build_sam
 
 VOC_IMAGES = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "voc2012-mini"
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -115,14 +118,12 @@ def timed(generate, images):
     return outputs, seconds, peak
 
 
-def run_official(sam, images, settings: AmgSettings):
-    generator = SamAutomaticMaskGenerator(sam, output_mode="coco_rle", **settings.as_kwargs())
-    return timed(generator.generate, images)
+def run_official(engine: PointGridEngine, images):
+    return timed(engine.official_generator(), images)
 
 
-def run_ours(sam, images, settings: AmgSettings):
+def run_ours(engine: PointGridEngine, images):
     """Like ``run_official``, plus the engine's mean seconds per image by stage."""
-    engine = AutomaticMaskEngine(sam, settings)
     stages: list[dict[str, float]] = []
 
     def generate(image):
@@ -134,12 +135,12 @@ def run_ours(sam, images, settings: AmgSettings):
     return outputs, seconds, peak, {k: sum(s[k] for s in stages) / len(stages) for k in stages[0]}
 
 
-def official_agreement(sam, images, settings, official, ours) -> dict[str, object]:
+def official_agreement(engine: PointGridEngine, images, official, ours) -> dict[str, object]:
     """Exact mode's contract over the images: mask counts, whether it holds, the share of
     bit-identical masks and the largest predicted-IoU difference.
     """
     reports = [
-        compare_with_official(o, theirs, sam, image, settings)
+        compare_with_official(o, theirs, engine, image)
         for image, theirs, o in zip(images, official, ours)
     ]
     n_official = sum(r.official_masks for r in reports)
@@ -151,12 +152,11 @@ def official_agreement(sam, images, settings, official, ours) -> dict[str, objec
     }
 
 
-def official_encoder_seconds(sam, images) -> float:
-    """Seconds per image of the official ``SamPredictor.set_image``."""
-    predictor = SamPredictor(sam)
+def official_encoder_seconds(engine: PointGridEngine, images) -> float:
+    """Seconds per image of the official predictor's ``set_image``."""
     start = time.perf_counter()
     for image in images:
-        predictor.set_image(image)
+        engine.official_point_logits(image)
     return (time.perf_counter() - start) / len(images)
 
 
@@ -174,25 +174,25 @@ def _seconds(work) -> float:
     return time.perf_counter() - start
 
 
-def model_flops(sam, image: np.ndarray) -> tuple[float, float]:
-    """(encoder FLOPs per image, mask-decoder FLOPs per point prompt), counted by torch."""
-    predictor = EncoderPredictor(sam)
-    with torch.inference_mode(), FlopCounterMode(display=False, depth=None) as encoder:
-        predictor.set_image(image)
-    points = 8
-    coords = torch.rand(points, 1, 2) * torch.tensor(predictor.input_size[::-1])
-    labels = torch.ones(points, 1, dtype=torch.int64)
+def model_flops(engine: PointGridEngine, image: np.ndarray) -> tuple[float, float]:
+    """(encoder FLOPs per image, mask-decoder FLOPs per point prompt), counted by torch on
+    the engine's own pieces, which do the official arithmetic."""
+    points = np.random.default_rng(0).random((8, 2)) * image.shape[1::-1]
     # inference mode: FlopCounterMode's module hooks trip over the decoder's no_grad outputs
+    with torch.inference_mode(), FlopCounterMode(display=False, depth=None) as encoder:
+        engine.set_image(image)
     with torch.inference_mode(), FlopCounterMode(display=False, depth=None) as decoder:
-        predictor.predict_torch(coords, labels, multimask_output=True, return_logits=True)
-    return float(encoder.get_total_flops()), decoder.get_total_flops() / points
+        decoded = engine.decode(points, image.shape[:2])
+        decoded.low_res_masks(torch.arange(len(points)))
+    engine.reset_image()
+    return float(encoder.get_total_flops()), decoder.get_total_flops() / len(points)
 
 
-def floor_seconds(sam, images, settings: AmgSettings, marker: str) -> float:
+def floor_seconds(engine: PointGridEngine, images, marker: str) -> float:
     """Seconds per image the arithmetic alone needs at this machine's matmul speed."""
     throughput = matmul_flops_per_second()
-    encoder_flops, point_flops = model_flops(sam, images[0])
-    prompts = settings.points_per_side**2
+    encoder_flops, point_flops = model_flops(engine, images[0])
+    prompts = engine.settings.points_per_side**2
     floor = (encoder_flops + point_flops * prompts) / throughput
     print(
         f"FLOP floor: encoder {encoder_flops / 1e12:.3f} TFLOP + decoder {point_flops / 1e9:.3f} "
@@ -204,7 +204,11 @@ def floor_seconds(sam, images, settings: AmgSettings, marker: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="vit_b", help="vit_h, vit_l, vit_b, vit_t or tiny")
+    parser.add_argument(
+        "--model",
+        default="vit_b",
+        help="vit_h, vit_l, vit_b, vit_t, tiny, sam2.1_hiera_t|s|b+|l or sam2.1_tiny",
+    )
     parser.add_argument("--checkpoint", help="trained weights; seeded random weights without")
     parser.add_argument("--images", type=int, default=1)
     parser.add_argument("--points-per-side", type=int, default=16)
@@ -228,7 +232,7 @@ def main() -> None:
         stability_score_thresh=args.stability_thresh,
         box_nms_thresh=args.box_nms_thresh,
     )
-    probe = AutomaticMaskEngine(sam, base)
+    probe = build_engine(args.model, sam, base)
     ious = np.concatenate([point_ious(probe, image) for image in images])
     print(
         f"model={args.model} random_weights={info['random_weights']} images={len(images)} "
@@ -239,8 +243,8 @@ def main() -> None:
     if info["random_weights"]:
         print("RANDOM WEIGHTS: the masks mean nothing; the timings and the agreement still hold")
     marker = " [random weights]" if info["random_weights"] else ""
-    floor = floor_seconds(sam, images, base, marker)
-    official_encoder = official_encoder_seconds(sam, images)
+    floor = floor_seconds(probe, images, marker)
+    official_encoder = official_encoder_seconds(probe, images)
     print(f"official image encoder alone: {official_encoder:.2f} s/image{marker}")
     header = (
         f"{'pass':>5} {'iou_thr':>8} {'official img/s':>14} {'ours img/s':>10} {'ratio':>6} "
@@ -254,9 +258,10 @@ def main() -> None:
         threshold = 0.0 if rate >= 1.0 else float(np.quantile(ious, 1.0 - rate))
         passed = float(np.mean(ious > threshold)) if threshold > 0 else 1.0
         settings = replace(base, pred_iou_thresh=threshold)
-        official, t_official, m_official = run_official(sam, images, settings)
-        ours, t_ours, m_ours, stages = run_ours(sam, images, settings)
-        agree = official_agreement(sam, images, settings, official, ours)
+        engine = build_engine(args.model, sam, settings)
+        official, t_official, m_official = run_official(engine, images)
+        ours, t_ours, m_ours, stages = run_ours(engine, images)
+        agree = official_agreement(engine, images, official, ours)
         n = len(images)
         without = (t_official / n - official_encoder) / max(t_ours / n - stages["encoder"], 1e-9)
         print(
@@ -267,9 +272,8 @@ def main() -> None:
         )
         stage_rows.append((passed, stages))
         if args.approximate:
-            approx, t_approx, _, approx_stages = run_ours(
-                sam, images, replace(settings, approximate=True)
-            )
+            approximate = build_engine(args.model, sam, replace(settings, approximate=True))
+            approx, t_approx, _, approx_stages = run_ours(approximate, images)
             approximate_rows.append(
                 (
                     passed,

@@ -44,8 +44,9 @@ def test_the_official_masks_with_filters_active(sam, seed, size):
         pred_iou_thresh=float(np.median(ious)),  # about half the masks pass the IoU filter
         stability_score_thresh=0.05,
     )
-    ours = AutomaticMaskEngine(sam, settings).generate(image)
-    assert_matches_official(ours, sam, image, settings)
+    engine = AutomaticMaskEngine(sam, settings)
+    ours = engine.generate(image)
+    assert_matches_official(ours, engine, image)
     assert len(ours) >= 2
     assert ours.iou_preds.min() > settings.pred_iou_thresh
     assert ours.stability.min() >= settings.stability_score_thresh
@@ -97,8 +98,9 @@ def test_the_official_masks_with_crops(sam):
     settings = AmgSettings(
         points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.0, crop_n_layers=1
     )
-    ours = AutomaticMaskEngine(sam, settings).generate(image)
-    assert_matches_official(ours, sam, image, settings)
+    engine = AutomaticMaskEngine(sam, settings)
+    ours = engine.generate(image)
+    assert_matches_official(ours, engine, image)
     assert len(ours) >= 5
 
 
@@ -111,8 +113,9 @@ def test_the_official_masks_with_small_region_cleanup(sam):
         stability_score_thresh=0.0,
         min_mask_region_area=200,
     )
-    ours = AutomaticMaskEngine(sam, settings).generate(image)
-    assert_matches_official(ours, sam, image, settings)
+    engine = AutomaticMaskEngine(sam, settings)
+    ours = engine.generate(image)
+    assert_matches_official(ours, engine, image)
 
 
 def flipped_far_from_threshold(sam, image, masks, i: int) -> np.ndarray:
@@ -132,13 +135,14 @@ def test_the_contract_rejects_a_real_difference(sam):
     """A pixel flipped far from the threshold, or a score off by 1e-3, breaks the contract."""
     image = shapes_image(96, 128, 0)
     settings = AmgSettings(points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.0)
-    ours = AutomaticMaskEngine(sam, settings).generate(image)
-    theirs = official(sam, image, settings)
-    assert compare_with_official(ours, theirs, sam, image, settings).holds
+    engine = AutomaticMaskEngine(sam, settings)
+    ours = engine.generate(image)
+    theirs = official(engine, image)
+    assert compare_with_official(ours, theirs, engine, image).holds
 
     off_score = replace(ours, iou_preds=ours.iou_preds.copy())
     off_score.iou_preds[0] += 1e-3
-    report = compare_with_official(off_score, theirs, sam, image, settings)
+    report = compare_with_official(off_score, theirs, engine, image)
     assert any("predicted IoU off by 0.001" in v for v in report.violations), report.violations
 
     flipped = flipped_far_from_threshold(sam, image, ours, 0)
@@ -149,7 +153,7 @@ def test_the_contract_rejects_a_real_difference(sam):
     )
     off_pixel.rles[0] = rle["counts"].decode("ascii")
     off_pixel.boxes[0], off_pixel.areas[0] = box, int(flipped.sum())
-    report = compare_with_official(off_pixel, theirs, sam, image, settings)
+    report = compare_with_official(off_pixel, theirs, engine, image)
     assert any("1 pixels differ" in v for v in report.violations), report.violations
 
 
@@ -162,7 +166,7 @@ def test_other_batch_sizes_stay_within_the_contract(sam):
         points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.3, box_nms_thresh=1.0
     )
     ours = AutomaticMaskEngine(sam, replace(settings, points_per_batch=3)).generate(image)
-    report = assert_matches_official(ours, sam, image, settings)
+    report = assert_matches_official(ours, AutomaticMaskEngine(sam, settings), image)
     assert report.paired >= 50  # 100 masks here, 21 with bit-identical scores on an EPYC
 
 
@@ -189,8 +193,9 @@ settings = AmgSettings(
 )
 for threads in (1, 2):
     torch.set_num_threads(threads)
-    ours = AutomaticMaskEngine(sam, settings).generate(image)
-    report = compare_with_official(ours, official(sam, image, settings), sam, image, settings)
+    engine = AutomaticMaskEngine(sam, settings)
+    ours = engine.generate(image)
+    report = compare_with_official(ours, official(engine, image), engine, image)
     print(json.dumps({"threads": threads, "violations": report.violations[:5], "masks": len(ours),
                       "identical": report.identical_share, "max_iou": report.max_iou_pred_diff}))
 """
@@ -290,5 +295,5 @@ def test_the_official_masks_on_a_real_photo_with_vit_b(vit_b, surviving):
         second_best = float(np.sort(point_ious(engine, image))[-2])
         engine = AutomaticMaskEngine(vit_b, replace(settings, pred_iou_thresh=second_best))
     ours = engine.generate(image)
-    assert_matches_official(ours, vit_b, image, engine.settings)
+    assert_matches_official(ours, engine, image)
     assert len(ours) >= (100 if surviving == "all" else 1)  # most of the 8 x 8 x 3 masks

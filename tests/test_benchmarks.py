@@ -31,6 +31,19 @@ def test_extraction_benchmark_prints_speed_and_agreement():
     assert abs(encoder + decoder + post - total) < 0.02 and min(encoder, decoder, post) >= 0
 
 
+def test_extraction_benchmark_runs_sam2_against_its_own_generator():
+    result = run_python(
+        str(ROOT / "benchmarks" / "extract_speed.py"),
+        *("--model", "sam2.1_tiny", "--images", "1", "--points-per-side", "2"),
+        *("--pass-rates", "1", "--stability-thresh", "0"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "model=sam2.1_tiny random_weights=True" in result.stdout
+    row = result.stdout.split("official generator against ours")[1].splitlines()[2].split()
+    assert row[-3] == "True" and float(row[4]) > 0  # the contract holds; a speed ratio
+    assert "official image encoder alone" in result.stdout and "x floor" in result.stdout
+
+
 def test_training_benchmark_prints_throughput_per_worker_count(tmp_path):
     result = run_python(
         str(ROOT / "benchmarks" / "train_speed.py"),

@@ -45,6 +45,7 @@ def test_random_stand_in_is_seeded_marked_and_is_mobilesam(sam):
     assert torch.equal(state, torch.random.get_rng_state())
     assert info == {
         "model_type": "vit_t",
+        "backend": "sam",
         "checkpoint_sha256": None,
         "random_weights": True,
         "seed": 0,
@@ -111,8 +112,9 @@ def test_loaded_checkpoint_refreshes_tiny_vit_attention_biases(sam, tmp_path):
 def test_the_official_masks(sam):
     image = shapes_image(96, 128, 0)
     settings = AmgSettings(points_per_side=5, pred_iou_thresh=0.0, stability_score_thresh=0.0)
-    ours = AutomaticMaskEngine(sam, settings).generate(image)
-    assert_matches_official(ours, sam, image, settings)
+    engine = AutomaticMaskEngine(sam, settings)
+    ours = engine.generate(image)
+    assert_matches_official(ours, engine, image)
     assert len(ours) >= 5
     assert ours.tokens.shape == (len(ours), 1024) and np.isfinite(ours.tokens).all()
 

@@ -33,6 +33,7 @@ def test_tiny_is_seeded_marked_random_and_leaves_the_global_rng_alone():
     assert torch.equal(state, torch.random.get_rng_state())
     assert info == {
         "model_type": "tiny",
+        "backend": "sam",
         "checkpoint_sha256": None,
         "random_weights": True,
         "seed": 0,

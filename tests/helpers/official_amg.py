@@ -5,10 +5,9 @@ mode's contract: differences no larger than float32 rounding can make.
 from __future__ import annotations
 
 import numpy as np
-from segment_anything import SamAutomaticMaskGenerator
 
 from usam.sam.agreement import OfficialComparison, compare_with_official
-from usam.sam.amg_settings import AmgSettings
+from usam.sam.mask_engine import PointGridEngine
 
 
 def shapes_image(height: int, width: int, seed: int) -> np.ndarray:
@@ -28,14 +27,15 @@ def shapes_image(height: int, width: int, seed: int) -> np.ndarray:
     return image
 
 
-def official(sam, image, settings: AmgSettings) -> list[dict]:
-    generator = SamAutomaticMaskGenerator(sam, output_mode="coco_rle", **settings.as_kwargs())
-    return generator.generate(image)
+def official(engine: PointGridEngine, image) -> list[dict]:
+    return engine.official_generator()(image)
 
 
-def assert_matches_official(ours, sam, image, settings: AmgSettings) -> OfficialComparison:
-    """Exact mode's contract (``usam.sam.mask_engine``) against the official generator."""
-    report = compare_with_official(ours, official(sam, image, settings), sam, image, settings)
+def assert_matches_official(ours, engine: PointGridEngine, image) -> OfficialComparison:
+    """Exact mode's contract (``usam.sam.mask_engine``) against the official generator
+    of ``engine``'s model, run with ``engine``'s settings.
+    """
+    report = compare_with_official(ours, official(engine, image), engine, image)
     assert report.holds, "\n".join(report.violations[:20])
     assert report.paired >= report.official_masks - report.near_ties
     return report

@@ -40,8 +40,8 @@ from usam.formats.embedding_shards import (
 )
 from usam.formats.storage import atomic_write_text
 from usam.sam.amg_settings import AmgSettings
-from usam.sam.mask_engine import AutomaticMaskEngine
-from usam.sam.registry import SamSettings
+from usam.sam.mask_engine import PointGridEngine
+from usam.sam.registry import SamSettings, build_engine
 
 log = logging.getLogger(__name__)
 
@@ -151,10 +151,10 @@ def _as_list(batch: list[Any]) -> list[Any]:
 class ExtractionModule(L.LightningModule):
     """SAM in automatic mode as a predict-only module, so Lightning places and splits it."""
 
-    def __init__(self, engine: AutomaticMaskEngine) -> None:
+    def __init__(self, engine: PointGridEngine) -> None:
         super().__init__()
         self.engine = engine
-        self.sam = engine.sam  # registered, so the strategy moves it to the device
+        self.sam = engine.model  # registered, so the strategy moves it to the device
         self.seconds: list[float] = []  # per image, to point out the outliers
 
     def _note_time(self, item: SourceImage, seconds: float) -> None:
@@ -268,7 +268,7 @@ def _merge_rejected(out_dir: Path) -> None:
 def extract(
     source: ImageSource,
     out_dir: str | Path,
-    engine: AutomaticMaskEngine,
+    engine: PointGridEngine,
     sam_info: dict[str, Any],
     *,
     val_fraction: float = 0.05,
@@ -368,7 +368,7 @@ def run_extraction(
     return extract(
         source,
         out_dir,
-        AutomaticMaskEngine(model, settings),
+        build_engine(sam.model_type, model, settings),
         sam_info,
         val_fraction=extract_settings.val_fraction,
         images_per_shard=extract_settings.images_per_shard,

@@ -15,8 +15,8 @@ from usam.inference.exports import Annotation
 from usam.inference.predictor import InferenceSettings, Predictor, load_head
 from usam.inference.semantic_map import semantic_from_instances
 from usam.sam.amg_settings import AmgSettings
-from usam.sam.mask_engine import AutomaticMaskEngine
-from usam.sam.registry import build_sam
+from usam.sam.mask_engine import PointGridEngine
+from usam.sam.registry import build_engine, build_sam
 
 
 class AnnotationError(ValueError):
@@ -42,7 +42,7 @@ class Annotator:
         self.sam_model_type = sam
         self.sam_checkpoint = sam_checkpoint
         self.amg = amg or AmgSettings()
-        self._engine: AutomaticMaskEngine | None = None
+        self._engine: PointGridEngine | None = None
 
     @classmethod
     def from_checkpoint(
@@ -62,11 +62,12 @@ class Annotator:
         return self.predictor.classes
 
     @property
-    def engine(self) -> AutomaticMaskEngine:
+    def engine(self) -> PointGridEngine:
         """SAM, built on first use (the command extracts through its own)."""
         if self._engine is None:
             sam, _ = build_sam(self.sam_model_type, self.sam_checkpoint)
-            self._engine = AutomaticMaskEngine(sam.to(self.predictor.device), self.amg)
+            model = sam.to(self.predictor.device)
+            self._engine = build_engine(self.sam_model_type, model, self.amg)
         return self._engine
 
     def annotate_record(self, record: ImageRecord) -> Annotation:

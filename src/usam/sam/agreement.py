@@ -3,25 +3,24 @@ against exact mode.
 
 :func:`compare_with_official` checks exact mode's contract (stated in
 ``usam.sam.mask_engine``): differences no larger than float32 rounding can make. Where
-a mask pixel, a stability score or a keep/drop decision differs, it asks the official
-``SamPredictor`` for the logits of that one point prompt and checks that the difference
+a mask pixel, a stability score or a keep/drop decision differs, it asks the backend's
+official predictor for the logits of that one point prompt and checks that the difference
 sits within ``LOGIT_RTOL`` of a threshold; that costs an image encoding per crop, and
 only when something differs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
-from segment_anything import SamPredictor
-from segment_anything.modeling import Sam
 from segment_anything.utils.amg import build_all_layer_point_grids, generate_crop_boxes
 
 from usam.sam.amg_settings import AmgSettings
-from usam.sam.mask_engine import AutomaticMaskEngine, ImageMasks
+from usam.sam.mask_engine import ImageMasks, PointGridEngine
 
 LOGIT_RTOL = 1e-4  # of max(1, largest |logit| of the mask): pixels that may flip
 SCORE_RTOL = 1e-5  # of max(1, |score|): predicted IoU differences allowed
@@ -57,12 +56,13 @@ class OfficialComparison:
 
 
 class _OfficialLogits:
-    """Full-image logits of single point prompts from the official ``SamPredictor``."""
+    """Full-image logits of single point prompts from the backend's official predictor."""
 
-    def __init__(self, sam: Sam, image: np.ndarray, settings: AmgSettings) -> None:
-        self.sam, self.image, self.settings = sam, image, settings
-        self._predictors: dict[tuple[int, ...], SamPredictor] = {}
-        self._crops = _crop_points(image.shape[:2], settings)
+    def __init__(self, engine: PointGridEngine, image: np.ndarray) -> None:
+        self.engine, self.image, self.settings = engine, image, engine.settings
+        self.threshold = engine.mask_threshold
+        self._predictors: dict[tuple[int, ...], Callable[[np.ndarray], np.ndarray]] = {}
+        self._crops = _crop_points(image.shape[:2], engine.settings)
 
     def crop_of(self, point: np.ndarray) -> tuple[int, ...]:
         for box, points in self._crops:
@@ -75,15 +75,9 @@ class _OfficialLogits:
         crop_box = tuple(int(v) for v in crop_box)
         x0, y0, x1, y1 = crop_box
         if crop_box not in self._predictors:
-            predictor = SamPredictor(self.sam)
-            predictor.set_image(self.image[y0:y1, x0:x1])
-            self._predictors[crop_box] = predictor
-        logits, _, _ = self._predictors[crop_box].predict(
-            np.asarray(point, float)[None] - [x0, y0],
-            np.array([1]),
-            multimask_output=True,
-            return_logits=True,
-        )
+            crop = np.ascontiguousarray(self.image[y0:y1, x0:x1])
+            self._predictors[crop_box] = self.engine.official_point_logits(crop)
+        logits = self._predictors[crop_box](np.asarray(point, float) - [x0, y0])
         full = np.full((3, *self.image.shape[:2]), -np.inf, np.float32)
         full[:, y0:y1, x0:x1] = logits
         return full
@@ -95,7 +89,7 @@ class _OfficialLogits:
         """Whether pixels within tolerance of threshold +- offset allow stability ``score``
         (NaN for an empty mask, as the official 0 / 0).
         """
-        tol, threshold = self.tolerance(logits), self.sam.mask_threshold
+        tol, threshold = self.tolerance(logits), self.threshold
         offset = self.settings.stability_score_offset
         inter = [int((logits > threshold + offset + d).sum()) for d in (tol, -tol)]
         union = [int((logits > threshold - offset + d).sum()) for d in (tol, -tol)]
@@ -135,11 +129,10 @@ class _Mask:
 
 
 def compare_with_official(
-    ours: ImageMasks, official: list[dict], sam: Sam, image: np.ndarray, settings: AmgSettings
+    ours: ImageMasks, official: list[dict], engine: PointGridEngine, image: np.ndarray
 ) -> OfficialComparison:
-    """Check ``ours`` against ``official`` (``SamAutomaticMaskGenerator.generate`` with
-    ``output_mode="coco_rle"`` on ``image``, same ``sam`` and ``settings``).
-    """
+    """Check ``ours`` against ``official`` (``engine.official_generator()`` on ``image``)."""
+    settings = engine.settings
     report = OfficialComparison(official_masks=len(official), our_masks=len(ours))
     size = [ours.height, ours.width]
     theirs = [
@@ -154,7 +147,7 @@ def compare_with_official(
               multimask=int(ours.multimask[i]))
         for i in range(len(ours))
     ]  # fmt: skip
-    logits = _OfficialLogits(sam, image, settings)
+    logits = _OfficialLogits(engine, image)
     _check_own_boxes(mine, report)
     _pair(theirs, mine)
     for o in theirs:
@@ -218,7 +211,7 @@ def _check_pair(o: _Mask, m: _Mask, logits: _OfficialLogits, report: OfficialCom
     point_logits = logits(o.point, o.crop_box)[m.multimask]
     tol = logits.tolerance(point_logits)
     differ = mask_utils.decode(o.rle) != mask_utils.decode(m.rle)
-    near = np.abs(point_logits[differ] - logits.sam.mask_threshold) <= tol
+    near = np.abs(point_logits[differ] - logits.threshold) <= tol
     report.differing_pixels += int(differ.sum())
     report.pixels_near_threshold += int(near.sum())
     if not near.all():
@@ -319,18 +312,19 @@ def _check_order(theirs: list[_Mask], report: OfficialComparison) -> None:
 
 
 @torch.inference_mode()
-def point_ious(engine: AutomaticMaskEngine, image: np.ndarray) -> np.ndarray:
+@torch.inference_mode()
+def point_ious(engine: PointGridEngine, image: np.ndarray) -> np.ndarray:
     """Predicted IoU of every multimask output on the full-image grid, before any filter:
     for choosing ``pred_iou_thresh`` by the share of masks it lets through.
     """
-    engine.predictor.set_image(image)
+    engine.set_image(image)
     points = engine.point_grids[0] * np.array(image.shape[:2])[None, ::-1]
     step = engine.settings.points_per_batch
     ious = [
-        engine.decoder.decode(points[i : i + step], image.shape[:2]).iou_preds.flatten().cpu()
+        engine.decode(points[i : i + step], image.shape[:2]).iou_preds.flatten().cpu()
         for i in range(0, len(points), step)
     ]
-    engine.predictor.reset_image()
+    engine.reset_image()
     return torch.cat(ious).numpy()
 
 

@@ -131,9 +131,15 @@ def load_into(
     model_type: str,
     *,
     identify: Callable[[dict[str, Any]], str | None] | None = None,
+    state_key: str | None = None,
 ) -> None:
-    """Load a state dict without unpickling code, naming the model it fits when it doesn't fit."""
+    """Load a state dict without unpickling code, naming the model it fits when it doesn't fit.
+
+    ``state_key``: the entry of the file that holds the state dict (SAM 2's ``model``).
+    """
     state = load_weights(path, CONFIG_KEY, CheckpointError)
+    if state_key is not None and isinstance(state, dict):
+        state = state.get(state_key, state)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(
             f"{path} is not a SAM state dict (a mapping of parameter names to tensors); "

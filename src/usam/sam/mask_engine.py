@@ -72,12 +72,14 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
+from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 from segment_anything.modeling import Sam
 from segment_anything.utils.amg import build_all_layer_point_grids, generate_crop_boxes
 from torchvision.ops.boxes import batched_nms, box_area
@@ -94,7 +96,7 @@ from usam.sam.mask_postprocess import (
     near_crop_edge,
     stability_scores,
 )
-from usam.sam.point_decoder import DecodedPoints, PointDecoder
+from usam.sam.point_decoder import PointDecoder
 
 _UPSAMPLE_CHUNK = 2  # full-resolution masks held at once (under glibc's mmap threshold)
 
@@ -146,7 +148,7 @@ class ImageMasks:
 class _Batch:
     """One batch of point prompts of one crop, as the post-processing needs it."""
 
-    decoded: DecodedPoints
+    decoded: DecodedBatch
     points: np.ndarray  # (points, 2) (x, y) in crop pixels
     crop_box: list[int]  # XYXY in image pixels
     orig_size: tuple[int, int]  # (height, width) of the image
@@ -156,20 +158,25 @@ class _Batch:
         return self.decoded.iou_preds.flatten()
 
 
-class AutomaticMaskEngine:
-    """Automatic masks plus mask tokens for one image at a time.
+class PointGridEngine:
+    """The automatic mask generator's flow over a point grid, shared by every backend.
 
-    ``decoder_chunk``: points per pass of the decoder's image-side work
-    (``usam.sam.point_decoder.PointDecoder``).
+    A backend (one family of mask-proposal models) subclasses it with how to embed a
+    crop (``set_image``), decode a batch of point prompts (``decode``: predicted IoUs
+    and mask tokens for all, low-res logits on request), upsample low-res logits to the
+    crop (``upsample``), and what its official generator is, for the agreement checks
+    (``official_generator``, ``official_point_logits``). The crops, the IoU filter before
+    any upsampling, the stability and crop-edge filters, NMS and the shard layout are
+    this class's, so every backend's masks land in the same ``ImageMasks``.
     """
 
-    def __init__(self, sam: Sam, settings: AmgSettings | None = None, *, decoder_chunk: int = 1):
-        self.sam = sam.eval()
+    # whether the official generator removes small regions after NMS (SAM 1) rather than
+    # inside its predictor (SAM 2)
+    cleans_small_regions_after_nms = True
+
+    def __init__(self, model: torch.nn.Module, settings: AmgSettings | None = None) -> None:
+        self.model = model.eval()
         self.settings = settings or AmgSettings()
-        self.predictor = EncoderPredictor(sam)
-        self.decoder = PointDecoder(
-            self.predictor, chunk=decoder_chunk, approximate=self.settings.approximate
-        )
         # Wall seconds of the last ``generate`` by stage: encoder, decoder (the mask
         # decoder and its upscaling), post-processing (the rest).
         self.stage_seconds: dict[str, float] = {}
@@ -179,9 +186,42 @@ class AutomaticMaskEngine:
         )
 
     @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
     def token_dim(self) -> int:
-        decoder = self.sam.mask_decoder
-        return decoder.num_mask_tokens * decoder.transformer_dim
+        """Values per mask embedding: the decoder's mask tokens of a point, flattened."""
+        raise NotImplementedError
+
+    @property
+    def mask_threshold(self) -> float:
+        raise NotImplementedError
+
+    def official_generator(self) -> Callable[[np.ndarray], list[dict[str, Any]]]:
+        """The backend's own automatic mask generator with these settings, COCO RLE output."""
+        raise NotImplementedError
+
+    def official_point_logits(self, crop: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+        """The official predictor on ``crop``: (3, h, w) multimask logits of one point alone."""
+        raise NotImplementedError
+
+    def set_image(self, crop: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def reset_image(self) -> None:
+        raise NotImplementedError
+
+    def decode(self, points: np.ndarray, crop_size: tuple[int, int]) -> DecodedBatch:
+        raise NotImplementedError
+
+    def upsample(self, low_res: torch.Tensor) -> torch.Tensor:
+        """(n, H, W) logits at the crop's size from (n, h', w') low-res logits."""
+        raise NotImplementedError
+
+    def low_res_stability(self, low_res: torch.Tensor) -> torch.Tensor:
+        """Stability from low-res logits: approximate mode, for backends that offer it."""
+        raise NotImplementedError
 
     @torch.inference_mode()
     def generate(self, image: np.ndarray) -> ImageMasks:
@@ -208,7 +248,7 @@ class AutomaticMaskEngine:
                 data.boxes.float(), scores, torch.zeros(len(data.rles)), s.crop_nms_thresh
             )
             data = data.select(keep)
-        if s.min_mask_region_area > 0:
+        if s.min_mask_region_area > 0 and self.cleans_small_regions_after_nms:
             data = clean_small_regions(data, height, width, s)
         xywh = data.boxes.clone()
         xywh[:, 2:] -= xywh[:, :2]
@@ -234,7 +274,7 @@ class AutomaticMaskEngine:
         try:
             yield
         finally:
-            if self.predictor.device.type == "cuda":
+            if self.device.type == "cuda":
                 torch.cuda.synchronize()
             self.stage_seconds[stage] += time.perf_counter() - start
 
@@ -243,16 +283,16 @@ class AutomaticMaskEngine:
         crop = image[y0:y1, x0:x1, :]
         crop_size = crop.shape[:2]
         with self._clock("encoder"):
-            self.predictor.set_image(crop)
+            self.set_image(crop)
         points = self.point_grids[layer_idx] * np.array(crop_size)[None, ::-1]
         step = self.settings.points_per_batch
         parts = []
         for i in range(0, len(points), step):
             with self._clock("decoder"):
-                decoded = self.decoder.decode(points[i : i + step], crop_size)
+                decoded = self.decode(points[i : i + step], crop_size)
             batch = _Batch(decoded, points[i : i + step], crop_box, image.shape[:2])
             parts.append(self._process_batch(batch))
-        self.predictor.reset_image()
+        self.reset_image()
         data = Candidates.cat([empty_candidates(self.token_dim), *parts])
         keep = batched_nms(
             data.boxes.float(),
@@ -282,7 +322,7 @@ class AutomaticMaskEngine:
             low_res = batch.decoded.low_res_masks(point_idx)[inverse, keep % n_out]
         low_res_stability = None
         if s.approximate:
-            low_res_stability = self._low_res_stability(low_res)
+            low_res_stability = self.low_res_stability(low_res)
             if s.stability_score_thresh > 0.0:
                 passed = low_res_stability >= s.stability_score_thresh
                 low_res, keep = low_res[passed], keep[passed]
@@ -299,14 +339,6 @@ class AutomaticMaskEngine:
             )
         return Candidates.cat(parts)
 
-    def _low_res_stability(self, low_res: torch.Tensor) -> torch.Tensor:
-        """Stability scores of low-res logits, over the part of them that covers the image."""
-        scale = low_res.shape[-1] / self.predictor.transform.target_length
-        h, w = (math.ceil(side * scale) for side in self.predictor.input_size)
-        return stability_scores(
-            low_res[:, :h, :w], self.sam.mask_threshold, self.settings.stability_score_offset
-        )
-
     def _finish_masks(
         self,
         batch: _Batch,
@@ -320,11 +352,9 @@ class AutomaticMaskEngine:
         ``sel``: the masks' indices into the batch's flattened multimask outputs.
         ``stability``: scores already computed and filtered on (approximate mode).
         """
-        s, sam, predictor = self.settings, self.sam, self.predictor
-        logits = sam.postprocess_masks(
-            low_res[:, None], predictor.input_size, predictor.original_size
-        )[:, 0]
-        threshold = sam.mask_threshold
+        s = self.settings
+        logits = self.upsample(low_res)
+        threshold = self.mask_threshold
         keep = torch.ones(len(logits), dtype=torch.bool, device=logits.device)
         if stability is None:
             stability = stability_scores(logits, threshold, s.stability_score_offset)
@@ -349,4 +379,81 @@ class AutomaticMaskEngine:
             points=torch.as_tensor(batch.points)[point_of],
             multimask=(sel % n_out).to(torch.int8).cpu(),
             tokens=tokens[point_of.to(tokens.device)].cpu(),
+        )
+
+
+class DecodedBatch(Protocol):
+    """What a backend's decoder gives for a batch of point prompts."""
+
+    iou_preds: torch.Tensor  # (points, multimask outputs) float32
+    tokens: torch.Tensor  # (points, token_dim) float32: the mask tokens of each point
+
+    def low_res_masks(self, point_idx: torch.Tensor) -> torch.Tensor:
+        """(len(point_idx), multimask outputs, h', w') low-res logits of some points."""
+        ...
+
+
+class AutomaticMaskEngine(PointGridEngine):
+    """SAM 1 (vit_h/l/b, MobileSAM, the tiny test SAM): the official generator's
+    computation, with the piecewise encoder and the per-point decoder.
+
+    ``decoder_chunk``: points per pass of the decoder's image-side work
+    (``usam.sam.point_decoder.PointDecoder``).
+    """
+
+    def __init__(self, sam: Sam, settings: AmgSettings | None = None, *, decoder_chunk: int = 1):
+        super().__init__(sam, settings)
+        self.predictor = EncoderPredictor(sam)
+        self.decoder = PointDecoder(
+            self.predictor, chunk=decoder_chunk, approximate=self.settings.approximate
+        )
+
+    @property
+    def token_dim(self) -> int:
+        decoder = self.model.mask_decoder
+        return decoder.num_mask_tokens * decoder.transformer_dim
+
+    @property
+    def mask_threshold(self) -> float:
+        return self.model.mask_threshold
+
+    def official_generator(self) -> Callable[[np.ndarray], list[dict[str, Any]]]:
+        generator = SamAutomaticMaskGenerator(
+            self.model, output_mode="coco_rle", **self.settings.as_kwargs()
+        )
+        return generator.generate
+
+    def official_point_logits(self, crop: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+        predictor = SamPredictor(self.model)
+        predictor.set_image(crop)
+
+        def logits(point: np.ndarray) -> np.ndarray:
+            out, _, _ = predictor.predict(
+                point[None], np.array([1]), multimask_output=True, return_logits=True
+            )
+            return out
+
+        return logits
+
+    def set_image(self, crop: np.ndarray) -> None:
+        self.predictor.set_image(crop)
+
+    def reset_image(self) -> None:
+        self.predictor.reset_image()
+
+    def decode(self, points: np.ndarray, crop_size: tuple[int, int]) -> DecodedBatch:
+        return self.decoder.decode(points, crop_size)
+
+    def upsample(self, low_res: torch.Tensor) -> torch.Tensor:
+        predictor = self.predictor
+        return self.model.postprocess_masks(
+            low_res[:, None], predictor.input_size, predictor.original_size
+        )[:, 0]
+
+    def low_res_stability(self, low_res: torch.Tensor) -> torch.Tensor:
+        """Stability scores of low-res logits, over the part of them that covers the image."""
+        scale = low_res.shape[-1] / self.predictor.transform.target_length
+        h, w = (math.ceil(side * scale) for side in self.predictor.input_size)
+        return stability_scores(
+            low_res[:, :h, :w], self.mask_threshold, self.settings.stability_score_offset
         )

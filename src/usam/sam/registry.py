@@ -8,10 +8,19 @@ exact piecewise one), so it is the practical choice on a CPU when its accuracy i
 enough. It needs the optional ``mobilesam-mirror`` package (and ``timm``, which that
 package imports without declaring).
 
-``tiny`` is a small SAM with random weights (fixed seed) so that tests and offline demos
-run in seconds without a download; everything it produces is marked ``random_weights``.
-Its mask decoder keeps the official width of 256, so the 4 mask tokens of a point are
-4 x 256 = 1024 values as with the real models.
+``sam2.1_hiera_t|s|b+|l`` are SAM 2.1 (``usam.sam.sam2_backend``, the optional ``sam2``
+package): Hiera image encoders, several times cheaper than ViT-H, in front of a decoder
+with the same four mask tokens.
+
+``tiny`` and ``sam2.1_tiny`` are small SAM 1 and SAM 2.1 models with random weights
+(fixed seed) so that tests and offline demos run in seconds without a download;
+everything they produce is marked ``random_weights``. Their mask decoders keep the
+official width of 256, so the 4 mask tokens of a point are 4 x 256 = 1024 values as
+with the real models.
+
+Each entry names its engine (``usam.sam.mask_engine.PointGridEngine`` subclass), so
+everything downstream of the registry (extraction, annotation, the benchmarks) works
+the same for every backend.
 """
 
 from __future__ import annotations
@@ -33,7 +42,10 @@ from segment_anything.modeling import (
     TwoWayTransformer,
 )
 
-from usam.sam import checkpoints
+from usam.sam import checkpoints, sam2_backend
+from usam.sam.amg_settings import AmgSettings
+from usam.sam.mask_engine import AutomaticMaskEngine, PointGridEngine
+from usam.sam.sam2_backend import TINY_OVERRIDES
 
 DEFAULT_SEED = 0
 _RANDOM_LOGIT_SCALE = 100.0
@@ -45,25 +57,53 @@ _MOBILE_SAM_MISSING = (
 )
 
 
+def _mask_like_decoder(sam: Sam) -> None:
+    """Make an untrained decoder's masks look like masks rather than noise.
+
+    With default initialisation the decoder's 2x2 transposed convolutions print a 4x4
+    checkerboard on every mask, so each spans the whole image and NMS keeps one; their
+    kernels are made uniform, and the hypernetworks' output scaled up so that logits
+    sit as far from 0 as a trained SAM's and stability scores spread over [0, 1].
+    """
+    decoder = sam.mask_decoder
+    with torch.no_grad():
+        for layer in decoder.output_upscaling:
+            if isinstance(layer, torch.nn.ConvTranspose2d):
+                uniform = layer.weight.mean(dim=(2, 3), keepdim=True)
+                layer.weight.copy_(uniform.expand_as(layer.weight))
+        for mlp in decoder.output_hypernetworks_mlps:
+            mlp.layers[-1].weight.mul_(_RANDOM_LOGIT_SCALE)
+
+
 @dataclass(frozen=True)
 class SamSpec:
     """One buildable SAM. ``checkpoint_name`` is None for architectures with no official weights.
 
-    Neither Meta nor MobileSAM publish checksums; the SHA-256 sums below are the ones
-    that independent projects verifying these downloads agree on (e.g. micro-sam's model
-    table). ``encoder_kind``, ``encoder_width`` and ``encoder_depth`` are what
-    :func:`identify` reads off a state dict: for a ViT the patch embedding width and the
-    block count, for a TinyViT the first stage's width and the blocks of all stages.
+    Neither Meta nor MobileSAM publish checksums; the SHA-256 sums of SAM 1 and MobileSAM
+    below are the ones that independent projects verifying these downloads agree on
+    (e.g. micro-sam's model table). For SAM 2.1 no such agreed sums were found, so they
+    are None: the download is not verified, and the SHA-256 of the file actually loaded
+    is what the shard manifest records. ``encoder_kind``, ``encoder_width`` and
+    ``encoder_depth`` are what :func:`identify` reads off a state dict: for a ViT the
+    patch embedding width and the block count, for a TinyViT the first stage's width and
+    the blocks of all stages, for a Hiera its patch embedding width and block count.
+    ``backend`` names the model family in shard manifests; ``engine`` makes its
+    automatic masks; ``state_key`` is where a checkpoint file keeps the state dict
+    (SAM 2's files hold it under ``model``); ``make_mask_like`` adjusts a random decoder.
     """
 
     model_type: str
-    build: Callable[[], Sam]
+    build: Callable[[], torch.nn.Module]
     encoder_width: int
     encoder_depth: int
     checkpoint_name: str | None = None
     sha256: str | None = None
     url_base: str = _URL_BASE
     encoder_kind: str = "ViT"
+    backend: str = "sam"
+    engine: type[PointGridEngine] = AutomaticMaskEngine
+    state_key: str | None = None
+    make_mask_like: Callable[[torch.nn.Module], None] = _mask_like_decoder
 
     @property
     def url(self) -> str | None:
@@ -162,6 +202,23 @@ def _build_vit_t() -> Sam:
     return _with_sam_heads(encoder, 1024, mlp_dim=2048)
 
 
+def _sam2_spec(size: str, name: str, width: int, depth: int) -> SamSpec:
+    model_type = f"sam2.1_hiera_{size}"
+    return SamSpec(
+        model_type,
+        partial(sam2_backend.build, f"{model_type}.yaml", model_type),
+        encoder_width=width,
+        encoder_depth=depth,
+        checkpoint_name=f"sam2.1_hiera_{name}.pt",
+        url_base=sam2_backend.URL_BASE,
+        encoder_kind="Hiera",
+        backend="sam2",
+        engine=sam2_backend.Sam2MaskEngine,
+        state_key="model",
+        make_mask_like=partial(sam2_backend.mask_like_decoder, logit_scale=_RANDOM_LOGIT_SCALE),
+    )
+
+
 SPECS: dict[str, SamSpec] = {
     "vit_h": SamSpec(
         "vit_h",
@@ -198,6 +255,26 @@ SPECS: dict[str, SamSpec] = {
         encoder_kind="TinyViT",
     ),
     "tiny": SamSpec("tiny", _build_tiny, encoder_width=64, encoder_depth=2),
+    **{
+        f"sam2.1_hiera_{size}": _sam2_spec(size, name, width, depth)
+        for size, name, width, depth in (
+            ("t", "tiny", 96, 12),
+            ("s", "small", 96, 16),
+            ("b+", "base_plus", 112, 24),
+            ("l", "large", 144, 48),
+        )
+    },
+    "sam2.1_tiny": SamSpec(
+        "sam2.1_tiny",
+        partial(sam2_backend.build, "sam2.1_hiera_t.yaml", "sam2.1_tiny", TINY_OVERRIDES),
+        encoder_width=8,
+        encoder_depth=5,
+        encoder_kind="Hiera",
+        backend="sam2",
+        engine=sam2_backend.Sam2MaskEngine,
+        state_key="model",
+        make_mask_like=partial(sam2_backend.mask_like_decoder, logit_scale=_RANDOM_LOGIT_SCALE),
+    ),
 }
 
 
@@ -215,13 +292,14 @@ class SamSettings:
     checkpoint: str | None = None  # the official checkpoint file; None: cache, then download
 
     def check(self) -> None:
-        get_spec(self.model_type)
+        if get_spec(self.model_type).backend == "sam2":
+            sam2_backend.require(self.model_type)
 
     def identity(self) -> dict[str, Any]:
         """What names this SAM for caching, known without loading or hashing the checkpoint."""
         return {"model_type": self.model_type, "checkpoint": self.checkpoint or None}
 
-    def build(self) -> tuple[Sam, dict[str, Any]]:
+    def build(self) -> tuple[torch.nn.Module, dict[str, Any]]:
         return build_sam(self.model_type, self.checkpoint)
 
     def ensure_weights(self) -> Path | None:
@@ -236,6 +314,12 @@ def _encoder_shape(state_dict: dict[str, Any]) -> tuple[str, int, int] | None:
     if isinstance(vit, torch.Tensor):
         blocks = {k.split(".")[2] for k in state_dict if k.startswith("image_encoder.blocks.")}
         return "ViT", vit.shape[0], len(blocks)
+    hiera = state_dict.get("image_encoder.trunk.patch_embed.proj.weight")
+    if isinstance(hiera, torch.Tensor):
+        blocks = {
+            k.split(".")[3] for k in state_dict if k.startswith("image_encoder.trunk.blocks.")
+        }
+        return "Hiera", hiera.shape[0], len(blocks)
     tiny_vit = state_dict.get("image_encoder.patch_embed.seq.2.c.weight")
     if isinstance(tiny_vit, torch.Tensor):
         parts = [k.split(".") for k in state_dict if k.startswith("image_encoder.layers.")]
@@ -256,31 +340,13 @@ def identify(state_dict: dict[str, Any]) -> str | None:
     return f"an unregistered {kind} encoder of width {width} and depth {depth}"
 
 
-def _mask_like_decoder(sam: Sam) -> None:
-    """Make an untrained decoder's masks look like masks rather than noise.
-
-    With default initialisation the decoder's 2x2 transposed convolutions print a 4x4
-    checkerboard on every mask, so each spans the whole image and NMS keeps one; their
-    kernels are made uniform, and the hypernetworks' output scaled up so that logits
-    sit as far from 0 as a trained SAM's and stability scores spread over [0, 1].
-    """
-    decoder = sam.mask_decoder
-    with torch.no_grad():
-        for layer in decoder.output_upscaling:
-            if isinstance(layer, torch.nn.ConvTranspose2d):
-                uniform = layer.weight.mean(dim=(2, 3), keepdim=True)
-                layer.weight.copy_(uniform.expand_as(layer.weight))
-        for mlp in decoder.output_hypernetworks_mlps:
-            mlp.layers[-1].weight.mul_(_RANDOM_LOGIT_SCALE)
-
-
-def build_random(model_type: str, seed: int = DEFAULT_SEED) -> Sam:
+def build_random(model_type: str, seed: int = DEFAULT_SEED) -> torch.nn.Module:
     """Random weights drawn from ``seed`` (leaving the global RNG alone), decoder made mask-like."""
     spec = get_spec(model_type)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = spec.build()
-    _mask_like_decoder(model)
+    spec.make_mask_like(model)
     return model.eval()
 
 
@@ -299,7 +365,7 @@ def build_sam(
     *,
     random_weights: bool = False,
     seed: int = DEFAULT_SEED,
-) -> tuple[Sam, dict[str, Any]]:
+) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Build a SAM in eval mode and describe it for the shard manifest.
 
     With ``random_weights`` (or for an architecture without official weights and no
@@ -308,15 +374,17 @@ def build_sam(
     """
     spec = get_spec(model_type)
     path = None if random_weights else _weights_path(spec, checkpoint)
+    named = {"model_type": model_type, "backend": spec.backend}
     if path is None:
-        info = {"model_type": model_type, "checkpoint_sha256": None, "random_weights": True}
-        return build_random(model_type, seed), {**info, "seed": seed}
+        info = {**named, "checkpoint_sha256": None, "random_weights": True, "seed": seed}
+        return build_random(model_type, seed), info
     model = spec.build()
-    checkpoints.load_into(model, path, model_type, identify=identify)
+    checkpoints.load_into(model, path, model_type, identify=identify, state_key=spec.state_key)
     model.eval()  # after loading: TinyViT caches its attention biases when put in eval mode
-    info = {
-        "model_type": model_type,
-        "checkpoint_sha256": checkpoints.sha256_of(path),
-        "random_weights": False,
-    }
+    info = {**named, "checkpoint_sha256": checkpoints.sha256_of(path), "random_weights": False}
     return model, info
+
+
+def build_engine(model_type: str, model: torch.nn.Module, settings: AmgSettings) -> PointGridEngine:
+    """The automatic mask engine of ``model``'s backend."""
+    return get_spec(model_type).engine(model, settings)

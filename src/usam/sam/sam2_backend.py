@@ -1,0 +1,229 @@
+"""SAM 2.1 as a mask-proposal backend: its models and its automatic masks with tokens.
+
+The models are Meta's ``sam2`` package (``pip install usam[sam2]``), built from the
+config files it ships, so a checkpoint of ``sam2.1_hiera_t|s|b+|l`` loads as it does
+in SAM 2's own ``build_sam2``. Importing ``sam2`` initialises Hydra globally for those
+configs, which would stop a later Hydra application in the same process; usam reads the
+files directly and undoes that initialisation.
+
+:class:`Sam2MaskEngine` runs the computation of
+``sam2.automatic_mask_generator.SAM2AutomaticMaskGenerator`` (points, predictor,
+filters, NMS; ``use_m2m`` off, multimask on), under the same contract as the SAM 1
+engine (``usam.sam.mask_engine``). Its decoder is split where U-SAM needs it: the
+two-way transformer runs on the official point batch and gives the predicted IoUs and
+the four mask tokens (``hs[:, s + 1 : s + 5]`` after the object-score token, 4 x 256
+values, the same layout as SAM 1's); the upscaling with the high-resolution features,
+and the upsampling to the crop, run only for the points some mask of which passed the
+IoU filter. SAM 2's generator has no small-region pass after NMS: it hands
+``min_mask_region_area`` to its predictor, which fills holes and removes sprinkles in
+the low-res logits with the ``sam2`` CUDA extension (and skips that, with a warning,
+where the extension is missing); the engine uses that same predictor code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.resources import files
+from typing import Any
+
+import numpy as np
+import torch
+
+from usam.core.errors import UsageError
+from usam.sam.amg_settings import AmgSettings
+from usam.sam.mask_engine import PointGridEngine
+
+MISSING = (
+    "sam={model_type} needs Meta's sam2 package: "
+    "SAM2_BUILD_CUDA=0 pip install --no-build-isolation 'sam2==1.1.0' (after torch), "
+    "or choose a SAM 1 model (sam=vit_b, vit_l, vit_h, vit_t)"
+)
+URL_BASE = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"
+# The test-sized SAM 2.1: Hiera-T's layout with an 8-wide trunk of 5 blocks. The image
+# size stays 1024, which SAM 2's predictor assumes; the decoder keeps its width of 256.
+TINY_OVERRIDES = {
+    "image_encoder": {
+        "trunk": {
+            "embed_dim": 8,
+            "stages": [1, 1, 2, 1],
+            "global_att_blocks": [3],
+            "window_spec": [8, 4, 4, 4],
+        },
+        "neck": {"backbone_channel_list": [64, 32, 16, 8]},
+    },
+    "memory_attention": {"num_layers": 1},
+}
+
+
+class Sam2Missing(UsageError, ImportError):
+    """The optional ``sam2`` package is not installed."""
+
+
+def require(model_type: str) -> None:
+    """Import ``sam2`` without leaving Hydra initialised; say how to install it if missing."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    hydra_was_set = GlobalHydra.instance().is_initialized()
+    try:
+        import sam2.modeling.sam2_base  # noqa: F401
+    except ImportError as error:
+        raise Sam2Missing(f"{MISSING.format(model_type=model_type)} ({error})") from error
+    finally:
+        if not hydra_was_set:
+            GlobalHydra.instance().clear()
+
+
+def build(config_name: str, model_type: str, overrides: dict[str, Any] | None = None):
+    """A SAM 2 model from one of the config files ``sam2`` ships (``sam2.1_hiera_t.yaml``)."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    require(model_type)
+    config = OmegaConf.load(files("sam2") / "configs" / "sam2.1" / config_name)
+    if overrides:
+        config = OmegaConf.merge(config, {"model": overrides})
+    OmegaConf.resolve(config)
+    return instantiate(config.model, _recursive_=True)
+
+
+def mask_like_decoder(model: torch.nn.Module, logit_scale: float) -> None:
+    """Uniform transposed-convolution kernels and larger hypernetwork outputs, so that an
+    untrained decoder draws regions rather than a checkerboard (as for SAM 1's)."""
+    decoder = model.sam_mask_decoder
+    with torch.no_grad():
+        for layer in decoder.output_upscaling:
+            if isinstance(layer, torch.nn.ConvTranspose2d):
+                uniform = layer.weight.mean(dim=(2, 3), keepdim=True)
+                layer.weight.copy_(uniform.expand_as(layer.weight))
+        for mlp in decoder.output_hypernetworks_mlps:
+            mlp.layers[-1].weight.mul_(logit_scale)
+
+
+@dataclass(frozen=True)
+class Sam2DecodedPoints:
+    """The transformer's outputs for a batch of points; mask logits are made on request."""
+
+    iou_preds: torch.Tensor  # (points, 3) float32, the multimask outputs
+    tokens: torch.Tensor  # (points, 4 * 256) float32
+    hyper_in: torch.Tensor  # (points, 4, upscaled channels)
+    image_keys: torch.Tensor  # (points, 256, h, w): the transformer's image side
+    high_res_features: list[torch.Tensor]
+    output_upscaling: torch.nn.Sequential
+
+    def low_res_masks(self, point_idx: torch.Tensor) -> torch.Tensor:
+        """Multimask low-res logits (len(point_idx), 3, h', w'), as SAM 2's decoder makes them."""
+        dc1, ln1, act1, dc2, act2 = self.output_upscaling
+        feat_s0, feat_s1 = self.high_res_features
+        out = []
+        for i in range(0, len(point_idx), _UPSCALE_CHUNK):
+            idx = point_idx[i : i + _UPSCALE_CHUNK]
+            upscaled = act1(ln1(dc1(self.image_keys[idx]) + feat_s1))
+            upscaled = act2(dc2(upscaled) + feat_s0)
+            n, c, h, w = upscaled.shape
+            masks = (self.hyper_in[idx] @ upscaled.view(n, c, h * w)).view(n, -1, h, w)
+            out.append(masks[:, 1:].float())
+        return torch.cat(out)
+
+
+_UPSCALE_CHUNK = 4  # points upscaled at once: 4 x 32 x 256 x 256 floats stay near 32 MB
+
+
+class Sam2MaskEngine(PointGridEngine):
+    """Automatic masks plus mask tokens of a SAM 2 model (``sam2.modeling.SAM2Base``)."""
+
+    cleans_small_regions_after_nms = False
+
+    def __init__(self, model: torch.nn.Module, settings: AmgSettings | None = None) -> None:
+        super().__init__(model, settings)
+        if self.settings.approximate:
+            raise ValueError(
+                "amg.approximate=true is a SAM 1 engine mode; SAM 2 runs exact only: "
+                "set amg.approximate=false"
+            )
+        from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+        area = self.settings.min_mask_region_area
+        self.predictor = SAM2ImagePredictor(model, max_hole_area=area, max_sprinkle_area=area)
+
+    @property
+    def token_dim(self) -> int:
+        decoder = self.model.sam_mask_decoder
+        return decoder.num_mask_tokens * decoder.transformer_dim
+
+    @property
+    def mask_threshold(self) -> float:
+        return self.predictor.mask_threshold
+
+    def official_generator(self) -> Callable[[np.ndarray], list[dict[str, Any]]]:
+        from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+
+        s = self.settings.as_kwargs()
+        generator = SAM2AutomaticMaskGenerator(self.model, output_mode="coco_rle", **s)
+        return generator.generate
+
+    def official_point_logits(self, crop: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+        from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+        area = self.settings.min_mask_region_area
+        predictor = SAM2ImagePredictor(self.model, max_hole_area=area, max_sprinkle_area=area)
+        predictor.set_image(crop)
+
+        def logits(point: np.ndarray) -> np.ndarray:
+            out, _, _ = predictor.predict(
+                point[None], np.array([1]), multimask_output=True, return_logits=True
+            )
+            return out
+
+        return logits
+
+    def set_image(self, crop: np.ndarray) -> None:
+        self.predictor.set_image(crop)
+
+    def reset_image(self) -> None:
+        self.predictor.reset_predictor()
+
+    def decode(self, points: np.ndarray, crop_size: tuple[int, int]) -> Sam2DecodedPoints:
+        """The first half of ``MaskDecoder.predict_masks`` on the official point batch."""
+        predictor, model = self.predictor, self.model
+        decoder = model.sam_mask_decoder
+        coords = predictor._transforms.transform_coords(
+            torch.as_tensor(points, dtype=torch.float32, device=predictor.device),
+            normalize=True,
+            orig_hw=crop_size,
+        )
+        labels = torch.ones(len(coords), dtype=torch.int, device=coords.device)
+        sparse, dense = model.sam_prompt_encoder(
+            points=(coords[:, None, :], labels[:, None]), boxes=None, masks=None
+        )
+        first = 1 if decoder.pred_obj_scores else 0
+        heads = [decoder.iou_token.weight, decoder.mask_tokens.weight]
+        if first:
+            heads.insert(0, decoder.obj_score_token.weight)
+        output_tokens = torch.cat(heads).unsqueeze(0).expand(sparse.size(0), -1, -1)
+        tokens = torch.cat((output_tokens, sparse), dim=1)
+        n = tokens.shape[0]
+        features = predictor._features
+        src = torch.repeat_interleave(features["image_embed"][-1:], n, dim=0) + dense
+        image_pe = model.sam_prompt_encoder.get_dense_pe()
+        pos_src = torch.repeat_interleave(image_pe, n, dim=0)
+        b, c, h, w = src.shape
+        hs, src = decoder.transformer(src, pos_src, tokens)
+        mask_tokens = hs[:, first + 1 : first + 1 + decoder.num_mask_tokens, :]
+        hyper_in = torch.stack(
+            [mlp(mask_tokens[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)],
+            dim=1,
+        )
+        iou_preds = decoder.iou_prediction_head(hs[:, first, :])
+        return Sam2DecodedPoints(
+            iou_preds=iou_preds[:, 1:].float(),
+            tokens=mask_tokens.flatten(1).float(),
+            hyper_in=hyper_in,
+            image_keys=src.transpose(1, 2).view(b, c, h, w),
+            high_res_features=[level[-1:] for level in features["high_res_feats"]],
+            output_upscaling=decoder.output_upscaling,
+        )
+
+    def upsample(self, low_res: torch.Tensor) -> torch.Tensor:
+        transforms = self.predictor._transforms
+        return transforms.postprocess_masks(low_res[:, None], self.predictor._orig_hw[-1])[:, 0]

