@@ -5,13 +5,15 @@ with the ``amg`` settings), extracted on demand and cached under
 ``paths.data_dir/shards`` by the id of its images, SAM and settings, so the next
 evaluation with the same SAM reuses it. With ``ckpt=null`` only that happens,
 and the shard set's path is printed (the evaluation callback of ``usam.fit``
-reads it). Results go to the Hydra run directory: ``metrics.json``,
-``per_class.csv``, ``overlays/*.png``, ``sweep.csv`` and ``sweep.png``.
+reads it). ``baseline=sam3`` scores SAM 3's own detections instead, written to
+``sam3_detections/`` in the run folder. Results go to the Hydra run directory:
+``metrics.json``, ``per_class.csv``, ``overlays/*.png``, ``sweep.csv`` and ``sweep.png``.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from usam.data.extraction import ExtractSettings
 from usam.data.sources import ImageSource
 from usam.evaluation.clip_baseline import clip_predictor
 from usam.evaluation.reports import log_to_wandb, write_outputs
+from usam.evaluation.sam3_baseline import Sam3Settings, sam3_baseline
 from usam.evaluation.scoring import (
     NOT_MEANINGFUL,
     SWEEP_ON_TEST,
@@ -66,15 +69,21 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     data_dir = Path(cfg.paths.data_dir)
     device = resolve_device(cfg.device, "device")
     vocabulary = None
+    shards = None  # SAM 3 brings its own masks; the others score SAM's automatic ones
     if cfg.get("baseline"):
         if cfg.ckpt:
             raise ValueError(
                 f"ckpt={cfg.ckpt} is a U-SAM head; the baseline takes none (ckpt=null)"
             )
-        baseline = OmegaConf.to_container(cfg.baseline, resolve=True)
-        predictor = clip_predictor(baseline, source, settings, device)
         label = f"{cfg.baseline.name} on {cfg.eval_data.name}"
-        extra = {"baseline": cfg.baseline.name, "clip": baseline["clip"]}
+        if cfg.baseline.name == "sam3":
+            sam3 = settings_from_config(Sam3Settings, cfg.baseline.sam3, "baseline.sam3")
+            predictor, shards = sam3_baseline(sam3, source, settings, cfg.paths.output_dir, device)
+            extra = {"baseline": "sam3", "sam3": asdict(sam3)}
+        else:
+            baseline = OmegaConf.to_container(cfg.baseline, resolve=True)
+            predictor = clip_predictor(baseline, source, settings, device)
+            extra = {"baseline": cfg.baseline.name, "clip": baseline["clip"]}
     elif cfg.ckpt:
         predictor = Predictor.from_checkpoint(cfg.ckpt, settings, device)
         predictor.checkpoint.check_sam(sam.model_type, EvaluationError)
@@ -86,7 +95,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         ready = eval_shards(cfg.eval_data, source, data_dir, sam, amg, extract)
         print(f"evaluation shard set ready: {ready}")
         return None
-    shards = eval_shards(cfg.eval_data, source, data_dir, sam, amg, extract)
+    shards = shards or eval_shards(cfg.eval_data, source, data_dir, sam, amg, extract)
     evaluation = evaluate(
         shards,
         predictor,
