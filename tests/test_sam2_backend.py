@@ -137,6 +137,8 @@ def test_fit_and_eval_run_on_sam2_and_a_head_refuses_another_backend(tmp_path):
         cwd=tmp_path,
     )
     assert fit.returncode == 0, fit.stderr[-3000:]
+    assert "RANDOM WEIGHTS" in fit.stdout
+    assert "jit.script" not in fit.stdout + fit.stderr  # sam2's import chatter is silenced
     (shards,) = (tmp_path / "data" / "shards").iterdir()
     assert "-sam2.1_tiny-" in shards.name
     manifest = read_manifest(shards / "train")
