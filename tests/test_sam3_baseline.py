@@ -31,6 +31,7 @@ from usam.inference.predictor import InferenceSettings, Predictor, select_instan
 
 from helpers.commands import run_python
 from helpers.evaluation import write_voc
+from helpers.wandb_runs import offline_record
 
 LOW = ["baseline.sam3.score_threshold=0.2", "inference.confidence_threshold=0.2"]
 
@@ -89,11 +90,14 @@ def test_command_scores_sam3_detections_with_the_shared_metrics(voc, tmp_path):
         "sweep.nms_ious=[0.5]",
         "num_overlays=1",
         "device=cpu",
+        "wandb.enabled=true",
         f"paths.root_dir={tmp_path}",
         f"hydra.run.dir={run_dir}",
         cwd=tmp_path,
     )
     assert shown.returncode == 0, shown.stderr[-2000:]
+    record = offline_record(run_dir / "wandb", b"baseline:sam3", b"random-weights")
+    assert b"sam:tiny" not in record  # no SAM 1 model took part
     assert "RANDOM WEIGHTS: SAM 3 is untrained" in shown.stdout
     assert f"NOT MEANINGFUL: {Sam3Checkpoint.random_weights_reason}" in shown.stdout
     assert "SAM 3" in shown.stderr and "2/2" in shown.stderr  # a bar with its total

@@ -67,7 +67,11 @@ def run_identity(cfg: DictConfig, job: str, random_weights: bool) -> RunIdentity
     tags += [f"experiment:{experiment}"] if experiment else []
     if "data" in cfg:
         tags.append(f"source:{cfg.data.source}")
-    tags.append(f"sam:{cfg.sam.model_type}")
+    baseline = cfg.get("baseline")
+    if baseline:
+        tags.append(f"baseline:{baseline.name}")
+    if not baseline or baseline.name != "sam3":  # SAM 3 makes its own masks
+        tags.append(f"sam:{cfg.sam.model_type}")
     if random_weights:
         tags.append(RANDOM_WEIGHTS_TAG)
     return RunIdentity(name=name, group=group, tags=list(dict.fromkeys(tags)))
