@@ -53,7 +53,7 @@ def test_eval_extracts_once_and_writes_its_results(tmp_path, capsys):
     summary = run(compose_eval(tmp_path, *data, f"ckpt={ckpt}", "wandb.enabled=true"))
     out = capsys.readouterr().out
     assert "extracting" not in out  # cached by the id of images, SAM and settings
-    assert "NOT MEANINGFUL" in out and "evaluation embeddings: an untrained SAM (tiny)" in out
+    assert "NOT MEANINGFUL" in out and "evaluation masks: an untrained SAM (tiny)" in out
     run_dir = tmp_path / "run"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics == json.loads(json.dumps(summary))

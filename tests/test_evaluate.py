@@ -235,7 +235,7 @@ def test_random_weight_reasons():
     assert not_meaningful_reasons(manifest, Real()) == []
     manifest.synthetic = True
     assert not_meaningful_reasons(manifest, Real()) == [
-        "evaluation embeddings: synthetic embeddings (no SAM)"
+        "evaluation masks: synthetic embeddings (no SAM)"
     ]
 
 

@@ -138,7 +138,7 @@ def _folder_name(trainer: L.Trainer, prefix: str) -> str:
 
 def _scores(evaluation: Evaluation) -> dict[str, float]:
     """The scalars to log: mIoU (percent), mAP50 (fraction), IoU of each class that occurs,
-    and whether the evaluation embeddings or the head come from random weights.
+    and whether the evaluation masks or the head come from random weights.
     """
     scores = {
         "mIoU": evaluation.miou,

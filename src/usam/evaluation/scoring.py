@@ -200,7 +200,7 @@ def not_meaningful_reasons(manifest: Manifest, predictor: Predictor) -> list[str
     reasons = []
     if predictor.checkpoint.random_weights:
         reasons.append(predictor.checkpoint.random_weights_reason)
-    return reasons + [f"evaluation embeddings: {r}" for r in manifest.random_weight_reasons()]
+    return reasons + [f"evaluation masks: {r}" for r in manifest.random_weight_reasons()]
 
 
 def _truth_of(record: ImageRecord, vocabulary: Vocabulary, directory: Path) -> GroundTruth:
