@@ -13,7 +13,7 @@ from usam.formats.embedding_shards import ShardSetError, read_manifest
 from usam.images.stable_diffusion import GenerationError
 from usam.sam.checkpoints import CheckpointError
 
-from helpers.commands import CONF_DIR, ROOT, compose_config, run_overrides
+from helpers.commands import CONF_DIR, ROOT, TINY_TEACHER_FIT, compose_config, run_overrides
 from helpers.wandb_runs import offline_record
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
@@ -130,26 +130,13 @@ def test_missing_inputs_say_what_to_do(tmp_path, overrides, error, message):
 def test_class_names_to_trained_head_on_tiny_models(tmp_path):
     """fit alone: tiny SD images -> tiny SAM shards -> teacher, every step cached."""
     overrides = [
-        "data=voc",
-        "data.classes=[cat,dog]",
-        "generate=tiny",
+        *TINY_TEACHER_FIT,
         "generate.per_class=3",
         "sam=tiny",
         "amg.points_per_side=4",
-        "amg.pred_iou_thresh=0",
         "amg.stability_score_thresh=0.3",
         "extract.val_fraction=0.34",
-        "extract.num_workers=0",
-        "extract.trainer.accelerator=cpu",
-        "extract.trainer.enable_progress_bar=false",
         "extract.images_per_shard=2",
-        "data.num_workers=0",
-        "data.batch_size=2",
-        "stage=teacher",
-        "trainer.max_epochs=1",
-        "trainer.accelerator=cpu",
-        "trainer.enable_progress_bar=false",
-        "logger=csv",
         f"paths.root_dir={tmp_path}",
         f"paths.data_dir={tmp_path}/data",
         f"paths.output_dir={tmp_path}/run",

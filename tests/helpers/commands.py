@@ -34,6 +34,25 @@ TINY_EVAL = [
 ]
 
 
+# usam.fit overrides: class names -> tiny SD images -> shards -> one teacher epoch, on CPU
+TINY_TEACHER_FIT = [
+    "data=voc",
+    "data.classes=[cat,dog]",
+    "generate=tiny",
+    "amg.pred_iou_thresh=0",
+    "extract.num_workers=0",
+    "extract.trainer.accelerator=cpu",
+    "extract.trainer.enable_progress_bar=false",
+    "data.num_workers=0",
+    "data.batch_size=2",
+    "stage=teacher",
+    "trainer.max_epochs=1",
+    "trainer.accelerator=cpu",
+    "trainer.enable_progress_bar=false",
+    "logger=csv",
+]
+
+
 def compose_config(name: str, overrides: list[str]) -> DictConfig:
     """The entry config ``conf/<name>.yaml`` with Hydra command-line ``overrides``."""
     register_resolvers()

@@ -202,9 +202,22 @@ class PointGridEngine:
         """The backend's own automatic mask generator with these settings, COCO RLE output."""
         raise NotImplementedError
 
+    def official_predictor(self) -> Any:
+        """The backend's own predictor (``set_image``, ``predict``) with these settings."""
+        raise NotImplementedError
+
     def official_point_logits(self, crop: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
         """The official predictor on ``crop``: (3, h, w) multimask logits of one point alone."""
-        raise NotImplementedError
+        predictor = self.official_predictor()
+        predictor.set_image(crop)
+
+        def logits(point: np.ndarray) -> np.ndarray:
+            out, _, _ = predictor.predict(
+                point[None], np.array([1]), multimask_output=True, return_logits=True
+            )
+            return out
+
+        return logits
 
     def set_image(self, crop: np.ndarray) -> None:
         raise NotImplementedError
@@ -423,17 +436,8 @@ class AutomaticMaskEngine(PointGridEngine):
         )
         return generator.generate
 
-    def official_point_logits(self, crop: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
-        predictor = SamPredictor(self.model)
-        predictor.set_image(crop)
-
-        def logits(point: np.ndarray) -> np.ndarray:
-            out, _, _ = predictor.predict(
-                point[None], np.array([1]), multimask_output=True, return_logits=True
-            )
-            return out
-
-        return logits
+    def official_predictor(self) -> SamPredictor:
+        return SamPredictor(self.model)
 
     def set_image(self, crop: np.ndarray) -> None:
         self.predictor.set_image(crop)

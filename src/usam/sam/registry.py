@@ -57,15 +57,15 @@ _MOBILE_SAM_MISSING = (
 )
 
 
-def _mask_like_decoder(sam: Sam) -> None:
-    """Make an untrained decoder's masks look like masks rather than noise.
+def _mask_like_decoder(decoder: torch.nn.Module) -> None:
+    """Make an untrained decoder's masks look like masks rather than noise (SAM 1's and
+    SAM 2's decoders alike).
 
     With default initialisation the decoder's 2x2 transposed convolutions print a 4x4
     checkerboard on every mask, so each spans the whole image and NMS keeps one; their
     kernels are made uniform, and the hypernetworks' output scaled up so that logits
     sit as far from 0 as a trained SAM's and stability scores spread over [0, 1].
     """
-    decoder = sam.mask_decoder
     with torch.no_grad():
         for layer in decoder.output_upscaling:
             if isinstance(layer, torch.nn.ConvTranspose2d):
@@ -89,7 +89,7 @@ class SamSpec:
     the blocks of all stages, for a Hiera its patch embedding width and block count.
     ``backend`` names the model family in shard manifests; ``engine`` makes its
     automatic masks; ``state_key`` is where a checkpoint file keeps the state dict
-    (SAM 2's files hold it under ``model``); ``make_mask_like`` adjusts a random decoder.
+    (SAM 2's files hold it under ``model``); ``decoder_attribute`` names the mask decoder.
     """
 
     model_type: str
@@ -103,7 +103,7 @@ class SamSpec:
     backend: str = "sam"
     engine: type[PointGridEngine] = AutomaticMaskEngine
     state_key: str | None = None
-    make_mask_like: Callable[[torch.nn.Module], None] = _mask_like_decoder
+    decoder_attribute: str = "mask_decoder"
 
     @property
     def url(self) -> str | None:
@@ -215,7 +215,7 @@ def _sam2_spec(size: str, name: str, width: int, depth: int) -> SamSpec:
         backend="sam2",
         engine=sam2_backend.Sam2MaskEngine,
         state_key="model",
-        make_mask_like=partial(sam2_backend.mask_like_decoder, logit_scale=_RANDOM_LOGIT_SCALE),
+        decoder_attribute="sam_mask_decoder",
     )
 
 
@@ -273,7 +273,7 @@ SPECS: dict[str, SamSpec] = {
         backend="sam2",
         engine=sam2_backend.Sam2MaskEngine,
         state_key="model",
-        make_mask_like=partial(sam2_backend.mask_like_decoder, logit_scale=_RANDOM_LOGIT_SCALE),
+        decoder_attribute="sam_mask_decoder",
     ),
 }
 
@@ -346,7 +346,7 @@ def build_random(model_type: str, seed: int = DEFAULT_SEED) -> torch.nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = spec.build()
-    spec.make_mask_like(model)
+    _mask_like_decoder(getattr(model, spec.decoder_attribute))
     return model.eval()
 
 

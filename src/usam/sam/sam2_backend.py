@@ -87,19 +87,6 @@ def build(config_name: str, model_type: str, overrides: dict[str, Any] | None = 
     return instantiate(config.model, _recursive_=True)
 
 
-def mask_like_decoder(model: torch.nn.Module, logit_scale: float) -> None:
-    """Uniform transposed-convolution kernels and larger hypernetwork outputs, so that an
-    untrained decoder draws regions rather than a checkerboard (as for SAM 1's)."""
-    decoder = model.sam_mask_decoder
-    with torch.no_grad():
-        for layer in decoder.output_upscaling:
-            if isinstance(layer, torch.nn.ConvTranspose2d):
-                uniform = layer.weight.mean(dim=(2, 3), keepdim=True)
-                layer.weight.copy_(uniform.expand_as(layer.weight))
-        for mlp in decoder.output_hypernetworks_mlps:
-            mlp.layers[-1].weight.mul_(logit_scale)
-
-
 @dataclass(frozen=True)
 class Sam2DecodedPoints:
     """The transformer's outputs for a batch of points; mask logits are made on request."""
@@ -141,10 +128,7 @@ class Sam2MaskEngine(PointGridEngine):
                 "amg.approximate=true is a SAM 1 engine mode; SAM 2 runs exact only: "
                 "set amg.approximate=false"
             )
-        from sam2.sam2_image_predictor import SAM2ImagePredictor
-
-        area = self.settings.min_mask_region_area
-        self.predictor = SAM2ImagePredictor(model, max_hole_area=area, max_sprinkle_area=area)
+        self.predictor = self.official_predictor()
 
     @property
     def token_dim(self) -> int:
@@ -162,20 +146,11 @@ class Sam2MaskEngine(PointGridEngine):
         generator = SAM2AutomaticMaskGenerator(self.model, output_mode="coco_rle", **s)
         return generator.generate
 
-    def official_point_logits(self, crop: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    def official_predictor(self) -> Any:
         from sam2.sam2_image_predictor import SAM2ImagePredictor
 
         area = self.settings.min_mask_region_area
-        predictor = SAM2ImagePredictor(self.model, max_hole_area=area, max_sprinkle_area=area)
-        predictor.set_image(crop)
-
-        def logits(point: np.ndarray) -> np.ndarray:
-            out, _, _ = predictor.predict(
-                point[None], np.array([1]), multimask_output=True, return_logits=True
-            )
-            return out
-
-        return logits
+        return SAM2ImagePredictor(self.model, max_hole_area=area, max_sprinkle_area=area)
 
     def set_image(self, crop: np.ndarray) -> None:
         self.predictor.set_image(crop)
