@@ -84,7 +84,15 @@ def _attention_core(module, q, k, v, side: ImageSide, *, buffered: bool) -> torc
     of matrices; for a point alone they fold into strided matrices, which takes other
     kernels, with other rounding on some CPUs (AMD EPYC with MKL). Unless the official
     batch is one point, a lone point's views are copied as a batch's would be.
+    SAM 2's attention (which has ``dropout_p``) is PyTorch's fused
+    ``scaled_dot_product_attention``, as in its own ``Attention.forward``.
     """
+    if hasattr(module, "dropout_p"):
+        heads = module.num_heads
+        q, k, v = (module._separate_heads(x, heads) for x in (q, k, v))
+        if q.shape[0] == 1 and side.batch_of_many:
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        return module._recombine_heads(F.scaled_dot_product_attention(q, k, v))
     q = module._separate_heads(q, module.num_heads)
     k_t = module._separate_heads(k, module.num_heads).permute(0, 1, 3, 2)
     v = module._separate_heads(v, module.num_heads)
@@ -260,6 +268,41 @@ def two_way_block(block, queries, chunks, query_pe, side, *, folded: bool, index
         layer=index,
     )
     return queries, chunks
+
+
+def two_way_transformer(
+    transformer,
+    tokens: torch.Tensor,
+    features: torch.Tensor,
+    dense: torch.Tensor,
+    side: ImageSide,
+    *,
+    chunk: int,
+    folded: bool,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The decoder's ``TwoWayTransformer`` (SAM 1's or SAM 2's) on a batch of point
+    tokens, the image embedding ``features`` (1, C, H, W) and the dense prompt embeddings
+    (the same for every point). Returns the token outputs and the final image keys,
+    ``chunk`` points per tensor.
+    """
+    side.batch_of_many = tokens.shape[0] > 1
+    sizes = [min(chunk, len(tokens) - i) for i in range(0, len(tokens), chunk)]
+    initial = {n: (features + dense[:n]).flatten(2).permute(0, 2, 1) for n in set(sizes)}
+    chunks = [initial[n] for n in sizes]
+    queries = tokens
+    for i, layer in enumerate(transformer.layers):
+        queries, chunks = two_way_block(
+            layer, queries, chunks, tokens, side, folded=folded, index=i
+        )
+    attn = to_image(
+        transformer.final_attn_token_to_image,
+        queries + tokens,
+        chunks,
+        side,
+        folded=folded,
+        shared=False,
+    )
+    return transformer.norm_final_attn(queries + attn), chunks
 
 
 def to_image(module, q_tokens, chunks, side, *, folded: bool, shared: bool) -> torch.Tensor:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from segment_anything import SamPredictor
 
-from usam.sam.decoder_attention import ImageSide, to_image, two_way_block, upscale
+from usam.sam.decoder_attention import ImageSide, two_way_transformer, upscale
 
 _UPSCALE_CHUNK = 2  # points per pass of the decoder's transposed convolutions: fastest on CPU
 # Devices whose decoder runs under bf16 autocast in approximate mode. Not CPU: even with
@@ -57,28 +57,16 @@ class PointDecoder:
         )
         output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
         tokens = torch.cat((output_tokens.unsqueeze(0).expand(sparse.size(0), -1, -1), sparse), 1)
-        features = predictor.features
-        side = self._image_side()
-        side.batch_of_many = tokens.shape[0] > 1
-        sizes = [min(self.chunk, len(tokens) - i) for i in range(0, len(tokens), self.chunk)]
-        initial = {n: (features + dense[:n]).flatten(2).permute(0, 2, 1) for n in set(sizes)}
-        chunks = [initial[n] for n in sizes]
-        transformer = decoder.transformer
         with self.low_precision():
-            queries = tokens
-            for i, layer in enumerate(transformer.layers):
-                queries, chunks = two_way_block(
-                    layer, queries, chunks, tokens, side, folded=self.approximate, index=i
-                )
-            attn = to_image(
-                transformer.final_attn_token_to_image,
-                queries + tokens,
-                chunks,
-                side,
+            hs, chunks = two_way_transformer(
+                decoder.transformer,
+                tokens,
+                predictor.features,
+                dense,
+                self._image_side(),
+                chunk=self.chunk,
                 folded=self.approximate,
-                shared=False,
             )
-            hs = transformer.norm_final_attn(queries + attn)
             iou_preds = decoder.iou_prediction_head(hs[:, 0, :])
             mask_tokens = hs[:, 1 : 1 + decoder.num_mask_tokens, :]
             hyper_in = torch.stack(
@@ -93,7 +81,7 @@ class PointDecoder:
             tokens=mask_tokens.flatten(1).float(),
             hyper_in=hyper_in,
             image_keys=chunks,
-            image_shape=tuple(features.shape[1:]),
+            image_shape=tuple(predictor.features.shape[1:]),
             decoder=self,
         )
 

@@ -9,8 +9,10 @@ files directly and undoes that initialisation.
 :class:`Sam2MaskEngine` runs the computation of
 ``sam2.automatic_mask_generator.SAM2AutomaticMaskGenerator`` (points, predictor,
 filters, NMS; ``use_m2m`` off, multimask on), under the same contract as the SAM 1
-engine (``usam.sam.mask_engine``). Its decoder is split where U-SAM needs it: the
-two-way transformer runs on the official point batch and gives the predicted IoUs and
+engine (``usam.sam.mask_engine``). Its decoder runs as the SAM 1 engine's does
+(``usam.sam.decoder_attention``): the two-way transformer's token side on the official
+point batch, its image side (4096 x 256 values per point) one point at a time so that it
+stays in cache, with SAM 2's fused attention kernel. That gives the predicted IoUs and
 the four mask tokens (``hs[:, s + 1 : s + 5]`` after the object-score token, 4 x 256
 values, the same layout as SAM 1's); the upscaling with the high-resolution features,
 and the upsampling to the crop, run only for the points some mask of which passed the
@@ -32,6 +34,7 @@ import torch
 
 from usam.core.errors import UsageError
 from usam.sam.amg_settings import AmgSettings
+from usam.sam.decoder_attention import ImageSide, two_way_transformer
 from usam.sam.mask_engine import PointGridEngine
 
 MISSING = (
@@ -94,7 +97,8 @@ class Sam2DecodedPoints:
     iou_preds: torch.Tensor  # (points, 3) float32, the multimask outputs
     tokens: torch.Tensor  # (points, 4 * 256) float32
     hyper_in: torch.Tensor  # (points, 4, upscaled channels)
-    image_keys: torch.Tensor  # (points, 256, h, w): the transformer's image side
+    image_keys: list[torch.Tensor]  # per point (1, h * w, 256): the transformer's image side
+    image_shape: tuple[int, int, int]  # (channels, height, width) of the image embedding
     high_res_features: list[torch.Tensor]
     output_upscaling: torch.nn.Sequential
 
@@ -102,13 +106,16 @@ class Sam2DecodedPoints:
         """Multimask low-res logits (len(point_idx), 3, h', w'), as SAM 2's decoder makes them."""
         dc1, ln1, act1, dc2, act2 = self.output_upscaling
         feat_s0, feat_s1 = self.high_res_features
+        c, h, w = self.image_shape
         out = []
         for i in range(0, len(point_idx), _UPSCALE_CHUNK):
-            idx = point_idx[i : i + _UPSCALE_CHUNK]
-            upscaled = act1(ln1(dc1(self.image_keys[idx]) + feat_s1))
+            idx = point_idx[i : i + _UPSCALE_CHUNK].tolist()
+            keys = torch.cat([self.image_keys[j] for j in idx])
+            src = keys.transpose(1, 2).view(len(idx), c, h, w)
+            upscaled = act1(ln1(dc1(src) + feat_s1))
             upscaled = act2(dc2(upscaled) + feat_s0)
-            n, c, h, w = upscaled.shape
-            masks = (self.hyper_in[idx] @ upscaled.view(n, c, h * w)).view(n, -1, h, w)
+            n, cu, hu, wu = upscaled.shape
+            masks = (self.hyper_in[idx] @ upscaled.view(n, cu, hu * wu)).view(n, -1, hu, wu)
             out.append(masks[:, 1:].float())
         return torch.cat(out)
 
@@ -129,6 +136,7 @@ class Sam2MaskEngine(PointGridEngine):
                 "set amg.approximate=false"
             )
         self.predictor = self.official_predictor()
+        self._side: ImageSide | None = None
 
     @property
     def token_dim(self) -> int:
@@ -159,7 +167,7 @@ class Sam2MaskEngine(PointGridEngine):
         self.predictor.reset_predictor()
 
     def decode(self, points: np.ndarray, crop_size: tuple[int, int]) -> Sam2DecodedPoints:
-        """The first half of ``MaskDecoder.predict_masks`` on the official point batch."""
+        """``MaskDecoder.predict_masks`` up to the upscaling, its image side point by point."""
         predictor, model = self.predictor, self.model
         decoder = model.sam_mask_decoder
         coords = predictor._transforms.transform_coords(
@@ -177,13 +185,11 @@ class Sam2MaskEngine(PointGridEngine):
             heads.insert(0, decoder.obj_score_token.weight)
         output_tokens = torch.cat(heads).unsqueeze(0).expand(sparse.size(0), -1, -1)
         tokens = torch.cat((output_tokens, sparse), dim=1)
-        n = tokens.shape[0]
         features = predictor._features
-        src = torch.repeat_interleave(features["image_embed"][-1:], n, dim=0) + dense
-        image_pe = model.sam_prompt_encoder.get_dense_pe()
-        pos_src = torch.repeat_interleave(image_pe, n, dim=0)
-        b, c, h, w = src.shape
-        hs, src = decoder.transformer(src, pos_src, tokens)
+        image = features["image_embed"][-1:]
+        hs, chunks = two_way_transformer(
+            decoder.transformer, tokens, image, dense, self._image_side(), chunk=1, folded=False
+        )
         mask_tokens = hs[:, first + 1 : first + 1 + decoder.num_mask_tokens, :]
         hyper_in = torch.stack(
             [mlp(mask_tokens[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)],
@@ -194,10 +200,18 @@ class Sam2MaskEngine(PointGridEngine):
             iou_preds=iou_preds[:, 1:].float(),
             tokens=mask_tokens.flatten(1).float(),
             hyper_in=hyper_in,
-            image_keys=src.transpose(1, 2).view(b, c, h, w),
+            image_keys=chunks,
+            image_shape=tuple(image.shape[1:]),
             high_res_features=[level[-1:] for level in features["high_res_feats"]],
             output_upscaling=decoder.output_upscaling,
         )
+
+    def _image_side(self) -> ImageSide:
+        """The reused image-side state; the positional encoding is the model's."""
+        if self._side is None:
+            dense_pe = self.model.sam_prompt_encoder.get_dense_pe()
+            self._side = ImageSide(dense_pe.flatten(2).permute(0, 2, 1))
+        return self._side
 
     def upsample(self, low_res: torch.Tensor) -> torch.Tensor:
         transforms = self.predictor._transforms
