@@ -1,4 +1,5 @@
-"""The mask decoder's two-way transformer, with its image-side work done per point chunk.
+"""The mask decoder's two-way transformer (SAM 1's and SAM 2's, which share its layout),
+with its image-side work done per point chunk.
 
 The image side (4096 x 256 values per point for the 1024-pixel models) is memory-bound,
 so it runs a few points at a time to stay in cache, while the token-side layers see
