@@ -4,6 +4,7 @@ its official checkpoint layout, and run end to end by the commands as a user run
 from __future__ import annotations
 
 import json
+import sys
 from importlib.util import find_spec
 
 import numpy as np
@@ -16,7 +17,8 @@ from usam.inference.predictor import load_head
 from usam.sam.agreement import point_ious
 from usam.sam.amg_settings import AmgSettings
 from usam.sam.checkpoints import CheckpointError
-from usam.sam.registry import SPECS, build_engine, build_sam, identify
+from usam.sam.registry import SPECS, SamSettings, build_engine, build_sam, identify
+from usam.sam.sam2_backend import Sam2Missing
 
 from helpers.commands import TINY_TEACHER_FIT, compose_config, run_python
 from helpers.official_amg import assert_matches_official, shapes_image
@@ -86,6 +88,12 @@ def test_a_missing_checkpoint_names_its_url_and_key(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CheckpointError, match=r"092824/sam2.1_hiera_base_plus.pt.*sam.checkpoint"):
         build_sam("sam2.1_hiera_b+")
+
+
+def test_a_missing_sam2_package_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sam2.modeling.sam2_base", None)  # import fails
+    with pytest.raises(Sam2Missing, match=r"sam=sam2.1_hiera_t needs .*sam2==1.1.0"):
+        SamSettings("sam2.1_hiera_t").check()
 
 
 def test_every_sam2_size_composes_from_the_command_line():
