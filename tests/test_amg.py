@@ -22,8 +22,8 @@ from segment_anything.modeling import ImageEncoderViT
 from usam.formats.embedding_shards import decode_sample, encode_record
 from usam.sam.agreement import LOGIT_RTOL, compare_with_official, point_ious
 from usam.sam.amg_settings import AmgSettings
-from usam.sam.mask_engine import AutomaticMaskEngine
 from usam.sam.registry import _with_sam_heads, build_sam
+from usam.sam.sam1_backend import AutomaticMaskEngine
 
 from helpers.official_amg import assert_matches_official, official, shapes_image
 
@@ -183,7 +183,7 @@ sys.path.insert(0, sys.argv[1])
 from helpers.official_amg import official, shapes_image
 from usam.sam.agreement import compare_with_official
 from usam.sam.amg_settings import AmgSettings
-from usam.sam.mask_engine import AutomaticMaskEngine
+from usam.sam.sam1_backend import AutomaticMaskEngine
 from usam.sam.registry import build_sam
 
 sam = build_sam("tiny")[0]

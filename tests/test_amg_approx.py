@@ -20,8 +20,8 @@ import yaml
 import usam.sam.point_decoder
 from usam.sam.agreement import agreement
 from usam.sam.amg_settings import AmgSettings
-from usam.sam.mask_engine import AutomaticMaskEngine
 from usam.sam.registry import build_sam
+from usam.sam.sam1_backend import AutomaticMaskEngine
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "amg" / "default.yaml"
 # Every multimask output of every point and no box NMS, so that ~500 masks are compared,

@@ -23,8 +23,8 @@ from usam.data.sources import SourceImage, load_rgb
 from usam.inference.annotator import AnnotationError, Annotator
 from usam.inference.predictor import InferenceSettings, Predictor, load_head
 from usam.inference.semantic_map import semantic_from_instances
-from usam.sam.mask_engine import AutomaticMaskEngine
 from usam.sam.registry import build_sam
+from usam.sam.sam1_backend import AutomaticMaskEngine
 
 from helpers.commands import TINY_EVAL, compose_config
 from helpers.evaluation import AMG, head_checkpoint
@@ -134,7 +134,7 @@ def test_coco_file_matches_the_predictor(annotated):
     assert coco.dataset["info"]["not_meaningful_because"] == summary["not_meaningful_because"]
     # the independent path: tiny SAM's masks of the same pixels through the Predictor
     sam, _ = build_sam("tiny")
-    from usam.sam.mask_engine import AutomaticMaskEngine
+    from usam.sam.sam1_backend import AutomaticMaskEngine
 
     engine = AutomaticMaskEngine(sam, AMG)
     predictor = Predictor(load_head(ckpt), InferenceSettings(confidence_threshold=0.3))

@@ -17,8 +17,8 @@ from usam.data.sources import FolderSource, ImageShardSource
 from usam.formats.embedding_shards import iter_records, read_manifest
 from usam.formats.image_shards import ImageShardWriter, encode_jpeg
 from usam.sam.amg_settings import AmgSettings
-from usam.sam.mask_engine import AutomaticMaskEngine
 from usam.sam.registry import SamSettings, build_sam
+from usam.sam.sam1_backend import AutomaticMaskEngine
 
 from helpers.commands import ROOT, run_python
 

@@ -12,8 +12,8 @@ import torch
 
 from usam.sam.amg_settings import AmgSettings
 from usam.sam.checkpoints import CheckpointError
-from usam.sam.mask_engine import AutomaticMaskEngine
 from usam.sam.registry import SPECS, build_sam, identify
+from usam.sam.sam1_backend import AutomaticMaskEngine
 
 from helpers.official_amg import assert_matches_official, shapes_image
 

@@ -19,7 +19,7 @@ _PUBLIC = {
     "InferenceSettings": "usam.inference.predictor",
     "load_head": "usam.inference.predictor",
     "AmgSettings": "usam.sam.amg_settings",
-    "AutomaticMaskEngine": "usam.sam.mask_engine",
+    "AutomaticMaskEngine": "usam.sam.sam1_backend",
     "SamSettings": "usam.sam.registry",
     "build_sam": "usam.sam.registry",
     "load_vocabulary": "usam.core.vocabulary",

@@ -1,11 +1,11 @@
-"""SAM's automatic mask generation: the official generator's computation, faster, with tokens.
+"""Automatic mask generation over a point grid, with tokens, for every backend.
 
-Exact mode (the default) runs the computation of
-``segment_anything.SamAutomaticMaskGenerator.generate`` with the same weights and
-settings, and gives its products the official layouts so that the BLAS picks the same
-kernels: on a 2-core AMD EPYC with MKL (and on the Intel CPUs with AMX this was first
-measured on) the output is bit-identical, all 768 masks and scores of vit_b at 16 x 16
-points. But kernels, and so rounding, change with the CPU, the thread count (the
+usam's engines run the computation of each backend's official automatic mask generator
+(``segment_anything.SamAutomaticMaskGenerator`` for SAM 1,
+``sam2.automatic_mask_generator.SAM2AutomaticMaskGenerator`` for SAM 2.1) with the same
+weights and settings, faster. :class:`PointGridEngine` holds the flow they share; a
+backend module (``usam.sam.sam1_backend``, ``usam.sam.sam2_backend``) supplies the model's
+encoder and decoder. Kernels, and so rounding, change with the CPU, the thread count (the
 official output changes with it too), ATen's and oneDNN's instruction sets and the
 device. What holds on every one of them is this contract,
 checked by ``usam.sam.agreement.compare_with_official``, which pairs each official mask
@@ -25,52 +25,20 @@ with ours of the same point prompt:
 * The order is the same except among masks whose predicted IoUs lie within
   ``SCORE_RTOL`` of each other.
 
-The bounds leave a wide margin over what rounding did on the EPYC while a lone point's
-attention products still took other kernels than the official batch's: vit_b with
-seeded random weights on a VOC photo (16 x 16 points, box NMS off) gave 764 of 768
-masks bit-identical, 14 pixels different (all within the logit tolerance) and predicted
-IoUs at most 9.3e-8 apart, 100x inside the bound; a pixel flipped far from the
-threshold, or a score off by 1e-3, breaks the contract.
-
 Each mask also carries the four mask tokens of its point prompt (the two-way
-transformer output ``hs[:, 1:5]``, before the hypernetwork MLPs) flattened to 1024
-values, which is what U-SAM classifies.
+transformer's outputs for the mask tokens, before the hypernetwork MLPs) flattened to
+1024 values, which is what U-SAM classifies.
 
-Where the time goes and what is done about it, without changing the computation:
-
-* The image encoder computes its attention in cache-sized pieces
-  (``usam.sam.image_encoder``): about 3x faster than the official one on an Intel CPU,
-  1.5-2.6x on the 2-core AMD EPYC, where others' memory traffic slows the official one.
-* The mask decoder's image-side work (4096 x 256 values per point for the 1024-pixel
-  models) is memory-bound; it runs one point at a time so that it stays in cache, while
-  the token-side layers see the whole point batch; a point's per-head attention views
-  are copied as a batch's are, which keeps the batch's kernels (``usam.sam.point_decoder``,
-  ``usam.sam.decoder_attention``).
-* Predicted IoU comes from the transformer alone, so the IoU filter runs first: mask
-  upscaling inside the decoder and the upsampling to image size are done only for the
-  masks that pass it. Stability is still computed on the full-resolution logits, as
-  the official code does.
-* Masks are encoded with pycocotools' C RLE encoder (``usam.sam.mask_postprocess``).
-
-Point grids, crop boxes and the small-region cleanup come from ``segment_anything``
-itself, so the geometry cannot drift from the official generator.
-
-``AmgSettings(approximate=True)`` trades exactness for speed; the masks and scores then
-only agree with the official ones closely (``benchmarks/extract_speed.py --approximate``
-measures how closely):
-
-* Attention over per-point image keys folds the projections into the few token-side
-  vectors, e.g. ``softmax(q (X Wk)^T) (X Wv) = (softmax((q Wk) X^T) X) Wv``, which is
-  about half the multiply-adds; the softmax over the 7 tokens runs along rows of 4096.
-* Stability is scored on the 256 x 256 low-resolution logits, so masks that fail the
-  stability filter are never upsampled; the kept masks carry that score.
-* The upscaling's LayerNorm2d runs as one channels-last ``layer_norm``.
-* On CUDA the decoder runs under bf16 autocast (not yet measured on a GPU).
+Predicted IoU comes from the transformer alone, so the IoU filter runs first: mask
+upscaling inside the decoder and the upsampling to image size are done only for the
+masks that pass it. Stability is still computed on the full-resolution logits, as the
+official code does. Masks are encoded with pycocotools' C RLE encoder
+(``usam.sam.mask_postprocess``). Point grids and crop boxes come from
+``segment_anything`` itself, so the geometry cannot drift from the official generators.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -79,14 +47,11 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from segment_anything import SamAutomaticMaskGenerator, SamPredictor
-from segment_anything.modeling import Sam
 from segment_anything.utils.amg import build_all_layer_point_grids, generate_crop_boxes
 from torchvision.ops.boxes import batched_nms, box_area
 
 from usam.formats.embedding_shards import ImageRecord
 from usam.sam.amg_settings import AmgSettings
-from usam.sam.image_encoder import EncoderPredictor
 from usam.sam.mask_postprocess import (
     Candidates,
     clean_small_regions,
@@ -96,7 +61,6 @@ from usam.sam.mask_postprocess import (
     near_crop_edge,
     stability_scores,
 )
-from usam.sam.point_decoder import PointDecoder
 
 _UPSAMPLE_CHUNK = 2  # full-resolution masks held at once (under glibc's mmap threshold)
 
@@ -404,60 +368,3 @@ class DecodedBatch(Protocol):
     def low_res_masks(self, point_idx: torch.Tensor) -> torch.Tensor:
         """(len(point_idx), multimask outputs, h', w') low-res logits of some points."""
         ...
-
-
-class AutomaticMaskEngine(PointGridEngine):
-    """SAM 1 (vit_h/l/b, MobileSAM, the tiny test SAM): the official generator's
-    computation, with the piecewise encoder and the per-point decoder.
-
-    ``decoder_chunk``: points per pass of the decoder's image-side work
-    (``usam.sam.point_decoder.PointDecoder``).
-    """
-
-    def __init__(self, sam: Sam, settings: AmgSettings | None = None, *, decoder_chunk: int = 1):
-        super().__init__(sam, settings)
-        self.predictor = EncoderPredictor(sam)
-        self.decoder = PointDecoder(
-            self.predictor, chunk=decoder_chunk, approximate=self.settings.approximate
-        )
-
-    @property
-    def token_dim(self) -> int:
-        decoder = self.model.mask_decoder
-        return decoder.num_mask_tokens * decoder.transformer_dim
-
-    @property
-    def mask_threshold(self) -> float:
-        return self.model.mask_threshold
-
-    def official_generator(self) -> Callable[[np.ndarray], list[dict[str, Any]]]:
-        generator = SamAutomaticMaskGenerator(
-            self.model, output_mode="coco_rle", **self.settings.as_kwargs()
-        )
-        return generator.generate
-
-    def official_predictor(self) -> SamPredictor:
-        return SamPredictor(self.model)
-
-    def set_image(self, crop: np.ndarray) -> None:
-        self.predictor.set_image(crop)
-
-    def reset_image(self) -> None:
-        self.predictor.reset_image()
-
-    def decode(self, points: np.ndarray, crop_size: tuple[int, int]) -> DecodedBatch:
-        return self.decoder.decode(points, crop_size)
-
-    def upsample(self, low_res: torch.Tensor) -> torch.Tensor:
-        predictor = self.predictor
-        return self.model.postprocess_masks(
-            low_res[:, None], predictor.input_size, predictor.original_size
-        )[:, 0]
-
-    def low_res_stability(self, low_res: torch.Tensor) -> torch.Tensor:
-        """Stability scores of low-res logits, over the part of them that covers the image."""
-        scale = low_res.shape[-1] / self.predictor.transform.target_length
-        h, w = (math.ceil(side * scale) for side in self.predictor.input_size)
-        return stability_scores(
-            low_res[:, :h, :w], self.mask_threshold, self.settings.stability_score_offset
-        )

@@ -44,7 +44,8 @@ from segment_anything.modeling import (
 
 from usam.sam import checkpoints, sam2_backend
 from usam.sam.amg_settings import AmgSettings
-from usam.sam.mask_engine import AutomaticMaskEngine, PointGridEngine
+from usam.sam.mask_engine import PointGridEngine
+from usam.sam.sam1_backend import AutomaticMaskEngine
 from usam.sam.sam2_backend import TINY_OVERRIDES
 
 DEFAULT_SEED = 0
