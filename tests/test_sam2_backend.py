@@ -10,6 +10,7 @@ from importlib.util import find_spec
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from usam.evaluation.scoring import EvaluationError
 from usam.formats.embedding_shards import iter_records, read_manifest
@@ -100,6 +101,28 @@ def test_every_sam2_size_composes_from_the_command_line():
     for size in ("t", "s", "b+", "l"):
         cfg = compose_config("extract", [f"sam=sam2.1_hiera_{size}"])
         assert cfg.sam.model_type == f"sam2.1_hiera_{size}"
+
+
+def test_extract_command_writes_sam2_shards_that_name_their_backend(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray(shapes_image(96, 128, i)).save(folder / f"photo{i}.png")
+    out = tmp_path / "shards"
+    done = run_python(
+        *("-m", "usam.extract", "source=folder", f"source.root={folder}"),
+        *("data.classes=[cat,dog]", f"out_dir={out}", "sam=sam2.1_tiny"),
+        *("amg.points_per_side=1", "amg.pred_iou_thresh=0", "amg.stability_score_thresh=0"),
+        *("extract.num_workers=0", "extract.trainer.accelerator=cpu"),
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "RANDOM WEIGHTS" in done.stdout
+    manifest = read_manifest(out / "eval")
+    assert manifest.sam["backend"] == "sam2" and manifest.num_images == 2
+    records = list(iter_records(out / "eval"))
+    assert all(r.embeddings.shape[1] == 1024 and len(r.rles) for r in records)
 
 
 def test_fit_runs_on_sam2_and_its_head_refuses_another_backend(tmp_path):
