@@ -315,16 +315,25 @@ def to_image(module, q_tokens, chunks, side, *, folded: bool, shared: bool) -> t
     return _tokens_to_image(module, q_tokens, chunks, side, shared=shared)
 
 
-def upscale(upscaling: torch.nn.Sequential, src: torch.Tensor, folded: bool) -> torch.Tensor:
-    """The decoder's ``output_upscaling``. Its LayerNorm2d runs over the first convolution's
-    output in place: in exact mode as the official operations in their order, without
-    their five temporaries; in approximate mode as one ``layer_norm`` over channels-last
-    memory, about 3x faster on CPU than the five passes.
+def upscale(
+    upscaling: torch.nn.Sequential,
+    src: torch.Tensor,
+    folded: bool,
+    high_res: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """The decoder's ``output_upscaling``; ``high_res``: SAM 2's (s0, s1) features, added
+    after each transposed convolution as its ``predict_masks`` does. Its LayerNorm2d runs
+    over the first convolution's output in place: in exact mode as the official operations
+    in their order, without their five temporaries; in approximate mode as one
+    ``layer_norm`` over channels-last memory, about 3x faster on CPU than the five passes.
     """
-    if len(upscaling) != 5 or not isinstance(upscaling[1], LayerNorm2d):
+    # SAM 1's and SAM 2's LayerNorm2d are separate classes with the same computation
+    if len(upscaling) != 5 or type(upscaling[1]).__name__ != LayerNorm2d.__name__:
         return upscaling(src)
     conv1, norm, act1, conv2, act2 = upscaling
     x = conv1(src)
+    if high_res is not None:
+        x = x.add_(high_res[1])
     if folded:
         x = x.permute(0, 2, 3, 1)
         x = F.layer_norm(x, x.shape[-1:], norm.weight, norm.bias, norm.eps).permute(0, 3, 1, 2)
@@ -332,4 +341,7 @@ def upscale(upscaling: torch.nn.Sequential, src: torch.Tensor, folded: bool) -> 
         x = x.sub_(x.mean(1, keepdim=True))  # x - u, which the official code computes twice
         x = x.div_(torch.sqrt(x.pow(2).mean(1, keepdim=True) + norm.eps))
         x = x.mul_(norm.weight[:, None, None]).add_(norm.bias[:, None, None])
-    return act2(conv2(act1(x)))
+    x = conv2(act1(x))
+    if high_res is not None:
+        x = x.add_(high_res[0])
+    return act2(x)

@@ -34,7 +34,7 @@ import torch
 
 from usam.core.errors import UsageError
 from usam.sam.amg_settings import AmgSettings
-from usam.sam.decoder_attention import ImageSide, two_way_transformer
+from usam.sam.decoder_attention import ImageSide, two_way_transformer, upscale
 from usam.sam.mask_engine import PointGridEngine
 
 MISSING = (
@@ -104,7 +104,6 @@ class Sam2DecodedPoints:
 
     def low_res_masks(self, point_idx: torch.Tensor) -> torch.Tensor:
         """Multimask low-res logits (len(point_idx), 3, h', w'), as SAM 2's decoder makes them."""
-        dc1, ln1, act1, dc2, act2 = self.output_upscaling
         feat_s0, feat_s1 = self.high_res_features
         c, h, w = self.image_shape
         out = []
@@ -112,8 +111,7 @@ class Sam2DecodedPoints:
             idx = point_idx[i : i + _UPSCALE_CHUNK].tolist()
             keys = torch.cat([self.image_keys[j] for j in idx])
             src = keys.transpose(1, 2).view(len(idx), c, h, w)
-            upscaled = act1(ln1(dc1(src) + feat_s1))
-            upscaled = act2(dc2(upscaled) + feat_s0)
+            upscaled = upscale(self.output_upscaling, src, False, (feat_s0, feat_s1))
             n, cu, hu, wu = upscaled.shape
             masks = (self.hyper_in[idx] @ upscaled.view(n, cu, hu * wu)).view(n, -1, hu, wu)
             out.append(masks[:, 1:].float())
