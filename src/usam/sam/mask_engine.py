@@ -40,6 +40,7 @@ official code does. Masks are encoded with pycocotools' C RLE encoder
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -122,7 +123,7 @@ class _Batch:
         return self.decoded.iou_preds.flatten()
 
 
-class PointGridEngine:
+class PointGridEngine(ABC):
     """The automatic mask generator's flow over a point grid, shared by every backend.
 
     A backend (one family of mask-proposal models) subclasses it with how to embed a
@@ -154,21 +155,24 @@ class PointGridEngine:
         return next(self.model.parameters()).device
 
     @property
+    @abstractmethod
     def token_dim(self) -> int:
         """Values per mask embedding: the decoder's mask tokens of a point, flattened."""
-        raise NotImplementedError
+        ...
 
     @property
-    def mask_threshold(self) -> float:
-        raise NotImplementedError
+    @abstractmethod
+    def mask_threshold(self) -> float: ...
 
+    @abstractmethod
     def official_generator(self) -> Callable[[np.ndarray], list[dict[str, Any]]]:
         """The backend's own automatic mask generator with these settings, COCO RLE output."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def official_predictor(self) -> Any:
         """The backend's own predictor (``set_image``, ``predict``) with these settings."""
-        raise NotImplementedError
+        ...
 
     def official_point_logits(self, crop: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
         """The official predictor on ``crop``: (3, h, w) multimask logits of one point alone."""
@@ -183,22 +187,25 @@ class PointGridEngine:
 
         return logits
 
-    def set_image(self, crop: np.ndarray) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def set_image(self, crop: np.ndarray) -> None: ...
 
-    def reset_image(self) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def reset_image(self) -> None: ...
 
-    def decode(self, points: np.ndarray, crop_size: tuple[int, int]) -> DecodedBatch:
-        raise NotImplementedError
+    @abstractmethod
+    def decode(self, points: np.ndarray, crop_size: tuple[int, int]) -> DecodedBatch: ...
 
+    @abstractmethod
     def upsample(self, low_res: torch.Tensor) -> torch.Tensor:
         """(n, H, W) logits at the crop's size from (n, h', w') low-res logits."""
-        raise NotImplementedError
+        ...
 
     def low_res_stability(self, low_res: torch.Tensor) -> torch.Tensor:
         """Stability from low-res logits: approximate mode, for backends that offer it."""
-        raise NotImplementedError
+        raise ValueError(
+            f"{type(self).__name__} has no approximate mode: set amg.approximate=false"
+        )
 
     @torch.inference_mode()
     def generate(self, image: np.ndarray) -> ImageMasks:
