@@ -22,6 +22,7 @@ _PUBLIC = {
     "AutomaticMaskEngine": "usam.sam.sam1_backend",
     "SamSettings": "usam.sam.registry",
     "build_sam": "usam.sam.registry",
+    "build_engine": "usam.sam.registry",
     "load_vocabulary": "usam.core.vocabulary",
     "ShardDataModule": "usam.data.datamodule",
     "MaskClassifierHead": "usam.train.head",
