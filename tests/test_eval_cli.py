@@ -172,3 +172,27 @@ def test_eval_end_to_end_on_real_subsets(tmp_path, eval_data, subset, classes):
     assert metrics["instances_derived"] is (eval_data == "voc_val")  # VOC-mini has no objects
     assert 0 <= metrics["mIoU"] <= 100
     assert len(list((tmp_path / "run" / "overlays").glob("*.png"))) == 2
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not on this machine")
+def test_the_sam3_baseline_runs_on_voc_mini(tmp_path):
+    """``usam.eval baseline=sam3`` with a tiny random SAM 3 on real VOC photos: the same
+    files as the head's evaluation, marked not meaningful."""
+    root = _subset("voc2012-mini", tmp_path / "voc2012-mini", 3)
+    command = [
+        sys.executable, "-m", "usam.eval", "baseline=sam3", "baseline.sam3.model=tiny",
+        "baseline.sam3.score_threshold=0", "inference.confidence_threshold=0.2",
+        "eval_data=voc_val", f"eval_data.source.root={root}", "device=cpu", "num_overlays=1",
+        f"paths.root_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'run'}",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "NOT MEANINGFUL" in result.stdout
+    run_dir = tmp_path / "run"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["baseline"] == "sam3" and metrics["images"] == 3 and not metrics["meaningful"]
+    assert 0 <= metrics["mIoU"] <= 100 and 0 <= metrics["mAP50"] <= 1
+    for name in ("per_class.csv", "sweep.csv", "sweep.png"):
+        assert (run_dir / name).is_file(), name
+    assert len(list((run_dir / "overlays").glob("*.png"))) == 1
