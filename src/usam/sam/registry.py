@@ -46,7 +46,6 @@ from usam.sam import checkpoints, sam2_backend
 from usam.sam.amg_settings import AmgSettings
 from usam.sam.mask_engine import PointGridEngine
 from usam.sam.sam1_backend import AutomaticMaskEngine
-from usam.sam.sam2_backend import TINY_OVERRIDES
 
 DEFAULT_SEED = 0
 _RANDOM_LOGIT_SCALE = 100.0
@@ -203,14 +202,20 @@ def _build_vit_t() -> Sam:
     return _with_sam_heads(encoder, 1024, mlp_dim=2048)
 
 
-def _sam2_spec(size: str, name: str, width: int, depth: int) -> SamSpec:
-    model_type = f"sam2.1_hiera_{size}"
+def _sam2_spec(
+    model_type: str,
+    config: str,
+    width: int,
+    depth: int,
+    checkpoint_name: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> SamSpec:
     return SamSpec(
         model_type,
-        partial(sam2_backend.build, f"{model_type}.yaml", model_type),
+        partial(sam2_backend.build, config, model_type, overrides),
         encoder_width=width,
         encoder_depth=depth,
-        checkpoint_name=f"sam2.1_hiera_{name}.pt",
+        checkpoint_name=checkpoint_name,
         url_base=sam2_backend.URL_BASE,
         encoder_kind="Hiera",
         backend="sam2",
@@ -257,7 +262,13 @@ SPECS: dict[str, SamSpec] = {
     ),
     "tiny": SamSpec("tiny", _build_tiny, encoder_width=64, encoder_depth=2),
     **{
-        f"sam2.1_hiera_{size}": _sam2_spec(size, name, width, depth)
+        f"sam2.1_hiera_{size}": _sam2_spec(
+            f"sam2.1_hiera_{size}",
+            f"sam2.1_hiera_{size}.yaml",
+            width,
+            depth,
+            f"sam2.1_hiera_{name}.pt",
+        )
         for size, name, width, depth in (
             ("t", "tiny", 96, 12),
             ("s", "small", 96, 16),
@@ -265,16 +276,8 @@ SPECS: dict[str, SamSpec] = {
             ("l", "large", 144, 48),
         )
     },
-    "sam2.1_tiny": SamSpec(
-        "sam2.1_tiny",
-        partial(sam2_backend.build, "sam2.1_hiera_t.yaml", "sam2.1_tiny", TINY_OVERRIDES),
-        encoder_width=8,
-        encoder_depth=5,
-        encoder_kind="Hiera",
-        backend="sam2",
-        engine=sam2_backend.Sam2MaskEngine,
-        state_key="model",
-        decoder_attribute="sam_mask_decoder",
+    "sam2.1_tiny": _sam2_spec(
+        "sam2.1_tiny", "sam2.1_hiera_t.yaml", 8, 5, overrides=sam2_backend.TINY_OVERRIDES
     ),
 }
 

@@ -90,6 +90,9 @@ def build(config_name: str, model_type: str, overrides: dict[str, Any] | None = 
     return instantiate(config.model, _recursive_=True)
 
 
+_UPSCALE_CHUNK = 4  # points upscaled at once: 4 x 32 x 256 x 256 floats stay near 32 MB
+
+
 @dataclass(frozen=True)
 class Sam2DecodedPoints:
     """The transformer's outputs for a batch of points; mask logits are made on request."""
@@ -116,9 +119,6 @@ class Sam2DecodedPoints:
             masks = (self.hyper_in[idx] @ upscaled.view(n, cu, hu * wu)).view(n, -1, hu, wu)
             out.append(masks[:, 1:].float())
         return torch.cat(out)
-
-
-_UPSCALE_CHUNK = 4  # points upscaled at once: 4 x 32 x 256 x 256 floats stay near 32 MB
 
 
 class Sam2MaskEngine(PointGridEngine):
