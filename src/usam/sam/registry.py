@@ -89,7 +89,8 @@ class SamSpec:
     the blocks of all stages, for a Hiera its patch embedding width and block count.
     ``backend`` names the model family in shard manifests; ``engine`` makes its
     automatic masks; ``state_key`` is where a checkpoint file keeps the state dict
-    (SAM 2's files hold it under ``model``); ``decoder_attribute`` names the mask decoder.
+    (SAM 2's files hold it under ``model``); ``decoder_attribute`` names the mask decoder;
+    ``require`` fails early, naming the install line, when its optional package is missing.
     """
 
     model_type: str
@@ -104,6 +105,7 @@ class SamSpec:
     engine: type[PointGridEngine] = AutomaticMaskEngine
     state_key: str | None = None
     decoder_attribute: str = "mask_decoder"
+    require: Callable[[str], None] | None = None  # checks an optional package is installed
 
     @property
     def url(self) -> str | None:
@@ -222,6 +224,7 @@ def _sam2_spec(
         engine=sam2_backend.Sam2MaskEngine,
         state_key="model",
         decoder_attribute="sam_mask_decoder",
+        require=sam2_backend.require,
     )
 
 
@@ -296,8 +299,9 @@ class SamSettings:
     checkpoint: str | None = None  # the official checkpoint file; None: cache, then download
 
     def check(self) -> None:
-        if get_spec(self.model_type).backend == "sam2":
-            sam2_backend.require(self.model_type)
+        spec = get_spec(self.model_type)
+        if spec.require is not None:
+            spec.require(self.model_type)
 
     def identity(self) -> dict[str, Any]:
         """What names this SAM for caching, known without loading or hashing the checkpoint."""
