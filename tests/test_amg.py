@@ -22,8 +22,8 @@ from segment_anything.modeling import ImageEncoderViT
 from usam.formats.embedding_shards import decode_sample, encode_record
 from usam.sam.agreement import LOGIT_RTOL, compare_with_official, point_ious
 from usam.sam.amg_settings import AmgSettings
-from usam.sam.registry import _with_sam_heads, build_sam
-from usam.sam.sam1_backend import AutomaticMaskEngine
+from usam.sam.registry import build_sam
+from usam.sam.sam1_backend import AutomaticMaskEngine, with_sam_heads
 
 from helpers.official_amg import assert_matches_official, official, shapes_image
 
@@ -60,7 +60,7 @@ def full_size_decoder():
     """
     torch.manual_seed(0)
     encoder = ImageEncoderViT(img_size=1024, embed_dim=32, depth=1, num_heads=1, out_chans=256)
-    return _with_sam_heads(encoder, 1024, mlp_dim=2048).eval()
+    return with_sam_heads(encoder, 1024, mlp_dim=2048).eval()
 
 
 def assert_logits_within_contract(ours: torch.Tensor, official: torch.Tensor) -> None:
@@ -297,3 +297,45 @@ def test_the_official_masks_on_a_real_photo_with_vit_b(vit_b, surviving):
     ours = engine.generate(image)
     assert_matches_official(ours, engine, image)
     assert len(ours) >= (100 if surviving == "all" else 1)  # most of the 8 x 8 x 3 masks
+
+
+PAPER = AmgSettings(
+    proposals="one_per_point",
+    points_per_side=8,
+    pred_iou_thresh=0.0,
+    stability_score_thresh=0.0,
+    box_nms_thresh=1.0,
+)
+
+
+@pytest.mark.parametrize(("seed", "size"), [(0, (96, 128)), (3, (120, 90))])
+def test_one_mask_per_point_is_each_points_best_official_output(sam, seed, size):
+    image = shapes_image(*size, seed)
+    engine = AutomaticMaskEngine(sam, PAPER)
+    ours = engine.generate(image)
+    assert len(ours) == 8 * 8  # N is the number of points, whatever the image
+    assert len({tuple(p) for p in ours.points.tolist()}) == 64
+    ious = point_ious(engine, image).reshape(64, 3)
+    assert sorted(ours.iou_preds.tolist()) == pytest.approx(sorted(ious.max(1)), abs=1e-5)
+    assert len(engine.reference_masks(image)) == 64
+    assert_matches_official(ours, engine, image)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"pred_iou_thresh": 0.88},
+        {"stability_score_thresh": 0.95},
+        {"box_nms_thresh": 0.7},
+        {"crop_n_layers": 1},
+    ],
+)
+def test_one_mask_per_point_refuses_settings_that_drop_masks(change):
+    key = next(iter(change))
+    with pytest.raises(ValueError, match=rf"amg\.{key}=.*amg=paper"):
+        replace(PAPER, **change)
+
+
+def test_unknown_proposals_reading_is_named():
+    with pytest.raises(ValueError, match="amg.proposals='best'"):
+        AmgSettings(proposals="best")

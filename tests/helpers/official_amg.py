@@ -28,7 +28,7 @@ def shapes_image(height: int, width: int, seed: int) -> np.ndarray:
 
 
 def official(engine: PointGridEngine, image) -> list[dict]:
-    return engine.official_generator()(image)
+    return engine.reference_masks(image)
 
 
 def assert_matches_official(ours, engine: PointGridEngine, image) -> OfficialComparison:

@@ -131,7 +131,7 @@ class _Mask:
 def compare_with_official(
     ours: ImageMasks, official: list[dict], engine: PointGridEngine, image: np.ndarray
 ) -> OfficialComparison:
-    """Check ``ours`` against ``official`` (``engine.official_generator()`` on ``image``)."""
+    """Check ``ours`` against ``official`` (``engine.reference_masks(image)``)."""
     settings = engine.settings
     report = OfficialComparison(official_masks=len(official), our_masks=len(ours))
     size = [ours.height, ours.width]

@@ -1,15 +1,31 @@
-"""The automatic mask generator's settings: the ``amg`` config group, with the official defaults."""
+"""The automatic mask generator's settings: the ``amg`` config group.
+
+Two readings of SAM's automatic mode (``proposals``): ``filtered`` is the official
+generator's output (IoU, stability and box-NMS filters, up to 3 masks per point, N varies
+per image); ``one_per_point`` is the U-SAM paper's ("a set of N binary masks for each
+image", "N remains constant for all inputs"): every grid point's mask, the one of its
+three outputs with the highest predicted IoU, nothing filtered away.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from usam.core.errors import UsageError
+
+PROPOSALS = ("filtered", "one_per_point")
+
+
+class AmgSettingsError(UsageError, ValueError):
+    """Mask settings that contradict each other or the installed packages."""
+
 
 @dataclass(frozen=True)
 class AmgSettings:
-    """The official generator's settings, with its defaults."""
+    """The official generator's settings, with its defaults, and which reading of them."""
 
+    proposals: str = "filtered"  # filtered | one_per_point (see the module docstring)
     points_per_side: int = 32
     points_per_batch: int = 64
     pred_iou_thresh: float = 0.88
@@ -24,13 +40,14 @@ class AmgSettings:
     approximate: bool = False  # faster, close to but not bit-identical with the official output
 
     def __post_init__(self) -> None:
+        self._check_proposals()
         if self.points_per_side < 1 or self.points_per_batch < 1:
-            raise ValueError(
+            raise AmgSettingsError(
                 f"points_per_side ({self.points_per_side}) and points_per_batch "
                 f"({self.points_per_batch}) must be at least 1"
             )
         if self.crop_n_layers < 0 or self.crop_n_points_downscale_factor < 1:
-            raise ValueError(
+            raise AmgSettingsError(
                 f"crop_n_layers ({self.crop_n_layers}) must be >= 0 and "
                 f"crop_n_points_downscale_factor ({self.crop_n_points_downscale_factor}) >= 1"
             )
@@ -38,16 +55,42 @@ class AmgSettings:
             try:
                 import cv2  # noqa: F401
             except ImportError as error:
-                raise ValueError(
+                raise AmgSettingsError(
                     f"min_mask_region_area={self.min_mask_region_area} needs OpenCV, as in the "
                     "official generator: install opencv-python-headless, or set it to 0"
                 ) from error
 
-    def as_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``SamAutomaticMaskGenerator`` with the same behaviour.
+    def _check_proposals(self) -> None:
+        """``one_per_point`` keeps N = points_per_side**2 masks: no setting may drop or add any."""
+        if self.proposals not in PROPOSALS:
+            raise AmgSettingsError(
+                f"amg.proposals={self.proposals!r} is not one of {', '.join(PROPOSALS)}"
+            )
+        if self.proposals == "filtered":
+            return
+        dropping = {
+            "pred_iou_thresh": self.pred_iou_thresh > 0.0,
+            "stability_score_thresh": self.stability_score_thresh > 0.0,
+            "box_nms_thresh": self.box_nms_thresh < 1.0,
+            "crop_n_layers": self.crop_n_layers > 0,
+            "min_mask_region_area": self.min_mask_region_area > 0,
+        }
+        changed = [f"amg.{key}={getattr(self, key)}" for key, drops in dropping.items() if drops]
+        if changed:
+            raise AmgSettingsError(
+                f"amg.proposals=one_per_point keeps every grid point's mask, but "
+                f"{', '.join(changed)} would drop or add masks: set pred_iou_thresh, "
+                "stability_score_thresh, crop_n_layers and min_mask_region_area to 0 and "
+                "box_nms_thresh to 1.0 (amg=paper does), or use amg.proposals=filtered "
+                "(amg=official_filtered)"
+            )
 
-        ``approximate`` is left out: the official generator only has the exact mode.
+    def as_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for the official generator: with ``one_per_point`` its filters
+        are off (checked above), and picking each point's best mask is left to the caller
+        (``PointGridEngine.reference_masks``). ``approximate`` is left out: the official
+        generator only has the exact mode.
         """
         kwargs = asdict(self)
-        del kwargs["approximate"]
+        del kwargs["approximate"], kwargs["proposals"]
         return kwargs

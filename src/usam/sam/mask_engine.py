@@ -24,6 +24,10 @@ with ours of the same point prompt:
   suppressing, a mask so explained.
 * The order is the same except among masks whose predicted IoUs lie within
   ``SCORE_RTOL`` of each other.
+* With ``proposals: one_per_point`` the reference is the official generator with its
+  filters off, keeping each point's output of highest predicted IoU
+  (:meth:`PointGridEngine.reference_masks`); the chosen output is the same except for
+  points whose outputs' predicted IoUs lie within ``SCORE_RTOL`` of each other.
 
 Each mask also carries the four mask tokens of its point prompt (the two-way
 transformer's outputs for the mask tokens, before the hypernetwork MLPs) flattened to
@@ -174,6 +178,21 @@ class PointGridEngine(ABC):
         """The backend's own predictor (``set_image``, ``predict``) with these settings."""
         ...
 
+    def reference_masks(self, image: np.ndarray) -> list[dict[str, Any]]:
+        """What exact mode reproduces: the official generator's records with these settings,
+        and with ``one_per_point`` each point's record of highest predicted IoU (its filters
+        are off then, so every point has all its outputs there), in the official order."""
+        records = self.official_generator()(image)
+        if self.settings.proposals == "filtered":
+            return records
+        best: dict[tuple[float, ...], dict[str, Any]] = {}
+        for record in records:
+            point = tuple(np.ravel(record["point_coords"]).tolist())
+            if point not in best or record["predicted_iou"] > best[point]["predicted_iou"]:
+                best[point] = record
+        chosen = {id(record) for record in best.values()}
+        return [record for record in records if id(record) in chosen]
+
     def official_point_logits(self, crop: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
         """The official predictor on ``crop``: (3, h, w) multimask logits of one point alone."""
         predictor = self.official_predictor()
@@ -290,11 +309,14 @@ class PointGridEngine(ABC):
         return data
 
     def _process_batch(self, batch: _Batch) -> Candidates:
-        """IoU filter, then upscaling, upsampling and the remaining filters of the survivors."""
+        """IoU filter (or each point's best output), then upscaling, upsampling and the remaining filters of the survivors."""
         s = self.settings
         flat_iou = batch.flat_iou
         n_out = batch.decoded.iou_preds.shape[1]
-        if s.pred_iou_thresh > 0.0:
+        if s.proposals == "one_per_point":  # each point's best output; filters are off
+            best = batch.decoded.iou_preds.argmax(dim=1)
+            keep = torch.arange(len(best), device=best.device) * n_out + best
+        elif s.pred_iou_thresh > 0.0:
             keep = (flat_iou > s.pred_iou_thresh).nonzero().flatten()
         else:
             keep = torch.arange(flat_iou.numel(), device=flat_iou.device)
