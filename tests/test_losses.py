@@ -120,6 +120,33 @@ def test_uncertainty_loss_targets():
         uncertainty_loss(student, teacher, valid, labels, 0.5, "entropy")
 
 
+def test_label_restricted_target_survives_a_teacher_sure_of_a_class_not_there():
+    """All of the teacher's mass on a class the image lacks: p restricted to the allowed
+    outputs sums to 0 in float32; the target is still their renormalised distribution."""
+    teacher = torch.tensor([[[-60.0, -50.0, -40.0, 60.0]]])  # car, on a cat image
+    labels = torch.tensor([[1.0, 0.0, 0.0]])
+    assert (teacher.softmax(-1)[0, 0, :2] == 0).all()  # what a plain renormalisation divides by
+    student = torch.zeros(1, 1, 4, requires_grad=True)
+    loss, bad = uncertainty_loss(student, teacher, torch.ones(1, 1, dtype=torch.bool), labels, 0.5)
+    assert bad.tolist() == [[True]] and torch.isfinite(loss)
+    q = torch.tensor([-60.0, -50.0]).softmax(-1)  # background, cat
+    assert loss.item() == pytest.approx(-(q * math.log(0.25)).sum().item(), rel=1e-6)
+    loss.backward()
+    assert torch.isfinite(student.grad).all() and student.grad[0, 0, 3] > 0
+
+
+def test_the_papers_literal_incorrect_set_counts_confident_background():
+    teacher = torch.tensor([[confident(0), confident(1), confident(3)]])  # bg, cat, car
+    valid = torch.ones(1, 3, dtype=torch.bool)
+    labels = torch.tensor([[1.0, 0.0, 0.0]])  # a cat image
+    _, ours = select_bad_masks(teacher, valid, labels, 0.5)
+    _, literal = select_bad_masks(teacher, valid, labels, 0.5, "labels")
+    assert ours.tolist() == [[False, False, True]]
+    assert literal.tolist() == [[True, False, True]]  # y_hat != y: background is not the label
+    with pytest.raises(ValueError, match="model.student.correct_outputs"):
+        select_bad_masks(teacher, valid, labels, 0.5, "everything")
+
+
 def test_no_bad_masks_gives_zero_loss():
     teacher = torch.tensor([[confident(1), confident(0)]])
     loss, bad = uncertainty_loss(

@@ -61,7 +61,7 @@ def test_teacher_checkpoint_carries_what_inference_needs(trained_teacher):
     *_, path = trained_teacher
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     assert checkpoint["usam"]["classes"] == SMALL_CLASSES
-    assert checkpoint["usam"]["input_view"] == "own_first"
+    assert checkpoint["usam"]["input_view"] == "tokens"
     assert checkpoint["usam"]["sam_model_type"] == "tiny"
     assert checkpoint["usam"]["random_weights"] is True
 
@@ -105,17 +105,17 @@ def test_student_trains_from_a_frozen_teacher(trained_teacher, shard_sets, tmp_p
     assert reloaded.lambda_uncertainty == 0.5 and reloaded.entropy_threshold == 0.3
 
 
-@pytest.mark.parametrize(("view", "width"), [("tokens", 1024), ("mask_token", 256)])
+@pytest.mark.parametrize(("view", "width"), [("own_first", 1280), ("mask_token", 256)])
 def test_the_other_views_train_their_own_input_widths(shard_sets, tmp_path, view, width):
     teacher = TeacherModule(SMALL_CLASSES, input_view=view, head=HEAD)
     assert teacher.head.layers[0].in_features == width
     quiet_trainer(tmp_path, fast_dev_run=True).fit(teacher, datamodule=datamodule_for(shard_sets))
 
 
-def test_masks_of_one_sam_point_get_their_own_input_by_default(voc_set):
+def test_masks_of_one_sam_point_get_their_own_input_with_filtered_proposals(voc_set):
     """Real tiny-SAM extraction: the up to 3 masks of a point share its 4 stored tokens."""
     _, directory = voc_set
-    default_view = compose_config("fit", []).model.input_view
+    default_view = compose_config("fit", ["proposals=official_filtered"]).model.input_view
     assert default_view == "own_first"
     siblings = []
     for record in iter_records(directory):
@@ -124,7 +124,7 @@ def test_masks_of_one_sam_point_get_their_own_input_by_default(voc_set):
             if len(np.unique(record.multimask[rows])) > 1:
                 siblings.append((record, rows))
     assert siblings, "the tiny SAM kept no point with two of its masks; loosen the AMG filters"
-    teacher = TeacherModule(SMALL_CLASSES, head=HEAD).eval()
+    teacher = TeacherModule(SMALL_CLASSES, input_view=default_view, head=HEAD).eval()
     assert teacher.input_view == default_view and teacher.head.layers[0].in_features == 1280
     for record, rows in siblings:
         embeddings = torch.from_numpy(record.embeddings[rows])

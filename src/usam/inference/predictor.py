@@ -28,7 +28,7 @@ class HeadCheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class InferenceSettings:
-    confidence_threshold: float = 0.5
+    confidence_threshold: float = 0.7  # the paper's threshold (conf/inference/default.yaml)
     nms_iou: float = 0.5
     nms_per_class: bool = False
     max_detections: int = 100  # what COCO mask mAP counts per image

@@ -11,15 +11,29 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics import MeanMetric
 
+from usam.core.config import ConfigError
 from usam.core.weights import WeightsFileError, load_weights
 from usam.train.head import MaskClassifierHead, input_dim, select_input_view
 from usam.train.losses import (
+    check_correct_outputs,
     check_top_k,
     check_uncertainty_target,
     mil_image_scores,
     mil_loss,
     uncertainty_loss,
 )
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+
+
+def build_optimizer(
+    params: list[nn.Parameter], name: str = "adam", **options: Any
+) -> torch.optim.Optimizer:
+    """``model.optimizer``: Adam as in the paper, or AdamW; the other keys are its options."""
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"model.optimizer.name={name!r} is not one of {sorted(OPTIMIZERS)}")
+    return OPTIMIZERS[name](params, **options)
+
 
 RANDOM_WEIGHTS_WARNING = (
     "RANDOM WEIGHTS: this run's data comes from synthetic embeddings or untrained models; "
@@ -33,7 +47,7 @@ class TeacherModule(L.LightningModule):
     def __init__(
         self,
         classes: Sequence[str],
-        input_view: str = "own_first",
+        input_view: str = "tokens",
         embed_dim: int = 1024,
         sam_model_type: str | None = None,
         head: dict[str, Any] | None = None,
@@ -47,7 +61,7 @@ class TeacherModule(L.LightningModule):
         self.input_view = input_view
         self.top_k = check_top_k(top_k)  # before any data is prepared
         self.background_in_label = background_in_label
-        self.optimizer_config = dict(optimizer or {"lr": 1e-3, "weight_decay": 1e-4})
+        self.optimizer_config = dict(optimizer or {"name": "adam", "lr": 1e-3})
         self.head = MaskClassifierHead(
             input_dim(input_view, embed_dim), len(self.classes) + 1, **dict(head or {})
         )
@@ -126,7 +140,7 @@ class TeacherModule(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, **self.optimizer_config)
+        return build_optimizer(params, **self.optimizer_config)
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -166,6 +180,7 @@ class StudentModule(TeacherModule):
         lambda_uncertainty: float = 1.0,
         entropy_threshold: float = 0.5,
         uncertainty_target: str = "label_restricted",
+        correct_outputs: str = "labels_and_background",
         optimizer: dict[str, Any] | None = None,
         top_k: float | None = None,
     ) -> None:
@@ -178,6 +193,7 @@ class StudentModule(TeacherModule):
         self.lambda_uncertainty = lambda_uncertainty
         self.entropy_threshold = entropy_threshold
         self.uncertainty_target = check_uncertainty_target(uncertainty_target)
+        self.correct_outputs = check_correct_outputs(correct_outputs)
         self.teacher = TeacherModule(**teacher_hparams)
         self.teacher.requires_grad_(False)
         self.teacher.eval()
@@ -220,6 +236,7 @@ class StudentModule(TeacherModule):
             batch["labels"],
             self.entropy_threshold,
             self.uncertainty_target,
+            self.correct_outputs,
         )
         bad_fraction = bad.sum() / batch["valid"].sum().clamp(min=1)
         loss = mil + self.lambda_uncertainty * unc

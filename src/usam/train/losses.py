@@ -12,25 +12,38 @@ import math
 import torch
 import torch.nn.functional as F
 
+from usam.core.config import ConfigError
+
 UNCERTAINTY_TARGETS = ("label_restricted", "background")
+# Which teacher predictions count as correct when picking confidently wrong masks:
+# the image's labels or background (ours), or the labels alone (the paper's "y_hat != y").
+CORRECT_OUTPUTS = ("labels_and_background", "labels")
 
 
 def check_top_k(top_k: float) -> float:
     if top_k >= 1 and top_k != int(top_k):
-        raise ValueError(
+        raise ConfigError(
             f"model.teacher.top_k={top_k}: use an integer count >= 1 or a fraction in (0, 1)"
         )
     if top_k <= 0:
-        raise ValueError(f"model.teacher.top_k={top_k} must be positive")
+        raise ConfigError(f"model.teacher.top_k={top_k} must be positive")
     return top_k
 
 
 def check_uncertainty_target(target: str) -> str:
     if target not in UNCERTAINTY_TARGETS:
-        raise ValueError(
+        raise ConfigError(
             f"model.student.uncertainty_target={target!r} is not one of {UNCERTAINTY_TARGETS}"
         )
     return target
+
+
+def check_correct_outputs(correct_outputs: str) -> str:
+    if correct_outputs not in CORRECT_OUTPUTS:
+        raise ConfigError(
+            f"model.student.correct_outputs={correct_outputs!r} is not one of {CORRECT_OUTPUTS}"
+        )
+    return correct_outputs
 
 
 def top_k_counts(num_valid: torch.Tensor, top_k: float) -> torch.Tensor:
@@ -80,10 +93,10 @@ def normalised_entropy(probs: torch.Tensor) -> torch.Tensor:
     return entropy / math.log(probs.shape[-1])
 
 
-def allowed_outputs(labels: torch.Tensor) -> torch.Tensor:
-    """(B, C+1) bool: the image's labelled classes plus background."""
-    background = torch.ones_like(labels[:, :1], dtype=torch.bool)
-    return torch.cat([background, labels.bool()], dim=1)
+def allowed_outputs(labels: torch.Tensor, background: bool = True) -> torch.Tensor:
+    """(B, C+1) bool: the image's labelled classes, plus background unless told otherwise."""
+    background_column = torch.full_like(labels[:, :1], background, dtype=torch.bool)
+    return torch.cat([background_column, labels.bool()], dim=1)
 
 
 def select_bad_masks(
@@ -91,6 +104,7 @@ def select_bad_masks(
     valid: torch.Tensor,
     labels: torch.Tensor,
     entropy_threshold: float,
+    correct_outputs: str = "labels_and_background",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Masks the teacher is uncertain about, and masks it is confidently wrong about.
 
@@ -99,7 +113,8 @@ def select_bad_masks(
     probs = teacher_logits.softmax(-1)
     uncertain = (normalised_entropy(probs) > entropy_threshold) & valid
     predicted = probs.argmax(-1)
-    contradicts_label = ~allowed_outputs(labels).gather(1, predicted)
+    background_is_correct = check_correct_outputs(correct_outputs) == "labels_and_background"
+    contradicts_label = ~allowed_outputs(labels, background_is_correct).gather(1, predicted)
     confidently_wrong = contradicts_label & ~uncertain & valid
     return uncertain, confidently_wrong
 
@@ -111,20 +126,25 @@ def uncertainty_loss(
     labels: torch.Tensor,
     entropy_threshold: float,
     target: str = "label_restricted",
+    correct_outputs: str = "labels_and_background",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 3 as implemented here: cross-entropy on the bad masks only. Returns (loss, bad).
 
     ``label_restricted``: the teacher's distribution restricted to the image's labels
     plus background, renormalised. ``background``: the bad masks are pushed to
     background. The loss is averaged over bad masks (0 when there are none).
+
+    The restricted distribution is the softmax of the teacher's logits over the allowed
+    outputs alone: equal to renormalising p, without dividing by a sum of probabilities
+    that underflows to 0 when the teacher puts all its mass outside them.
     """
     uncertain, confidently_wrong = select_bad_masks(
-        teacher_logits, valid, labels, entropy_threshold
+        teacher_logits, valid, labels, entropy_threshold, correct_outputs
     )
     bad = uncertain | confidently_wrong
     if check_uncertainty_target(target) == "label_restricted":
-        restricted = teacher_logits.softmax(-1) * allowed_outputs(labels)[:, None, :]
-        soft_target = restricted / restricted.sum(-1, keepdim=True)
+        allowed = allowed_outputs(labels)[:, None, :]
+        soft_target = teacher_logits.masked_fill(~allowed, float("-inf")).softmax(-1)
     else:  # background
         soft_target = F.one_hot(
             torch.zeros_like(valid, dtype=torch.long), student_logits.shape[-1]

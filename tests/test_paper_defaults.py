@@ -1,0 +1,56 @@
+"""The paper experiments run the paper's reading by default; ours stays one override away."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from usam.core.config import settings_from_config
+from usam.inference.predictor import InferenceSettings
+from usam.sam.amg_settings import AmgSettings
+from usam.train.lightning_modules import build_optimizer
+
+from helpers.commands import compose_config
+
+PAPER_EXPERIMENTS = ["voc_sd", "voc_wc", "coco_sd", "coco_wc", "voc_superclasses"]
+
+
+@pytest.mark.parametrize("experiment", PAPER_EXPERIMENTS)
+def test_paper_experiments_default_to_the_papers_reading(experiment):
+    cfg = compose_config("fit", [f"experiment={experiment}"])
+    amg = settings_from_config(AmgSettings, cfg.amg, "amg")
+    assert amg.proposals == "one_per_point" and amg.points_per_side == 32
+    assert cfg.model.input_view == "tokens" and cfg.data.embed_dim == 1024
+    assert cfg.model.optimizer.name == "adam" and cfg.model.optimizer.weight_decay == 0.0
+    inference = settings_from_config(InferenceSettings, cfg.inference, "inference")
+    assert inference.confidence_threshold == 0.7
+    assert cfg.generate.per_class == 200 and cfg.generate.model == "CompVis/stable-diffusion-v1-4"
+
+
+def test_the_filtered_pipeline_is_one_override_away():
+    cfg = compose_config("fit", ["experiment=voc_sd", "proposals=official_filtered"])
+    amg = settings_from_config(AmgSettings, cfg.amg, "amg")
+    assert amg == AmgSettings()  # the official generator's own defaults
+    assert cfg.model.input_view == "own_first"
+
+
+def test_extraction_and_fit_make_the_same_shards_by_default():
+    """usam.extract then usam.fit reuse one cached shard set only if their amg agree."""
+    fit = compose_config("fit", ["experiment=voc_sd"]).amg
+    for command in ("extract", "eval", "annotate"):
+        assert compose_config(command, []).amg == fit
+
+
+def test_sam_clip_keeps_masks_at_the_same_threshold_as_usam():
+    head = compose_config("eval", []).inference.confidence_threshold
+    clip = compose_config("eval", ["baseline=sam_clip"]).inference.confidence_threshold
+    assert head == clip == 0.7
+
+
+def test_the_optimiser_is_chosen_by_config():
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    assert type(build_optimizer(params, lr=1e-3)) is torch.optim.Adam
+    adamw = build_optimizer(params, name="adamw", lr=1e-3, weight_decay=1e-4)
+    assert type(adamw) is torch.optim.AdamW and adamw.defaults["weight_decay"] == 1e-4
+    with pytest.raises(ValueError, match="model.optimizer.name='sgd'"):
+        build_optimizer(params, name="sgd", lr=1e-3)
