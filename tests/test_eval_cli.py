@@ -60,8 +60,8 @@ def test_eval_extracts_once_and_writes_its_results(tmp_path, capsys):
     expected = evaluate(
         shards, Predictor.from_checkpoint(ckpt, InferenceSettings(confidence_threshold=0.3))
     )
-    assert metrics["mIoU"] == pytest.approx(expected.miou)
-    assert metrics["mAP50"] == pytest.approx(expected.map50)
+    assert {name: metrics[name] for name in expected.headline} == pytest.approx(expected.headline)
+    assert f"mIoU {expected.scores['mIoU']:.2f}  mAP50 {expected.scores['mAP50']:.4f}" in out
     assert metrics["images"] == 2 and metrics["meaningful"] is False
     assert metrics["shards"] == str(shards) and metrics["eval_data"] == "voc_val"
     with open(run_dir / "per_class.csv") as handle:
@@ -81,7 +81,12 @@ def test_eval_extracts_once_and_writes_its_results(tmp_path, capsys):
     per_class = json.loads(next(p for p in logged if p.name.startswith("per")).read_text())
     assert per_class["columns"][-1] == "random_weights"
     assert {row[-1] for row in per_class["data"]} == {True}
-    markers = (b"eval/iou/background", b"inference.confidence_threshold", b"random-weights")
+    markers = (
+        b"eval/iou/background",
+        b"eval/ap50/person",
+        b"inference.confidence_threshold",
+        b"random-weights",
+    )
     record = offline_record(run_dir / "wandb", *markers)
     for marker in markers:
         assert marker in record, marker  # per-class scalars, the flat config, the tag

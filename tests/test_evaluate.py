@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import lightning as L
@@ -108,15 +109,18 @@ def test_perfect_masks_and_scores_give_100_miou_and_map50_1(voc_set, tmp_path):
     directory = truth_mask_set(source, tmp_path / "truth")
     oracle = OracleHead(load_head(head_checkpoint(tmp_path / "head.ckpt")), LOW)
     evaluation = evaluate(directory, oracle, sweep=GRID)
-    assert evaluation.miou == pytest.approx(100.0) and evaluation.map50 == pytest.approx(1.0)
+    perfect = {"mIoU": 100.0, "mAP50": 1.0}
+    assert evaluation.headline == pytest.approx(perfect)
     assert evaluation.detections == 19 + 2  # the VOC photo's objects, the drawn cat and dog
-    occurring = {s.name for s in evaluation.per_class if s.iou is not None}
+    occurring = {s.name for s in evaluation.per_class if not math.isnan(s.values["iou"])}
     assert occurring == {"background", "bottle", "chair", "dining table", "person", "cat", "dog"}
+    found = {s.name for s in evaluation.per_class if s.values["ap50"] == pytest.approx(1.0)}
+    assert found == occurring - {"background"}  # AP50 of every class with instances
     for point in evaluation.sweep:
         if point.confidence_threshold > 0:
-            assert (point.miou, point.map50) == pytest.approx((100.0, 1.0))
+            assert point.scores == pytest.approx(perfect)
         else:  # the background mask passes as its argmax class and paints the background
-            assert point.miou < 100.0 and point.map50 == pytest.approx(1.0)
+            assert point.scores["mIoU"] < 100.0 and point.scores["mAP50"] == pytest.approx(1.0)
 
 
 def write_ade(root: Path) -> ADE20K:
@@ -147,27 +151,31 @@ def test_ade20k_scores_150_classes_and_uncovered_pixels_as_misses(tmp_path):
     directory = truth_mask_set(source, tmp_path / "truth", unseen=sky)
     head = load_head(head_checkpoint(tmp_path / "head.ckpt", list(source.classes)))
     evaluation = evaluate(directory, OracleHead(head, LOW))
-    scores = {s.name: s.iou for s in evaluation.per_class}
+    scores = {s.name: s.values["iou"] for s in evaluation.per_class}
     # no mask covers the sky: a miss for sky (IoU 0), not a background class beside it
-    assert scores == {"background": None, "wall": 100.0, "building": 100.0, "sky": 0.0}
-    assert evaluation.miou == pytest.approx(200 / 3)  # a background class would make it 50
+    assert math.isnan(scores.pop("background"))
+    assert scores == {"wall": 100.0, "building": 100.0, "sky": 0.0}
+    # a background class would make it 50
+    assert evaluation.scores["mIoU"] == pytest.approx(200 / 3)
 
 
 def test_evaluation_matches_a_direct_computation(voc_set, tmp_path):
     source, directory = voc_set
     predictor = Predictor.from_checkpoint(head_checkpoint(tmp_path / "head.ckpt"), LOW)
     evaluation = evaluate(directory, predictor, sweep=GRID, num_samples=2, source=source)
-    maps, miou, map50 = direct(directory, predictor)
+    maps, scores = direct(directory, predictor)
     assert evaluation.images == 2 and evaluation.detections > 0
-    assert evaluation.miou == pytest.approx(miou) == pytest.approx(confusion_miou(maps, 21))
-    assert evaluation.map50 == pytest.approx(map50)
+    assert evaluation.scores == pytest.approx(scores, nan_ok=True)
+    assert evaluation.scores["mIoU"] == pytest.approx(confusion_miou(maps, 21))
     assert evaluation.instances_derived  # the drawn image has no SegmentationObject
     assert [s.name for s in evaluation.per_class] == ["background", *source.classes]
-    scored = {s.name: s for s in evaluation.per_class}
-    assert scored["background"].ap50 is None and scored["person"].iou is not None
+    scored = {s.name: s.values for s in evaluation.per_class}
+    assert math.isnan(scored["background"]["ap50"]) and not math.isnan(scored["person"]["iou"])
     for index, name in enumerate(["background", *source.classes]):
         occurs = any((p == index).any() or (t == index).any() for p, t in maps)
-        assert (scored[name].iou is None) == (not occurs), name  # no IoU without any pixel
+        assert math.isnan(scored[name]["iou"]) == (not occurs), name  # no IoU without a pixel
+    logged = evaluation.scalars()  # headline always, per-class where defined
+    assert "iou/person" in logged and "ap50/person" in logged and "iou/aeroplane" not in logged
     for sample, (prediction, truth) in zip(evaluation.samples, maps):
         np.testing.assert_array_equal(sample.prediction, prediction)
         np.testing.assert_array_equal(sample.truth, truth)
@@ -176,9 +184,9 @@ def test_evaluation_matches_a_direct_computation(voc_set, tmp_path):
     for point in (evaluation.sweep[0], evaluation.sweep[3], evaluation.sweep[5]):
         settings = InferenceSettings(point.confidence_threshold, point.nms_iou)
         alone = evaluate(directory, type(predictor)(predictor.checkpoint, settings))
-        assert (point.miou, point.map50) == pytest.approx((alone.miou, alone.map50), nan_ok=True)
+        assert point.scores == pytest.approx(alone.headline, nan_ok=True)
     # the thresholds matter on this set, so the comparison above means something
-    assert len({(p.miou, p.map50) for p in evaluation.sweep}) >= 3
+    assert len({tuple(p.scores.values()) for p in evaluation.sweep}) >= 3
 
 
 def test_outputs_overlays_and_random_weights(voc_set, tmp_path):
@@ -187,16 +195,23 @@ def test_outputs_overlays_and_random_weights(voc_set, tmp_path):
     evaluation = evaluate(directory, predictor, sweep=GRID, num_samples=1, source=source)
     write_outputs(evaluation, tmp_path / "out", {"checkpoint": "head.ckpt"})
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert metrics["mIoU"] == pytest.approx(evaluation.miou)
-    assert metrics["mAP50"] == pytest.approx(evaluation.map50)
+    assert metrics["mIoU"] == pytest.approx(evaluation.scores["mIoU"])
+    assert metrics["mAP50"] == pytest.approx(evaluation.scores["mAP50"])
+    assert metrics["per_class"][15] == {
+        "name": "person",
+        "iou": pytest.approx(evaluation.scores["iou/person"]),
+        "ap50": pytest.approx(evaluation.scores["ap50/person"]),
+    }
     assert metrics["images"] == 2 and metrics["checkpoint"] == "head.ckpt"
     assert metrics["meaningful"] is False and len(metrics["not_meaningful_because"]) == 2
     assert metrics["inference"]["confidence_threshold"] == 0.3
     with open(tmp_path / "out" / "per_class.csv") as handle:
         table = list(csv.DictReader(handle))
     assert [row["class"] for row in table] == ["background", *source.classes]
+    assert list(table[0]) == ["class", "iou", "ap50", "random_weights"]
     assert table[0]["ap50"] == ""
-    assert float(table[0]["iou"]) == pytest.approx(evaluation.per_class[0].iou, abs=1e-3)
+    assert float(table[0]["iou"]) == pytest.approx(evaluation.scores["iou/background"], abs=1e-3)
+    assert float(table[15]["ap50"]) == pytest.approx(evaluation.scores["ap50/person"], abs=1e-5)
     with open(tmp_path / "out" / "sweep.csv") as handle:
         sweep = list(csv.reader(handle))
     header = ["confidence_threshold", "nms_iou", "mIoU", "mAP50", "random_weights", "analysis"]
@@ -207,8 +222,12 @@ def test_outputs_overlays_and_random_weights(voc_set, tmp_path):
     assert "test data, not model selection" in SWEEP_ON_TEST
     assert metrics["threshold_sweep"]["analysis"] == SWEEP_ON_TEST
     assert [
-        (p["confidence_threshold"], p["nms_iou"]) for p in metrics["threshold_sweep"]["points"]
-    ] == [(p.confidence_threshold, p.nms_iou) for p in evaluation.sweep]
+        (p["confidence_threshold"], p["nms_iou"], p["mAP50"])
+        for p in metrics["threshold_sweep"]["points"]
+    ] == [(p.confidence_threshold, p.nms_iou, p.scores["mAP50"]) for p in evaluation.sweep]
+    assert [float(row[3]) for row in sweep[1:]] == [
+        pytest.approx(p.scores["mAP50"], abs=1e-5) for p in evaluation.sweep
+    ]
     with Image.open(tmp_path / "out" / "sweep.png") as plot:
         assert plot.width > plot.height > 100
     # the overlay of the first image (the VOC photo): photo | truth | prediction
@@ -255,7 +274,7 @@ def test_superclass_heads_and_mismatches(voc_set, tmp_path):
     evaluation = evaluate(directory, coarse)
     names = [s.name for s in evaluation.per_class]
     assert names == ["background", *load_vocabulary("voc_superclasses").classes]
-    assert evaluation.per_class[names.index("person")].iou is not None
+    assert not math.isnan(evaluation.scores["iou/person"])
     coco = Predictor.from_checkpoint(head_checkpoint(tmp_path / "coco.ckpt", "coco80"))
     with pytest.raises(EvaluationError, match="annotated with 20"):
         evaluate(directory, coco)
@@ -304,9 +323,11 @@ def test_callback_logs_scores_during_fit_validate_and_test(voc_set, tmp_path):
     )
     trainer.fit(module, datamodule=datamodule)
     metrics = trainer.callback_metrics
-    assert {"val/mIoU", "val/mAP50", "val/iou/background", "val/iou/person"} <= set(metrics)
+    logged = {"val/mIoU", "val/mAP50", "val/iou/background", "val/iou/person", "val/ap50/person"}
+    assert logged <= set(metrics)
     assert metrics["val/eval_random_weights"] == 1.0  # synthetic head and evaluation set
     assert "val/iou/aeroplane" not in metrics  # no IoU for a class that never occurs
+    assert "val/ap50/aeroplane" not in metrics  # nor AP for one without instances
     # every second epoch only, never the sanity check
     assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["val-epoch001"]
     assert len(list((tmp_path / "eval" / "val-epoch001" / "overlays").glob("*.png"))) == 1
@@ -317,9 +338,10 @@ def test_callback_logs_scores_during_fit_validate_and_test(voc_set, tmp_path):
     trainer.test(module, dataloaders=datamodule.val_dataloader(), verbose=False)
     trainer.save_checkpoint(tmp_path / "final.ckpt")
     saved = Predictor.from_checkpoint(tmp_path / "final.ckpt", InferenceSettings(0.04))
-    expected = evaluate(eval_dir, saved)
-    assert float(trainer.callback_metrics["test/mIoU"]) == pytest.approx(expected.miou, rel=1e-5)
-    assert float(trainer.callback_metrics["test/mAP50"]) == pytest.approx(expected.map50)
+    expected = evaluate(eval_dir, saved).scalars()
+    tested = {k.removeprefix("test/"): float(v) for k, v in trainer.callback_metrics.items()}
+    for name, value in expected.items():  # float32 once logged
+        assert tested[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
 
 
 def test_callback_refuses_a_missing_eval_set(tmp_path):

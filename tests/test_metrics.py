@@ -1,7 +1,9 @@
-"""Metrics against values computed by hand, and a real VOC image scored against itself."""
+"""Metrics against values computed by hand, their reduction over two ranks, and a real VOC
+image scored against itself."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -10,10 +12,36 @@ from PIL import Image
 
 from usam.data.eval_datasets import VOCSegmentation, load_ground_truth
 from usam.data.ground_truth import GroundTruth, Instance
-from usam.evaluation.metrics import MaskAP50, SemanticIoU
+from usam.evaluation.metrics import (
+    PER_CLASS_COLUMNS,
+    SCALARS,
+    MaskAP,
+    SemanticIoU,
+    format_scalars,
+    metric_collection,
+)
 from usam.inference.semantic_map import semantic_from_instances
 
+from helpers.commands import ROOT, run_python
+from helpers.metric_cases import METRIC_CLASSES, random_images
+
 CLASSES = ("cat", "dog", "car")
+
+
+def _semantic(prediction: np.ndarray, target: np.ndarray, **options) -> SemanticIoU:
+    metric = SemanticIoU(CLASSES, **options)
+    metric.update(prediction, GroundTruth(target, []))
+    return metric
+
+
+def _per_class(scores: dict[str, float], column: str) -> dict[str, float | None]:
+    """``<column>/<class>`` scalars by class name, None where undefined (NaN)."""
+    prefix = f"{column}/"
+    return {
+        key.removeprefix(prefix): None if math.isnan(value) else value
+        for key, value in scores.items()
+        if key.startswith(prefix)
+    }
 
 
 def _box(shape, top, left, bottom, right) -> np.ndarray:
@@ -27,76 +55,82 @@ def _box(shape, top, left, bottom, right) -> np.ndarray:
 
 def test_perfect_semantic_prediction_scores_100_and_absent_classes_are_none():
     target = np.array([[0, 1, 1, 255], [0, 2, 2, 0]], np.uint8)
-    metric = SemanticIoU(CLASSES)
-    metric.update(np.where(target == 255, 0, target), target)
-    scores = metric.compute()
-    assert scores.miou == pytest.approx(100.0)
-    assert scores.per_class == {"background": 100.0, "cat": 100.0, "dog": 100.0, "car": None}
+    scores = _semantic(np.where(target == 255, 0, target), target).compute()
+    assert scores["mIoU"] == pytest.approx(100.0)
+    assert _per_class(scores, "iou") == {
+        "background": 100.0,
+        "cat": 100.0,
+        "dog": 100.0,
+        "car": None,
+    }
 
 
 def test_partial_overlap_matches_hand_computed_iou():
     target = np.array([[1, 1, 0, 0]] * 4, np.uint8)  # cat: 8 pixels, background: 8
     prediction = np.array([[1, 1, 1, 0]] * 4, np.uint8)  # cat: 12 pixels
-    metric = SemanticIoU(CLASSES)
-    metric.update(prediction, target)
-    scores = metric.compute()
+    scores = _semantic(prediction, target).compute()
+    per_class = _per_class(scores, "iou")
     # cat: 8 / (12 + 8 - 8) = 2/3; background: 4 / (4 + 8 - 4) = 1/2. dog, car never occur.
-    assert scores.per_class["cat"] == pytest.approx(200 / 3)
-    assert scores.per_class["background"] == pytest.approx(50.0)
-    assert scores.per_class["dog"] is None and scores.per_class["car"] is None
-    assert scores.miou == pytest.approx((200 / 3 + 50) / 2)  # not diluted by absent classes
+    assert per_class["cat"] == pytest.approx(200 / 3)
+    assert per_class["background"] == pytest.approx(50.0)
+    assert per_class["dog"] is None and per_class["car"] is None
+    assert scores["mIoU"] == pytest.approx((200 / 3 + 50) / 2)  # not diluted by absent classes
 
 
 def test_ignore_pixels_do_not_count():
     target = np.array([[1, 1, 255, 0]] * 4, np.uint8)  # the wrongly predicted column is void
     prediction = np.array([[1, 1, 1, 0]] * 4, np.uint8)
-    metric = SemanticIoU(CLASSES)
-    metric.update(prediction, target)
-    assert metric.compute().miou == pytest.approx(100.0)
+    assert _semantic(prediction, target).compute()["mIoU"] == pytest.approx(100.0)
 
 
 def test_confusion_accumulates_over_the_dataset_not_per_image():
-    metric = SemanticIoU(CLASSES)
-    metric.update(np.ones((2, 2), np.uint8), np.ones((2, 2), np.uint8))  # 4 cat pixels right
-    metric.update(np.zeros((2, 2), np.uint8), np.array([[1, 0], [0, 0]], np.uint8))  # 1 missed
-    metric.update(np.array([[3, 0]], np.uint8), np.array([[0, 0]], np.uint8))  # car false alarm
-    scores = metric.compute()
+    metric = _semantic(np.ones((2, 2), np.uint8), np.ones((2, 2), np.uint8))  # 4 cat pixels
+    target = np.array([[1, 0], [0, 0]], np.uint8)
+    metric.update(np.zeros((2, 2), np.uint8), GroundTruth(target, []))  # 1 missed
+    metric.update(np.array([[3, 0]], np.uint8), GroundTruth(np.zeros((1, 2), np.uint8), []))
+    scores = metric.compute()  # the last image: a car false alarm
+    per_class = _per_class(scores, "iou")
     # cat: 4 right of 4 predicted and 5 true -> 4/5 (the per-image mean would be 1/2).
     # background: 4 right of 5 predicted and 5 true -> 4/6.
-    assert scores.per_class["cat"] == pytest.approx(80.0)
-    assert scores.per_class["background"] == pytest.approx(400 / 6)
-    assert scores.per_class["car"] == 0.0  # predicted but never present: a real zero
-    assert scores.per_class["dog"] is None
-    assert scores.miou == pytest.approx((80 + 400 / 6 + 0) / 3)
+    assert per_class["cat"] == pytest.approx(80.0)
+    assert per_class["background"] == pytest.approx(400 / 6)
+    assert per_class["car"] == 0.0  # predicted but never present: a real zero
+    assert per_class["dog"] is None
+    assert scores["mIoU"] == pytest.approx((80 + 400 / 6 + 0) / 3)
     metric.reset()
-    assert math.isnan(metric.compute().miou)
+    assert int(metric.confusion.sum()) == 0
 
 
 def test_without_a_background_class_uncovered_pixels_are_misses():
     # ADE20K-style: no background in the ground truth (0 was unlabelled, now 255)
     target = np.array([[1, 1, 2, 2]] * 2 + [[255] * 4], np.uint8)
     prediction = np.array([[1, 0, 2, 2]] * 2 + [[0] * 4], np.uint8)  # two cat pixels uncovered
-    metric = SemanticIoU(CLASSES, background_class=False)
-    metric.update(prediction, target)
+    metric = _semantic(prediction, target, background_class=False)
     scores = metric.compute()
     # cat: 2 hits of 4 true pixels -> 1/2, the misses in its union; dog: 4 of 4
-    assert scores.per_class == {"background": None, "cat": 50.0, "dog": 100.0, "car": None}
-    assert scores.miou == pytest.approx(75.0)
-    with_background = SemanticIoU(CLASSES)  # background would join the mean with IoU 0
-    with_background.update(prediction, target)
-    assert with_background.compute().miou == pytest.approx(50.0)
+    assert _per_class(scores, "iou") == {
+        "background": None,
+        "cat": 50.0,
+        "dog": 100.0,
+        "car": None,
+    }
+    assert scores["mIoU"] == pytest.approx(75.0)
+    # background would join the mean with IoU 0
+    assert _semantic(prediction, target).compute()["mIoU"] == pytest.approx(50.0)
     with pytest.raises(ValueError, match="no background class"):
-        metric.update(np.zeros((1, 2), np.uint8), np.array([[0, 1]], np.uint8))
+        metric.update(np.zeros((1, 2), np.uint8), GroundTruth(np.array([[0, 1]], np.uint8), []))
 
 
 def test_semantic_iou_rejects_bad_maps():
     metric = SemanticIoU(CLASSES)
     with pytest.raises(ValueError, match="differ in shape"):
-        metric.update(np.zeros((2, 3), np.uint8), np.zeros((3, 2), np.uint8))
+        metric.update(np.zeros((2, 3), np.uint8), GroundTruth(np.zeros((3, 2), np.uint8), []))
     with pytest.raises(ValueError, match="prediction values must lie in 0..3"):
-        metric.update(np.full((2, 2), 255, np.uint8), np.zeros((2, 2), np.uint8))
+        metric.update(np.full((2, 2), 255, np.uint8), GroundTruth(np.zeros((2, 2), np.uint8), []))
     with pytest.raises(ValueError, match="another class list"):
-        metric.update(np.zeros((2, 2), np.uint8), np.full((2, 2), 7, np.uint8))
+        metric.update(np.zeros((2, 2), np.uint8), GroundTruth(np.full((2, 2), 7, np.uint8), []))
+    with pytest.raises(ValueError, match="'background' is implicit"):
+        SemanticIoU(("background", "cat"))
 
 
 # ---------------------------------------------------------------- mAP50
@@ -111,11 +145,11 @@ def _truth(*instances: Instance) -> GroundTruth:
     return GroundTruth(semantic, list(instances))
 
 
-def _ap(predictions, truth, **options) -> float:
-    metric = MaskAP50(CLASSES, **options)
+def _ap(predictions, truth) -> float:
+    metric = MaskAP(CLASSES)
     masks = np.array([p[0] for p in predictions], bool).reshape(-1, *SHAPE)
     metric.update(masks, [p[1] for p in predictions], [p[2] for p in predictions], truth)
-    return metric.compute().map50
+    return metric.compute()["mAP50"]
 
 
 def test_perfect_instance_prediction_scores_one():
@@ -158,29 +192,31 @@ def test_detections_beyond_coco_cap_of_100_do_not_count():
     for number, cell in enumerate(cells):
         cell[number // 11, number % 11] = True
     truth = GroundTruth(np.zeros(shape, np.uint8), [Instance(c, 0) for c in cells])
-    metric = MaskAP50(CLASSES)
+    metric = MaskAP(CLASSES)
     metric.update(np.stack(cells), [0] * 101, np.linspace(1.0, 0.5, 101), truth)
     # The 101st (lowest-scoring) hit is dropped: recall tops out at 100/101 > 0.99, so
     # precision is 1 at recall thresholds 0, 0.01, ..., 0.99 and 0 at 1.0.
-    assert metric.compute().map50 == pytest.approx(100 / 101)
+    assert metric.compute()["mAP50"] == pytest.approx(100 / 101)
 
 
 def test_empty_cases_and_per_class_table():
     a = _box(SHAPE, 0, 0, 10, 10)
     assert _ap([], _truth(Instance(a, 0))) == 0.0  # every object missed
-    metric = MaskAP50(CLASSES)
+    metric = MaskAP(CLASSES)
     metric.update([], [], [], _truth(Instance(a, 0)))
-    assert metric.compute().map50 == 0.0
+    assert metric.compute()["mAP50"] == 0.0
     assert math.isnan(_ap([(a, 0, 0.9)], _truth()))
-    metric = MaskAP50(CLASSES, per_class=True)
+    with pytest.warns(UserWarning, match="called before the ``update``"):
+        assert math.isnan(MaskAP(CLASSES).compute()["mAP50"])  # no image at all
+    metric = MaskAP(CLASSES)
     metric.update(a[None], [0], [0.9], _truth(Instance(a, 0), Instance(~a, 1)))
     scores = metric.compute()
-    assert scores.per_class == {"cat": pytest.approx(1.0), "dog": 0.0, "car": None}
-    assert scores.map50 == pytest.approx(0.5)
+    assert _per_class(scores, "ap50") == {"cat": pytest.approx(1.0), "dog": 0.0, "car": None}
+    assert scores["mAP50"] == pytest.approx(0.5)
 
 
 def test_mask_ap_rejects_bad_predictions():
-    metric = MaskAP50(CLASSES)
+    metric = MaskAP(CLASSES)
     truth = _truth()
     with pytest.raises(ValueError, match=r"expected \(N, 20, 20\)"):
         metric.update(np.zeros((1, 10, 10), bool), [0], [0.5], truth)
@@ -261,21 +297,21 @@ def test_real_voc_ground_truth_fed_back_scores_perfectly(tmp_path):
     assert np.array_equal(prediction, truth.semantic)
 
     semantic = SemanticIoU(source.classes)
-    semantic.update(prediction, truth.semantic)
+    semantic.update(prediction, truth)
     result = semantic.compute()
-    assert result.miou == pytest.approx(100.0)
-    assert {n for n, v in result.per_class.items() if v is not None} == {
+    assert result["mIoU"] == pytest.approx(100.0)
+    assert {n for n, v in _per_class(result, "iou").items() if v is not None} == {
         "background",
         "bottle",
         "chair",
         "dining table",
         "person",
     }
-    instances = MaskAP50(source.classes)
+    instances = MaskAP(source.classes)
     instances.update(masks, labels, scores, truth)
-    assert instances.compute().map50 == pytest.approx(1.0)
+    assert instances.compute()["mAP50"] == pytest.approx(1.0)
 
-    derived = MaskAP50(source.classes)  # connected components of the class map as predictions
+    derived = MaskAP(source.classes)  # connected components of the class map as predictions
     (tmp_path / "SegmentationObject" / "2011_000003.png").unlink()
     components = load_ground_truth(image.ground_truth)
     assert components.instances_derived
@@ -285,4 +321,45 @@ def test_real_voc_ground_truth_fed_back_scores_perfectly(tmp_path):
         np.ones(len(components.instances)),
         components,
     )
-    assert derived.compute().map50 == pytest.approx(1.0)
+    assert derived.compute()["mAP50"] == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------- the collection
+
+
+def test_collection_returns_every_metrics_named_scalars():
+    images = random_images()
+    metrics = metric_collection(METRIC_CLASSES)
+    semantic, instances = SemanticIoU(METRIC_CLASSES), MaskAP(METRIC_CLASSES)
+    for image in images:
+        metrics.update(**image)  # each metric takes the keywords its update names
+        semantic.update(image["semantic"], image["truth"])
+        instances.update(image["masks"], image["labels"], image["scores"], image["truth"])
+    scores = metrics.compute()
+    alone = semantic.compute() | instances.compute()
+    assert set(scores) == set(alone) and set(SCALARS) <= set(scores)
+    for name, value in alone.items():
+        assert scores[name] == pytest.approx(value, nan_ok=True), name
+    per_class = {f"{column}/{name}" for column in PER_CLASS_COLUMNS for name in METRIC_CLASSES}
+    assert per_class <= set(scores) and "iou/background" in scores
+    assert set(scores) - per_class - {"iou/background"} == set(SCALARS)
+    line = format_scalars(scores)
+    assert line.split()[::2] == list(SCALARS)  # "mIoU 7.45  mAP50 0.2636 ..."
+    assert line.split()[1] == f"{scores['mIoU']:.2f}"
+
+
+def test_two_ranks_reduce_to_the_scores_of_one_process(tmp_path):
+    """Each of two gloo ranks sees every other image (uneven counts, one rank holding the
+    image without objects); computing gathers the states of both."""
+    out = tmp_path / "scores.json"
+    result = run_python(str(ROOT / "tests" / "metric_ranks_probe.py"), str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    reduced = json.loads(out.read_text())
+    metrics = metric_collection(METRIC_CLASSES)
+    for image in random_images():
+        metrics.update(**image)
+    single = metrics.compute()
+    assert set(reduced) == set(single)
+    assert 0.1 < single["mAP50"] < 0.9  # misses and false alarms leave something to get right
+    for name, value in single.items():
+        assert reduced[name] == pytest.approx(value, abs=1e-9, nan_ok=True), name

@@ -110,8 +110,8 @@ def test_command_scores_sam3_detections_with_the_shared_metrics(voc, tmp_path):
     assert not (tmp_path / "data").exists()  # no SAM-1 masks extracted
     predictor = Sam3Predictor(voc.classes, True, InferenceSettings(confidence_threshold=0.2))
     expected = evaluate(run_dir / "sam3_detections", predictor)  # the head's very path
-    assert metrics["mIoU"] == pytest.approx(expected.miou)
-    assert metrics["mAP50"] == pytest.approx(expected.map50)
+    assert metrics["mIoU"] == pytest.approx(expected.scores["mIoU"])
+    assert metrics["mAP50"] == pytest.approx(expected.scores["mAP50"])
     with open(run_dir / "per_class.csv") as handle:
         rows = list(csv.reader(handle))
     assert len(rows) == 1 + 21 and {row[-1] for row in rows[1:]} == {"True"}

@@ -11,7 +11,7 @@ from PIL import Image
 
 from usam.core.vocabulary import load_vocabulary
 from usam.data.eval_datasets import load_ground_truth
-from usam.evaluation.metrics import MaskAP50, SemanticIoU
+from usam.evaluation.metrics import metric_collection
 from usam.evaluation.scoring import ThresholdGrid
 from usam.formats.embedding_shards import iter_records
 from usam.inference.predictor import Predictor
@@ -96,10 +96,9 @@ def head_checkpoint(
     return path
 
 
-def direct(directory: Path, predictor: Predictor) -> tuple[list[np.ndarray], float, float]:
-    """The same scores the plain way: the predictor per image, metrics updated by hand."""
-    classes = predictor.classes
-    semantic_metric, instance_metric = SemanticIoU(classes), MaskAP50(classes)
+def direct(directory: Path, predictor: Predictor) -> tuple[list[np.ndarray], dict[str, float]]:
+    """The same scores the plain way: the predictor per image, the metrics updated by hand."""
+    metrics = metric_collection(predictor.classes)
     maps = []
     for record in iter_records(directory):
         truth = load_ground_truth(record.ground_truth)
@@ -108,7 +107,12 @@ def direct(directory: Path, predictor: Predictor) -> tuple[list[np.ndarray], flo
         semantic = semantic_from_instances(
             masks, prediction.labels, prediction.scores, (record.height, record.width)
         )
-        semantic_metric.update(semantic, truth.semantic)
-        instance_metric.update(masks, prediction.labels, prediction.scores, truth)
+        metrics.update(
+            semantic=semantic,
+            masks=masks,
+            labels=prediction.labels,
+            scores=prediction.scores,
+            truth=truth,
+        )
         maps.append((semantic, truth.semantic))
-    return maps, semantic_metric.compute().miou, instance_metric.compute().map50
+    return maps, metrics.compute()

@@ -28,6 +28,7 @@ from usam.data.eval_shards import eval_shards
 from usam.data.extraction import ExtractSettings
 from usam.data.sources import ImageSource
 from usam.evaluation.clip_baseline import clip_predictor
+from usam.evaluation.metrics import format_scalars
 from usam.evaluation.reports import log_to_wandb, write_outputs
 from usam.evaluation.sam3_baseline import Sam3Settings, sam3_baseline
 from usam.evaluation.scoring import (
@@ -122,18 +123,13 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
             config=flat_config(cfg),
             tags=identity.tags,
         ) as wandb_run:
-            scores = {"eval/mIoU": evaluation.miou, "eval/mAP50": evaluation.map50}
-            scores |= {
-                f"eval/iou/{score.name}": score.iou
-                for score in evaluation.per_class
-                if score.iou is not None
-            }
+            scores = {f"eval/{name}": value for name, value in evaluation.scalars().items()}
             log_to_wandb(wandb_run, evaluation, "eval", scores)
     derived = ""
     if evaluation.instances_derived:
-        derived = " (mAP50 on instances derived as connected components of the class map)"
+        derived = " (mask AP on instances derived as connected components of the class map)"
     print(
-        f"{label}: mIoU {evaluation.miou:.2f}  mAP50 {evaluation.map50:.4f}{derived}"
+        f"{label}: {format_scalars(evaluation.headline)}{derived}"
         f"  over {evaluation.images} images; results in {out_dir}"
     )
     if evaluation.sweep:

@@ -22,6 +22,7 @@ from usam.core.vocabulary import load_vocabulary
 from usam.data.eval_shards import eval_shards
 from usam.data.extraction import ExtractSettings
 from usam.evaluation.callback import EvaluationCallback
+from usam.evaluation.metrics import SCALARS
 from usam.images.stable_diffusion import GenerateSettings
 from usam.inference.predictor import InferenceSettings
 from usam.sam.amg_settings import AmgSettings
@@ -152,9 +153,8 @@ def train_stage(
     return StageResult(checkpoint, {k: float(v) for k, v in (tested[0] if tested else {}).items()})
 
 
-SUMMARY_COLUMNS = {  # test metric: (column, format)
-    "test/mIoU": ("mIoU", "{:.2f}"),
-    "test/mAP50": ("mAP50", "{:.4f}"),
+SUMMARY_COLUMNS = {  # test metric: (column, format); the evaluation metrics' headline ones
+    **{f"test/{name}": (name, form) for name, form in SCALARS.items()},
     "test/image_acc": ("image acc", "{:.3f}"),
 }
 

@@ -2,9 +2,10 @@
 
 At the end of every ``every_n_epochs``-th validation epoch during fit (not the
 sanity check), of ``Trainer.validate`` and of ``Trainer.test``, the module's
-current head runs through :func:`usam.evaluation.scoring.evaluate`; ``val/mIoU``,
-``val/mAP50`` and ``val/iou/<class>`` (``test/...`` when testing) are logged
-through the module, so checkpointing and early stopping can monitor them.
+current head runs through :func:`usam.evaluation.scoring.evaluate`; every scalar
+of the metric collection (``val/mIoU``, ``val/mAP50``, ``val/iou/<class>``,
+``val/ap50/<class>``...; ``test/...`` when testing) is logged through the module,
+so checkpointing and early stopping can monitor them.
 Overlays of a fixed sample of images go to W&B as a table, or to PNGs under
 ``output_dir`` when no W&B logger is attached; the test-time results (the final
 head) are always written there as well.
@@ -137,15 +138,6 @@ def _folder_name(trainer: L.Trainer, prefix: str) -> str:
 
 
 def _scores(evaluation: Evaluation) -> dict[str, float]:
-    """The scalars to log: mIoU (percent), mAP50 (fraction), IoU of each class that occurs,
-    and whether the evaluation masks or the head come from random weights.
-    """
-    scores = {
-        "mIoU": evaluation.miou,
-        "mAP50": evaluation.map50,
-        "eval_random_weights": float(bool(evaluation.not_meaningful)),
-    }
-    for score in evaluation.per_class:
-        if score.iou is not None:
-            scores[f"iou/{score.name}"] = score.iou
-    return scores
+    """The evaluation's scalars, and whether the evaluation masks or the head come from
+    random weights."""
+    return evaluation.scalars() | {"eval_random_weights": float(bool(evaluation.not_meaningful))}

@@ -1,10 +1,22 @@
-"""Segmentation metrics the way the benchmarks compute them: mIoU and COCO mask mAP50.
+"""The evaluation metrics: torchmetrics ``Metric``s in one ``MetricCollection``.
+
+Each metric returns named scalars: its headline values (``scalars``, with how they
+print) and, when it scores classes one by one, ``<per_class_column>/<class>``.
+Every consumer (metrics.json, per_class.csv, the sweep, W&B, the training-time
+callback, the end-of-run table of ``fit``, the line ``eval`` prints) iterates over
+:data:`METRICS`, so a new metric is one class here, listed there. The scorer hands
+each image to the collection as keywords (``semantic``, ``masks``, ``labels``,
+``scores``, ``truth``); each metric's ``update`` names the ones it reads.
+
+States are tensors with a ``dist_reduce_fx``, so a metric fed on several ranks
+reduces over all their images when computed. Undefined values (a class with no
+ground truth) are NaN, written as null or an empty cell.
 
 ``SemanticIoU`` accumulates one confusion matrix over the whole dataset (not a
 mean of per-image scores), 255 ignored. A class that appears in neither
 prediction nor ground truth has no IoU at all (its union is empty), so it is
-reported as None and left out of the mean instead of dragging it down. Two
-protocols, by what the dataset labels:
+left out of the mean instead of dragging it down. Two protocols, by what the
+dataset labels:
 
 - with a background class (VOC-21, COCO painted from instances): background is
   label 0 and one of the averaged classes;
@@ -13,15 +25,16 @@ protocols, by what the dataset labels:
   predicted "no class": it is a miss for its true class (that class's false
   negatives and union grow) and never a class of its own.
 
-``MaskAP50`` is COCO's mask AP at IoU 0.5 computed by pycocotools' ``COCOeval``
-itself (its 101 float64 recall points, its matching): every image counts,
-including those without ground truth, whose detections are false positives;
-crowd regions are ``iscrowd`` (a detection on one is neither a hit nor a false
-positive); at most 100 detections per image and class count (COCO keeps the
-highest-scoring ones); the mean runs over classes with ground truth.
+``MaskAP`` is COCO's mask AP computed by pycocotools' ``COCOeval`` itself, since
+torchmetrics' own differs from that reference (float32 recall points, images
+without ground truth skipped): its 101 float64 recall points and its matching;
+every image counts, including those without ground truth, whose detections are
+false positives; crowd regions are ``iscrowd`` (a detection on one is neither a
+hit nor a false positive); at most 100 detections per image and class count
+(COCO keeps the highest-scoring ones); the mean runs over classes with ground truth.
 
-Units: mIoU and per-class IoU in percent (as VOC tables print them), mAP50 as
-a fraction in [0, 1] (as COCO tools print it).
+Units: mIoU and per-class IoU in percent (as VOC tables print them), AP as a
+fraction in [0, 1] (as COCO tools print it).
 """
 
 from __future__ import annotations
@@ -30,15 +43,15 @@ import contextlib
 import io
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-from torchmetrics.classification import MulticlassConfusionMatrix
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.utilities.data import dim_zero_cat
 
 from usam.core.labels import BACKGROUND, IGNORE, MAX_CLASSES
 from usam.data.ground_truth import GroundTruth
@@ -46,55 +59,53 @@ from usam.data.ground_truth import GroundTruth
 COCO_MAX_DETECTIONS = 100  # per image and class, as in COCO's AP
 
 
-@dataclass
-class SemanticScores:
-    miou: float  # percent, over the classes that occur; NaN when none does
-    per_class: dict[str, float | None]  # percent; None when the class is not scored
+class EvaluationMetric(Metric):
+    """A metric over the images of an evaluation set with a class list.
 
-
-@dataclass
-class MaskAPScores:
-    map50: float  # fraction; NaN when no image has a ground-truth instance
-    per_class: dict[str, float | None] | None  # None unless asked for; None where no ground truth
-
-
-def _check_classes(classes: Sequence[str]) -> tuple[str, ...]:
-    if not 0 < len(classes) <= MAX_CLASSES:
-        raise ValueError(
-            f"{len(classes)} classes; these metrics take 1..{MAX_CLASSES} "
-            f"(labels are stored as uint8 with {IGNORE} = ignore)"
-        )
-    return tuple(classes)
-
-
-def _as_long(array) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(array)).long()
-
-
-class SemanticIoU:
-    """Dataset-level mIoU; maps use 0 = background (or no class), ``i + 1`` = class ``i``
-    and 255 = ignore (ground truth only).
-
-    ``background_class=False`` is the protocol of datasets without a background
-    class (ADE20K): background is then neither reported nor averaged, and a
-    pixel predicted 0 counts against its true class.
+    ``background_class`` says whether the dataset labels background as a class (its
+    protocol); a metric reads it only where that changes the score.
     """
 
-    def __init__(self, classes: Sequence[str], *, background_class: bool = True) -> None:
-        self.classes = _check_classes(classes)
-        if BACKGROUND in self.classes:
-            raise ValueError(f"'{BACKGROUND}' is implicit (label 0); remove it from the class list")
-        self.background_class = background_class
-        self.names = (BACKGROUND, *self.classes)
-        self.metric = MulticlassConfusionMatrix(
-            num_classes=len(self.names),
-            ignore_index=IGNORE,
-            validate_args=False,
-            sync_on_compute=False,  # fed by the one process that sees every image
-        )
+    scalars: ClassVar[dict[str, str]]  # headline name -> how it prints, e.g. "{:.2f}"
+    per_class_column: ClassVar[str | None] = None  # the prefix of its per-class scalars
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
 
-    def update(self, prediction: np.ndarray, target: np.ndarray) -> None:
-        prediction, target = _as_long(prediction), _as_long(target)
+    def __init__(
+        self, classes: Sequence[str], *, background_class: bool = True, **options: Any
+    ) -> None:
+        super().__init__(**options)
+        if not 0 < len(classes) <= MAX_CLASSES:
+            raise ValueError(
+                f"{len(classes)} classes; these metrics take 1..{MAX_CLASSES} "
+                f"(labels are stored as uint8 with {IGNORE} = ignore)"
+            )
+        if BACKGROUND in classes:
+            raise ValueError(f"'{BACKGROUND}' is implicit (label 0); remove it from the class list")
+        self.classes = tuple(classes)
+        self.background_class = background_class
+
+    def _per_class(self, values: dict[str, float]) -> dict[str, float]:
+        return {f"{self.per_class_column}/{name}": value for name, value in values.items()}
+
+
+class SemanticIoU(EvaluationMetric):
+    """Dataset-level mIoU of class maps: 0 = background (or no class), ``i + 1`` = class
+    ``i``, 255 = ignore (ground truth only)."""
+
+    scalars: ClassVar[dict[str, str]] = {"mIoU": "{:.2f}"}
+    per_class_column = "iou"
+
+    def __init__(self, classes: Sequence[str], **options: Any) -> None:
+        super().__init__(classes, **options)
+        size = len(self.classes) + 1
+        # rows: ground truth, columns: prediction
+        self.add_state("confusion", torch.zeros(size, size, dtype=torch.long), "sum")
+
+    def update(self, semantic: np.ndarray, truth: GroundTruth) -> None:
+        prediction = torch.as_tensor(np.asarray(semantic)).long()
+        target = torch.as_tensor(np.asarray(truth.semantic)).long()
         if prediction.shape != target.shape:
             raise ValueError(
                 f"prediction {tuple(prediction.shape)} and ground truth {tuple(target.shape)} "
@@ -116,30 +127,41 @@ class SemanticIoU:
                 "ground truth holds background (0) but this protocol has no background class; "
                 "score it with background_class=True or read 0 as ignore"
             )
-        self.metric.update(prediction.flatten(), target.flatten())
+        scored = target != IGNORE
+        cells = target[scored] * (top + 1) + prediction[scored]
+        self.confusion += torch.bincount(cells, minlength=(top + 1) ** 2).view(top + 1, top + 1)
 
-    def compute(self) -> SemanticScores:
-        confusion = self.metric.confmat.double()  # rows: ground truth, columns: prediction
+    def compute(self) -> dict[str, float]:
+        confusion = self.confusion.double()
         hits = confusion.diagonal()
         union = confusion.sum(0) + confusion.sum(1) - hits
         scored = [self.background_class, *[True] * len(self.classes)]
         per_class = {
-            name: float(100 * hit / size) if keep and size > 0 else None
-            for name, hit, size, keep in zip(self.names, hits, union, scored)
+            name: float(100 * hit / size) if keep and size > 0 else math.nan
+            for name, hit, size, keep in zip((BACKGROUND, *self.classes), hits, union, scored)
         }
-        present = [v for v in per_class.values() if v is not None]
+        present = [v for v in per_class.values() if not math.isnan(v)]
         miou = sum(present) / len(present) if present else math.nan
-        return SemanticScores(miou=miou, per_class=per_class)
-
-    def reset(self) -> None:
-        self.metric.reset()
+        return {"mIoU": miou, **self._per_class(per_class)}
 
 
-def _rles(masks: np.ndarray) -> list[dict[str, Any]]:
-    """pycocotools RLEs of (N, H, W) bool masks."""
+def _rle_bytes(masks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pycocotools RLE strings of (N, H, W) bool masks, back to back, and their lengths."""
     if not len(masks):
-        return []
-    return mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+        return torch.zeros(0, dtype=torch.uint8), torch.zeros(0, dtype=torch.long)
+    rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+    strings = [rle["counts"] for rle in rles]
+    stream = np.frombuffer(b"".join(strings), dtype=np.uint8).copy()
+    return torch.from_numpy(stream), torch.tensor([len(s) for s in strings], dtype=torch.long)
+
+
+def _rles(stream: torch.Tensor, lengths: torch.Tensor, size: list[int]) -> list[dict]:
+    data = bytes(stream.cpu().numpy())
+    ends = np.cumsum(lengths.cpu().numpy())
+    return [
+        {"size": size, "counts": data[end - length : end]}
+        for end, length in zip(ends.tolist(), lengths.tolist())
+    ]
 
 
 def _coco_index(dataset: dict[str, Any]) -> COCO:
@@ -150,13 +172,22 @@ def _coco_index(dataset: dict[str, Any]) -> COCO:
     return coco
 
 
-class MaskAP50:
-    """COCO mask AP at IoU 0.5 over per-image predicted instances and ground truth."""
+class MaskAP(EvaluationMetric):
+    """COCO mask AP over per-image predicted instances and ground truth."""
 
-    def __init__(self, classes: Sequence[str], *, per_class: bool = False) -> None:
-        self.classes = _check_classes(classes)
-        self.per_class = per_class
-        self.reset()
+    scalars: ClassVar[dict[str, str]] = {"mAP50": "{:.4f}"}
+    per_class_column = "ap50"
+    iou_thresholds = (0.5,)
+
+    def __init__(self, classes: Sequence[str], **options: Any) -> None:
+        super().__init__(classes, **options)
+        # per image: height, width, ground-truth instances, detections
+        self.add_state("images", [], "cat")
+        self.add_state("truths", [], "cat")  # per instance: label, iscrowd, RLE length
+        self.add_state("truth_rles", [], "cat")  # RLE strings, back to back
+        self.add_state("detections", [], "cat")  # per detection: label, RLE length
+        self.add_state("detection_scores", [], "cat")
+        self.add_state("detection_rles", [], "cat")
 
     def update(
         self, masks: np.ndarray, labels: Sequence[int], scores: Sequence[float], truth: GroundTruth
@@ -178,52 +209,111 @@ class MaskAP50:
             raise ValueError(
                 f"labels must lie in 0..{len(self.classes) - 1}, got {np.unique(labels).tolist()}"
             )
-        image_id = len(self._images) + 1
-        self._images.append({"id": image_id, "height": shape[0], "width": shape[1]})
         truths = np.array([i.mask for i in truth.instances], dtype=bool).reshape(-1, *shape)
-        for instance, rle in zip(truth.instances, _rles(truths)):
-            self._objects += not instance.iscrowd
-            self._add(self._truths, image_id, instance.label, rle, iscrowd=int(instance.iscrowd))
-        for label, score, rle in zip(labels, scores, _rles(masks)):
-            self._add(self._detections, image_id, label, rle, score=float(score))
+        truth_stream, truth_lengths = _rle_bytes(truths)
+        detection_stream, detection_lengths = _rle_bytes(masks)
+        self.images.append(torch.tensor([[*shape, len(truths), len(masks)]], dtype=torch.long))
+        truth_rows = [[i.label, int(i.iscrowd)] for i in truth.instances]
+        truth_rows = torch.tensor(truth_rows, dtype=torch.long).reshape(-1, 2)
+        self.truths.append(torch.cat([truth_rows, truth_lengths[:, None]], 1))
+        self.truth_rles.append(truth_stream)
+        self.detections.append(torch.stack([torch.from_numpy(labels), detection_lengths], 1))
+        self.detection_scores.append(torch.from_numpy(scores))
+        self.detection_rles.append(detection_stream)
 
-    @staticmethod
-    def _add(annotations: list, image_id: int, label: int, rle: dict, **fields: Any) -> None:
-        annotations.append(
-            {
-                "id": len(annotations) + 1,
-                "image_id": image_id,
-                "category_id": int(label) + 1,
-                "segmentation": rle,
-                "area": float(mask_utils.area(rle)),
-                **fields,
-            }
-        )
-
-    def compute(self) -> MaskAPScores:
-        per_class = dict.fromkeys(self.classes) if self.per_class else None
-        if self._objects == 0:
-            return MaskAPScores(math.nan, per_class)
+    def _coco(self) -> tuple[COCO, COCO]:
+        """COCO indexes of the ground truth and the detections, from the (reduced) states."""
+        images = dim_zero_cat(self.images)
+        sizes = images[:, :2].tolist()
+        truth_counts, detection_counts = images[:, 2].tolist(), images[:, 3].tolist()
+        truths = _per_image(self.truths, self.truth_rles, truth_counts)
+        detections = _per_image(self.detections, self.detection_rles, detection_counts)
+        scores = torch.split(dim_zero_cat(self.detection_scores), detection_counts)
+        coco_images: list[dict] = []
+        records: tuple[list[dict], list[dict]] = ([], [])
+        for image_id, size, (truth_rows, truth_rles), (
+            detection_rows,
+            detection_rles,
+        ), image_scores in zip(range(1, len(sizes) + 1), sizes, truths, detections, scores):
+            coco_images.append({"id": image_id, "height": size[0], "width": size[1]})
+            for (label, crowd, _), rle in zip(
+                truth_rows.tolist(), _rles(truth_rles, truth_rows[:, -1], size)
+            ):
+                _add(records[0], image_id, label, rle, iscrowd=crowd)
+            for (label, _), score, rle in zip(
+                detection_rows.tolist(),
+                image_scores.tolist(),
+                _rles(detection_rles, detection_rows[:, -1], size),
+            ):
+                _add(records[1], image_id, label, rle, score=score)
         categories = [{"id": i + 1, "name": name} for i, name in enumerate(self.classes)]
-        truths, detections = (
-            _coco_index({"images": self._images, "annotations": a, "categories": categories})
-            for a in (self._truths, self._detections)
+        return tuple(
+            _coco_index({"images": coco_images, "annotations": a, "categories": categories})
+            for a in records
         )
-        evaluator = COCOeval(truths, detections, iouType="segm")
-        evaluator.params.iouThrs = np.array([0.5])
+
+    def compute(self) -> dict[str, float]:
+        undefined = dict.fromkeys(self.scalars, math.nan)
+        undefined |= self._per_class(dict.fromkeys(self.classes, math.nan))
+        if len(self.images) == 0 or not (dim_zero_cat(self.truths)[:, 1] == 0).any():
+            return undefined  # no image with a ground-truth instance: AP has no meaning
+        evaluator = COCOeval(*self._coco(), iouType="segm")
+        evaluator.params.iouThrs = np.array(self.iou_thresholds)
         evaluator.params.areaRng, evaluator.params.areaRngLbl = [[0, 1e10]], ["all"]
         evaluator.params.maxDets = [COCO_MAX_DETECTIONS]
         with contextlib.redirect_stdout(io.StringIO()):
             evaluator.evaluate()
             evaluator.accumulate()
-        precision = evaluator.eval["precision"][0, :, :, 0, 0]  # (recall points, classes)
-        if per_class is not None:
-            for name, column in zip(self.classes, precision.T):
-                per_class[name] = float(column.mean()) if (column > -1).all() else None
-        return MaskAPScores(float(precision[precision > -1].mean()), per_class)
+        # (IoU thresholds, recall points, classes); -1 where a class has no ground truth
+        precision = evaluator.eval["precision"][:, :, :, 0, 0]
+        at_half = precision[0]
+        per_class = {
+            name: float(column.mean()) if (column > -1).all() else math.nan
+            for name, column in zip(self.classes, at_half.T)
+        }
+        return {"mAP50": float(at_half[at_half > -1].mean()), **self._per_class(per_class)}
 
-    def reset(self) -> None:
-        self._images: list[dict[str, Any]] = []
-        self._truths: list[dict[str, Any]] = []
-        self._detections: list[dict[str, Any]] = []
-        self._objects = 0
+
+def _per_image(
+    rows: Any, stream: Any, counts: list[int]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Rows split by image, each with its RLE bytes (the rows' last column is their length)."""
+    row_blocks = torch.split(dim_zero_cat(rows), counts)
+    byte_blocks = torch.split(dim_zero_cat(stream), [int(b[:, -1].sum()) for b in row_blocks])
+    return list(zip(row_blocks, byte_blocks))
+
+
+def _add(annotations: list[dict], image_id: int, label: int, rle: dict, **fields: Any) -> None:
+    annotations.append(
+        {
+            "id": len(annotations) + 1,
+            "image_id": image_id,
+            "category_id": int(label) + 1,
+            "segmentation": rle,
+            "area": float(mask_utils.area(rle)),
+            **fields,
+        }
+    )
+
+
+METRICS: tuple[type[EvaluationMetric], ...] = (SemanticIoU, MaskAP)
+SCALARS: dict[str, str] = {name: form for m in METRICS for name, form in m.scalars.items()}
+PER_CLASS_COLUMNS: tuple[str, ...] = tuple(
+    m.per_class_column for m in METRICS if m.per_class_column
+)
+
+
+def metric_collection(
+    classes: Sequence[str], *, background_class: bool = True, **options: Any
+) -> MetricCollection:
+    """Every metric of :data:`METRICS` for this class list and protocol; ``options`` go to
+    each ``Metric`` (e.g. ``sync_on_compute=False`` where one process sees every image)."""
+    return MetricCollection(
+        {m.__name__: m(classes, background_class=background_class, **options) for m in METRICS},
+        compute_groups=False,
+    )
+
+
+def format_scalars(scores: dict[str, float]) -> str:
+    """The headline values as one line, e.g. ``mIoU 45.20  mAP50 0.3100``."""
+    return "  ".join(f"{name} {form.format(scores[name])}" for name, form in SCALARS.items())

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from usam.evaluation.metrics import PER_CLASS_COLUMNS, SCALARS
 from usam.evaluation.scoring import (
     SWEEP_COLUMNS,
     SWEEP_ON_TEST,
@@ -22,14 +23,14 @@ from usam.viz.overlays import heatmaps, overlay_panel
 
 
 def sweep_maps(points: Sequence[SweepPoint]) -> tuple[list[float], list[float], dict]:
-    """Rows (confidence), columns (NMS IoU) and the mIoU / mAP50 grids of a sweep."""
+    """Rows (confidence), columns (NMS IoU) and one grid per headline metric of a sweep."""
     rows = sorted({p.confidence_threshold for p in points})
     columns = sorted({p.nms_iou for p in points})
-    grids = {name: np.full((len(rows), len(columns)), np.nan) for name in ("mIoU", "mAP50")}
+    grids = {name: np.full((len(rows), len(columns)), np.nan) for name in SCALARS}
     for p in points:
         r, c = rows.index(p.confidence_threshold), columns.index(p.nms_iou)
-        grids["mIoU"][r, c] = p.miou
-        grids["mAP50"][r, c] = p.map50
+        for name, value in p.scores.items():
+            grids[name][r, c] = value
     return rows, columns, grids
 
 
@@ -57,15 +58,16 @@ def write_outputs(evaluation: Evaluation, out_dir: str | Path, extra: dict | Non
     random_weights = bool(evaluation.not_meaningful)  # a column, so no row reads as a result
     with open(out_dir / "per_class.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["class", "iou", "ap50", "random_weights"])
+        writer.writerow(["class", *PER_CLASS_COLUMNS, "random_weights"])
         for score in evaluation.per_class:
-            writer.writerow([score.name, _cell(score.iou), _cell(score.ap50), random_weights])
+            cells = [_cell(value) for value in score.values.values()]
+            writer.writerow([score.name, *cells, random_weights])
     if evaluation.sweep:
         with open(out_dir / "sweep.csv", "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow([*SWEEP_COLUMNS, "random_weights", "analysis"])
             for p in evaluation.sweep:
-                row = [p.confidence_threshold, p.nms_iou, _cell(p.miou), _cell(p.map50)]
+                row = [p.confidence_threshold, p.nms_iou, *map(_cell, p.scores.values())]
                 writer.writerow([*row, random_weights, SWEEP_ON_TEST])
         sweep_plot(evaluation.sweep).save(out_dir / "sweep.png")
     write_overlays(evaluation, out_dir / "overlays")
@@ -82,8 +84,12 @@ def write_overlays(evaluation: Evaluation, out_dir: str | Path) -> list[Path]:
     return paths
 
 
-def _cell(value: float | None) -> str:
-    return "" if value is None or not math.isfinite(value) else f"{value:.6g}"
+def _cell(value: float) -> str:
+    return f"{value:.6g}" if math.isfinite(value) else ""
+
+
+def _table_value(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 def log_to_wandb(
@@ -100,8 +106,11 @@ def log_to_wandb(
     payload: dict[str, Any] = {
         f"{prefix}/random_weights": float(random),
         f"{prefix}/per_class": wandb.Table(
-            columns=["class", "iou", "ap50", "random_weights"],
-            data=[[s.name, s.iou, s.ap50, random] for s in evaluation.per_class],
+            columns=["class", *PER_CLASS_COLUMNS, "random_weights"],
+            data=[
+                [s.name, *map(_table_value, s.values.values()), random]
+                for s in evaluation.per_class
+            ],
         ),
     }
     if evaluation.samples:
@@ -123,10 +132,7 @@ def log_to_wandb(
     if evaluation.sweep:
         payload[f"{prefix}/sweep"] = wandb.Table(
             columns=[*SWEEP_COLUMNS, "random_weights", "analysis"],
-            data=[
-                [p.confidence_threshold, p.nms_iou, p.miou, p.map50, random, SWEEP_ON_TEST]
-                for p in evaluation.sweep
-            ],
+            data=[[*map(_table_value, p.row()), random, SWEEP_ON_TEST] for p in evaluation.sweep],
         )
         payload[f"{prefix}/sweep_plot"] = wandb.Image(sweep_plot(evaluation.sweep))
     run.log({**payload, **(extra or {})})

@@ -1,4 +1,4 @@
-"""Score a head on an evaluation shard set: mIoU, mask mAP50, per-class table, threshold sweep.
+"""Score a head on an evaluation shard set: the metric collection, per-class table, threshold sweep.
 
 One pass over the images: each image's masks go through the head once, and
 those probabilities (with the image's all-mask IoU matrix, decoded masks and
@@ -15,7 +15,7 @@ analysis on test data, not model selection: every output of it says so
 scores them.
 
 Evaluation runs in one process. Under DDP the callback runs it on rank zero,
-so the metrics here never gather across ranks.
+so the metrics here are computed without gathering across ranks.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from usam.core.vocabulary import PACKAGED, Vocabulary, load_vocabulary
 from usam.data.eval_datasets import load_ground_truth
 from usam.data.ground_truth import GroundTruth
 from usam.data.sources import ImageSource
-from usam.evaluation.metrics import MaskAP50, SemanticIoU
+from usam.evaluation.metrics import PER_CLASS_COLUMNS, SCALARS, metric_collection
 from usam.formats.embedding_shards import (
     ImageRecord,
     Manifest,
@@ -52,7 +52,7 @@ NOT_MEANINGFUL = (
 
 
 SWEEP_ON_TEST = "after-the-fact analysis on test data, not model selection"
-SWEEP_COLUMNS = ("confidence_threshold", "nms_iou", "mIoU", "mAP50")
+SWEEP_COLUMNS = ("confidence_threshold", "nms_iou", *SCALARS)
 
 
 class EvaluationError(ValueError):
@@ -78,17 +78,21 @@ class ThresholdGrid:
 class SweepPoint:
     confidence_threshold: float
     nms_iou: float
-    miou: float
-    map50: float
+    scores: dict[str, float]  # the headline scalars (metrics.SCALARS) at these settings
+
+    def row(self) -> list[float]:
+        """The values of :data:`SWEEP_COLUMNS`."""
+        return [self.confidence_threshold, self.nms_iou, *self.scores.values()]
 
 
 @dataclass
 class ClassScore:
+    """One row of the per-class table: each metric's per-class column (``iou``, ``ap50``);
+    NaN where that metric does not score the class (no pixel or instance of it, or
+    background where a metric or dataset has none)."""
+
     name: str
-    # percent; None when not scored: in neither prediction nor ground truth, or background
-    # on a dataset without a background class
-    iou: float | None
-    ap50: float | None  # fraction; None for background and classes without ground truth
+    values: dict[str, float]
 
 
 @dataclass
@@ -103,9 +107,8 @@ class Sample:
 
 @dataclass
 class Evaluation:
-    miou: float  # percent
-    map50: float  # fraction
-    per_class: list[ClassScore]
+    scores: dict[str, float]  # every named scalar of the metric collection
+    names: list[str]  # background (label 0), then the classes, as the class maps index them
     images: int
     masks: int
     detections: int
@@ -116,15 +119,29 @@ class Evaluation:
     samples: list[Sample] = field(default_factory=list)
 
     @property
-    def names(self) -> list[str]:
-        return [score.name for score in self.per_class]
+    def headline(self) -> dict[str, float]:
+        """The metrics' headline scalars (:data:`usam.evaluation.metrics.SCALARS`), in order."""
+        return {name: self.scores[name] for name in SCALARS}
+
+    def scalars(self) -> dict[str, float]:
+        """What a logger records: every headline scalar, and each per-class one that is defined."""
+        defined = {k: v for k, v in self.scores.items() if math.isfinite(v)}
+        return self.headline | defined
+
+    @property
+    def per_class(self) -> list[ClassScore]:
+        return [
+            ClassScore(
+                name, {c: self.scores.get(f"{c}/{name}", math.nan) for c in PER_CLASS_COLUMNS}
+            )
+            for name in self.names
+        ]
 
     def summary(self) -> dict[str, Any]:
         """JSON-able scalars and the per-class table (NaN written as null)."""
         return _finite(
             {
-                "mIoU": self.miou,
-                "mAP50": self.map50,
+                **self.headline,
                 "images": self.images,
                 "masks": self.masks,
                 "detections": self.detections,
@@ -132,9 +149,12 @@ class Evaluation:
                 "meaningful": not self.not_meaningful,
                 "not_meaningful_because": self.not_meaningful,
                 "inference": asdict(self.settings),
-                "per_class": [asdict(score) for score in self.per_class],
+                "per_class": [{"name": s.name, **s.values} for s in self.per_class],
                 "threshold_sweep": (
-                    {"analysis": SWEEP_ON_TEST, "points": [asdict(p) for p in self.sweep]}
+                    {
+                        "analysis": SWEEP_ON_TEST,
+                        "points": [dict(zip(SWEEP_COLUMNS, p.row())) for p in self.sweep],
+                    }
                     if self.sweep
                     else None
                 ),
@@ -219,18 +239,14 @@ def _truth_of(record: ImageRecord, vocabulary: Vocabulary, directory: Path) -> G
 
 
 class _Scorer:
-    """Metrics for one inference setting."""
+    """The metric collection for one inference setting."""
 
-    def __init__(
-        self,
-        classes: Sequence[str],
-        settings: InferenceSettings,
-        per_class: bool,
-        background_class: bool,
-    ):
+    def __init__(self, classes: Sequence[str], settings: InferenceSettings, background_class: bool):
         self.settings = settings
-        self.semantic = SemanticIoU(classes, background_class=background_class)
-        self.instances = MaskAP50(classes, per_class=per_class)
+        # one process sees every image (module docstring), so no gathering on compute
+        self.metrics = metric_collection(
+            classes, background_class=background_class, sync_on_compute=False
+        )
         self.detections = 0
 
     def update(
@@ -245,8 +261,13 @@ class _Scorer:
         kept = masks[prediction.mask_indices]
         shape = (record.height, record.width)
         semantic = semantic_from_instances(kept, prediction.labels, prediction.scores, shape)
-        self.semantic.update(semantic, truth.semantic)
-        self.instances.update(kept, prediction.labels, prediction.scores, truth)
+        self.metrics.update(
+            semantic=semantic,
+            masks=kept,
+            labels=prediction.labels,
+            scores=prediction.scores,
+            truth=truth,
+        )
         self.detections += len(prediction.labels)
         return semantic
 
@@ -290,9 +311,9 @@ def evaluate(
         raise EvaluationError(f"{directory} holds no images; re-extract it from the dataset")
     # one dataset per shard set, so its first image tells the mIoU protocol
     background = _truth_of(first, vocabulary, directory).background_class
-    main = _Scorer(vocabulary.classes, predictor.settings, True, background)
+    main = _Scorer(vocabulary.classes, predictor.settings, background)
     grid = [
-        _Scorer(vocabulary.classes, settings, False, background)
+        _Scorer(vocabulary.classes, settings, background)
         for settings in (sweep.settings(predictor.settings) if sweep else [])
     ]
     wanted = sample_positions(manifest.num_images, num_samples)
@@ -314,26 +335,16 @@ def evaluate(
             masks += record.num_masks
             derived |= truth.instances_derived
             bar.advance(task)
-    semantic_scores = main.semantic.compute()
-    instance_scores = main.instances.compute()
-    ap = instance_scores.per_class or {}
-    per_class = [
-        ClassScore(name, iou, None if name == BACKGROUND else ap.get(name))
-        for name, iou in semantic_scores.per_class.items()
-    ]
-    points = [
-        SweepPoint(
-            s.settings.confidence_threshold,
-            s.settings.nms_iou,
-            s.semantic.compute().miou,
-            s.instances.compute().map50,
+    points = []
+    for scorer in grid:
+        scores = scorer.metrics.compute()
+        headline = {name: scores[name] for name in SCALARS}
+        points.append(
+            SweepPoint(scorer.settings.confidence_threshold, scorer.settings.nms_iou, headline)
         )
-        for s in grid
-    ]
     return Evaluation(
-        miou=semantic_scores.miou,
-        map50=instance_scores.map50,
-        per_class=per_class,
+        scores=main.metrics.compute(),
+        names=[BACKGROUND, *vocabulary.classes],
         images=images,
         masks=masks,
         detections=main.detections,
