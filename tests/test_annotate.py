@@ -1,13 +1,16 @@
 """``usam.annotate`` on a folder of real and broken files with the random tiny SAM: the COCO file
-against the Predictor, the pictures, resuming after a crash, and a head given the wrong SAM."""
+against the Predictor, the Label Studio and CVAT exports against the COCO file, the pictures,
+resuming after a crash, and a head given the wrong SAM."""
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import subprocess
 import sys
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +31,7 @@ from usam.sam.sam1_backend import AutomaticMaskEngine
 
 from helpers.commands import TINY_EVAL, compose_config
 from helpers.evaluation import AMG, head_checkpoint
+from helpers.review_exports import cvat_masks, label_studio_brush_masks
 
 SMALL = [
     *TINY_EVAL,
@@ -79,11 +83,16 @@ def compose_annotate(tmp_path: Path, images: Path, ckpt: Path, out: Path, *extra
 
 @pytest.fixture(scope="module")
 def annotated(tmp_path_factory):
-    """One annotated folder (with YOLO labels) and what the run printed."""
+    """One annotated folder (with every export) and what the run printed."""
     root = tmp_path_factory.mktemp("annotate")
     images = write_folder(root / "images")
     ckpt = head_checkpoint(root / "head.ckpt")
-    summary = run(compose_annotate(root, images, ckpt, root / "out", "yolo=true"))
+    exports = [
+        "export=[coco,yolo,label_studio,cvat]",
+        f"label_studio.document_root={root}",
+        "label_studio.polygons=true",
+    ]
+    summary = run(compose_annotate(root, images, ckpt, root / "out", *exports))
     return root, images, ckpt, summary
 
 
@@ -169,6 +178,69 @@ def test_coco_file_matches_the_predictor(annotated):
     assert len(results.getAnnIds()) == summary["instances"]
 
 
+def coco_masks(out: Path) -> tuple[dict[str, list], dict[str, float]]:
+    """File name -> (class name, mask) per instance of annotations.json, and -> uncertainty."""
+    coco = COCO(str(out / "annotations.json"))
+    classes = {c["id"]: c["name"] for c in coco.dataset["categories"]}
+    masks, uncertainty = {}, {}
+    for image in coco.dataset["images"]:
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=[image["id"]]))
+        masks[image["file_name"]] = [
+            (classes[a["category_id"]], coco.annToMask(a).astype(bool)) for a in anns
+        ]
+        uncertainty[image["file_name"]] = image["uncertainty"]
+    return masks, uncertainty
+
+
+def assert_same_masks(got: list, expected: list) -> None:
+    assert [name for name, _ in got] == [name for name, _ in expected]
+    for (_, mask), (_, want) in zip(got, expected):
+        np.testing.assert_array_equal(mask, want)
+
+
+def test_label_studio_and_cvat_hold_the_coco_masks_least_certain_first(annotated):
+    root, _, _, summary = annotated
+    out = root / "out"
+    expected, uncertainty = coco_masks(out)
+    order = sorted(expected, key=lambda name: (-uncertainty[name], name))
+    assert len(set(uncertainty.values())) > 1 and max(uncertainty.values()) <= 1
+    with (out / "review.csv").open() as table:
+        assert [row["file_name"] for row in csv.DictReader(table)] == order
+    assert [name for name, _ in summary["review_first"]] == order[:10]
+    config = ET.fromstring((out / "label_studio" / "config.xml").read_text())
+    classes = [label.get("value") for label in config.find("BrushLabels")]
+    assert classes[:3] == ["aeroplane", "bicycle", "bird"]
+    assert [label.get("value") for label in config.find("PolygonLabels")] == classes
+    tasks = json.loads((out / "label_studio" / "tasks.json").read_text())
+    assert [task["data"]["file_name"] for task in tasks] == order
+    for task in tasks:
+        name, prediction = task["data"]["file_name"], task["predictions"][0]
+        assert task["data"]["image"] == f"/data/local-files/?d=images/{name}"
+        assert prediction["score"] == pytest.approx(1 - uncertainty[name])
+        assert prediction["model_version"].startswith("usam head.ckpt + SAM tiny")
+        assert_same_masks(label_studio_brush_masks(task), expected[name])
+        outlines: dict[str, np.ndarray] = {}  # each instance's polygons drawn back
+        for region in prediction["result"]:
+            if region["type"] == "polygonlabels":
+                size = (region["original_height"], region["original_width"])
+                points = np.array(region["value"]["points"]) * [size[1], size[0]] / 100
+                rle = mask_utils.frPyObjects([points.flatten().tolist()], *size)
+                drawn = mask_utils.decode(rle)[..., 0].astype(bool)
+                instance = region["id"].split("p")[0]
+                outlines[instance] = outlines.get(instance, np.zeros(size, bool)) | drawn
+        assert_same_masks(
+            [(label, outlines[f"m{i}"]) for i, (label, _) in enumerate(expected[name])],
+            expected[name],
+        )
+    cvat = cvat_masks(out / "cvat" / "annotations.xml")
+    assert list(cvat) == order
+    for name, shapes in cvat.items():
+        assert_same_masks(shapes, expected[name])
+    assert (out / "cvat" / "frames.txt").read_text().split() == order
+    labels = json.loads((out / "cvat" / "labels.json").read_text())
+    assert [label["name"] for label in labels] == classes
+
+
 def test_pictures_labels_and_rejects(annotated):
     root, images, _, summary = annotated
     out = root / "out"
@@ -239,13 +311,12 @@ def test_python_api_matches_the_command(annotated):
     image = next(i for i in coco.dataset["images"] if i["file_name"] == "nested/drawn.png")
     anns = coco.loadAnns(coco.getAnnIds(imgIds=[image["id"]]))
     assert result.labels.tolist() == [a["category_id"] - 1 for a in anns]
-    assert result.names == [annotator.classes[a["category_id"] - 1] for a in anns]
     for ann, mask in zip(anns, result.masks()):
         np.testing.assert_array_equal(coco.annToMask(ann).astype(bool), mask)
     with Image.open(root / "out" / "semantic" / "nested" / "drawn.png") as png:
-        np.testing.assert_array_equal(np.asarray(png), result.semantic)
+        np.testing.assert_array_equal(np.asarray(png), result.semantic_map())
     same = annotator(Image.open(images / "nested" / "drawn.png"))
-    np.testing.assert_array_equal(same.semantic, result.semantic)
+    np.testing.assert_array_equal(same.semantic_map(), result.semantic_map())
 
 
 def test_one_image_or_a_glob_pattern_is_annotated_like_in_the_folder(annotated, tmp_path):

@@ -1,5 +1,5 @@
 """Exports read back by the project's own readers: YOLO-seg polygons reproduce their masks,
-and no export carries an instance without pixels."""
+the per-image results round-trip, and no export carries an instance without pixels."""
 
 from __future__ import annotations
 
@@ -11,40 +11,50 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from usam.data.eval_datasets import YOLOSegmentation, load_ground_truth
-from usam.inference.exports import Annotation, coco_instances, polygon_of, save_yolo
+from usam.inference.exports import (
+    LabelledImage,
+    coco_instances,
+    read_result,
+    save_yolo,
+    write_result,
+)
+from usam.inference.polygons import part_polygons, polygon_of
+from usam.inference.predictor import Prediction
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CLASSES = ("cat", "dog", "car")
 
 
-def _annotation(masks: np.ndarray, labels, key: str = "image", classes=CLASSES) -> Annotation:
+def prediction_of(masks: np.ndarray, labels, key: str = "image") -> Prediction:
+    """A Prediction holding ``masks`` (K, H, W) with scores 0.9 down to 0.5."""
     masks = np.asarray(masks, dtype=bool)
     rles = []
     for mask in masks:
         rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
         rles.append({"size": rle["size"], "counts": rle["counts"].decode()})
     height, width = masks.shape[1:]
-    return Annotation(
+    count = len(labels)
+    return Prediction(
         key=key,
         height=height,
         width=width,
         rles=rles,
         labels=np.asarray(labels, dtype=np.int64),
-        names=[classes[i] for i in labels],
-        scores=np.linspace(0.9, 0.5, len(labels)),
-        semantic=np.zeros((height, width), np.uint8),
+        scores=np.linspace(0.9, 0.5, count).astype(np.float32),
+        entropies=np.linspace(0.1, 0.3, count).astype(np.float32),
+        mask_indices=np.arange(count, dtype=np.int64),
     )
 
 
-def _read_back(annotations: list[Annotation], root: Path, classes=CLASSES) -> dict:
+def _read_back(predictions: list[Prediction], root: Path, classes=CLASSES) -> dict:
     """Write YOLO-seg labels (and blank images of the right size) under ``root`` and read
     every image's instance masks back through the YOLO-seg reader, by key."""
-    for annotation in annotations:
-        image = Image.new("RGB", (annotation.width, annotation.height))
-        image.save(root / "images" / "val" / f"{annotation.key}.png")
-        save_yolo(annotation, root / "labels" / "val" / f"{annotation.key}.txt")
+    for prediction in predictions:
+        image = Image.new("RGB", (prediction.width, prediction.height))
+        image.save(root / "images" / "val" / f"{prediction.key}.png")
+        save_yolo(prediction, root / "labels" / "val" / f"{prediction.key}.txt")
     source = YOLOSegmentation(root, "val", list(classes))
-    labels = {a.key: a.labels.tolist() for a in annotations}
+    labels = {p.key: p.labels.tolist() for p in predictions}
     read = {}
     for index in range(len(source)):
         loaded = source.load(index)
@@ -65,7 +75,7 @@ def test_a_square_round_trips_exactly_with_corners_on_pixel_boundaries(yolo_root
     mask = np.zeros((20, 20), bool)
     mask[3:13, 4:14] = True  # 10 x 10
     assert polygon_of(mask).tolist() == [[4, 3], [14, 3], [14, 13], [4, 13]]
-    read = _read_back([_annotation(mask[None], [1])], yolo_root)["image"]
+    read = _read_back([prediction_of(mask[None], [1])], yolo_root)["image"]
     assert len(read) == 1 and read[0].sum() == 100
     np.testing.assert_array_equal(read[0], mask)
 
@@ -80,45 +90,71 @@ def test_any_mask_round_trips_exactly(yolo_root):
     ring[9:12, 11:14] = True  # an island in the hole
     diagonal = np.eye(23, 31, dtype=bool) | np.eye(23, 31, k=5, dtype=bool)[::-1]
     masks += [ring, diagonal, np.ones((23, 31), bool)]
-    annotation = _annotation(np.stack(masks), [i % 3 for i in range(len(masks))])
-    read = _read_back([annotation], yolo_root)["image"]
+    prediction = prediction_of(np.stack(masks), [i % 3 for i in range(len(masks))])
+    read = _read_back([prediction], yolo_root)["image"]
     assert len(read) == len(masks)
     for got, mask in zip(read, masks):
         np.testing.assert_array_equal(got, mask)
 
 
-def test_instances_without_pixels_are_in_no_export(yolo_root):
+def test_instances_without_pixels_are_in_no_export(yolo_root, tmp_path):
     full = np.zeros((8, 8), bool)
     full[2:5, 2:6] = True
-    annotation = _annotation(np.stack([full, np.zeros((8, 8), bool), full]), [0, 1, 2])
-    assert annotation.labels.tolist() == [0, 2] and annotation.names == ["cat", "car"]
-    assert annotation.scores.tolist() == pytest.approx([0.9, 0.5])
-    result = annotation.to_result("image.png")
-    assert [i["area"] for i in result["instances"]] == [12, 12]
-    document = coco_instances([result], CLASSES)
+    prediction = prediction_of(np.stack([full, np.zeros((8, 8), bool), full]), [0, 1, 2])
+    prediction = prediction.with_pixels()
+    assert prediction.labels.tolist() == [0, 2] and prediction.mask_indices.tolist() == [0, 2]
+    assert prediction.scores.tolist() == pytest.approx([0.9, 0.5])
+    assert prediction.entropies.tolist() == pytest.approx([0.1, 0.3])
+    assert prediction.uncertainty() == pytest.approx(0.2)
+    write_result(LabelledImage("image.png", prediction), CLASSES, tmp_path / "image.json")
+    image = read_result(tmp_path / "image.json")
+    assert image.file_name == "image.png" and image.prediction.rles == prediction.rles
+    for field in ("labels", "scores", "entropies", "mask_indices"):
+        np.testing.assert_array_equal(getattr(image.prediction, field), getattr(prediction, field))
+    document = coco_instances([image], CLASSES)
     assert [a["category_id"] for a in document["annotations"]] == [1, 3]
-    save_yolo(annotation, yolo_root / "image.txt")
+    assert [a["area"] for a in document["annotations"]] == [12, 12]
+    assert document["images"][0]["uncertainty"] == pytest.approx(0.2)
+    save_yolo(prediction, yolo_root / "image.txt")
     assert [line.split()[0] for line in (yolo_root / "image.txt").read_text().splitlines()] == [
         "0",
         "2",
     ]
-    nothing = _annotation(np.zeros((1, 8, 8), bool), [1])
-    assert nothing.rles == [] and nothing.to_result("x.png")["instances"] == []
+    nothing = prediction_of(np.zeros((1, 8, 8), bool), [1]).with_pixels()
+    assert nothing.rles == [] and nothing.uncertainty() == 1.0  # nothing found: a person must
+    assert coco_instances([LabelledImage("x.png", nothing)], CLASSES)["annotations"] == []
+
+
+def test_each_connected_part_gets_an_exact_outline():
+    mask = np.zeros((20, 24), bool)
+    mask[2:12, 2:12] = True
+    mask[5:8, 5:8] = False  # a hole stays inside its part's outline
+    mask[12:16, 12:15] = True  # touches the first part at a corner only: one 8-connected part
+    mask[16:19, 18:23] = True  # a part of its own
+    polygons = part_polygons(mask)
+    assert len(polygons) == 2
+    drawn = []
+    for polygon in polygons:
+        flat = [float(v) for v in polygon.flatten()]
+        rle = mask_utils.merge(mask_utils.frPyObjects([flat], 20, 24))
+        drawn.append(mask_utils.decode(rle).astype(bool))
+    assert not (drawn[0] & drawn[1]).any()
+    np.testing.assert_array_equal(drawn[0] | drawn[1], mask)
 
 
 @pytest.mark.integration
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not on this machine")
 def test_coco128_instances_survive_a_yolo_round_trip(yolo_root):
     source = YOLOSegmentation(SHARED_DATA / "coco128-seg", "train2017")
-    annotations, originals = [], {}
+    predictions, originals = [], {}
     for index in range(len(source)):
         loaded = source.load(index)
         truth = load_ground_truth(loaded.ground_truth)
         masks = np.array([i.mask for i in truth.instances], bool).reshape(-1, *truth.semantic.shape)
         labels = [i.label for i in truth.instances]
-        annotations.append(_annotation(masks, labels, loaded.key, source.classes))
+        predictions.append(prediction_of(masks, labels, loaded.key))
         originals[loaded.key] = masks
-    read = _read_back(annotations, yolo_root, source.classes)
+    read = _read_back(predictions, yolo_root, source.classes)
     ious = []
     for key, masks in originals.items():
         assert len(read[key]) == len(masks), key

@@ -7,12 +7,14 @@ the :class:`usam.inference.predictor.Predictor` the evaluation uses. Each image'
 is written atomically to ``results/<key>.json`` after its pictures, so an
 interrupted run loses nothing and the next one skips what is done (unless
 ``overwrite=true``); ``annotations.json`` (COCO instances) is rebuilt from those
-results at the end, so it never holds an image twice. The work shard set under
-``sam/`` is deleted once its images are annotated.
+results at the end, as is every other export (``export=``), so none holds an image
+twice. The work shard set under ``sam/`` is deleted once its images are annotated.
 
-Output folder: ``annotations.json``, ``semantic/<path>.png`` (VOC palette, pixel
-value = label), ``legend.png``, ``overlays/<path>.jpg``, optional
-``labels/<path>.txt`` (YOLO-seg), ``results/``, ``rejected.jsonl``.
+Output folder: ``semantic/<path>.png`` (VOC palette, pixel value = label),
+``legend.png``, ``overlays/<path>.jpg``, ``results/``, ``rejected.jsonl``,
+``review.csv`` (images least certain first), and the exports asked for:
+``annotations.json`` (COCO), ``labels/<path>.txt`` (YOLO-seg), ``label_studio/``,
+``cvat/``.
 """
 
 from __future__ import annotations
@@ -46,15 +48,18 @@ from usam.formats.embedding_shards import existing_keys, iter_records
 from usam.formats.storage import atomic_write_text
 from usam.inference.annotator import AnnotationError, Annotator
 from usam.inference.exports import (
-    Annotation,
+    LabelledImage,
+    check_exports,
     coco_instances,
+    read_result,
     save_legend,
     save_overlay,
     save_semantic,
     save_yolo,
     write_result,
 )
-from usam.inference.predictor import InferenceSettings, Predictor, load_head
+from usam.inference.predictor import InferenceSettings, Prediction, Predictor, load_head
+from usam.inference.review import REVIEW_NAME, review_order, write_review_list
 from usam.sam.registry import SamSettings, get_spec
 
 
@@ -97,21 +102,20 @@ def _restrict(source: FolderSource, keys: set[str]) -> FolderSource:
 class _Outputs:
     """Where one run writes, and what earlier runs already wrote there."""
 
-    def __init__(self, out: Path, yolo: bool) -> None:
+    def __init__(self, out: Path) -> None:
         self.out = out
-        self.yolo = yolo
         self.results = out / "results"
         self.rejected = out / REJECTED_NAME
 
     def done(self) -> set[str]:
         return {p.stem for p in self.results.glob("*.json")} if self.results.is_dir() else set()
 
-    def write(self, annotation: Annotation, image: np.ndarray, name: str, file_name: str, classes):
-        save_semantic(annotation.semantic, self.out / "semantic" / f"{name}.png")
-        save_overlay(image, annotation, classes, self.out / "overlays" / f"{name}.jpg")
-        if self.yolo:
-            save_yolo(annotation, self.out / "labels" / f"{name}.txt")
-        write_result(annotation.to_result(file_name), self.results / f"{annotation.key}.json")
+    def write(self, prediction: Prediction, image: np.ndarray, name: str, file_name: str, classes):
+        semantic = prediction.semantic_map()
+        save_semantic(semantic, self.out / "semantic" / f"{name}.png")
+        save_overlay(image, semantic, classes, self.out / "overlays" / f"{name}.jpg")
+        labelled = LabelledImage(file_name, prediction)
+        write_result(labelled, classes, self.results / f"{prediction.key}.json")
 
     def add_rejected(self, entries: dict[str, dict[str, Any]], retried: set[str]) -> None:
         """This run's rejects replace the earlier verdicts on the images it tried again."""
@@ -155,12 +159,12 @@ def _extract_and_annotate(
         for record in iter_records(work / "eval"):
             if record.key not in pending:  # annotated before an interruption
                 continue
-            annotation = annotator.annotate_record(record)
+            prediction = annotator.annotate_record(record)
             image = np.asarray(load_rgb(source.paths[index[record.key]]))  # the file's pixels
-            if image.shape[:2] != (annotation.height, annotation.width):  # seen at max_side
-                annotation = annotation.resized(*image.shape[:2])
+            if image.shape[:2] != (prediction.height, prediction.width):  # seen at max_side
+                prediction = prediction.resized(*image.shape[:2])
             file_name = record.source["path"]
-            outputs.write(annotation, image, names[record.key], file_name, annotator.classes)
+            outputs.write(prediction, image, names[record.key], file_name, annotator.classes)
             written += 1
             bar.advance(task)
     shutil.rmtree(work.parent)
@@ -169,6 +173,7 @@ def _extract_and_annotate(
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Annotate ``cfg.images`` into ``cfg.out``; returns the summary it prints."""
+    exports = check_exports(cfg.export)
     sam = settings_from_config(SamSettings, cfg.sam, "sam")
     inference = settings_from_config(InferenceSettings, cfg.inference, "inference")
     extract = settings_from_config(ExtractSettings, cfg.extract, "extract")
@@ -177,7 +182,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     annotator = Annotator(predictor, sam.model_type, sam.checkpoint, head_mask_settings(cfg, head))
     source = FolderSource(cfg.images, annotator.classes, cfg.max_side)
     names = _output_names(source)
-    outputs = _Outputs(Path(cfg.out), cfg.yolo)
+    label_studio = _label_studio(cfg, exports, source.root)
+    outputs = _Outputs(Path(cfg.out))
     outputs.out.mkdir(parents=True, exist_ok=True)
     done = outputs.done()
     skip = set() if cfg.overwrite else done | set(_rejected(outputs.rejected))
@@ -188,31 +194,76 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             annotator, source, names, outputs, pending, extract, cfg.progress
         )
     finished = outputs.done()
-    results = [
-        json.loads((outputs.results / f"{key}.json").read_text())
-        for key in source.keys
-        if key in finished
-    ]
-    coco = coco_instances(results, annotator.classes)
+    images = [read_result(outputs.results / f"{k}.json") for k in source.keys if k in finished]
     reasons = random_weight_reasons(annotator)
-    if reasons:
-        coco["info"]["not_meaningful_because"] = reasons
-    atomic_write_text(outputs.out / "annotations.json", json.dumps(coco))
-    save_legend(annotator.classes, outputs.out / "legend.png")
+    ordered = _write_exports(outputs.out, exports, images, names, annotator, label_studio)
     rejected = [k for k in _rejected(outputs.rejected) if k in set(source.keys)]
-    counts = Counter(annotator.classes[a["category_id"] - 1] for a in coco["annotations"])
+    counts = Counter(
+        annotator.classes[label] for image in images for label in image.prediction.labels
+    )
     summary = {
-        "images": len(results),
+        "images": len(images),
         "annotated_now": written,
         "skipped_done": 0 if cfg.overwrite else len(done & set(source.keys)),
         "rejected": len(rejected),
-        "instances": len(coco["annotations"]),
+        "instances": sum(counts.values()),
         "instances_per_class": {name: counts[name] for name in annotator.classes if counts[name]},
+        "review_first": [(i.file_name, i.prediction.uncertainty()) for i in ordered[:10]],
         "out": str(outputs.out),
         "not_meaningful_because": reasons,
     }
     _print_summary(summary, outputs)
     return summary
+
+
+def _label_studio(cfg: DictConfig, exports: tuple[str, ...], images_root: Path):
+    """The Label Studio settings and image addresses, checked before any work (its encoder
+    is an optional package, imported only when asked for)."""
+    if "label_studio" not in exports:
+        return None
+    from usam.inference.label_studio import ImageAddresses, LabelStudioSettings
+
+    settings = settings_from_config(LabelStudioSettings, cfg.label_studio, "label_studio")
+    return settings, ImageAddresses(settings, images_root)
+
+
+def _write_exports(
+    out: Path,
+    exports: tuple[str, ...],
+    images: list[LabelledImage],
+    names: dict[str, str],
+    annotator: Annotator,
+    label_studio: tuple[Any, Any] | None,
+) -> list[LabelledImage]:
+    """Every export asked for, from the finished images; returns them in review order."""
+    classes, reasons = annotator.classes, random_weight_reasons(annotator)
+    ordered = review_order(images)
+    write_review_list(ordered, out / REVIEW_NAME)
+    save_legend(classes, out / "legend.png")
+    if "coco" in exports:
+        coco = coco_instances(images, classes)
+        if reasons:
+            coco["info"]["not_meaningful_because"] = reasons
+        atomic_write_text(out / "annotations.json", json.dumps(coco))
+    if "yolo" in exports:
+        for image in images:
+            save_yolo(image.prediction, out / "labels" / f"{names[image.prediction.key]}.txt")
+    if label_studio is not None:
+        from usam.inference.label_studio import write_label_studio
+
+        settings, addresses = label_studio
+        head = annotator.predictor.checkpoint.path
+        version = f"usam {head.name if head else 'head'} + SAM {annotator.sam_model_type}"
+        if reasons:
+            version += " (random weights: not labels)"
+        write_label_studio(
+            out / "label_studio", ordered, classes, addresses, version, settings.polygons
+        )
+    if "cvat" in exports:
+        from usam.inference.cvat import write_cvat
+
+        write_cvat(out / "cvat", ordered, classes)
+    return ordered
 
 
 def random_weight_reasons(annotator: Annotator) -> list[str]:
@@ -240,3 +291,7 @@ def _print_summary(summary: dict[str, Any], outputs: _Outputs) -> None:
     width = max((len(n) for n in summary["instances_per_class"]), default=0)
     for name, count in summary["instances_per_class"].items():
         print(f"  {name:<{width}}  {count}")
+    if summary["review_first"]:
+        print(f"Review first (least certain first; every image in {outputs.out / REVIEW_NAME}):")
+        for file_name, uncertainty in summary["review_first"]:
+            print(f"  {uncertainty:.3f}  {file_name}")

@@ -8,18 +8,17 @@ import numpy as np
 import torch
 from PIL import Image
 
+from usam.core.errors import UsageError
 from usam.data.sources import load_rgb
 from usam.formats.embedding_shards import ImageRecord
 from usam.formats.image_shards import to_rgb
-from usam.inference.exports import Annotation
-from usam.inference.predictor import InferenceSettings, Predictor, load_head
-from usam.inference.semantic_map import semantic_from_instances
+from usam.inference.predictor import InferenceSettings, Prediction, Predictor, load_head
 from usam.sam.amg_settings import AmgSettings
 from usam.sam.mask_engine import PointGridEngine
 from usam.sam.registry import build_engine, build_sam
 
 
-class AnnotationError(ValueError):
+class AnnotationError(UsageError, ValueError):
     """A head, SAM or folder that cannot be annotated with."""
 
 
@@ -70,24 +69,15 @@ class Annotator:
             self._engine = build_engine(self.sam_model_type, model, self.amg)
         return self._engine
 
-    def annotate_record(self, record: ImageRecord) -> Annotation:
-        """The Predictor's instances of an extracted image, and their semantic map."""
-        prediction = self.predictor(record)
-        shape = (record.height, record.width)
-        masks = prediction.masks()
-        return Annotation(
-            key=record.key,
-            height=record.height,
-            width=record.width,
-            rles=list(prediction.rles),
-            labels=prediction.labels,
-            names=[self.classes[i] for i in prediction.labels],
-            scores=prediction.scores,
-            semantic=semantic_from_instances(masks, prediction.labels, prediction.scores, shape),
-        )
+    def annotate_record(self, record: ImageRecord) -> Prediction:
+        """The Predictor's instances of an extracted image that have pixels."""
+        return self.predictor(record).with_pixels()
 
-    def __call__(self, image: Image.Image | np.ndarray | str | Path, key: str = "image"):
-        """Annotate one image: a PIL image, an HxWx3 uint8 array or a file path."""
+    def __call__(
+        self, image: Image.Image | np.ndarray | str | Path, key: str = "image"
+    ) -> Prediction:
+        """Annotate one image (a PIL image, an HxWx3 uint8 array or a file path): masks,
+        labels (indices into ``classes``), scores, ``semantic_map()`` and ``uncertainty()``."""
         if isinstance(image, str | Path):
             image = load_rgb(image)
         if isinstance(image, Image.Image):

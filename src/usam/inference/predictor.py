@@ -9,17 +9,21 @@ threshold sweep can score every mask once and re-select many times.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from PIL import Image
 from pycocotools import mask as mask_utils
 
 from usam.core.weights import load_weights
-from usam.formats.embedding_shards import ImageRecord, decode_masks
+from usam.formats.embedding_shards import ImageRecord, decode_masks, encode_mask
+from usam.inference.semantic_map import semantic_from_instances
 from usam.train.head import MaskClassifierHead, input_dim, select_input_view
+from usam.train.losses import normalised_entropy
 
 
 class HeadCheckpointError(ValueError):
@@ -106,19 +110,67 @@ def load_head(path: str | Path, config_key: str = "ckpt") -> HeadCheckpoint:
 
 @dataclass
 class Prediction:
-    """Kept instances of one image; ``labels`` are 0-based class indices."""
+    """Kept instances of one image: what evaluation scores and every export writes.
+
+    ``labels`` are 0-based class indices. ``entropies`` hold the head's normalised entropy
+    over background and the classes for each instance (0 sure, 1 no idea), from which
+    exports order images for review.
+    """
 
     key: str
     height: int
     width: int
-    rles: list[dict[str, Any]]
+    rles: list[dict[str, Any]]  # pycocotools RLE, ``counts`` a str
     labels: np.ndarray
     scores: np.ndarray
+    entropies: np.ndarray
     mask_indices: np.ndarray  # which of the image's SAM masks each instance is
 
     def masks(self) -> np.ndarray:
         """(K, H, W) bool."""
         return decode_masks(self.rles, self.height, self.width)
+
+    def boxes(self) -> np.ndarray:
+        """(K, 4) XYWH, tight around each mask."""
+        if not self.rles:
+            return np.zeros((0, 4))
+        return mask_utils.toBbox(self.rles).reshape(-1, 4)
+
+    def areas(self) -> np.ndarray:
+        return mask_utils.area(self.rles) if self.rles else np.zeros(0, dtype=np.int64)
+
+    def semantic_map(self) -> np.ndarray:
+        """(H, W) uint8: 0 background, ``label + 1`` where the best-scoring instance lies."""
+        shape = (self.height, self.width)
+        return semantic_from_instances(self.masks(), self.labels, self.scores, shape)
+
+    def uncertainty(self) -> float:
+        """How much the image needs a person: the mean entropy of its instances, and 1 when
+        the head kept nothing, since then a person must find every object."""
+        return float(np.mean(self.entropies)) if len(self.entropies) else 1.0
+
+    def with_pixels(self) -> Prediction:
+        """The instances that have pixels: an empty mask is nothing a person can review."""
+        keep = self.areas() > 0
+        return dataclasses.replace(
+            self,
+            rles=[rle for rle, kept in zip(self.rles, keep) if kept],
+            labels=self.labels[keep],
+            scores=self.scores[keep],
+            entropies=self.entropies[keep],
+            mask_indices=self.mask_indices[keep],
+        )
+
+    def resized(self, height: int, width: int) -> Prediction:
+        """The same instances on a (height, width) grid: masks of an image SAM saw scaled
+        down, written back at the file's size (nearest neighbour, as label maps are)."""
+        size = (width, height)
+        masks = [
+            np.asarray(Image.fromarray(mask).resize(size, Image.Resampling.NEAREST))
+            for mask in self.masks().astype(np.uint8)
+        ]
+        rles = [encode_mask(mask) for mask in masks]
+        return dataclasses.replace(self, height=height, width=width, rles=rles)
 
 
 def mask_ious(rles: list[dict[str, Any]]) -> np.ndarray:
@@ -162,6 +214,9 @@ def select_instances(
         if not overlaps:
             kept.append(position)
     chosen = candidates[kept]
+    entropies = np.zeros(0, np.float32)
+    if len(chosen):
+        entropies = normalised_entropy(torch.from_numpy(probs[chosen])).numpy().astype(np.float32)
     return Prediction(
         key=record.key,
         height=record.height,
@@ -169,6 +224,7 @@ def select_instances(
         rles=[rles[i] for i in chosen],
         labels=labels[chosen].astype(np.int64),
         scores=scores[chosen].astype(np.float32),
+        entropies=entropies,
         mask_indices=chosen.astype(np.int64),
     )
 

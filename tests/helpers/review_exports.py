@@ -1,0 +1,44 @@
+"""Reading the Label Studio and CVAT exports back the way those tools do, with their own
+decoders: Label Studio's brush RLE converter and CVAT SDK's mask RLE."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+from cvat_sdk.masks import decode_mask
+from label_studio_converter import brush
+
+
+def label_studio_brush_masks(task: dict) -> list[tuple[str, np.ndarray]]:
+    """(class name, (H, W) bool) of every brush region of a task's first prediction: the
+    alpha channel of the RGBA image Label Studio's RLE holds."""
+    found = []
+    for region in task["predictions"][0]["result"]:
+        if region["type"] != "brushlabels":
+            continue
+        height, width = region["original_height"], region["original_width"]
+        rgba = brush.decode_rle(region["value"]["rle"]).reshape(height, width, 4)
+        assert set(np.unique(rgba).tolist()) <= {0, 255}  # 0/255: a 0/1 mask is invisible
+        found.append((region["value"]["brushlabels"][0], rgba[..., 3] == 255))
+    return found
+
+
+def cvat_masks(path: Path) -> dict[str, list[tuple[str, np.ndarray]]]:
+    """Image name -> (label, (H, W) bool) per ``<mask>``, each turned into the points of a
+    CVAT mask shape as CVAT's importer does (the run lengths, then left, top, right,
+    bottom) and decoded by the CVAT SDK."""
+    found = {}
+    for image in ET.parse(path).getroot().iter("image"):
+        width, height = int(image.get("width")), int(image.get("height"))
+        shapes = []
+        for mask in image.iter("mask"):
+            left, top = int(mask.get("left")), int(mask.get("top"))
+            right = left + int(mask.get("width")) - 1
+            bottom = top + int(mask.get("height")) - 1
+            points = [int(v) for v in mask.get("rle").split(",")] + [left, top, right, bottom]
+            bitmap = decode_mask(points, image_width=width, image_height=height)
+            shapes.append((mask.get("label"), bitmap))
+        found[image.get("name")] = shapes
+    return found
