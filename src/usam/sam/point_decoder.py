@@ -45,28 +45,9 @@ class PointDecoder:
 
     def decode(self, points: np.ndarray, crop_size) -> DecodedPoints:
         """Transformer outputs for ``points`` (x, y) in the pixels of the image set."""
-        predictor = self.predictor
-        sam = predictor.model
-        decoder = sam.mask_decoder
-        coords = torch.as_tensor(
-            predictor.transform.apply_coords(points, crop_size), device=predictor.device
-        )
-        labels = torch.ones(coords.shape[0], dtype=torch.int, device=coords.device)
-        sparse, dense = sam.prompt_encoder(
-            points=(coords[:, None, :], labels[:, None]), boxes=None, masks=None
-        )
-        output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-        tokens = torch.cat((output_tokens.unsqueeze(0).expand(sparse.size(0), -1, -1), sparse), 1)
+        decoder = self.predictor.model.mask_decoder
+        hs, chunks = self.transformer_outputs(points, crop_size)
         with self.low_precision():
-            hs, chunks = two_way_transformer(
-                decoder.transformer,
-                tokens,
-                predictor.features,
-                dense,
-                self._image_side(),
-                chunk=self.chunk,
-                folded=self.approximate,
-            )
             iou_preds = decoder.iou_prediction_head(hs[:, 0, :])
             mask_tokens = hs[:, 1 : 1 + decoder.num_mask_tokens, :]
             hyper_in = torch.stack(
@@ -81,9 +62,50 @@ class PointDecoder:
             tokens=mask_tokens.flatten(1).float(),
             hyper_in=hyper_in,
             image_keys=chunks,
-            image_shape=tuple(predictor.features.shape[1:]),
+            image_shape=tuple(self.predictor.features.shape[1:]),
             decoder=self,
         )
+
+    def transformer_outputs(
+        self, points: np.ndarray, crop_size
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The two-way transformer's token outputs (points, tokens, 256) for ``points`` and
+        its final image keys by chunk of points."""
+        predictor = self.predictor
+        sam = predictor.model
+        coords = torch.as_tensor(
+            predictor.transform.apply_coords(points, crop_size), device=predictor.device
+        )
+        labels = torch.ones(coords.shape[0], dtype=torch.int, device=coords.device)
+        sparse, dense = sam.prompt_encoder(
+            points=(coords[:, None, :], labels[:, None]), boxes=None, masks=None
+        )
+        output_tokens = self.output_tokens()
+        tokens = torch.cat((output_tokens.unsqueeze(0).expand(sparse.size(0), -1, -1), sparse), 1)
+        with self.low_precision():
+            return two_way_transformer(
+                sam.mask_decoder.transformer,
+                tokens,
+                predictor.features,
+                dense,
+                self._image_side(),
+                chunk=self.chunk,
+                folded=self.approximate,
+            )
+
+    def output_tokens(self) -> torch.Tensor:
+        """The decoder's learnt output tokens in its order: the IoU token, the mask tokens."""
+        decoder = self.predictor.model.mask_decoder
+        return torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+
+    def mask_logits(self, decoded: DecodedPoints, idx: torch.Tensor, src: torch.Tensor):
+        """Low-res logits (len(idx), 3, h', w') of the multimask outputs of points ``idx``
+        from their final image keys ``src`` (len(idx), 256, h, w)."""
+        upscaling = self.predictor.model.mask_decoder.output_upscaling
+        upscaled = upscale(upscaling, src, self.approximate)
+        n, cu, hu, wu = upscaled.shape
+        masks = (decoded.hyper_in[idx] @ upscaled.view(n, cu, hu * wu)).view(n, -1, hu, wu)
+        return masks[:, 1:]
 
     def low_precision(self):
         """bf16 autocast in approximate mode on the devices that get it, else nothing."""
@@ -112,8 +134,7 @@ class DecodedPoints:
     decoder: PointDecoder
 
     def low_res_masks(self, point_idx: torch.Tensor) -> torch.Tensor:
-        """Multimask low-res logits (len(point_idx), 3, h', w') of some of the points."""
-        upscaling = self.decoder.predictor.model.mask_decoder.output_upscaling
+        """Low-res logits (len(point_idx), outputs, h', w') of some of the points."""
         starts = np.cumsum([0] + [len(keys) for keys in self.image_keys]).tolist()
         c, h, w = self.image_shape
         out = []
@@ -128,10 +149,8 @@ class DecodedPoints:
             keys = torch.cat([self._keys_of(int(j), starts) for j in idx])
             src = keys.transpose(1, 2).view(len(idx), c, h, w)
             with self.decoder.low_precision():
-                upscaled = upscale(upscaling, src, self.decoder.approximate)
-                n, cu, hu, wu = upscaled.shape
-                masks = (self.hyper_in[idx] @ upscaled.view(n, cu, hu * wu)).view(n, -1, hu, wu)
-            out.append(masks[: 1 if lone else n, 1:].float())
+                masks = self.decoder.mask_logits(self, idx, src)
+            out.append(masks[: 1 if lone else len(idx)].float())
         return torch.cat(out)
 
     def _keys_of(self, point: int, starts: list[int]) -> torch.Tensor:

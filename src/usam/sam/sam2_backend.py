@@ -26,14 +26,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from importlib.resources import files
 from typing import Any
 
 import numpy as np
 import torch
 
+from usam.core.config import ConfigError
 from usam.core.errors import UsageError
 from usam.sam.amg_settings import AmgSettings
+from usam.sam.backend_spec import EncoderShape, SamSpec
 from usam.sam.decoder_attention import ImageSide, two_way_transformer, upscale
 from usam.sam.mask_engine import PointGridEngine
 
@@ -129,7 +132,7 @@ class Sam2MaskEngine(PointGridEngine):
     def __init__(self, model: torch.nn.Module, settings: AmgSettings | None = None) -> None:
         super().__init__(model, settings)
         if self.settings.approximate:
-            raise ValueError(
+            raise ConfigError(
                 "amg.approximate=true is a SAM 1 engine mode; SAM 2 runs exact only: "
                 "set amg.approximate=false"
             )
@@ -214,3 +217,59 @@ class Sam2MaskEngine(PointGridEngine):
     def upsample(self, low_res: torch.Tensor) -> torch.Tensor:
         transforms = self.predictor._transforms
         return transforms.postprocess_masks(low_res[:, None], self.predictor._orig_hw[-1])[:, 0]
+
+
+def encoder_shape(state_dict: dict[str, Any]) -> EncoderShape | None:
+    """("Hiera", patch embedding width, block count) of a SAM 2 state dict, else None."""
+    hiera = state_dict.get("image_encoder.trunk.patch_embed.proj.weight")
+    if not isinstance(hiera, torch.Tensor):
+        return None
+    blocks = {k.split(".")[3] for k in state_dict if k.startswith("image_encoder.trunk.blocks.")}
+    return "Hiera", hiera.shape[0], len(blocks)
+
+
+def _spec(
+    model_type: str,
+    config: str,
+    width: int,
+    depth: int,
+    checkpoint_name: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> SamSpec:
+    """Meta publishes no checksums for SAM 2.1 and none agreed on elsewhere were found:
+    its downloads are not verified (``sha256`` None)."""
+    return SamSpec(
+        model_type,
+        partial(build, config, model_type, overrides),
+        backend="sam2",
+        engine=Sam2MaskEngine,
+        read_encoder=encoder_shape,
+        encoder_kind="Hiera",
+        encoder_width=width,
+        encoder_depth=depth,
+        checkpoint_name=checkpoint_name,
+        url_base=URL_BASE,
+        state_key="model",
+        decoder_attribute="sam_mask_decoder",
+        require=require,
+    )
+
+
+SPECS = (
+    *(
+        _spec(
+            f"sam2.1_hiera_{size}",
+            f"sam2.1_hiera_{size}.yaml",
+            width,
+            depth,
+            f"sam2.1_hiera_{name}.pt",
+        )
+        for size, name, width, depth in (
+            ("t", "tiny", 96, 12),
+            ("s", "small", 96, 16),
+            ("b+", "base_plus", 112, 24),
+            ("l", "large", 144, 48),
+        )
+    ),
+    _spec("sam2.1_tiny", "sam2.1_hiera_t.yaml", 8, 5, overrides=TINY_OVERRIDES),
+)

@@ -1,0 +1,287 @@
+"""HQ-SAM (arXiv 2306.01567) as a mask-proposal backend: sharper mask boundaries.
+
+HQ-SAM keeps SAM 1's encoder and decoder frozen and adds an HQ output token, with its
+own MLP, whose mask is made from HQ features: the decoder's upscaled embedding, refined,
+plus a fusion of the image embedding (early) and the first global-attention block's
+output (late) of the encoder. The models are ``segment_anything_hq`` (``pip install
+'usam[hq]'``); its automatic generator, ``segment_anything_hq.SamAutomaticMaskGenerator``,
+is SAM 1's with one mask per point: with ``multimask_output`` (its default) the best
+of SAM's three multimask outputs, by predicted IoU, plus the HQ token's mask; without it
+SAM's single-mask output plus the HQ mask; with ``hq_token_only`` the HQ mask alone
+(its predictor's default, which the generator keeps, is off). The score is SAM's
+predicted IoU of the output chosen.
+
+:class:`HqMaskEngine` runs that computation under the exactness contract of
+``usam.sam.mask_engine`` with SAM 1's per-point decoder (``usam.sam.point_decoder``):
+the HQ token rides along in the two-way transformer, and the HQ fusion is added to the
+shared upscaling only for the points some mask of which passed the IoU filter.
+
+What the shards hold: the same 4 x 256 values per point as SAM 1, with the HQ token in
+slot 0, where SAM 1 keeps its single-mask token (whose mask HQ-SAM's default output does
+not use), then SAM's three multimask tokens. ``multimask`` names the SAM output the mask
+is built on (0..2, its token in slot ``multimask + 1``), or is -1 when the mask's own
+token is the HQ token (``hq_token_only``; without ``multimask_output``, where SAM's
+single-mask token is not stored). Every ``model.input_view`` thus covers the HQ token:
+``mask_token`` reads it for HQ-only masks, ``tokens`` and ``own_first`` always.
+
+HQ-SAM publishes no checksums, so its downloads are not verified (as SAM 2.1's).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import numpy as np
+import torch
+
+from usam.core.errors import UsageError
+from usam.formats.embedding_shards import TOKENS_PER_POINT
+from usam.sam.amg_settings import AmgSettings
+from usam.sam.backend_spec import EncoderShape, SamSpec
+from usam.sam.decoder_attention import upscale
+from usam.sam.image_encoder import EncoderPredictor
+from usam.sam.point_decoder import DecodedPoints, PointDecoder
+from usam.sam.sam1_backend import (
+    AutomaticMaskEngine,
+    image_encoder_shape,
+    tiny_vit_encoder,
+    with_sam_heads,
+)
+
+MISSING = (
+    "sam={model_type} needs HQ-SAM's package: pip install 'usam[hq]' "
+    "(segment-anything-hq==0.3 and timm), or choose a SAM 1 model (sam=vit_b, vit_l, vit_h)"
+)
+URL_BASE = "https://huggingface.co/lkeab/hq-sam/resolve/main/"
+
+
+class HqSamMissing(UsageError, ImportError):
+    """The optional ``segment_anything_hq`` package (or timm, which it imports) is missing."""
+
+
+def _package(model_type: str = "hq_tiny") -> Any:
+    """``segment_anything_hq``, imported when asked for; its import of timm's renamed
+    modules and its TinyViT registration warn, which is silenced."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import segment_anything_hq
+    except ImportError as error:
+        raise HqSamMissing(f"{MISSING.format(model_type=model_type)} ({error})") from error
+    return segment_anything_hq
+
+
+def require(model_type: str) -> None:
+    _package(model_type)
+
+
+class HqEncoderPredictor(EncoderPredictor):
+    """The image embedding, and the HQ features the decoder's HQ token reads, per image.
+
+    HQ-SAM's decoder computes the HQ features in every call from the same image
+    embedding and early encoder output; here they are computed once per image.
+    """
+
+    @torch.no_grad()
+    def set_torch_image(self, transformed_image: torch.Tensor, original_image_size) -> None:
+        super().set_torch_image(transformed_image, original_image_size)
+        self.features, interm = self.features  # HQ-SAM's encoder returns both
+        decoder = self.model.mask_decoder
+        early = interm[0].permute(0, 3, 1, 2)
+        self.hq_features = decoder.embedding_encoder(self.features) + decoder.compress_vit_feat(
+            early
+        )
+
+
+@dataclass(frozen=True)
+class HqDecodedPoints(DecodedPoints):
+    """The per-point decoder's outputs plus which SAM output each point's mask is built on."""
+
+    sam_output: torch.Tensor  # (points,) int64: 0 single-mask, 1..3 multimask
+
+
+class HqPointDecoder(PointDecoder):
+    """SAM 1's per-point decoder with HQ-SAM's output token and mask fusion."""
+
+    def __init__(
+        self, predictor: HqEncoderPredictor, *, chunk: int, hq_token_only: bool, multimask: bool
+    ) -> None:
+        super().__init__(predictor, chunk=chunk, approximate=False)
+        self.hq_token_only = hq_token_only
+        self.multimask = multimask
+
+    def output_tokens(self) -> torch.Tensor:
+        hq_token = self.predictor.model.mask_decoder.hf_token.weight
+        return torch.cat([super().output_tokens(), hq_token], dim=0)
+
+    def decode(self, points: np.ndarray, crop_size) -> HqDecodedPoints:
+        """Scores as ``MaskDecoderHQ.forward`` selects them, the tokens in the shard layout."""
+        decoder = self.predictor.model.mask_decoder
+        hs, chunks = self.transformer_outputs(points, crop_size)
+        iou_preds = decoder.iou_prediction_head(hs[:, 0, :])
+        out_tokens = hs[:, 1 : 1 + decoder.num_mask_tokens, :]  # SAM's four, then the HQ token
+        mlps = [*decoder.output_hypernetworks_mlps, decoder.hf_mlp]
+        hyper_in = torch.stack([mlp(out_tokens[:, i, :]) for i, mlp in enumerate(mlps)], dim=1)
+        if self.multimask:
+            scores, best = torch.max(iou_preds[:, 1:-1], dim=1)
+            sam_output = best + 1
+        else:
+            scores, sam_output = iou_preds[:, 0], torch.zeros(len(hs), dtype=torch.int64)
+        tokens = torch.cat([out_tokens[:, -1:], out_tokens[:, 1:-1]], dim=1)
+        return HqDecodedPoints(
+            iou_preds=scores[:, None].float(),
+            tokens=tokens.flatten(1).float(),
+            hyper_in=hyper_in,
+            image_keys=chunks,
+            image_shape=tuple(self.predictor.features.shape[1:]),
+            decoder=self,
+            sam_output=sam_output.to(hs.device),
+        )
+
+    def mask_logits(self, decoded: HqDecodedPoints, idx: torch.Tensor, src: torch.Tensor):
+        """(len(idx), 1, h', w'): ``MaskDecoderHQ.predict_masks`` and its output selection."""
+        decoder = self.predictor.model.mask_decoder
+        upscaled = upscale(decoder.output_upscaling, src, False)
+        n, c, h, w = upscaled.shape
+        hq_features = self.predictor.hq_features.repeat(n, 1, 1, 1)
+        upscaled_hq = decoder.embedding_maskfeature(upscaled) + hq_features
+        hyper_in = decoded.hyper_in[idx]
+        masks_hq = (hyper_in[:, -1:] @ upscaled_hq.view(n, c, h * w)).view(n, -1, h, w)
+        if self.hq_token_only:
+            return masks_hq
+        masks_sam = (hyper_in[:, :-1] @ upscaled.view(n, c, h * w)).view(n, -1, h, w)
+        chosen = masks_sam[torch.arange(n), decoded.sam_output[idx]].unsqueeze(1)
+        return chosen + masks_hq
+
+
+class HqMaskEngine(AutomaticMaskEngine):
+    """HQ-SAM's automatic masks with tokens (one mask per point), exact mode only.
+
+    ``hq_token_only`` and ``multimask_output``: HQ-SAM's output choices (module docstring),
+    defaults as in its automatic generator.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        settings: AmgSettings | None = None,
+        *,
+        hq_token_only: bool = False,
+        multimask_output: bool = True,
+        decoder_chunk: int = 1,
+    ) -> None:
+        if settings is not None and settings.approximate:
+            raise ValueError(
+                "amg.approximate=true is a SAM 1 engine mode; HQ-SAM runs exact only: "
+                "set amg.approximate=false"
+            )
+        super().__init__(model, settings, decoder_chunk=decoder_chunk)
+        self.hq_token_only = hq_token_only
+        self.multimask_output = multimask_output
+        self.predictor = HqEncoderPredictor(model)
+        self.decoder = HqPointDecoder(
+            self.predictor,
+            chunk=decoder_chunk,
+            hq_token_only=hq_token_only,
+            multimask=multimask_output,
+        )
+
+    @property
+    def token_dim(self) -> int:
+        return TOKENS_PER_POINT * self.model.mask_decoder.transformer_dim
+
+    def official_generator(self) -> Callable[[np.ndarray], list[dict[str, Any]]]:
+        """HQ-SAM's generator; it passes no ``hq_token_only`` to its predictor, which then
+        keeps its default (off), so the other choice is handed to the predictor."""
+        generator = _package().SamAutomaticMaskGenerator(
+            self.model, output_mode="coco_rle", **self.settings.as_kwargs()
+        )
+        predictor = generator.predictor
+        predictor.predict_torch = partial(predictor.predict_torch, hq_token_only=self.hq_token_only)
+        return partial(generator.generate, multimask_output=self.multimask_output)
+
+    def official_predictor(self) -> Any:
+        return _package().SamPredictor(self.model)
+
+    def official_point_logits(self, crop: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+        """The official logits of a point's one mask, in each of the 3 slots the contract
+        check indexes by ``multimask``."""
+        predictor = self.official_predictor()
+        predictor.set_image(crop)
+
+        def logits(point: np.ndarray) -> np.ndarray:
+            out, _, _ = predictor.predict(
+                point[None],
+                np.array([1]),
+                multimask_output=self.multimask_output,
+                return_logits=True,
+                hq_token_only=self.hq_token_only,
+            )
+            return np.repeat(out, 3, axis=0)
+
+        return logits
+
+    def _finish_masks(self, batch, low_res, sel, *, stability):
+        """The shared filters, then ``multimask`` as the module docstring states it (the
+        shared code records output 0 of a point's single output)."""
+        found = super()._finish_masks(batch, low_res, sel, stability=stability)
+        row_of = {tuple(p): i for i, p in enumerate(batch.points.tolist())}
+        rows = torch.tensor([row_of[tuple(p)] for p in found.points.tolist()], dtype=torch.int64)
+        if self.hq_token_only or not self.multimask_output:
+            found.multimask = torch.full((len(rows),), -1, dtype=torch.int8)
+        else:
+            found.multimask = (batch.decoded.sam_output.cpu()[rows] - 1).to(torch.int8)
+        return found
+
+
+def encoder_shape(state_dict: dict[str, Any]) -> EncoderShape | None:
+    """("HQ ViT" or "HQ TinyViT", width, depth) of an HQ-SAM state dict, else None."""
+    if "mask_decoder.hf_token.weight" not in state_dict:
+        return None
+    shape = image_encoder_shape(state_dict)
+    return None if shape is None else (f"HQ {shape[0]}", shape[1], shape[2])
+
+
+def _official(builder: str) -> torch.nn.Module:
+    return getattr(_package(), builder)()
+
+
+def _build_tiny() -> torch.nn.Module:
+    """The tiny test SAM's layout (``usam.sam.sam1_backend``) with HQ-SAM's decoder."""
+    modeling = _package().modeling
+    decoder = partial(modeling.MaskDecoderHQ, vit_dim=64)
+    encoder = tiny_vit_encoder(modeling.ImageEncoderViT)
+    return with_sam_heads(encoder, 256, mlp_dim=512, sam_class=modeling.Sam, decoder_class=decoder)
+
+
+def _spec(model_type: str, build, kind: str, width: int, depth: int, name=None) -> SamSpec:
+    return SamSpec(
+        model_type,
+        build,
+        backend="hq",
+        engine=HqMaskEngine,
+        read_encoder=encoder_shape,
+        encoder_kind=kind,
+        encoder_width=width,
+        encoder_depth=depth,
+        checkpoint_name=name,
+        url_base=URL_BASE,
+        mask_mlp_attributes=("output_hypernetworks_mlps", "hf_mlp"),
+        require=require,
+    )
+
+
+SPECS = (
+    *(
+        _spec(f"hq_vit_{size}", partial(_official, f"build_sam_vit_{size}"), "HQ ViT", width,
+              depth, f"sam_hq_vit_{size}.pth")
+        for size, width, depth in (("b", 768, 12), ("l", 1024, 24), ("h", 1280, 32))
+    ),
+    _spec("hq_vit_tiny", partial(_official, "build_sam_vit_t"), "HQ TinyViT", 64, 12,
+          "sam_hq_vit_tiny.pth"),
+    _spec("hq_tiny", _build_tiny, "HQ ViT", 64, 2),
+)  # fmt: skip
