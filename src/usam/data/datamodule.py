@@ -1,10 +1,13 @@
 """Stream embedding shard sets into padded mask-set batches with WebDataset.
 
-Training shuffles shards and samples (buffer); evaluation reads in a fixed
-order. Shards are split across DDP ranks and DataLoader workers, so ranks see
-disjoint images. Training under DDP repeats each rank's shards and cuts every
-rank's epoch to the same number of batches (``with_epoch``), so ranks stay in
-step even when their shards hold different numbers of images.
+Training shuffles shards and samples (a buffer) anew every epoch, from ``data.seed`` and
+the epoch Lightning reports, so epochs differ and a run repeats; extraction writes a
+training set's images in a seeded random order, so a shard already mixes the classes and
+any buffer size gives batches as mixed as a full shuffle. Evaluation reads in a fixed
+order. Shards are split across DDP ranks and DataLoader workers by WebDataset, so ranks see
+disjoint images. Training under DDP repeats each rank's shards and cuts every rank's epoch
+to the same number of batches (``with_epoch``), so ranks stay in step even when their
+shards hold different numbers of images.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import logging
 import math
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +25,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from usam.core.config import ConfigError
 from usam.core.vocabulary import load_vocabulary
 from usam.data.extraction import ExtractSettings
 from usam.data.pipeline import TrainingPipeline
@@ -68,6 +73,55 @@ def _has_masks(record: ImageRecord) -> bool:
     return record.num_masks > 0
 
 
+class EpochSeed:
+    """The epoch a training stream shuffles for. Lightning calls ``set_epoch`` on a train
+    loader's ``sampler`` as every epoch starts (also when resuming); a WebDataset loader has
+    none, so it carries this one, and the workers started for that epoch read it."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+
+def stream_seed(*parts: int) -> int:
+    """One seed from several integers (unlike ``hash``, the same in every process)."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+@dataclass
+class TrainingStream(torch.utils.data.IterableDataset):
+    """Training batches of one epoch: the shard order is shuffled by (seed, epoch), the same
+    on every rank so that WebDataset's node split stays disjoint; each rank and worker then
+    shuffles its samples through a buffer seeded by (seed, epoch, rank, worker)."""
+
+    urls: list[str]
+    seed: int
+    shuffle_buffer: int
+    batch_size: int
+    partial: bool
+    epoch: EpochSeed
+
+    def __iter__(self):
+        epoch = self.epoch.epoch
+        rank, _, worker, _ = wds.utils.pytorch_worker_info()
+        shards = list(self.urls)
+        random.Random(stream_seed(self.seed, epoch)).shuffle(shards)
+        samples_rng = random.Random(stream_seed(self.seed, epoch, rank, worker))
+        pipeline = wds.DataPipeline(
+            wds.SimpleShardList(shards),
+            wds.split_by_node,
+            wds.split_by_worker,
+            wds.tarfile_to_samples(),
+            wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=samples_rng),
+            wds.map(decode_sample),
+            wds.select(_has_masks),
+            wds.batched(self.batch_size, collation_fn=collate_records, partial=self.partial),
+        )
+        return iter(pipeline)
+
+
 class ShardDataModule(L.LightningDataModule):
     """Training and validation shard sets for one vocabulary and SAM model type.
 
@@ -105,7 +159,7 @@ class ShardDataModule(L.LightningDataModule):
         self.pipeline = None
         if train_dir is None or val_dir is None:
             if not (images_dir and shards_dir and sam and amg and generate and extract):
-                raise ValueError(
+                raise ConfigError(
                     "data: give train_dir and val_dir, or images_dir and shards_dir with the "
                     "sam, amg, generate and extract settings"
                 )
@@ -171,6 +225,13 @@ class ShardDataModule(L.LightningDataModule):
                 sam_model_type=self.sam_model_type,
             )
             self.manifests[split] = manifest
+        if self.manifests["train"].shuffle_seed is None and len(self.classes) > 1:
+            log.warning(
+                "%s holds its images in the order they were listed (class by class for a "
+                "generated set): training batches will mix few classes; re-extract it, which "
+                "writes them in a seeded random order",
+                self.train_dir,
+            )
 
     def random_weight_reasons(self) -> list[str]:
         reasons = [r for m in self.manifests.values() for r in m.random_weight_reasons()]
@@ -206,28 +267,26 @@ class ShardDataModule(L.LightningDataModule):
         _, world_size = self._world()
         if world_size > 1:
             self._check_shard_per_rank(self.train_dir, urls, world_size)
-            dataset = wds.WebDataset(
-                urls, shardshuffle=len(urls), nodesplitter=wds.split_by_node, seed=self.seed
-            )
-            workers = self._workers_for(len(urls), shards_per_rank=True)
-        else:
-            dataset = wds.WebDataset(urls, shardshuffle=len(urls), seed=self.seed)
-            workers = self._workers_for(len(urls), shards_per_rank=False)
-        dataset = (
-            # seeded: the same data.seed gives the same training order (webdataset's default
-            # seeds from the clock)
-            dataset.shuffle(self.shuffle_buffer, rng=random.Random(self.seed))
-            .map(decode_sample)
-            .select(_has_masks)
-            .batched(self.batch_size, collation_fn=collate_records, partial=world_size == 1)
+        epoch = EpochSeed()
+        stream = TrainingStream(
+            urls,
+            seed=self.seed,
+            shuffle_buffer=self.shuffle_buffer,
+            batch_size=self.batch_size,
+            partial=world_size == 1,
+            epoch=epoch,
         )
-        loader = wds.WebLoader(dataset, batch_size=None, num_workers=workers)
-        # every rank runs the same number of batches; the count is also the progress total
-        # (an upper bound in one process: images without masks are dropped on the way)
+        workers = self._workers_for(len(urls), shards_per_rank=world_size > 1)
+        loader = wds.WebLoader(stream, batch_size=None, num_workers=workers)
+        loader.sampler = epoch  # where Lightning's set_epoch finds it
+        # every rank runs the same number of batches (full ones); the count is also the
+        # progress total. In one process it is an upper bound, which Lightning must not cut
+        # an epoch at: each worker may end on a partial batch, and images without masks are
+        # dropped on the way.
         batches_per_rank = math.ceil(manifest.num_images / (world_size * self.batch_size))
         if world_size > 1:
-            loader = loader.with_epoch(batches_per_rank)
-        return loader.with_length(batches_per_rank, silent=True)
+            return loader.with_epoch(batches_per_rank).with_length(batches_per_rank, silent=True)
+        return loader.with_length(batches_per_rank + max(workers - 1, 0), silent=True)
 
     @staticmethod
     def _check_shard_per_rank(directory: Path, urls: list[str], world_size: int) -> None:

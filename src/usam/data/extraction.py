@@ -36,6 +36,7 @@ from usam.formats.embedding_shards import (
     ShardSetError,
     ShardSetWriter,
     existing_keys,
+    mixed_order,
     read_manifest,
 )
 from usam.formats.storage import atomic_write_text
@@ -55,6 +56,7 @@ class ExtractSettings:
 
     val_fraction: float = 0.05  # training sources: share of images held out (by key hash)
     images_per_shard: int = 500
+    shuffle_seed: int = 0  # training sources: images are written in this seeded random order
     num_workers: int = 2  # image decoding processes
     trainer: dict[str, Any] = field(default_factory=dict)  # Trainer arguments of the predict loop
 
@@ -273,11 +275,15 @@ def extract(
     *,
     val_fraction: float = 0.05,
     images_per_shard: int = 500,
+    shuffle_seed: int = 0,
     config: dict[str, Any] | None = None,
     trainer_args: dict[str, Any] | None = None,
     num_workers: int = 0,
 ) -> dict[str, Manifest]:
-    """Extract every image of ``source`` not yet in ``out_dir``; returns the split manifests."""
+    """Extract every image of ``source`` not yet in ``out_dir``; returns the split manifests.
+
+    A training source's images go in the order ``mixed_order(len(source), shuffle_seed)``,
+    which a resumed run keeps, so that every shard mixes the classes."""
     out_dir = Path(out_dir)
     splits = splits_for(source, val_fraction)
     if is_complete(out_dir, splits):
@@ -286,7 +292,9 @@ def extract(
     skip = rejected_keys(out_dir)
     for split in splits:
         skip |= existing_keys(out_dir / split)
-    pending = [i for i, key in enumerate(source.keys) if key not in skip]
+    train = source.kind == "train"
+    order = mixed_order(len(source), shuffle_seed) if train else range(len(source))
+    pending = [i for i in order if source.keys[i] not in skip]
     for path, reason in source.listing_rejected:
         log.warning("rejected while listing: %s (%s)", path, reason)
     fingerprint = source.fingerprint()
@@ -297,6 +305,7 @@ def extract(
             kind="eval" if split == "eval" else "train",
             sam=dict(sam_info),
             images_random_weights=source.random_weights,
+            shuffle_seed=shuffle_seed if train else None,
             config={
                 **(config or {}),
                 "split": split,
@@ -372,6 +381,7 @@ def run_extraction(
         sam_info,
         val_fraction=extract_settings.val_fraction,
         images_per_shard=extract_settings.images_per_shard,
+        shuffle_seed=extract_settings.shuffle_seed,
         config=config,
         num_workers=extract_settings.num_workers,
         trainer_args=dict(extract_settings.trainer),

@@ -25,6 +25,7 @@ from usam.formats.embedding_shards import (
     Manifest,
     ShardSetWriter,
     encode_mask,
+    mixed_order,
 )
 
 IMAGE_SIZE = 64
@@ -132,26 +133,28 @@ def write_synthetic_shard_set(
         synthetic=True,
         config=config,
     )
+    listed = [(c, i) for c in range(num_classes) for i in range(images_per_class)]
+    manifest.shuffle_seed = seed  # written mixed, as extraction writes a training set
     with ShardSetWriter(directory, manifest, images_per_shard=images_per_shard) as writer:
-        for class_index in range(num_classes):
-            for image_index in range(images_per_class):
-                labels = [class_index]
-                if num_classes > 1 and rng.random() < multi_label_fraction:
-                    labels.append(int((class_index + rng.integers(1, num_classes)) % num_classes))
-                key = f"{split}_{class_index:03d}_{image_index:05d}"
-                record = make_record(
-                    key,
-                    labels,
-                    num_classes,
-                    class_protos,
-                    background_protos,
-                    rng,
-                    (low, high),
-                    foreground_fraction,
-                    noise,
-                )
-                if key not in writer.done_keys:
-                    writer.write(record)
+        for position in mixed_order(len(listed), seed):
+            class_index, image_index = listed[position]
+            labels = [class_index]
+            if num_classes > 1 and rng.random() < multi_label_fraction:
+                labels.append(int((class_index + rng.integers(1, num_classes)) % num_classes))
+            key = f"{split}_{class_index:03d}_{image_index:05d}"
+            record = make_record(
+                key,
+                labels,
+                num_classes,
+                class_protos,
+                background_protos,
+                rng,
+                (low, high),
+                foreground_fraction,
+                noise,
+            )
+            if key not in writer.done_keys:
+                writer.write(record)
     return writer.manifest
 
 

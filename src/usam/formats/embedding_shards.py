@@ -25,6 +25,7 @@ import numpy as np
 import webdataset as wds
 from pycocotools import mask as mask_utils
 
+from usam.core.errors import UsageError
 from usam.formats.storage import (
     KEY_PATTERN,
     atomic_write_text,
@@ -52,7 +53,7 @@ MASK_ARRAYS: dict[str, tuple[str, tuple[int, ...]]] = {
 }
 
 
-class ShardSetError(ValueError):
+class ShardSetError(UsageError, ValueError):
     """A shard set that is missing, incomplete, malformed or made for another run."""
 
 
@@ -113,6 +114,9 @@ class Manifest:
     config: dict[str, Any] = field(default_factory=dict)
     shards: list[dict[str, Any]] = field(default_factory=list)
     format_version: int = FORMAT_VERSION
+    # the seed of the random order the images were written in (see ``mixed_order``); None:
+    # the order the source listed them in (sets written before usam mixed them, eval sets)
+    shuffle_seed: int | None = None
 
     @property
     def num_images(self) -> int:
@@ -145,6 +149,12 @@ class Manifest:
             "shards": len(self.shards),
         }
         return payload
+
+
+def mixed_order(count: int, seed: int) -> list[int]:
+    """The order a training set's images are written in: a seeded random permutation, so
+    that every shard mixes the classes that image sources list one after another."""
+    return np.random.default_rng(seed).permutation(count).tolist()
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
