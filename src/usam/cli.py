@@ -1,11 +1,13 @@
 """What every ``usam.<command>`` shares: its Hydra entry, ``--version``, ``--help`` from the
-config's own comments, and user errors as one line with exit code 2 instead of a traceback
-(``verbose=true`` shows it). Nothing here loads torch, so help and version answer at once."""
+config's own comments, and the way it fails (``usam.command_errors``): a user error is one
+line with exit code 2 (``verbose=true`` shows its traceback), any other error keeps its
+traceback on screen and in the run's log. Nothing here loads torch, so help and version
+answer at once."""
 
 from __future__ import annotations
 
 import importlib
-import shutil
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -13,55 +15,81 @@ from typing import Any
 
 from usam import __version__
 from usam.command_help import command_help
-from usam.core.errors import UsageError
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
-USER_ERRORS = (UsageError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
-EXIT_USAGE = 2
 
 
-def _set_failed_run_aside(run_dir: Path, log_dir: Path) -> None:
-    """No failed run passes for a finished one: its folder goes when it holds only Hydra's
-    own files (config copy, log), with the then-empty folders above it up to and including
-    ``paths.log_dir``; a folder with anything else is renamed ``failed-<name>``, whole."""
-    if not run_dir.is_dir() or not run_dir.is_relative_to(log_dir):
-        return
-    if any(entry.name != ".hydra" and entry.suffix != ".log" for entry in run_dir.iterdir()):
-        failed = run_dir.with_name(f"failed-{run_dir.name}")
-        run_dir.rename(failed)
-        print(f"the failed run's files are in {failed}", file=sys.stderr)
-        return
-    shutil.rmtree(run_dir)
-    for parent in run_dir.parents:
-        if not parent.is_relative_to(log_dir) or any(parent.iterdir()):
-            break
-        parent.rmdir()
+def _asks_verbose(arguments: list[str]) -> bool:
+    """``verbose=true`` on the command line, read before Hydra composes the config."""
+    return any(arg.lower().lstrip("+") == "verbose=true" for arg in arguments)
+
+
+def _task(config_name: str, implementation: str) -> Callable[[Any], None]:
+    """Hydra's task function: checks the required keys, runs the command, and on failure
+    sets the run folder aside and reports the error (``usam.command_errors``)."""
+
+    def task(cfg: Any) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        from usam import command_errors
+        from usam.quiet import quiet_third_party
+
+        if not cfg.get("verbose"):
+            quiet_third_party()
+        hydra_config = HydraConfig.get()
+        run_dir, log_dir = Path(hydra_config.runtime.output_dir), Path(cfg.paths.log_dir)
+        try:
+            command_errors.check_required_keys(
+                cfg, config_name, CONF_DIR, hydra_config.runtime.choices
+            )
+            result = importlib.import_module(implementation).run(cfg)
+        except Exception as error:
+            line = command_errors.user_error_line(error)
+            logs = command_errors.log_traceback(error, config_name) if line is None else []
+            failed = command_errors.set_failed_run_aside(run_dir, log_dir, keep=bool(logs))
+            if failed is not None:
+                print(f"the failed run's files are in {failed}", file=sys.stderr)
+            if line is None or cfg.get("verbose"):
+                raise
+            command_errors.exit_with_line(config_name, line)
+        except BaseException:  # an interrupt: no error to report, only the folder to tidy
+            command_errors.set_failed_run_aside(run_dir, log_dir, keep=False)
+            raise
+        if isinstance(result, Path):
+            print(result)
+
+    return task
+
+
+def _run_hydra(config_name: str, implementation: str, arguments: list[str]) -> None:
+    """Hydra's entry with its own error report turned off (HYDRA_FULL_ERROR), so that a
+    command line it cannot compose ends in one line here and a bug's traceback is whole."""
+    import hydra
+
+    from usam import command_errors
+    from usam.core.config import register_resolvers
+
+    register_resolvers()
+    entry = hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)
+    previous = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        entry(_task(config_name, implementation))()
+    except command_errors.HYDRA_ERRORS as error:
+        if _asks_verbose(arguments):
+            raise
+        command_errors.exit_with_line(config_name, command_errors.composition_error_line(error))
+    finally:
+        if previous is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = previous
 
 
 def hydra_command(config_name: str, implementation: str) -> Callable[[], None]:
     """The ``main`` of a command whose config is ``conf/<config_name>.yaml`` and whose
     ``run(cfg)`` lives in module ``implementation``, imported only when the command runs.
     A ``run`` that returns a folder prints it (generate, ingest)."""
-
-    def task(cfg: Any) -> None:
-        from hydra.core.hydra_config import HydraConfig
-
-        from usam.quiet import quiet_third_party
-
-        if not cfg.get("verbose"):
-            quiet_third_party()
-        try:
-            result = importlib.import_module(implementation).run(cfg)
-        except BaseException as error:
-            _set_failed_run_aside(
-                Path(HydraConfig.get().runtime.output_dir), Path(cfg.paths.log_dir)
-            )
-            if not isinstance(error, USER_ERRORS) or cfg.get("verbose"):
-                raise
-            print(f"usam.{config_name}: error: {error}", file=sys.stderr)
-            sys.exit(EXIT_USAGE)
-        if isinstance(result, Path):
-            print(result)
 
     def main() -> None:
         arguments = sys.argv[1:]
@@ -71,11 +99,6 @@ def hydra_command(config_name: str, implementation: str) -> Callable[[], None]:
         if "--help" in arguments or "-h" in arguments:
             print(command_help(config_name, CONF_DIR))
             return
-        import hydra
-
-        from usam.core.config import register_resolvers
-
-        register_resolvers()
-        hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)(task)()
+        _run_hydra(config_name, implementation, arguments)
 
     return main

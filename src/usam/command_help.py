@@ -1,5 +1,6 @@
 """``python -m usam.<command> --help``: the options that command reads, one line each, taken
-from the comments in its config files (the one place they are written), required keys first.
+from the comments in its config files (the one place they are written), required keys first;
+and the comment of one key, for the error that says it is missing.
 
 It reads YAML text only, so it answers in well under a second.
 """
@@ -7,6 +8,7 @@ It reads YAML text only, so it answers in well under a second.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -82,3 +84,17 @@ def command_help(config_name: str, conf_dir: Path) -> str:
         "composed config; verbose=true shows tracebacks and third-party messages.",
     ]
     return "\n".join(lines)
+
+
+def key_comment(key: str, config_name: str, conf_dir: Path, choices: Mapping[str, Any]) -> str:
+    """The comment beside ``key`` in the file that sets it: the entry config, or for
+    ``group.key`` the group's chosen option (``choices``, from Hydra); '' if none."""
+    group, _, name = key.partition(".")
+    path = conf_dir / f"{config_name}.yaml"
+    if name and choices.get(group):
+        path = conf_dir / group / f"{choices[group]}.yaml"
+    else:
+        name = key
+    if not path.is_file():
+        return ""
+    return next((comment for found, _, comment in _top_level_entries(path) if found == name), "")

@@ -16,11 +16,13 @@ from typing import Any
 
 import yaml
 
+from usam.core.errors import UsageError
+
 ENTRY = "usam.fit"
 ARGS = "${args_no_hyphens}"
 
 
-class SweepFileError(ValueError):
+class SweepFileError(UsageError, ValueError):
     """A sweep file this runner cannot translate."""
 
 

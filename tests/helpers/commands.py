@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import io
+import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
 from usam.core.config import register_resolvers
@@ -88,3 +93,30 @@ def run_python(*args: str, timeout: int = 300, cwd: Path = ROOT) -> subprocess.C
         timeout=timeout,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
+
+
+def run_entry(command: str, *args: str, cwd: Path) -> tuple[int, str]:
+    """``python -m usam.<command> args`` from ``cwd``, in this process (no interpreter to
+    start): its exit code and what it wrote to stderr. Hydra's global state and the log
+    handlers its run installs are undone afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    stderr, previous_cwd, previous_argv = io.StringIO(), Path.cwd(), sys.argv
+    sys.argv = [f"usam.{command}", *args]
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stderr(stderr):
+            importlib.import_module(f"usam.{command}").main()
+        code = 0
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
+    finally:
+        os.chdir(previous_cwd)
+        sys.argv = previous_argv
+        GlobalHydra.instance().clear()
+        for handler in root.handlers:
+            if handler not in handlers:
+                handler.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    return code, stderr.getvalue()

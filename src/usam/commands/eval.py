@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from usam.commands.mask_settings import head_mask_settings
 from usam.commands.run_identity import flat_config, run_identity
-from usam.core.config import settings_from_config
+from usam.core.config import ConfigError, settings_from_config
 from usam.core.devices import resolve_device
 from usam.data.eval_shards import eval_shards
 from usam.data.extraction import ExtractSettings
@@ -73,7 +73,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     shards = None  # SAM 3 brings its own masks; the others score SAM's automatic ones
     if cfg.get("baseline"):
         if cfg.ckpt:
-            raise ValueError(
+            raise ConfigError(
                 f"ckpt={cfg.ckpt} is a U-SAM head; the baseline takes none (ckpt=null)"
             )
         label = f"{cfg.baseline.name} on {cfg.eval_data.name}"

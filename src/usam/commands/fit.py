@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from usam.commands.run_identity import flat_config, run_identity
-from usam.core.config import settings_from_config
+from usam.core.config import ConfigError, settings_from_config
 from usam.core.vocabulary import load_vocabulary
 from usam.data.eval_shards import eval_shards
 from usam.data.extraction import ExtractSettings
@@ -106,13 +106,9 @@ def train_stage(
     if stage == "teacher":
         module = instantiate(cfg.model.teacher, classes=classes)
     else:
-        if teacher_ckpt is None:
-            raise ValueError(
-                "stage=student needs a teacher checkpoint: set teacher_ckpt=/path.ckpt"
-            )
         module = instantiate(cfg.model.student, teacher_checkpoint=teacher_ckpt)
         if module.classes != classes:
-            raise ValueError(
+            raise ConfigError(
                 f"teacher checkpoint {teacher_ckpt} was trained on {len(module.classes)} classes "
                 f"({module.classes[:5]}...), the run has {len(classes)} ({classes[:5]}...)"
             )
@@ -187,7 +183,7 @@ def _prepare_evaluation(cfg: DictConfig, data_settings: dict[str, Any]) -> None:
     if callback is None or callback.shards_dir:
         return
     if not cfg.get("eval_data"):
-        raise ValueError(
+        raise ConfigError(
             "callbacks include eval but there is nothing to evaluate on: set eval_data=<dataset> "
             "(conf/eval_data) or callbacks.eval.shards_dir=<an eval shard set's eval folder>"
         )
@@ -206,7 +202,9 @@ def _prepare_evaluation(cfg: DictConfig, data_settings: dict[str, Any]) -> None:
 def run(cfg: DictConfig) -> dict[str, Path]:
     """Run the configured stages; returns the checkpoint of each."""
     if cfg.stage not in STAGES:
-        raise ValueError(f"stage={cfg.stage!r} must be one of {STAGES}")
+        raise ConfigError(f"stage={cfg.stage!r} must be one of {STAGES}")
+    if cfg.stage == "student" and not cfg.teacher_ckpt:
+        raise ConfigError("stage=student needs a teacher checkpoint: set teacher_ckpt=/path.ckpt")
     L.seed_everything(cfg.seed, workers=True)
     load_vocabulary(cfg.data.classes)  # fail early on a bad class list
     data_settings = _data_settings(cfg)

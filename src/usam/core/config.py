@@ -13,6 +13,8 @@ from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
+from usam.core.errors import UsageError
+
 T = TypeVar("T")
 
 
@@ -23,8 +25,8 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("usam.cwd", os.getcwd)
 
 
-class ConfigError(ValueError):
-    """A config key that does not exist or a value of the wrong type."""
+class ConfigError(UsageError, ValueError):
+    """A config key that does not exist, or a value of the wrong type or out of range."""
 
 
 def _plain(config: Mapping[str, Any] | DictConfig) -> dict[str, Any]:

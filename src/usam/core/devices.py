@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from usam.core.config import ConfigError
+
 
 def resolve_device(name: str, key: str) -> torch.device:
     """``auto`` picks CUDA when torch sees a GPU; ``key`` names the config entry in errors."""
@@ -12,9 +14,11 @@ def resolve_device(name: str, key: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as error:
-        raise ValueError(
+        raise ConfigError(
             f"{key}={name!r} is not a torch device (auto, cpu, cuda, cuda:N)"
         ) from error
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{key}={name} asks for CUDA, but torch sees no GPU here; use auto or cpu")
+        raise ConfigError(
+            f"{key}={name} asks for CUDA, but torch sees no GPU here; use auto or cpu"
+        )
     return device

@@ -2,8 +2,10 @@
 
 
 class UsageError(Exception):
-    """Commands print it as one line and exit with code 2 (the traceback with verbose=true).
+    """Commands print it as one line and exit with code 2 (the traceback with verbose=true);
+    any other exception is a bug and keeps its traceback. Subclasses that describe bad
+    values also subclass ``ValueError``, so callers of the Python API can catch either."""
 
-    Errors of bad input that subclass ``ValueError`` are treated the same way; this base
-    is for the others, such as a missing weights file.
-    """
+
+class InputFileError(UsageError, FileNotFoundError):
+    """A file, folder or pattern the user named that does not exist or holds no file."""

@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from usam.core.errors import UsageError
+
 PACKAGED = ("voc20", "coco80", "voc_superclasses")
 
 
-class VocabularyError(ValueError):
+class VocabularyError(UsageError, ValueError):
     """A class list that cannot be used: unknown name, empty or duplicated class."""
 
 

@@ -23,6 +23,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
+from usam.core.errors import UsageError
 from usam.core.labels import IGNORE, MAX_CLASSES
 
 
@@ -42,7 +43,7 @@ class GroundTruth:
     background_class: bool = True
 
 
-class DatasetError(ValueError):
+class DatasetError(UsageError, ValueError):
     """A dataset whose layout or annotations this reader cannot use."""
 
 

@@ -34,6 +34,8 @@ from typing import Any
 
 from PIL import ExifTags, Image
 
+from usam.core.config import ConfigError
+from usam.core.errors import InputFileError
 from usam.core.vocabulary import load_vocabulary
 from usam.formats.image_shards import (
     checked_image,
@@ -119,7 +121,7 @@ def check_unique_keys(keys: Sequence[str], names: Sequence[str], where: str | Pa
     seen: dict[str, str] = {}
     for key, name in zip(keys, names):
         if key in seen:
-            raise ValueError(
+            raise ConfigError(
                 f"{where}: '{seen[key]}' and '{name}' both map to sample key {key!r}; "
                 "rename one of them"
             )
@@ -205,18 +207,18 @@ def _selected_files(images: str | Path) -> tuple[Path, list[Path]]:
         matches = (Path(m).resolve() for m in glob.glob(text, recursive=True))
         files = [m for m in matches if m.is_file() and not m.name.startswith(".")]
         if not files:
-            raise FileNotFoundError(f"the pattern images={images} matches no file")
+            raise InputFileError(f"the pattern images={images} matches no file")
         return root, sorted(files, key=lambda p: p.relative_to(root).as_posix())
     path = Path(images).resolve()
     if path.is_file():
         return path.parent, [path]
     if not path.is_dir():
-        raise FileNotFoundError(
+        raise InputFileError(
             f"images={images} is not an image file, a folder or a glob pattern ('photos/*.jpg')"
         )
     files = _visible_files(path)
     if not files:
-        raise FileNotFoundError(f"the image folder {images} holds no files")
+        raise InputFileError(f"the image folder {images} holds no files")
     return path, files
 
 
@@ -238,7 +240,7 @@ class FolderSource(ImageSource):
         every pixel."""
         super().__init__(load_vocabulary(classes).classes, "eval")
         if max_side is not None and max_side < 64:
-            raise ValueError(f"max_side={max_side}: give at least 64 pixels, or null")
+            raise ConfigError(f"max_side={max_side}: give at least 64 pixels, or null")
         self.max_side = max_side
         self.root, self.paths = _selected_files(root)
         names = [p.relative_to(self.root).as_posix() for p in self.paths]

@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 
+from usam.core.config import ConfigError
 from usam.core.vocabulary import Vocabulary
 from usam.data.sources import ImageSource
 from usam.evaluation.reports import log_to_wandb, write_outputs
@@ -48,7 +49,7 @@ class EvaluationCallback(Callback):
         """``shards_dir`` is an eval shard set's ``eval`` folder (``usam.eval`` prints it);
         ``source`` the image source it was made from, for the overlays' pixels."""
         if every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs={every_n_epochs} must be at least 1")
+            raise ConfigError(f"every_n_epochs={every_n_epochs} must be at least 1")
         self.shards_dir = Path(shards_dir)
         self.source = source
         self.settings = inference or InferenceSettings()

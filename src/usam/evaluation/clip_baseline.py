@@ -27,9 +27,10 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from usam.core.config import ConfigError
 from usam.core.errors import UsageError
 from usam.data.sources import ImageSource
-from usam.formats.embedding_shards import ImageRecord
+from usam.formats.embedding_shards import ImageRecord, ShardSetError
 from usam.inference.predictor import InferenceSettings, Predictor
 
 CHECKPOINT_KEY = "baseline.clip.checkpoint"
@@ -112,7 +113,7 @@ def load_clip(
 
 def check_view(view: str) -> str:
     if view not in VIEWS:
-        raise ValueError(f"baseline.clip.view={view!r} is not one of {VIEWS}")
+        raise ConfigError(f"baseline.clip.view={view!r} is not one of {VIEWS}")
     return view
 
 
@@ -166,13 +167,13 @@ class ClipPredictor(Predictor):
 
     def image_of(self, record: ImageRecord) -> np.ndarray:
         if record.key not in self._index:
-            raise KeyError(
+            raise ShardSetError(
                 f"image {record.key!r} is not in the image source; the baseline needs the images "
                 "its shard set was extracted from"
             )
         image = np.asarray(self.source.load(self._index[record.key]).image)
         if image.shape[:2] != (record.height, record.width):
-            raise ValueError(
+            raise ShardSetError(
                 f"image {record.key!r} is {image.shape[1]}x{image.shape[0]} but its masks are "
                 f"{record.width}x{record.height}; the shard set is stale, re-extract it"
             )

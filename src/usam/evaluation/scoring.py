@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from usam.core.errors import UsageError
 from usam.core.labels import BACKGROUND
 from usam.core.progress import progress_bar
 from usam.core.vocabulary import PACKAGED, Vocabulary, load_vocabulary
@@ -55,7 +56,7 @@ SWEEP_ON_TEST = "after-the-fact analysis on test data, not model selection"
 SWEEP_COLUMNS = ("confidence_threshold", "nms_iou", *SCALARS)
 
 
-class EvaluationError(ValueError):
+class EvaluationError(UsageError, ValueError):
     """An evaluation set or head that cannot be scored together."""
 
 

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from usam.core.errors import UsageError
 from usam.core.vocabulary import Vocabulary
 from usam.formats.storage import (
     atomic_write_text,
@@ -57,7 +58,7 @@ _SHARD_NAME = "images-{:06d}.tar"
 _SHARD_GLOB = "images-*.tar"
 
 
-class ImageShardError(ValueError):
+class ImageShardError(UsageError, ValueError):
     """An image set that is missing, incomplete, corrupt or made for another class list."""
 
 

@@ -7,13 +7,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from usam.core.config import settings_from_config
+from usam.core.errors import UsageError
 
 KINDS = ("web", "folder", "openverse", "wikimedia")
 SEARCH_KINDS = ("openverse", "wikimedia")
 USER_AGENT = "usam/0.1 (+https://arxiv.org/abs/2312.02420; training images from class names)"
 
 
-class IngestError(ValueError):
+class IngestError(UsageError, ValueError):
     """Input that cannot be ingested at all: a malformed list, an unknown class, bad settings."""
 
 

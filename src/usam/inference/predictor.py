@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from usam.core.errors import UsageError
 from usam.core.weights import load_weights
 from usam.formats.embedding_shards import ImageRecord, decode_masks, encode_mask
 from usam.inference.semantic_map import semantic_from_instances
@@ -26,7 +27,7 @@ from usam.train.head import MaskClassifierHead, input_dim, select_input_view
 from usam.train.losses import normalised_entropy
 
 
-class HeadCheckpointError(ValueError):
+class HeadCheckpointError(UsageError, ValueError):
     """A file that is not a usam head checkpoint."""
 
 

@@ -55,6 +55,7 @@ import torch
 from segment_anything.utils.amg import build_all_layer_point_grids, generate_crop_boxes
 from torchvision.ops.boxes import batched_nms, box_area
 
+from usam.core.config import ConfigError
 from usam.formats.embedding_shards import ImageRecord
 from usam.sam.amg_settings import AmgSettings
 from usam.sam.mask_postprocess import (
@@ -222,7 +223,7 @@ class PointGridEngine(ABC):
 
     def low_res_stability(self, low_res: torch.Tensor) -> torch.Tensor:
         """Stability from low-res logits: approximate mode, for backends that offer it."""
-        raise ValueError(
+        raise ConfigError(
             f"{type(self).__name__} has no approximate mode: set amg.approximate=false"
         )
 

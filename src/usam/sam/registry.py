@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 
-from usam.core.config import ConfigError
 from usam.sam import checkpoints
 from usam.sam.amg_settings import AmgSettings
 from usam.sam.backend_spec import SamSpec, make_mask_like
@@ -50,7 +49,7 @@ SPECS: dict[str, SamSpec] = _merged_specs()
 
 def get_spec(model_type: str) -> SamSpec:
     if model_type not in SPECS:
-        raise ConfigError(f"unknown SAM model type {model_type!r}; choose one of {sorted(SPECS)}")
+        raise ValueError(f"unknown SAM model type {model_type!r}; choose one of {sorted(SPECS)}")
     return SPECS[model_type]
 
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from usam.core.config import ConfigError
 from usam.formats.embedding_shards import TOKENS_PER_POINT
 
 INPUT_VIEWS = ("own_first", "tokens", "mask_token")
@@ -18,7 +19,7 @@ def input_dim(view: str, embed_dim: int) -> int:
     token_dim = embed_dim // TOKENS_PER_POINT
     dims = {"own_first": embed_dim + token_dim, "tokens": embed_dim, "mask_token": token_dim}
     if view not in dims:
-        raise ValueError(f"model.input_view={view!r} is not one of {INPUT_VIEWS}")
+        raise ConfigError(f"model.input_view={view!r} is not one of {INPUT_VIEWS}")
     return dims[view]
 
 
@@ -46,7 +47,7 @@ def select_input_view(embeddings: torch.Tensor, multimask: torch.Tensor, view: s
         return own_token(embeddings, multimask)
     if view == "own_first":
         return torch.cat([own_token(embeddings, multimask), embeddings], dim=-1)
-    raise ValueError(f"model.input_view={view!r} is not one of {INPUT_VIEWS}")
+    raise ConfigError(f"model.input_view={view!r} is not one of {INPUT_VIEWS}")
 
 
 class MaskClassifierHead(nn.Module):
@@ -61,7 +62,7 @@ class MaskClassifierHead(nn.Module):
     ) -> None:
         super().__init__()
         if len(hidden_dims) != 3:
-            raise ValueError(
+            raise ConfigError(
                 f"model.head.hidden_dims={list(hidden_dims)} must list 3 widths "
                 "(the head has 4 linear layers)"
             )

@@ -1,0 +1,144 @@
+"""How a command ends when it fails. An error the user can fix (a ``UsageError``, a required
+key left out, a config group option that does not exist, a bad override) is one line naming
+the key and the fix, exit code 2. Anything else is a bug: its traceback stays on screen and
+goes into the run's log file, and the run folder is kept for it."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import re
+import shutil
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+from hydra.errors import (
+    ConfigCompositionException,
+    InstantiationException,
+    MissingConfigException,
+    OverrideParseException,
+)
+from omegaconf import DictConfig, OmegaConf
+
+from usam.command_help import key_comment
+from usam.core.errors import UsageError
+
+EXIT_USAGE = 2
+HYDRA_ERRORS = (ConfigCompositionException, OverrideParseException)
+_FULL_KEY = re.compile(r"^full_key: (?P<key>\S+)$", re.MULTILINE)
+_NAMES_A_KEY = re.compile(r"^[A-Za-z_][\w.]*(=|: )")  # "teacher_ckpt: ...", "sam.device=..."
+_RUN_BOOKKEEPING = {".hydra", "config.yaml"}  # with the run's *.log: what every run writes first
+
+
+class MissingKeysError(UsageError):
+    """Required keys (``???`` in the config) left out of the command line."""
+
+
+def _missing_keys(value: object, key: str = "") -> list[str]:
+    """The ``???`` keys of a config read without resolving it, since an interpolation into
+    a group this command does not compose must not stop it."""
+    if isinstance(value, dict):
+        return [m for k, v in value.items() for m in _missing_keys(v, f"{key}{k}.")]
+    if isinstance(value, list):
+        return [m for i, v in enumerate(value) for m in _missing_keys(v, f"{key}{i}.")]
+    return [key.rstrip(".")] if value == "???" else []
+
+
+def check_required_keys(
+    cfg: DictConfig, config_name: str, conf_dir: Path, choices: Mapping[str, str]
+) -> None:
+    """Every ``???`` key is named before any work starts, with what it takes."""
+    missing = sorted(_missing_keys(OmegaConf.to_container(cfg, resolve=False)))
+    if not missing:
+        return
+    described = []
+    for key in missing:
+        comment = key_comment(key, config_name, conf_dir, choices)
+        described.append(f"{key} ({comment})" if comment else key)
+    settings = " ".join(f"{key}=..." for key in missing)
+    noun = "key" if len(missing) == 1 else "keys"
+    raise MissingKeysError(
+        f"required {noun} not set: {', '.join(described)}; add {settings} to the command "
+        f"(python -m usam.{config_name} --help lists what each key takes)"
+    )
+
+
+def user_error_line(error: BaseException) -> str | None:
+    """The one line for an error the user can fix; None for a bug. An error raised while
+    Hydra builds a ``_target_`` is reported by its own message, prefixed with the config
+    key that built it unless the message starts with a key of its own."""
+    key = None
+    while isinstance(error, InstantiationException) and error.__cause__ is not None:
+        found = _FULL_KEY.search(str(error))
+        key = found["key"] if found else key
+        error = error.__cause__
+    if not isinstance(error, UsageError):
+        return None
+    message = " ".join(str(error).split())
+    return message if key is None or _NAMES_A_KEY.match(message) else f"{key}: {message}"
+
+
+def composition_error_line(error: Exception) -> str:
+    """One line for a command line Hydra cannot compose; an unknown group option lists the
+    options that exist, closest first."""
+    if isinstance(error, MissingConfigException) and error.options and error.missing_cfg_file:
+        group, _, option = error.missing_cfg_file.rpartition("/")
+        options = sorted(
+            error.options,
+            key=lambda name: -difflib.SequenceMatcher(None, option, name).ratio(),
+        )
+        return f"{group}={option} does not exist; choose one of: {', '.join(options)}"
+    text = str(error).split("\nConfig search path:")[0]
+    if error.__cause__ is not None:
+        text += f" ({str(error.__cause__).splitlines()[0]})"
+    return " ".join(text.split())
+
+
+def log_traceback(error: BaseException, config_name: str) -> list[Path]:
+    """Writes the traceback into the run's log files (Hydra's job log); returns them. The
+    screen gets it from Python itself, so the console handlers are left out."""
+    message = f"usam.{config_name} failed"
+    exc_info = (type(error), error, error.__traceback__)
+    record = logging.LogRecord("usam", logging.ERROR, __file__, 0, message, None, exc_info)
+    written = []
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+            handler.flush()
+            written.append(Path(handler.baseFilename))
+    return written
+
+
+def _holds_results(folder: Path) -> bool:
+    """Whether a run folder holds anything but what every run writes first (Hydra's
+    files, the log, the config copy) and empty folders."""
+    for entry in folder.iterdir():
+        if entry.name in _RUN_BOOKKEEPING or (entry.is_file() and entry.suffix == ".log"):
+            continue
+        if entry.is_file() or any(path.is_file() for path in entry.rglob("*")):
+            return True
+    return False
+
+
+def set_failed_run_aside(run_dir: Path, log_dir: Path, keep: bool) -> Path | None:
+    """No failed run passes for a finished one. A folder holding results, or one ``keep``
+    asks for (a bug's log), is renamed ``failed-<name>`` whole and returned; any other goes,
+    with the then-empty folders above it up to and including ``log_dir``."""
+    if not run_dir.is_dir() or not run_dir.is_relative_to(log_dir):
+        return None
+    if keep or _holds_results(run_dir):
+        failed = run_dir.with_name(f"failed-{run_dir.name}")
+        run_dir.rename(failed)
+        return failed
+    shutil.rmtree(run_dir)
+    for parent in run_dir.parents:
+        if not parent.is_relative_to(log_dir) or any(parent.iterdir()):
+            break
+        parent.rmdir()
+    return None
+
+
+def exit_with_line(config_name: str, line: str) -> None:
+    print(f"usam.{config_name}: error: {line}", file=sys.stderr)
+    sys.exit(EXIT_USAGE)
