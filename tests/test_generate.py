@@ -183,19 +183,44 @@ def test_changed_recipe_is_refused_on_resume(tmp_path, tiny_model):
         generate_images(vocab, changed, tmp_path, progress=False)
 
 
-def test_safety_flagged_images_are_kept_marked_and_skipped(tmp_path, tiny_model, monkeypatch):
+def test_safety_flagged_images_are_kept_marked_skipped_and_replaced(
+    tmp_path, tiny_model, monkeypatch
+):
+    """The paper's "200 single object images per class": every class gets per_class usable
+    images; a flagged one stays in the set, marked, and the class's next plan replaces it."""
+    real_render = generate.render
+    rendered = []
+
+    def flag_some(pipe, plans, settings):
+        rendered.extend(p.key for p in plans)
+        images, _ = real_render(pipe, plans, settings)
+        return images, [p.class_name == "cat" and p.index in (0, 3) for p in plans]
+
+    monkeypatch.setattr(generate, "render", flag_some)
+    vocab = load_vocabulary(["cat", "dog"])
+    manifest = generate_images(vocab, _settings(tiny_model, per_class=3), tmp_path, progress=False)
+    assert manifest.flagged == 2 and manifest.per_class == {"cat": 3, "dog": 3}
+    cats = [k for k, _, _ in iter_images(tmp_path) if k.startswith("c000")]
+    assert cats == ["c000-cat-000001", "c000-cat-000002", "c000-cat-000004"]
+    assert len(rendered) == len(set(rendered)) == 8
+    rendered.clear()
+    generate_images(vocab, _settings(tiny_model, per_class=3), tmp_path, progress=False)
+    assert rendered == []  # complete, flags included: nothing to redo
+
+
+def test_a_class_the_safety_checker_keeps_flagging_stops_with_its_name(
+    tmp_path, tiny_model, monkeypatch
+):
     real_render = generate.render
 
-    def flag_first(pipe, plans, settings):
-        images, flags = real_render(pipe, plans, settings)
-        return images, [p.index == 0 for p in plans]
+    def flag_dogs(pipe, plans, settings):
+        images, _ = real_render(pipe, plans, settings)
+        return images, [p.class_name == "dog" for p in plans]
 
-    monkeypatch.setattr(generate, "render", flag_first)
-    manifest = generate_images(
-        load_vocabulary(["cat"]), _settings(tiny_model, per_class=3), tmp_path, progress=False
-    )
-    assert manifest.flagged == 1 and manifest.per_class == {"cat": 2}
-    assert [k for k, _, _ in iter_images(tmp_path)] == ["c000-cat-000001", "c000-cat-000002"]
+    monkeypatch.setattr(generate, "render", flag_dogs)
+    settings = _settings(tiny_model, per_class=2, max_flagged_per_class=3)
+    with pytest.raises(GenerationError, match=r"flagged 4 images of class 'dog'.*max_flagged"):
+        generate_images(load_vocabulary(["cat", "dog"]), settings, tmp_path, progress=False)
 
 
 def test_missing_weights_say_how_to_point_at_a_local_directory(tmp_path):

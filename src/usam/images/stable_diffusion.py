@@ -78,6 +78,9 @@ class GenerateSettings:
     superclass_prompts: str = "class_name"  # class_name (the paper) | members
     negative_prompt: str | None = None
     per_class: int = 200
+    # images the safety checker may flag in one class, each replaced by a new one, before
+    # generation stops: every class gets per_class usable images or the run says which did not
+    max_flagged_per_class: int = 50
     batch_size: int = 8
     steps: int = 50
     guidance_scale: float = 7.5
@@ -98,6 +101,10 @@ class GenerateSettings:
 
     def check(self) -> None:
         problems = []
+        if self.max_flagged_per_class < 0:
+            problems.append(
+                f"generate.max_flagged_per_class must be >= 0 (got {self.max_flagged_per_class})"
+            )
         for name in ("per_class", "batch_size", "steps", "images_per_shard"):
             if int(getattr(self, name)) < 1:
                 problems.append(f"generate.{name} must be at least 1 (got {getattr(self, name)})")
@@ -283,20 +290,28 @@ def _check_recipes(
                 )
 
 
+def _class_state(writer: ImageShardWriter, class_index: int) -> tuple[int, int, int]:
+    """(usable, flagged, next index) of one class among the images already written."""
+    metas = [m for m in writer.done.values() if m.get("class_index") == class_index]
+    flagged = sum(1 for m in metas if m.get("flagged"))
+    next_index = max((m["index"] for m in metas), default=-1) + 1
+    return len(metas) - flagged, flagged, next_index
+
+
 def generate_images(
     vocab: Vocabulary, settings: GenerateSettings, out_dir: str | Path, *, progress: bool = True
 ) -> ImageManifest:
-    """Fill ``out_dir`` with ``per_class`` images per class; returns the finished manifest."""
+    """Fill ``out_dir`` with ``per_class`` usable images per class; returns the manifest.
+
+    Plans 0 .. per_class-1 come first; an image the safety checker flags stays in the set,
+    marked, and the next plan index replaces it, up to ``max_flagged_per_class`` per class.
+    """
     settings.check()
     model_dir = Path(settings.model).expanduser()
     if settings.build_tiny and not (model_dir / "model_index.json").is_file():
         log.info("building a tiny random-weight pipeline at %s", model_dir)
         save_tiny_pipeline(model_dir)
     random_weights = is_random_weight_pipeline(model_dir)
-    plans = [
-        [plan_image(vocab, c, i, settings) for i in range(settings.per_class)]
-        for c in range(vocab.num_classes)
-    ]
     config = {k: v for k, v in asdict(settings).items() if k != "out_dir"}
     with ImageShardWriter(
         out_dir,
@@ -307,37 +322,57 @@ def generate_images(
         random_weights=random_weights,
         images_per_shard=settings.images_per_shard,
     ) as writer:
-        for class_plans in plans:
-            _check_recipes(writer, class_plans, settings, random_weights)
-        todo = [[p for p in class_plans if p.key not in writer.done] for class_plans in plans]
-        if any(todo):
+        done_before = len(writer.done)
+        classes = range(vocab.num_classes)
+        for c in classes:
+            planned = [plan_image(vocab, c, i, settings) for i in range(_class_state(writer, c)[2])]
+            _check_recipes(writer, planned, settings, random_weights)
+        missing = [settings.per_class - _class_state(writer, c)[0] for c in classes]
+        if any(m > 0 for m in missing):
             pipe = load_pipeline(settings)
             with progress_bar(enabled=progress) as bar:
-                for name, class_todo in zip(vocab.classes, todo, strict=True):
+                for c, name in enumerate(vocab.classes):
                     task = bar.add_task(
-                        name,
-                        total=settings.per_class,
-                        completed=settings.per_class - len(class_todo),
+                        name, total=settings.per_class, completed=settings.per_class - missing[c]
                     )
-                    for start in range(0, len(class_todo), settings.batch_size):
-                        batch = class_todo[start : start + settings.batch_size]
-                        images, flags = render(pipe, batch, settings)
-                        for plan, image, flagged in zip(batch, images, flags, strict=True):
-                            meta = image_metadata(plan, settings, random_weights)
-                            meta.update(nsfw=flagged, flagged=flagged)
-                            writer.write(plan.key, encode_jpeg(image, settings.jpeg_quality), meta)
-                        bar.advance(task, len(batch))
+                    _fill_class(writer, pipe, vocab, c, settings, random_weights, (bar, task))
+    new = len(writer.done) - done_before
     write_contact_sheets(out_dir, max_per_class=settings.contact_sheet_max)
     manifest = writer.manifest
     log.info(
         "%d images in %s (%d new)%s",
         manifest.num_images,
         out_dir,
-        sum(map(len, todo)),
+        new,
         ", random weights" if random_weights else "",
     )
     if manifest.flagged:
         log.warning(
-            "%d images were blacked out by the safety checker and are skipped", manifest.flagged
+            "%d images were blacked out by the safety checker: skipped, and replaced",
+            manifest.flagged,
         )
     return manifest
+
+
+def _fill_class(writer, pipe, vocab, class_index, settings, random_weights, progress) -> None:
+    """Render the next plans of one class until it has ``per_class`` usable images."""
+    bar, task = progress
+    while True:
+        usable, flagged, next_index = _class_state(writer, class_index)
+        if usable >= settings.per_class:
+            return
+        if flagged > settings.max_flagged_per_class:
+            raise GenerationError(
+                f"the safety checker flagged {flagged} images of class "
+                f"{vocab.classes[class_index]!r} ({usable} of {settings.per_class} usable so "
+                f"far, in {writer.directory}); raise generate.max_flagged_per_class, change the "
+                "class's prompts (generate.class_templates) or drop the class"
+            )
+        count = min(settings.batch_size, settings.per_class - usable)
+        batch = [plan_image(vocab, class_index, next_index + i, settings) for i in range(count)]
+        images, flags = render(pipe, batch, settings)
+        for plan, image, is_flagged in zip(batch, images, flags, strict=True):
+            meta = image_metadata(plan, settings, random_weights)
+            meta.update(nsfw=is_flagged, flagged=is_flagged)
+            writer.write(plan.key, encode_jpeg(image, settings.jpeg_quality), meta)
+        bar.advance(task, count - sum(flags))
