@@ -39,6 +39,7 @@ ROUTES = {  # path -> (status, content type, body, extra headers)
     "/gray.jpg": (200, "image/jpeg", _encoded(3, mode="L"), {}),
     "/octet": (200, "application/octet-stream", _encoded(4), {}),
     "/good5.jpg": (200, "image/jpeg", _encoded(5), {}),
+    "/a%20cat%C3%A9.jpg": (200, "image/jpeg", _encoded(11), {}),  # "/a caté.jpg" as sent
     "/missing.jpg": (404, "text/html", b"not here", {}),
     "/page.html": (200, "text/html", b"<html>no image</html>", {}),
     "/truncated.jpg": (200, "image/jpeg", _encoded(6, size=(200, 200))[:1500], {}),
@@ -293,6 +294,15 @@ def test_retry_after_is_honoured_up_to_its_cap(server):
     _Handler.hits["/busy.jpg"] = 0
     with pytest.raises(FetchError, match=r"HTTP 429.*no time left for a retry"):
         short.fetch(server + "/busy.jpg")  # the wait would pass the URL's deadline
+
+
+def test_a_url_with_spaces_is_sent_quoted_and_a_bad_host_is_refused_at_once(server):
+    fetcher = Fetcher(_settings(retries=2), HostGate(0.0, FakeClock()))
+    body, _, attempts = fetcher.fetch(server + "/a caté.jpg")  # as search results give it
+    assert body == _encoded(11) and attempts == 1
+    with pytest.raises(FetchError) as refused:
+        fetcher.fetch("http://exa mple.org/cat.jpg")
+    assert refused.value.kind == "invalid_url" and "attempts" not in str(refused.value)
 
 
 def test_slow_drip_fails_within_its_deadline(tmp_path, server):

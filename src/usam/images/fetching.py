@@ -27,7 +27,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 
 from usam.images.ingest_settings import IngestSettings
 
@@ -37,6 +37,7 @@ JSON = "application/json"
 ANY = "*/*"
 ACCEPTED_BINARY = ("application/octet-stream", "binary/octet-stream")
 RETRYABLE_STATUS = (408, 425, 429, 500, 502, 503, 504)
+URL_KEEP = "!#$%&'()*+,/:;=?@[]~"  # reserved characters and escapes: they stay as they are
 
 
 class FetchError(Exception):
@@ -53,6 +54,15 @@ class FetchError(Exception):
 
     def __str__(self) -> str:
         return self.reason  # with what the retries added
+
+
+def sendable_url(url: str) -> str:
+    """The URL with what a client cannot send (spaces, control and non-ASCII characters in
+    its path, query and fragment, as search results carry them) percent-encoded; what is
+    already escaped stays. A bad host is left for the request to refuse."""
+    parts = urlsplit(url)
+    path, query, fragment = (quote(p, safe=URL_KEEP) for p in parts[2:])
+    return urlunsplit((parts.scheme, parts.netloc, path, query, fragment))
 
 
 class Clock:
@@ -274,6 +284,7 @@ class Fetcher:
 
     def fetch(self, url: str, accept: str = IMAGE) -> tuple[bytes, str, int]:
         """(body, final URL, attempts), all within ``max_seconds`` of the first attempt."""
+        url = sendable_url(url)
         parts = urlsplit(url)
         if parts.scheme.lower() not in ALLOWED_SCHEMES or not parts.hostname:
             raise FetchError(
@@ -361,7 +372,7 @@ class Fetcher:
             raise FetchError("connection", reason, retryable=True) from None
         except TimeoutError:
             raise FetchError("timeout", f"no data in {settings.timeout}s", retryable=True) from None
+        except (ValueError, http.client.InvalidURL) as error:  # no request could carry it
+            raise FetchError("invalid_url", f"invalid URL ({error})") from None
         except (http.client.HTTPException, ConnectionError) as error:
             raise FetchError("connection", f"broken response ({error!r})", retryable=True) from None
-        except ValueError as error:
-            raise FetchError("scheme", f"invalid URL ({error})") from None
