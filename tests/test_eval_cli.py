@@ -61,7 +61,8 @@ def test_eval_extracts_once_and_writes_its_results(tmp_path, capsys):
         shards, Predictor.from_checkpoint(ckpt, InferenceSettings(confidence_threshold=0.3))
     )
     assert {name: metrics[name] for name in expected.headline} == pytest.approx(expected.headline)
-    assert f"mIoU {expected.scores['mIoU']:.2f}  mAP50 {expected.scores['mAP50']:.4f}" in out
+    shown = [f"{name} {expected.scores[name]:.4f}" for name in ("mAP50", "mAP50-95")]
+    assert "  ".join([f"mIoU {expected.scores['mIoU']:.2f}", *shown]) in out
     assert metrics["images"] == 2 and metrics["meaningful"] is False
     assert metrics["shards"] == str(shards) and metrics["eval_data"] == "voc_val"
     with open(run_dir / "per_class.csv") as handle:
@@ -84,6 +85,7 @@ def test_eval_extracts_once_and_writes_its_results(tmp_path, capsys):
     markers = (
         b"eval/iou/background",
         b"eval/ap50/person",
+        b"eval/mAP50-95",
         b"inference.confidence_threshold",
         b"random-weights",
     )

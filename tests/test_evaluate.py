@@ -109,7 +109,7 @@ def test_perfect_masks_and_scores_give_100_miou_and_map50_1(voc_set, tmp_path):
     directory = truth_mask_set(source, tmp_path / "truth")
     oracle = OracleHead(load_head(head_checkpoint(tmp_path / "head.ckpt")), LOW)
     evaluation = evaluate(directory, oracle, sweep=GRID)
-    perfect = {"mIoU": 100.0, "mAP50": 1.0}
+    perfect = {"mIoU": 100.0, "mAP50": 1.0, "mAP50-95": 1.0}
     assert evaluation.headline == pytest.approx(perfect)
     assert evaluation.detections == 19 + 2  # the VOC photo's objects, the drawn cat and dog
     occurring = {s.name for s in evaluation.per_class if not math.isnan(s.values["iou"])}
@@ -197,6 +197,7 @@ def test_outputs_overlays_and_random_weights(voc_set, tmp_path):
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["mIoU"] == pytest.approx(evaluation.scores["mIoU"])
     assert metrics["mAP50"] == pytest.approx(evaluation.scores["mAP50"])
+    assert metrics["mAP50-95"] == pytest.approx(evaluation.scores["mAP50-95"])
     assert metrics["per_class"][15] == {
         "name": "person",
         "iou": pytest.approx(evaluation.scores["iou/person"]),
@@ -214,7 +215,8 @@ def test_outputs_overlays_and_random_weights(voc_set, tmp_path):
     assert float(table[15]["ap50"]) == pytest.approx(evaluation.scores["ap50/person"], abs=1e-5)
     with open(tmp_path / "out" / "sweep.csv") as handle:
         sweep = list(csv.reader(handle))
-    header = ["confidence_threshold", "nms_iou", "mIoU", "mAP50", "random_weights", "analysis"]
+    header = ["confidence_threshold", "nms_iou", "mIoU", "mAP50", "mAP50-95"]
+    header += ["random_weights", "analysis"]
     assert sweep[0] == header and len(sweep) == 7
     assert {row[-2] for row in sweep[1:]} == {"True"} == {row["random_weights"] for row in table}
     # thresholds scored on the test images are labelled as such wherever the sweep goes
@@ -222,9 +224,11 @@ def test_outputs_overlays_and_random_weights(voc_set, tmp_path):
     assert "test data, not model selection" in SWEEP_ON_TEST
     assert metrics["threshold_sweep"]["analysis"] == SWEEP_ON_TEST
     assert [
-        (p["confidence_threshold"], p["nms_iou"], p["mAP50"])
+        (p["confidence_threshold"], p["nms_iou"], p["mAP50"], p["mAP50-95"])
         for p in metrics["threshold_sweep"]["points"]
-    ] == [(p.confidence_threshold, p.nms_iou, p.scores["mAP50"]) for p in evaluation.sweep]
+    ] == [
+        (p.confidence_threshold, p.nms_iou, *list(p.scores.values())[1:]) for p in evaluation.sweep
+    ]
     assert [float(row[3]) for row in sweep[1:]] == [
         pytest.approx(p.scores["mAP50"], abs=1e-5) for p in evaluation.sweep
     ]
@@ -323,7 +327,7 @@ def test_callback_logs_scores_during_fit_validate_and_test(voc_set, tmp_path):
     )
     trainer.fit(module, datamodule=datamodule)
     metrics = trainer.callback_metrics
-    logged = {"val/mIoU", "val/mAP50", "val/iou/background", "val/iou/person", "val/ap50/person"}
+    logged = {"val/mIoU", "val/mAP50", "val/mAP50-95", "val/iou/person", "val/ap50/person"}
     assert logged <= set(metrics)
     assert metrics["val/eval_random_weights"] == 1.0  # synthetic head and evaluation set
     assert "val/iou/aeroplane" not in metrics  # no IoU for a class that never occurs

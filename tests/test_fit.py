@@ -215,9 +215,11 @@ def test_demo_runs_the_whole_pipeline_into_one_run_directory(tmp_path, capsys):
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 2  # one per stage
     printed = capsys.readouterr().out
     ending = printed[printed.index("usam.fit finished") :].splitlines()
-    assert ending[1].split() == ["stage", "tested", "checkpoint", "mIoU", "mAP50", "image", "acc"]
+    header = ["stage", "tested", "checkpoint", "mIoU", "mAP50", "mAP50-95", "image", "acc"]
+    assert ending[1].split() == header
     student = next(line.split() for line in ending if line.split()[:1] == ["student"])
     assert student[1] == str(checkpoints["student"].relative_to(run_dir))
     assert float(student[2]) == pytest.approx(metrics["mIoU"], abs=0.01)
+    assert float(student[4]) == pytest.approx(metrics["mAP50-95"], abs=1e-4)
     assert any(str(final) in line for line in ending)
     assert "RANDOM WEIGHTS" in ending[-1]

@@ -1,8 +1,9 @@
-"""mAP50 and mIoU against the reference implementations, on hand cases and the real subsets.
+"""Mask AP and mIoU against the reference implementations, on hand cases and the real subsets.
 
-The mAP50 reference is pycocotools' ``COCOeval(iouType="segm")`` as COCO runs it
-(default parameters, detections through ``loadRes``, AP at IoU 0.5, all areas,
-100 detections), with ground truth built here from the datasets' own files:
+The mask AP reference is pycocotools' ``COCOeval(iouType="segm")`` as COCO runs it
+(default parameters, detections through ``loadRes``, the first two lines of its
+summary: AP at IoU 0.50:0.95 and at 0.5, all areas, 100 detections, and the per-class
+AP at 0.5 from its precision array), with ground truth built here from the datasets' own files:
 YOLO-seg polygons as COCO polygons, VOC instances as OpenCV's 8-connected
 components of each class. The mIoU reference is ADE20K's 150-class protocol from
 a numpy confusion matrix over the raw annotation PNGs.
@@ -38,8 +39,9 @@ def _rle(mask: np.ndarray) -> dict:
     return {"size": rle["size"], "counts": rle["counts"].decode()}
 
 
-def coco_ap50(images: list[dict], num_classes: int) -> tuple[float, np.ndarray]:
-    """COCO's AP at IoU 0.5 and the per-class AP (-1 without ground truth).
+def coco_reference(images: list[dict], num_classes: int) -> tuple[dict[str, float], np.ndarray]:
+    """COCO's AP at IoU 0.50:0.95 and at 0.5, and the per-class AP at 0.5 (-1 without ground
+    truth).
 
     ``images``: dicts with ``height``, ``width``, ``truths`` (segmentation, 0-based
     label) and ``detections`` (mask, label, score).
@@ -90,10 +92,10 @@ def coco_ap50(images: list[dict], num_classes: int) -> tuple[float, np.ndarray]:
     assert params.iouThrs[0] == 0.5 and params.areaRngLbl[0] == "all" and params.maxDets[2] == 100
     precision = evaluator.eval["precision"][0, :, :, 0, 2]
     per_class = np.where((precision > -1).all(0), precision.mean(0), -1.0)
-    return float(evaluator.stats[1]), per_class
+    return {"mAP50-95": float(evaluator.stats[0]), "mAP50": float(evaluator.stats[1])}, per_class
 
 
-def usam_ap50(images: list[dict], truths: list[GroundTruth], classes) -> tuple[float, dict]:
+def usam_ap(images: list[dict], truths: list[GroundTruth], classes) -> tuple[dict, dict]:
     metric = MaskAP(classes)
     for image, truth in zip(images, truths):
         detections = image["detections"]
@@ -102,7 +104,8 @@ def usam_ap50(images: list[dict], truths: list[GroundTruth], classes) -> tuple[f
         metric.update(masks, [d[1] for d in detections], [d[2] for d in detections], truth)
     scores = metric.compute()
     per_class = {name: scores[f"ap50/{name}"] for name in classes}
-    return scores["mAP50"], {k: None if np.isnan(v) else v for k, v in per_class.items()}
+    overall = {name: scores[name] for name in ("mAP50-95", "mAP50")}
+    return overall, {k: None if np.isnan(v) else v for k, v in per_class.items()}
 
 
 # ---------------------------------------------------------------- hand cases
@@ -139,9 +142,9 @@ def test_recall_of_exactly_k_percent_keeps_its_recall_point():
     objects = [_cell(i) for i in range(5)]
     truths = [objects]
     images = _hand(truths, [[(objects[i], 0, 0.9 - 0.1 * i) for i in range(3)]])
-    reference, _ = coco_ap50(images, 1)
-    assert reference == pytest.approx(61 / 101, abs=1e-12)
-    assert usam_ap50(images, _hand_truths(truths), ["cat"])[0] == pytest.approx(reference, abs=1e-6)
+    reference, _ = coco_reference(images, 1)
+    assert reference["mAP50"] == pytest.approx(61 / 101, abs=1e-12)
+    assert usam_ap(images, _hand_truths(truths), ["cat"])[0] == pytest.approx(reference, abs=1e-6)
 
 
 def test_false_positives_on_images_without_ground_truth_count():
@@ -149,9 +152,26 @@ def test_false_positives_on_images_without_ground_truth_count():
     objects = [_cell(0)]
     truths = [objects, []]
     images = _hand(truths, [[(objects[0], 0, 0.5)], [(_cell(5), 0, 0.9)]])
-    reference, _ = coco_ap50(images, 1)
-    assert reference == pytest.approx(0.5, abs=1e-12)
-    assert usam_ap50(images, _hand_truths(truths), ["cat"])[0] == pytest.approx(reference, abs=1e-6)
+    reference, _ = coco_reference(images, 1)
+    assert reference["mAP50"] == pytest.approx(0.5, abs=1e-12)
+    assert usam_ap(images, _hand_truths(truths), ["cat"])[0] == pytest.approx(reference, abs=1e-6)
+
+
+def test_map50_95_counts_each_iou_threshold_a_detection_clears():
+    # IoU 0.72 (72 of 100 pixels, inside): a hit at 0.50, ..., 0.70 (5 of 10 thresholds);
+    # a second object found exactly (IoU 1) on another image is a hit at all ten
+    inside = np.zeros(SHAPE, bool)
+    inside[:9, :8] = True
+    square = np.zeros(SHAPE, bool)
+    square[:10, :10] = True
+    truths = [[square], [_cell(5)]]
+    images = _hand(truths, [[(inside, 0, 0.9)], [(_cell(5), 0, 0.8)]])
+    reference, _ = coco_reference(images, 1)
+    # to 0.70 both are hits: AP 1. Above, the 0.9 detection is a false positive ranked
+    # first and the exact one a hit: precision 1/2 up to recall 1/2, so AP 51 / 101 / 2
+    assert reference["mAP50"] == pytest.approx(1.0, abs=1e-12)
+    assert reference["mAP50-95"] == pytest.approx((5 + 5 * 25.5 / 101) / 10, abs=1e-12)
+    assert usam_ap(images, _hand_truths(truths), ["cat"])[0] == pytest.approx(reference, abs=1e-6)
 
 
 # ---------------------------------------------------------------- perturbed predictions
@@ -217,10 +237,11 @@ def test_map50_equals_coco_eval_on_coco128_predictions():
         truths.append(truth)
     assert sum(not image["truths"] for image in images) == 2  # the pure-background images
     assert sum(len(image["truths"]) for image in images) == sum(len(t.instances) for t in truths)
-    reference, reference_per_class = coco_ap50(images, len(source.classes))
-    map50, per_class = usam_ap50(images, truths, source.classes)
-    assert 0.2 < reference < 0.95  # the perturbations leave something to get right
-    assert map50 == pytest.approx(reference, abs=1e-6)
+    reference, reference_per_class = coco_reference(images, len(source.classes))
+    overall, per_class = usam_ap(images, truths, source.classes)
+    # the perturbations leave something to get right, more at the stricter thresholds
+    assert 0.05 < reference["mAP50-95"] < reference["mAP50"] - 0.05 < 0.9
+    assert overall == pytest.approx(reference, abs=1e-6)
     for name, expected in zip(source.classes, reference_per_class):
         got = per_class[name]
         assert (got is None) == (expected == -1), name
@@ -262,10 +283,11 @@ def test_map50_equals_coco_eval_on_voc_mini_predictions():
             }
         )
         truths.append(truth)
-    reference, _ = coco_ap50(images, 20)
-    map50, _ = usam_ap50(images, truths, source.classes)
-    assert 0.1 < reference < 0.95  # low: jitter undoes the many tiny derived components
-    assert map50 == pytest.approx(reference, abs=1e-6)
+    reference, _ = coco_reference(images, 20)
+    overall, _ = usam_ap(images, truths, source.classes)
+    # low: jitter undoes the many tiny derived components
+    assert 0.1 < reference["mAP50"] < 0.95 and reference["mAP50-95"] < reference["mAP50"]
+    assert overall == pytest.approx(reference, abs=1e-6)
 
 
 # ---------------------------------------------------------------- ADE20K mIoU

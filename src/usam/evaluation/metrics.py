@@ -25,7 +25,9 @@ dataset labels:
   predicted "no class": it is a miss for its true class (that class's false
   negatives and union grow) and never a class of its own.
 
-``MaskAP`` is COCO's mask AP computed by pycocotools' ``COCOeval`` itself, since
+``MaskAP`` is COCO's mask AP computed by pycocotools' ``COCOeval`` itself: ``mAP50-95``,
+COCO's primary metric (the first line of its summary: AP averaged over the IoU
+thresholds 0.50, 0.55, ..., 0.95), ``mAP50`` and the per-class AP at IoU 0.5, since
 torchmetrics' own differs from that reference (float32 recall points, images
 without ground truth skipped): its 101 float64 recall points and its matching;
 every image counts, including those without ground truth, whose detections are
@@ -175,9 +177,8 @@ def _coco_index(dataset: dict[str, Any]) -> COCO:
 class MaskAP(EvaluationMetric):
     """COCO mask AP over per-image predicted instances and ground truth."""
 
-    scalars: ClassVar[dict[str, str]] = {"mAP50": "{:.4f}"}
+    scalars: ClassVar[dict[str, str]] = {"mAP50": "{:.4f}", "mAP50-95": "{:.4f}"}
     per_class_column = "ap50"
-    iou_thresholds = (0.5,)
 
     def __init__(self, classes: Sequence[str], **options: Any) -> None:
         super().__init__(classes, **options)
@@ -257,8 +258,7 @@ class MaskAP(EvaluationMetric):
         undefined |= self._per_class(dict.fromkeys(self.classes, math.nan))
         if len(self.images) == 0 or not (dim_zero_cat(self.truths)[:, 1] == 0).any():
             return undefined  # no image with a ground-truth instance: AP has no meaning
-        evaluator = COCOeval(*self._coco(), iouType="segm")
-        evaluator.params.iouThrs = np.array(self.iou_thresholds)
+        evaluator = COCOeval(*self._coco(), iouType="segm")  # its IoU thresholds, .5 first
         evaluator.params.areaRng, evaluator.params.areaRngLbl = [[0, 1e10]], ["all"]
         evaluator.params.maxDets = [COCO_MAX_DETECTIONS]
         with contextlib.redirect_stdout(io.StringIO()):
@@ -271,7 +271,11 @@ class MaskAP(EvaluationMetric):
             name: float(column.mean()) if (column > -1).all() else math.nan
             for name, column in zip(self.classes, at_half.T)
         }
-        return {"mAP50": float(at_half[at_half > -1].mean()), **self._per_class(per_class)}
+        return {
+            "mAP50": float(at_half[at_half > -1].mean()),
+            "mAP50-95": float(precision[precision > -1].mean()),
+            **self._per_class(per_class),
+        }
 
 
 def _per_image(
