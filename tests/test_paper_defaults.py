@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
+from hydra.utils import instantiate
+from PIL import Image
 
 from usam.core.config import settings_from_config
 from usam.inference.predictor import InferenceSettings
@@ -54,3 +59,21 @@ def test_the_optimiser_is_chosen_by_config():
     assert type(adamw) is torch.optim.AdamW and adamw.defaults["weight_decay"] == 1e-4
     with pytest.raises(ValueError, match="model.optimizer.name='sgd'"):
         build_optimizer(params, name="sgd", lr=1e-3)
+
+
+@pytest.mark.parametrize(("name", "split"), [("coco_val", "val2017"), ("coco_val2014", "val2014")])
+def test_both_coco_validation_splits_are_one_option_each(tmp_path, name, split):
+    cfg = compose_config("eval", [f"eval_data={name}", f"paths.data_dir={tmp_path}"])
+    source = cfg.eval_data.source
+    assert source.image_dir.endswith(f"coco/{split}")
+    assert source.annotation_file.endswith(f"instances_{split}.json")
+    (tmp_path / "coco" / split).mkdir(parents=True)
+    Image.new("RGB", (8, 6)).save(tmp_path / "coco" / split / "1.jpg")
+    Path(source.annotation_file).parent.mkdir(parents=True, exist_ok=True)
+    Path(source.annotation_file).write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "1.jpg", "width": 8, "height": 6}],
+        "categories": [{"id": i + 1, "name": f"class{i}"} for i in range(80)],
+        "annotations": [],
+    }))  # fmt: skip
+    dataset = instantiate(source)
+    assert dataset.keys == ("1",) and len(dataset.classes) == 80
