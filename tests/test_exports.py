@@ -21,29 +21,10 @@ from usam.inference.exports import (
 from usam.inference.polygons import part_polygons, polygon_of
 from usam.inference.predictor import Prediction
 
+from helpers.review_exports import prediction_of
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CLASSES = ("cat", "dog", "car")
-
-
-def prediction_of(masks: np.ndarray, labels, key: str = "image") -> Prediction:
-    """A Prediction holding ``masks`` (K, H, W) with scores 0.9 down to 0.5."""
-    masks = np.asarray(masks, dtype=bool)
-    rles = []
-    for mask in masks:
-        rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-        rles.append({"size": rle["size"], "counts": rle["counts"].decode()})
-    height, width = masks.shape[1:]
-    count = len(labels)
-    return Prediction(
-        key=key,
-        height=height,
-        width=width,
-        rles=rles,
-        labels=np.asarray(labels, dtype=np.int64),
-        scores=np.linspace(0.9, 0.5, count).astype(np.float32),
-        entropies=np.linspace(0.1, 0.3, count).astype(np.float32),
-        mask_indices=np.arange(count, dtype=np.int64),
-    )
 
 
 def _read_back(predictions: list[Prediction], root: Path, classes=CLASSES) -> dict:

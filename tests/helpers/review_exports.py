@@ -1,5 +1,6 @@
-"""Reading the Label Studio and CVAT exports back the way those tools do, with their own
-decoders: Label Studio's brush RLE converter and CVAT SDK's mask RLE."""
+"""Predictions of given masks, and reading the Label Studio and CVAT exports back the way
+those tools do, with their own decoders: Label Studio's brush RLE converter and CVAT SDK's
+mask RLE."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from pathlib import Path
 import numpy as np
 from cvat_sdk.masks import decode_mask
 from label_studio_converter import brush
+from pycocotools import mask as mask_utils
+
+from usam.inference.predictor import Prediction
 
 
 def label_studio_brush_masks(task: dict) -> list[tuple[str, np.ndarray]]:
@@ -42,3 +46,24 @@ def cvat_masks(path: Path) -> dict[str, list[tuple[str, np.ndarray]]]:
             shapes.append((mask.get("label"), bitmap))
         found[image.get("name")] = shapes
     return found
+
+
+def prediction_of(masks: np.ndarray, labels, key: str = "image") -> Prediction:
+    """A Prediction holding ``masks`` (K, H, W) with scores 0.9 down to 0.5."""
+    masks = np.asarray(masks, dtype=bool)
+    rles = []
+    for mask in masks:
+        rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+        rles.append({"size": rle["size"], "counts": rle["counts"].decode()})
+    height, width = masks.shape[1:]
+    count = len(labels)
+    return Prediction(
+        key=key,
+        height=height,
+        width=width,
+        rles=rles,
+        labels=np.asarray(labels, dtype=np.int64),
+        scores=np.linspace(0.9, 0.5, count).astype(np.float32),
+        entropies=np.linspace(0.1, 0.3, count).astype(np.float32),
+        mask_indices=np.arange(count, dtype=np.int64),
+    )
