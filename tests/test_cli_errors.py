@@ -33,6 +33,7 @@ MISTAKES = {
     "fit": [
         (["stage=student", "logger=none"], "teacher_ckpt"),
         (["experiment=nonexistent"], "experiment=nonexistent"),
+        (["callbacks=[default,eval]", "logger=none"], "eval_data"),  # after config.yaml
     ],
     "generate": [(["generate=sdd"], "choose one of: sd, tiny")],
     "ingest": [
