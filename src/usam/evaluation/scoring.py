@@ -248,7 +248,7 @@ class _Scorer:
         self.metrics = metric_collection(
             classes, background_class=background_class, sync_on_compute=False
         )
-        self.detections = 0
+        self.images = self.detections = 0
 
     def update(
         self,
@@ -269,8 +269,14 @@ class _Scorer:
             scores=prediction.scores,
             truth=truth,
         )
+        self.images += 1
         self.detections += len(prediction.labels)
         return semantic
+
+    def sweep_point(self) -> SweepPoint:
+        scores = self.metrics.compute()
+        headline = {name: scores[name] for name in SCALARS}
+        return SweepPoint(self.settings.confidence_threshold, self.settings.nms_iou, headline)
 
 
 def sample_positions(count: int, wanted: int) -> set[int]:
@@ -312,13 +318,12 @@ def evaluate(
         raise EvaluationError(f"{directory} holds no images; re-extract it from the dataset")
     # one dataset per shard set, so its first image tells the mIoU protocol
     background = _truth_of(first, vocabulary, directory).background_class
-    main = _Scorer(vocabulary.classes, predictor.settings, background)
-    grid = [
+    main, *grid = (
         _Scorer(vocabulary.classes, settings, background)
-        for settings in (sweep.settings(predictor.settings) if sweep else [])
-    ]
+        for settings in [predictor.settings, *(sweep.settings(predictor.settings) if sweep else [])]
+    )
     wanted = sample_positions(manifest.num_images, num_samples)
-    samples, images, masks, derived = [], 0, 0, False
+    samples, masks, derived = [], 0, False
     with progress_bar(enabled=progress) as bar:
         task = bar.add_task("scoring", total=manifest.num_images)
         for position, record in enumerate(chain([first], records)):
@@ -332,26 +337,18 @@ def evaluate(
             if position in wanted:
                 image = _image_of(source, record)
                 samples.append(Sample(record.key, image, truth.semantic, semantic))
-            images += 1
             masks += record.num_masks
             derived |= truth.instances_derived
             bar.advance(task)
-    points = []
-    for scorer in grid:
-        scores = scorer.metrics.compute()
-        headline = {name: scores[name] for name in SCALARS}
-        points.append(
-            SweepPoint(scorer.settings.confidence_threshold, scorer.settings.nms_iou, headline)
-        )
     return Evaluation(
         scores=main.metrics.compute(),
         names=[BACKGROUND, *vocabulary.classes],
-        images=images,
+        images=main.images,
         masks=masks,
         detections=main.detections,
         instances_derived=derived,
         not_meaningful=not_meaningful_reasons(manifest, predictor),
         settings=predictor.settings,
-        sweep=points,
+        sweep=[scorer.sweep_point() for scorer in grid],
         samples=samples,
     )
