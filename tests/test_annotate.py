@@ -24,6 +24,7 @@ from usam.commands.annotate import run
 from usam.data.extraction import ExtractionModule
 from usam.data.sources import SourceImage, load_rgb
 from usam.inference.annotator import AnnotationError, Annotator
+from usam.inference.exports import ExportError
 from usam.inference.predictor import InferenceSettings, Predictor, load_head
 from usam.inference.semantic_map import semantic_from_instances
 from usam.sam.registry import build_sam
@@ -298,6 +299,17 @@ def test_a_head_refuses_another_sam(annotated, tmp_path):
     ):
         run(compose_annotate(tmp_path, images, vit_h, tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_bad_exports_stop_before_anything_is_written(annotated, tmp_path):
+    root, images, ckpt, _ = annotated
+    out = tmp_path / "out"
+    with pytest.raises(ExportError, match="export=label_studios is not an export"):
+        run(compose_annotate(tmp_path, images, ckpt, out, "export=[coco,label_studios]"))
+    elsewhere = f"label_studio.document_root={tmp_path / 'elsewhere'}"
+    with pytest.raises(ExportError, match="does not contain the images"):
+        run(compose_annotate(tmp_path, images, ckpt, out, "export=label_studio", elsewhere))
+    assert not out.exists()
 
 
 def test_python_api_matches_the_command(annotated):
