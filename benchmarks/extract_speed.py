@@ -22,6 +22,12 @@ approximate mask matches at mask IoU >= 0.95 (and how many of those pairs come f
 same point prompt), and the largest predicted-IoU and stability differences over the
 matched pairs (``usam.sam.agreement.agreement``).
 
+With ``--proposals one_per_point`` (the paper's reading, usam's default) every grid point
+keeps its best mask with the filters off, so every mask is upsampled and encoded; the
+official side is then the official generator with its filters off followed by each
+point's best record (``PointGridEngine.reference_masks``), and the shard bytes per image
+are printed beside the row.
+
 Random weights make near-identical masks that box NMS at the default 0.7 collapses to one
 or two per image; ``--box-nms-thresh 1`` keeps them all, for an agreement measured on
 hundreds of masks.
@@ -35,6 +41,7 @@ weights at the same pass rates.
     python benchmarks/extract_speed.py --model sam2.1_hiera_t --points-per-side 16 --images 1
     python benchmarks/extract_speed.py --model vit_b --pass-rates 1 --approximate \
         --box-nms-thresh 1
+    python benchmarks/extract_speed.py --model vit_b --points-per-side 32 --proposals one_per_point
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
+from usam.formats.embedding_shards import encode_record
 from usam.sam.agreement import agreement, compare_with_official, point_ious
 from usam.sam.amg_settings import AmgSettings
 from usam.sam.mask_engine import PointGridEngine
@@ -119,7 +127,13 @@ def timed(generate, images):
 
 
 def run_official(engine: PointGridEngine, images):
-    return timed(engine.official_generator(), images)
+    return timed(engine.reference_masks, images)
+
+
+def shard_megabytes(masks) -> float:
+    """Bytes one image takes in an embedding shard (its .npy and .json entries), in MB."""
+    sample = encode_record(masks.to_record("image"), masks.tokens.shape[1])
+    return sum(len(v) for k, v in sample.items() if k != "__key__") / 2**20
 
 
 def run_ours(engine: PointGridEngine, images):
@@ -216,6 +230,12 @@ def main() -> None:
     parser.add_argument("--stability-thresh", type=float, default=0.95)
     parser.add_argument("--box-nms-thresh", type=float, default=0.7)
     parser.add_argument(
+        "--proposals",
+        choices=["filtered", "one_per_point"],
+        default="filtered",
+        help="one_per_point: every point's best mask, filters off (one pass rate: 100%%)",
+    )
+    parser.add_argument(
         "--approximate", action="store_true", help="also time approximate mode, and compare"
     )
     parser.add_argument("--pass-rates", type=float, nargs="+", default=[1.0, 0.5, 0.1])
@@ -232,13 +252,23 @@ def main() -> None:
         stability_score_thresh=args.stability_thresh,
         box_nms_thresh=args.box_nms_thresh,
     )
+    if args.proposals == "one_per_point":
+        base = replace(
+            base,
+            proposals="one_per_point",
+            pred_iou_thresh=0.0,
+            stability_score_thresh=0.0,
+            box_nms_thresh=1.0,
+        )
+        args.pass_rates = [1.0]
     probe = build_engine(args.model, sam, base)
     ious = np.concatenate([point_ious(probe, image) for image in images])
     print(
         f"model={args.model} random_weights={info['random_weights']} images={len(images)} "
         f"({source}) points_per_side={args.points_per_side} "
-        f"points_per_batch={args.points_per_batch} stability_thresh={args.stability_thresh} "
-        f"box_nms_thresh={args.box_nms_thresh} torch_threads={torch.get_num_threads()}"
+        f"points_per_batch={args.points_per_batch} stability_thresh={base.stability_score_thresh} "
+        f"box_nms_thresh={base.box_nms_thresh} proposals={base.proposals} "
+        f"torch_threads={torch.get_num_threads()}"
     )
     if info["random_weights"]:
         print("RANDOM WEIGHTS: the masks mean nothing; the timings and the agreement still hold")
@@ -271,6 +301,7 @@ def main() -> None:
             f"{agree['identical']:>9.1%} {agree['max_diou']:>9.2e}"
         )
         stage_rows.append((passed, stages))
+        print(f"{'':>5} shard size: {np.mean([shard_megabytes(o) for o in ours]):.2f} MB/image")
         if args.approximate:
             approximate = build_engine(args.model, sam, replace(settings, approximate=True))
             approx, t_approx, _, approx_stages = run_ours(approximate, images)
