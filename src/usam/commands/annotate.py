@@ -34,6 +34,7 @@ from usam.commands.mask_settings import head_mask_settings
 from usam.core.config import settings_from_config
 from usam.core.devices import resolve_device
 from usam.core.progress import progress_bar
+from usam.core.stopping import stop_if_requested, stoppable
 from usam.data.extraction import (
     REJECTED_NAME,
     ExtractSettings,
@@ -167,8 +168,19 @@ def _extract_and_annotate(
             outputs.write(prediction, image, names[record.key], file_name, annotator.classes)
             written += 1
             bar.advance(task)
+            stop_if_requested()
     shutil.rmtree(work.parent)
     return written
+
+
+def _progress_note(outputs: _Outputs, keys: tuple[str, ...]) -> str:
+    """What a stopped run leaves: the images annotated, and SAM's masks of others."""
+    done = outputs.done() & set(keys)
+    extracted = set().union(*map(existing_keys, (outputs.out / "sam").glob("*/eval")))
+    return (
+        f"{len(done)} of {len(keys)} images annotated in {outputs.out}, "
+        f"SAM's masks of {len(extracted - done)} more kept"
+    )
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -190,9 +202,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     pending = {key for key in source.keys if key not in skip}
     written = 0
     if pending:
-        written = _extract_and_annotate(
-            annotator, source, names, outputs, pending, extract, cfg.progress
-        )
+        with stoppable("annotate", lambda: _progress_note(outputs, source.keys)):
+            written = _extract_and_annotate(
+                annotator, source, names, outputs, pending, extract, cfg.progress
+            )
     finished = outputs.done()
     images = [read_result(outputs.results / f"{k}.json") for k in source.keys if k in finished]
     reasons = random_weight_reasons(annotator)

@@ -28,6 +28,7 @@ import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
 
+from usam.core.stopping import pass_stops_to, stop_if_requested, worker_init_fn
 from usam.data.sources import ImageSource, RejectedImage, SourceImage
 from usam.formats.embedding_shards import (
     DEFAULT_EMBED_DIM,
@@ -231,6 +232,7 @@ class ShardPredictionWriter(BasePredictionWriter):
                 )
             )
         self._rejected_path = self.out_dir / f"rejected-r{trainer.global_rank}.jsonl"
+        pass_stops_to([proc.pid for proc in getattr(trainer.strategy.launcher, "procs", [])])
 
     def write_on_batch_end(
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0
@@ -244,6 +246,7 @@ class ShardPredictionWriter(BasePredictionWriter):
             self.writers[split_of(item.key, self.kind, self.val_fraction)].write(item)
             self.counts["images"] += 1
             self.counts["masks"] += item.num_masks
+        stop_if_requested()  # every finished image is in a shard: a clean place to stop
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._stack.close()  # every rank's last shard is complete before rank zero lists them
@@ -321,6 +324,7 @@ def extract(
         _PendingImages(source, pending),
         batch_size=1,
         num_workers=num_workers,
+        worker_init_fn=worker_init_fn(),
         collate_fn=_as_list,
     )
     args = {"accelerator": "auto", "devices": 1, "logger": False, **(trainer_args or {})}
