@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from usam.core.config import settings_from_config
+from usam.core.stopping import stoppable
 from usam.data.extraction import (
     ExtractSettings,
     random_weights_note,
@@ -19,6 +20,7 @@ from usam.data.extraction import (
     shard_set_dir,
 )
 from usam.data.sources import ImageSource
+from usam.formats.embedding_shards import existing_keys
 from usam.sam.amg_settings import AmgSettings
 from usam.sam.registry import SamSettings
 
@@ -41,9 +43,10 @@ def run(cfg: DictConfig) -> None:
             extract.val_fraction,
         )
     )
-    manifests = run_extraction(
-        source, out_dir, sam, amg, extract, config=OmegaConf.to_container(cfg, resolve=True)
-    )
+    with stoppable("extract", lambda: _progress_note(source, out_dir)):
+        manifests = run_extraction(
+            source, out_dir, sam, amg, extract, config=OmegaConf.to_container(cfg, resolve=True)
+        )
     for split, manifest in manifests.items():
         print(
             f"{split}: {manifest.num_images} images, {manifest.num_masks} masks "
@@ -51,6 +54,11 @@ def run(cfg: DictConfig) -> None:
             f"{len(manifest.shards)} shards, {_megabytes(out_dir / split):.1f} MB in "
             f"{out_dir / split}{random_weights_note(manifest)}"
         )
+
+
+def _progress_note(source: ImageSource, out_dir: Path) -> str:
+    done = set().union(*map(existing_keys, out_dir.glob("*")))
+    return f"{len(done)} of {len(source)} images extracted into {out_dir}"
 
 
 def _megabytes(directory: Path) -> float:

@@ -11,8 +11,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from usam.core.stopping import stoppable
 from usam.core.vocabulary import load_vocabulary
-from usam.formats.image_shards import image_set_dir
+from usam.formats.image_shards import image_set_dir, images_on_disk
 from usam.images.stable_diffusion import GenerateSettings, generate_images
 
 
@@ -21,16 +22,17 @@ def run(cfg: DictConfig) -> Path:
     vocab = load_vocabulary(cfg.data.classes)
     settings = GenerateSettings.from_config(OmegaConf.to_container(cfg.generate, resolve=True))
     out_dir = Path(settings.out_dir or image_set_dir(cfg.images_dir, vocab, settings.name))
-    if cfg.get("wandb_project"):
-        import wandb
+    with stoppable("generate", lambda: f"{images_on_disk(out_dir)} images in {out_dir}"):
+        if cfg.get("wandb_project"):
+            import wandb
 
-        with wandb.init(
-            project=cfg.wandb_project,
-            job_type="generate",
-            dir=str(cfg.paths.output_dir),
-            config={"classes": list(vocab.classes), "generate": asdict(settings)},
-        ):
+            with wandb.init(
+                project=cfg.wandb_project,
+                job_type="generate",
+                dir=str(cfg.paths.output_dir),
+                config={"classes": list(vocab.classes), "generate": asdict(settings)},
+            ):
+                generate_images(vocab, settings, out_dir)
+        else:
             generate_images(vocab, settings, out_dir)
-    else:
-        generate_images(vocab, settings, out_dir)
     return out_dir

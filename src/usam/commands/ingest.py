@@ -19,8 +19,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from usam.core.stopping import stoppable
 from usam.core.vocabulary import load_vocabulary
-from usam.formats.image_shards import image_set_dir
+from usam.formats.image_shards import image_set_dir, images_on_disk
 from usam.images.image_search import ingest_search
 from usam.images.ingest_settings import SEARCH_KINDS, IngestSettings
 from usam.images.web_crawl import ingest_folder, ingest_urls
@@ -32,10 +33,11 @@ def run(cfg: DictConfig) -> Path:
     settings = IngestSettings.from_config(OmegaConf.to_container(cfg.ingest, resolve=True))
     name = settings.name or settings.kind
     out_dir = Path(settings.out_dir or image_set_dir(cfg.images_dir, vocab, name))
-    if settings.kind == "web":
-        ingest_urls(settings.urls, vocab, out_dir, settings)
-    elif settings.kind in SEARCH_KINDS:
-        ingest_search(vocab, out_dir, settings)
-    else:
-        ingest_folder(settings.root, vocab, out_dir, settings)
+    with stoppable("ingest", lambda: f"{images_on_disk(out_dir)} images in {out_dir}"):
+        if settings.kind == "web":
+            ingest_urls(settings.urls, vocab, out_dir, settings)
+        elif settings.kind in SEARCH_KINDS:
+            ingest_search(vocab, out_dir, settings)
+        else:
+            ingest_folder(settings.root, vocab, out_dir, settings)
     return out_dir

@@ -100,8 +100,9 @@ def _is_launched_rank() -> bool:
 def stoppable(command: str, progress: Callable[[], str]) -> Iterator[None]:
     """Stop requests end the work inside at an image boundary; on the way out prints
     ``progress()`` (what is done, read from disk) and the command that resumes."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signals reach the main thread only; its own command handles them
+    nested = signal.getsignal(signal.SIGINT) is _on_signal  # the outer one reports
+    if nested or threading.current_thread() is not threading.main_thread():
+        yield  # signals reach the main thread only
         return
     previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
     for signum in STOP_SIGNALS:

@@ -26,6 +26,7 @@ import torch
 import webdataset as wds
 
 from usam.core.config import ConfigError
+from usam.core.stopping import worker_init_fn
 from usam.core.vocabulary import load_vocabulary
 from usam.data.extraction import ExtractSettings
 from usam.data.pipeline import TrainingPipeline
@@ -277,7 +278,9 @@ class ShardDataModule(L.LightningDataModule):
             epoch=epoch,
         )
         workers = self._workers_for(len(urls), shards_per_rank=world_size > 1)
-        loader = wds.WebLoader(stream, batch_size=None, num_workers=workers)
+        loader = wds.WebLoader(
+            stream, batch_size=None, num_workers=workers, worker_init_fn=worker_init_fn()
+        )
         loader.sampler = epoch  # where Lightning's set_epoch finds it
         # every rank runs the same number of batches (full ones); the count is also the
         # progress total. In one process it is an upper bound, which Lightning must not cut
@@ -313,7 +316,9 @@ class ShardDataModule(L.LightningDataModule):
             .batched(self.batch_size, collation_fn=collate_records, partial=True)
         )
         workers = self._workers_for(len(urls), shards_per_rank=True)
-        loader = wds.WebLoader(dataset, batch_size=None, num_workers=workers)
+        loader = wds.WebLoader(
+            dataset, batch_size=None, num_workers=workers, worker_init_fn=worker_init_fn()
+        )
         if self._world()[1] > 1:  # ranks read whole shards: their counts are not known here
             return loader
         return loader.with_length(math.ceil(manifest.num_images / self.batch_size), silent=True)

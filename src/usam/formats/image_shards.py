@@ -149,6 +149,11 @@ def shard_paths(directory: str | Path, manifest: ImageManifest | None = None) ->
     return listed_shards(directory, manifest.shards, MANIFEST_NAME, ImageShardError)
 
 
+def images_on_disk(directory: str | Path) -> int:
+    """Images in the finished shards of a set, with or without its manifest (a stopped run)."""
+    return sum(1 for path in sorted(Path(directory).glob("*.tar")) for _ in index_shard(path))
+
+
 def decode_sample(sample: dict[str, Any], origin: str = "") -> tuple[str, Image.Image, dict]:
     """(key, RGB image, metadata) from a raw WebDataset sample; fails on a hash mismatch."""
     key, meta = sample["__key__"], json.loads(sample["json"])

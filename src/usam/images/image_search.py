@@ -39,6 +39,7 @@ from urllib.parse import urlsplit
 from rich.progress import TextColumn
 
 from usam.core.progress import progress_bar
+from usam.core.stopping import stop_if_requested, stop_requested
 from usam.core.vocabulary import Vocabulary
 from usam.formats.image_shards import ImageManifest, ImageShardWriter, sha256
 from usam.formats.storage import atomic_write_text
@@ -246,6 +247,7 @@ class _SearchRun:
                             self.failures.add(entry, error)
                         else:
                             advance()
+                        stop_if_requested()
         if self.counts[name] < settings.per_class:
             log.warning(
                 "class %r: %d of %d images; the searches ran out (add ingest.queries or rerun)",
@@ -299,8 +301,8 @@ def ingest_search(
                 for index, name in enumerate(vocab.classes):
                     bar.update(task, name=name)
                     run.fill_class(index, pool, lambda: bar.update(task, advance=1))
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+        finally:  # a stop leaves the downloads in flight to their deadlines
+            pool.shutdown(wait=not stop_requested(), cancel_futures=True)
             run.failures.close()
     write_attribution(out_dir, list(writer.done.items()))
     write_contact_sheets(out_dir, max_per_class=settings.contact_sheet_max)

@@ -33,6 +33,7 @@ from usam.core.config import settings_from_config
 from usam.core.devices import resolve_device
 from usam.core.errors import UsageError
 from usam.core.progress import progress_bar
+from usam.core.stopping import stop_if_requested
 from usam.core.vocabulary import Vocabulary, normalise_name
 from usam.formats.image_shards import (
     ImageManifest,
@@ -376,3 +377,4 @@ def _fill_class(writer, pipe, vocab, class_index, settings, random_weights, prog
             meta.update(nsfw=is_flagged, flagged=is_flagged)
             writer.write(plan.key, encode_jpeg(image, settings.jpeg_quality), meta)
         bar.advance(task, count - sum(flags))
+        stop_if_requested()  # the batch is on disk

@@ -34,6 +34,7 @@ from PIL import Image
 from rich.progress import TextColumn
 
 from usam.core.progress import progress_bar
+from usam.core.stopping import stop_if_requested, stop_requested
 from usam.core.vocabulary import Vocabulary, normalise_name
 from usam.formats.image_shards import (
     IMAGE_SUFFIXES,
@@ -290,8 +291,9 @@ def _ingest(
                         by_hash[digest] = key
                         added += 1
                     bar.update(task, advance=1, ok=added, failed=sum(failures.kinds.values()))
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+                    stop_if_requested()
+        finally:  # a stop leaves the downloads in flight to their deadlines
+            pool.shutdown(wait=not stop_requested(), cancel_futures=True)
             failures.close()
     write_contact_sheets(out_dir, max_per_class=settings.contact_sheet_max)
     log.info(
