@@ -43,7 +43,7 @@ from usam.formats.embedding_shards import TOKENS_PER_POINT
 from usam.sam.amg_settings import AmgSettings
 from usam.sam.backend_spec import EncoderShape, SamSpec
 from usam.sam.decoder_attention import upscale
-from usam.sam.image_encoder import EncoderPredictor
+from usam.sam.image_encoder import EncoderPredictor, encode_vit
 from usam.sam.point_decoder import DecodedPoints, PointDecoder
 from usam.sam.sam1_backend import (
     AutomaticMaskEngine,
@@ -82,19 +82,27 @@ def require(model_type: str) -> None:
 class HqEncoderPredictor(EncoderPredictor):
     """The image embedding, and the HQ features the decoder's HQ token reads, per image.
 
-    HQ-SAM's decoder computes the HQ features in every call from the same image
-    embedding and early encoder output; here they are computed once per image.
+    A ViT encoder runs in pieces on CPU (``usam.sam.image_encoder``), the TinyViT as it
+    is. HQ-SAM's decoder computes the HQ features in every call from the same image
+    embedding and first global block's output; here they are computed once per image.
     """
 
     @torch.no_grad()
     def set_torch_image(self, transformed_image: torch.Tensor, original_image_size) -> None:
-        super().set_torch_image(transformed_image, original_image_size)
-        self.features, interm = self.features  # HQ-SAM's encoder returns both
+        self.reset_image()
+        self.original_size = original_image_size
+        self.input_size = tuple(transformed_image.shape[-2:])
+        encoder, images = self.model.image_encoder, self.model.preprocess(transformed_image)
+        if hasattr(encoder, "blocks") and images.device.type == "cpu":
+            self.features, interm = encode_vit(encoder, images)
+        else:
+            self.features, interm = encoder(images)
         decoder = self.model.mask_decoder
         early = interm[0].permute(0, 3, 1, 2)
         self.hq_features = decoder.embedding_encoder(self.features) + decoder.compress_vit_feat(
             early
         )
+        self.is_image_set = True
 
 
 @dataclass(frozen=True)

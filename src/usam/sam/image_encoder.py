@@ -34,12 +34,21 @@ def encode_image(encoder: torch.nn.Module, images: torch.Tensor) -> torch.Tensor
     """
     if not isinstance(encoder, ImageEncoderViT) or images.device.type != "cpu":
         return encoder(images)
+    return encode_vit(encoder, images)[0]
+
+
+def encode_vit(encoder: torch.nn.Module, images: torch.Tensor):
+    """A ViT encoder's embedding and its global-attention blocks' outputs (which HQ-SAM's
+    copy of the ViT returns beside it), the attention run in pieces."""
     x = encoder.patch_embed(images)
     if encoder.pos_embed is not None:
         x = x + encoder.pos_embed
+    global_outputs = []
     for block in encoder.blocks:
         x = _block(block, x)
-    return encoder.neck(x.permute(0, 3, 1, 2))
+        if block.window_size == 0:
+            global_outputs.append(x)
+    return encoder.neck(x.permute(0, 3, 1, 2)), global_outputs
 
 
 class EncoderPredictor(SamPredictor):
