@@ -32,6 +32,7 @@ MISTAKES = {
     ],
     "fit": [
         (["stage=student", "logger=none"], "teacher_ckpt"),
+        (["stage=student", "teacher_ckpt=none.ckpt"], "teacher_ckpt=none.ckpt is not a file"),
         (["experiment=nonexistent"], "experiment=nonexistent"),
         (["callbacks=[default,eval]", "logger=none"], "eval_data"),  # after config.yaml
     ],

@@ -203,8 +203,11 @@ def run(cfg: DictConfig) -> dict[str, Path]:
     """Run the configured stages; returns the checkpoint of each."""
     if cfg.stage not in STAGES:
         raise ConfigError(f"stage={cfg.stage!r} must be one of {STAGES}")
-    if cfg.stage == "student" and not cfg.teacher_ckpt:
-        raise ConfigError("stage=student needs a teacher checkpoint: set teacher_ckpt=/path.ckpt")
+    if cfg.stage == "student" and not (cfg.teacher_ckpt and Path(cfg.teacher_ckpt).is_file()):
+        raise ConfigError(  # before any images or shards are made for a run that cannot train
+            f"stage=student needs a teacher checkpoint, and teacher_ckpt={cfg.teacher_ckpt} is "
+            "not a file: set it to one from checkpoints/teacher of a fit run"
+        )
     L.seed_everything(cfg.seed, workers=True)
     load_vocabulary(cfg.data.classes)  # fail early on a bad class list
     data_settings = _data_settings(cfg)
