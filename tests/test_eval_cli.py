@@ -111,7 +111,8 @@ def test_eval_makes_masks_the_way_the_head_was_trained(tmp_path):
         cwd=tmp_path,
     )
     assert shown.returncode == 0, shown.stderr[-2000:]
-    assert f"mask settings recorded in {ckpt}: points_per_side=8," in shown.stdout
+    line = next(x for x in shown.stdout.splitlines() if f"mask settings recorded in {ckpt}:" in x)
+    assert "points_per_side=8," in line
     assert "scoring" in shown.stderr and "2/2" in shown.stderr  # a bar with its total
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert read_manifest(Path(metrics["shards"])).config["amg"] == recorded

@@ -31,6 +31,7 @@ TINY_EVAL = [
     "amg.points_per_side=8",
     "amg.pred_iou_thresh=0",
     "amg.stability_score_thresh=0",
+    "amg.proposals=filtered",  # the official filters, loosened below
     "amg.box_nms_thresh=0.95",
     "extract.num_workers=0",
     "extract.trainer.accelerator=cpu",
