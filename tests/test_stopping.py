@@ -167,11 +167,9 @@ def test_generate_stopped_by_sigterm_resumes_to_the_same_images(tmp_path):
         "generate=tiny",
         f"generate.model={model}",
         "data.classes=[cat,dog]",
-        "generate.per_class=12",
+        "generate.per_class=8",
         "generate.batch_size=1",
         "generate.images_per_shard=1",
-        "generate.height=64",
-        "generate.width=64",
         f"paths.root_dir={tmp_path}",
     ]
     out = tmp_path / "stopped"
