@@ -2,7 +2,8 @@
 
 For SAM 1 models (``--model vit_b``, ``vit_t``, ...) the official one is
 ``segment_anything.SamAutomaticMaskGenerator``; for SAM 2.1 (``--model sam2.1_hiera_t``)
-``sam2.automatic_mask_generator.SAM2AutomaticMaskGenerator``.
+``sam2.automatic_mask_generator.SAM2AutomaticMaskGenerator``; for HQ-SAM (``--model
+hq_vit_b``, ...) ``segment_anything_hq.SamAutomaticMaskGenerator``.
 
 Both run in this process with the same settings, at predicted-IoU thresholds chosen from
 a first pass so that about 100%, 50% and 10% of the masks pass the IoU filter. Printed
@@ -39,6 +40,7 @@ weights at the same pass rates.
     python benchmarks/extract_speed.py --model vit_b --points-per-side 16 --images 1
     python benchmarks/extract_speed.py --model tiny --points-per-side 16 --images 2
     python benchmarks/extract_speed.py --model sam2.1_hiera_t --points-per-side 16 --images 1
+    python benchmarks/extract_speed.py --model hq_vit_b --points-per-side 16 --images 1
     python benchmarks/extract_speed.py --model vit_b --pass-rates 1 --approximate \
         --box-nms-thresh 1
     python benchmarks/extract_speed.py --model vit_b --points-per-side 32 --proposals one_per_point
@@ -221,7 +223,8 @@ def main() -> None:
     parser.add_argument(
         "--model",
         default="vit_b",
-        help="vit_h, vit_l, vit_b, vit_t, tiny, sam2.1_hiera_t|s|b+|l or sam2.1_tiny",
+        help="a sam model type: vit_h|l|b|t, tiny, sam2.1_hiera_t|s|b+|l, sam2.1_tiny, "
+        "hq_vit_b|l|h|tiny, hq_tiny",
     )
     parser.add_argument("--checkpoint", help="trained weights; seeded random weights without")
     parser.add_argument("--images", type=int, default=1)

@@ -254,8 +254,9 @@ def encoder_shape(state_dict: dict[str, Any]) -> EncoderShape | None:
     return None if shape is None else (f"HQ {shape[0]}", shape[1], shape[2])
 
 
-def _official(builder: str) -> torch.nn.Module:
-    return getattr(_package(), builder)()
+def _official(name: str) -> torch.nn.Module:
+    """HQ-SAM's own builder of ``name`` (vit_b, vit_l, vit_h, vit_tiny)."""
+    return _package().sam_model_registry[name]()
 
 
 def _build_tiny() -> torch.nn.Module:
@@ -285,11 +286,11 @@ def _spec(model_type: str, build, kind: str, width: int, depth: int, name=None) 
 
 SPECS = (
     *(
-        _spec(f"hq_vit_{size}", partial(_official, f"build_sam_vit_{size}"), "HQ ViT", width,
+        _spec(f"hq_vit_{size}", partial(_official, f"vit_{size}"), "HQ ViT", width,
               depth, f"sam_hq_vit_{size}.pth")
         for size, width, depth in (("b", 768, 12), ("l", 1024, 24), ("h", 1280, 32))
     ),
-    _spec("hq_vit_tiny", partial(_official, "build_sam_vit_t"), "HQ TinyViT", 64, 12,
+    _spec("hq_vit_tiny", partial(_official, "vit_tiny"), "HQ TinyViT", 64, 12,
           "sam_hq_vit_tiny.pth"),
     _spec("hq_tiny", _build_tiny, "HQ ViT", 64, 2),
 )  # fmt: skip
