@@ -11,7 +11,7 @@ import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from usam.sweep import SweepFileError, multirun_overrides
+from usam.sweep import PACKAGED, SweepFileError, multirun_overrides, sweep_file
 from usam.train.head import INPUT_VIEWS
 from usam.train.lightning_modules import StudentModule, TeacherModule
 
@@ -176,10 +176,19 @@ def test_the_sweep_command_explains_itself(tmp_path):
         text=True,
     )
     assert missing.returncode == 2
-    assert (
-        missing.stderr.strip()
-        == "usam.sweep: error: no sweep file nowhere.yaml; see experiments/sweeps/"
+    assert missing.stderr.strip() == (
+        "usam.sweep: error: no sweep file nowhere.yaml; the sweeps shipped with usam: "
+        + ", ".join(p.stem for p in SWEEPS)
     )
+
+
+def test_a_shipped_sweep_is_found_by_name():
+    """Installed users have no experiments/ folder: the sweeps ship inside the package."""
+    assert sweep_file("teacher_top_k") == PACKAGED / "teacher_top_k.yaml"
+    assert sweep_file(str(SWEEPS[0])) == SWEEPS[0]  # a path still works
+    assert {p.name for p in SWEEPS} == {p.name for p in PACKAGED.glob("*.yaml")}
+    overrides = multirun_overrides(yaml.safe_load(sweep_file("proposals").read_text()), "x")
+    assert overrides[-1] == "proposals=paper,official_filtered"
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=[str(i) for i in range(len(COMMANDS))])

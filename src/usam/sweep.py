@@ -1,10 +1,12 @@
 """Run a W&B sweep file as a Hydra multirun: one definition of each ablation, two runners.
 
-``python -m usam.sweep experiments/sweeps/teacher_top_k.yaml [extra overrides]`` reads
-the sweep's fixed overrides (its ``command`` between ``usam.fit`` and
-``${args_no_hyphens}``) and its grid (``parameters``: ``values`` lists or single
-``value``s) and runs ``python -m usam.fit -m`` over the same grid, for people
-without W&B. Only grid sweeps translate; other methods need the W&B agent.
+``usam-sweep teacher_top_k [extra overrides]`` (a sweep shipped with usam, by name; the
+files are in ``usam/sweeps/``, ``experiments/sweeps/`` in a clone) or
+``python -m usam.sweep my_sweep.yaml`` (any sweep file) reads the sweep's fixed overrides
+(its ``command`` between ``usam.fit`` and ``${args_no_hyphens}``) and its grid
+(``parameters``: ``values`` lists or single ``value``s) and runs ``python -m usam.fit -m``
+over the same grid, for people without W&B. Only grid sweeps translate; other methods
+need the W&B agent.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from usam.core.errors import UsageError
 
 ENTRY = "usam.fit"
 ARGS = "${args_no_hyphens}"
+PACKAGED = Path(__file__).resolve().parent / "sweeps"
 
 
 class SweepFileError(UsageError, ValueError):
@@ -49,16 +52,25 @@ def multirun_overrides(sweep: dict[str, Any], where: str) -> list[str]:
     return fixed + swept
 
 
+def sweep_file(name: str) -> Path:
+    """A sweep file's path, or the path of the sweep shipped with usam under that name."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    packaged = PACKAGED / f"{name}.yaml"
+    if path.suffix != ".yaml" and packaged.is_file():
+        return packaged
+    names = ", ".join(p.stem for p in sorted(PACKAGED.glob("*.yaml")))
+    raise SweepFileError(f"no sweep file {name}; the sweeps shipped with usam: {names}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if args else 2
-    path = Path(args[0])
-    if not path.is_file():
-        print(f"usam.sweep: error: no sweep file {path}; see experiments/sweeps/", file=sys.stderr)
-        return 2
     try:
+        path = sweep_file(args[0])
         overrides = multirun_overrides(yaml.safe_load(path.read_text()), str(path))
     except SweepFileError as error:
         print(f"usam.sweep: error: {error}", file=sys.stderr)
