@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import re
+import sys
+from importlib import import_module
 
 import pytest
 import torch
 
 from usam.sam import checkpoints, registry
 from usam.sam.checkpoints import CheckpointError
-from usam.sam.registry import SPECS, build_sam
+from usam.sam.registry import SPECS, SamSettings, build_sam
+from usam.sam.sam1_backend import MobileSamMissing
 
 
 def test_official_specs_name_their_checkpoints():
@@ -85,3 +88,32 @@ def test_missing_official_checkpoint_offline(tmp_path, monkeypatch):
     assert "sam_vit_b_01ec64.pth" in message
     assert SPECS["vit_b"].url in message
     assert "sam.checkpoint=/path/to/sam_vit_b_01ec64.pth" in message
+
+
+def test_the_registry_is_the_backend_modules_declarations_merged():
+    """A backend declares its models in its own module; the registry adds none of its own."""
+    declared = [spec for name in registry.BACKEND_MODULES for spec in import_module(name).SPECS]
+    assert {spec.model_type: spec for spec in declared} == SPECS
+    assert len(declared) == len(SPECS)
+    assert {spec.backend for spec in declared} >= {"sam", "sam2"}
+
+
+def test_a_model_type_declared_twice_is_refused(monkeypatch):
+    monkeypatch.setattr(registry, "BACKEND_MODULES", ("usam.sam.sam1_backend",) * 2)
+    with pytest.raises(ValueError, match="'vit_h' is declared twice"):
+        registry._merged_specs()
+
+
+def test_each_family_reads_only_its_own_state_dicts():
+    """SAM 1's reader declines a state dict whose decoder has parts SAM 1's lacks."""
+    state = build_sam("tiny")[0].state_dict()
+    assert SPECS["tiny"].read_encoder(state) == ("ViT", 64, 2)
+    state["mask_decoder.extra_token.weight"] = torch.zeros(1, 256)
+    assert SPECS["tiny"].read_encoder(state) is None
+    assert registry.identify(state) is None
+
+
+def test_mobilesam_names_its_install_line_when_the_sam_group_is_read(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mobile_sam.modeling", None)  # import fails
+    with pytest.raises(MobileSamMissing, match="sam=vit_t .*pip install mobilesam-mirror timm"):
+        SamSettings("vit_t").check()
