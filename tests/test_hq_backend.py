@@ -15,11 +15,11 @@ from PIL import Image
 from usam.evaluation.scoring import EvaluationError
 from usam.formats.embedding_shards import iter_records, read_manifest
 from usam.inference.predictor import load_head
-from usam.sam.agreement import compare_with_official, point_ious
 from usam.sam.amg_settings import AmgSettings
 from usam.sam.checkpoints import CheckpointError
 from usam.sam.hq_backend import HqMaskEngine, HqSamMissing
 from usam.sam.registry import SPECS, SamSettings, build_engine, build_sam, identify
+from usam.testing.agreement import compare_with_official, point_ious
 from usam.train.lightning_modules import TeacherModule
 
 from helpers.commands import TINY_TEACHER_FIT, compose_config, run_python
