@@ -39,7 +39,8 @@ def test_annotate_help_puts_required_keys_first_and_says_what_they_take(tmp_path
     assert "one image, a folder (searched recursively) or a glob pattern" in sections[1]
     groups = [line.split("=")[0] for line in shown.stdout.splitlines() if "  (one of:" in line]
     assert groups == ["sam", "amg", "extract", "inference"]  # no fit-only groups
-    assert "inference.confidence_threshold=0.5" in shown.stdout
+    inference = yaml.safe_load((CONF_DIR / "inference" / "default.yaml").read_text())
+    assert f"inference.confidence_threshold={inference['confidence_threshold']}" in shown.stdout
 
 
 def test_help_and_version_do_not_load_torch(tmp_path):
