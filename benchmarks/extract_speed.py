@@ -9,7 +9,7 @@ Both run in this process with the same settings, at predicted-IoU thresholds cho
 a first pass so that about 100%, 50% and 10% of the masks pass the IoU filter. Printed
 per pass rate: images/s of each, their ratio (also without each one's image encoder), peak
 extra resident memory during each, whether our output meets exact mode's contract
-(``usam.sam.agreement.compare_with_official``: the official computation up to float32
+(``usam.testing.agreement.compare_with_official``: the official computation up to float32
 rounding), the share of masks bit-identical to the official ones and the largest
 predicted-IoU difference. A second table splits our
 seconds per image into encoder, decoder and post-processing and sets the total against
@@ -21,7 +21,7 @@ and prints a second table: its images/s, its speed-up over the exact engine and 
 official generator, the mask count of each mode, the share of exact masks that an
 approximate mask matches at mask IoU >= 0.95 (and how many of those pairs come from the
 same point prompt), and the largest predicted-IoU and stability differences over the
-matched pairs (``usam.sam.agreement.agreement``).
+matched pairs (``usam.testing.agreement.agreement``).
 
 With ``--proposals one_per_point`` (the paper's reading, usam's default) every grid point
 keeps its best mask with the filters off, so every mask is upsampled and encoded; the
@@ -61,10 +61,10 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from usam.formats.embedding_shards import encode_record
-from usam.sam.agreement import agreement, compare_with_official, point_ious
 from usam.sam.amg_settings import AmgSettings
 from usam.sam.mask_engine import PointGridEngine
 from usam.sam.registry import build_engine, build_sam
+from usam.testing.agreement import agreement, compare_with_official, point_ious
 
 VOC_IMAGES = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "voc2012-mini"
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096

@@ -22,9 +22,9 @@ import lightning as L
 import torch
 
 from usam.data.datamodule import ShardDataModule
-from usam.data.synthetic import write_synthetic_shard_set
 from usam.formats.embedding_shards import iter_records, read_manifest
 from usam.inference.predictor import Predictor
+from usam.testing.synthetic import write_synthetic_shard_set
 from usam.train.lightning_modules import TeacherModule
 
 

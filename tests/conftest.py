@@ -16,9 +16,9 @@ import torch  # noqa: E402
 
 from usam.data.eval_datasets import VOCSegmentation  # noqa: E402
 from usam.data.extraction import extract  # noqa: E402
-from usam.data.synthetic import write_synthetic_shard_set  # noqa: E402
 from usam.sam.registry import build_sam  # noqa: E402
 from usam.sam.sam1_backend import AutomaticMaskEngine  # noqa: E402
+from usam.testing.synthetic import write_synthetic_shard_set  # noqa: E402
 
 from helpers.evaluation import AMG, FAST, write_voc  # noqa: E402
 from helpers.shards import SMALL_CLASSES  # noqa: E402

@@ -20,10 +20,10 @@ from segment_anything import SamPredictor
 from segment_anything.modeling import ImageEncoderViT
 
 from usam.formats.embedding_shards import decode_sample, encode_record
-from usam.sam.agreement import LOGIT_RTOL, compare_with_official, point_ious
 from usam.sam.amg_settings import AmgSettings
 from usam.sam.registry import build_sam
 from usam.sam.sam1_backend import AutomaticMaskEngine, with_sam_heads
+from usam.testing.agreement import LOGIT_RTOL, compare_with_official, point_ious
 
 from helpers.official_amg import assert_matches_official, official, shapes_image
 
@@ -181,7 +181,7 @@ import json, sys
 import torch
 sys.path.insert(0, sys.argv[1])
 from helpers.official_amg import official, shapes_image
-from usam.sam.agreement import compare_with_official
+from usam.testing.agreement import compare_with_official
 from usam.sam.amg_settings import AmgSettings
 from usam.sam.sam1_backend import AutomaticMaskEngine
 from usam.sam.registry import build_sam

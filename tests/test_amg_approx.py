@@ -18,10 +18,10 @@ import pytest
 import yaml
 
 import usam.sam.point_decoder
-from usam.sam.agreement import agreement
 from usam.sam.amg_settings import AmgSettings
 from usam.sam.registry import build_sam
 from usam.sam.sam1_backend import AutomaticMaskEngine
+from usam.testing.agreement import agreement
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "amg" / "default.yaml"
 # Every multimask output of every point and no box NMS, so that ~500 masks are compared,

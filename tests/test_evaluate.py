@@ -18,7 +18,6 @@ from usam.core.vocabulary import load_vocabulary
 from usam.data.datamodule import ShardDataModule
 from usam.data.eval_datasets import ADE20K, load_ground_truth
 from usam.data.sources import ImageSource
-from usam.data.synthetic import write_synthetic_shard_set
 from usam.evaluation.callback import EvaluationCallback
 from usam.evaluation.reports import write_outputs
 from usam.evaluation.scoring import (
@@ -35,6 +34,7 @@ from usam.formats.embedding_shards import (
     ShardSetWriter,
 )
 from usam.inference.predictor import InferenceSettings, Predictor, load_head
+from usam.testing.synthetic import write_synthetic_shard_set
 from usam.train.lightning_modules import TeacherModule
 from usam.viz.overlays import blend, voc_palette
 

@@ -24,7 +24,7 @@ from usam.images.stable_diffusion import (
     plan_image,
     render,
 )
-from usam.images.tiny_diffusion import save_tiny_pipeline
+from usam.testing.tiny_diffusion import save_tiny_pipeline
 
 from helpers.commands import compose_config
 

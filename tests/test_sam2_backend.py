@@ -15,11 +15,11 @@ from PIL import Image
 from usam.evaluation.scoring import EvaluationError
 from usam.formats.embedding_shards import iter_records, read_manifest
 from usam.inference.predictor import load_head
-from usam.sam.agreement import point_ious
 from usam.sam.amg_settings import AmgSettings
 from usam.sam.checkpoints import CheckpointError
 from usam.sam.registry import SPECS, SamSettings, build_engine, build_sam, identify
 from usam.sam.sam2_backend import Sam2Missing
+from usam.testing.agreement import point_ious
 
 from helpers.commands import TINY_TEACHER_FIT, compose_config, run_python
 from helpers.official_amg import assert_matches_official, shapes_image

@@ -24,7 +24,6 @@ from usam.evaluation.sam3_baseline import (
     Sam3Settings,
     Sam3WeightsError,
     load_sam3,
-    tiny_sam3,
 )
 from usam.evaluation.scoring import evaluate
 from usam.inference.predictor import InferenceSettings, Predictor, select_instances
@@ -44,7 +43,7 @@ def voc(tmp_path_factory) -> VOCSegmentation:
 def test_each_class_name_is_a_bare_prompt_and_its_detections_keep_its_column(voc):
     classes = list(voc.classes)
     dog = classes.index("dog")  # prompts 9-11 share a batch of three: dog is the last
-    sam3 = tiny_sam3(classes)
+    sam3 = load_sam3(Sam3Settings(model="tiny"), classes)
     prompted = []
     sam3.model.text_encoder.register_forward_hook(
         lambda module, args, kwargs, output: prompted.extend(
@@ -140,7 +139,7 @@ def test_missing_weights_stop_at_once_naming_the_key_and_the_hub_page(voc, tmp_p
 
 
 def test_a_saved_sam3_folder_loads_through_the_checkpoint_key(tmp_path):
-    tiny = tiny_sam3(["cat", "dog"])
+    tiny = load_sam3(Sam3Settings(model="tiny"), ["cat", "dog"])
     tiny.model.save_pretrained(tmp_path / "sam3")
     tiny.processor.save_pretrained(tmp_path / "sam3")
     loaded = load_sam3(Sam3Settings(checkpoint=str(tmp_path / "sam3")), ["x"])

@@ -10,7 +10,6 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from usam.data.datamodule import ShardDataModule
-from usam.data.synthetic import write_synthetic_shard_set
 from usam.formats.embedding_shards import (
     ImageRecord,
     Manifest,
@@ -19,6 +18,7 @@ from usam.formats.embedding_shards import (
     iter_records,
     read_manifest,
 )
+from usam.testing.synthetic import write_synthetic_shard_set
 
 from helpers.shards import SMALL_CLASSES, synthetic_datamodule
 

@@ -7,8 +7,8 @@ import torch
 from hydra.utils import instantiate
 
 from usam.data.datamodule import ShardDataModule
-from usam.data.synthetic import BACKGROUND_PROTOTYPES, prototypes
 from usam.formats.embedding_shards import iter_records
+from usam.testing.synthetic import BACKGROUND_PROTOTYPES, prototypes
 from usam.train.head import select_input_view
 from usam.train.lightning_modules import StudentModule, TeacherModule
 

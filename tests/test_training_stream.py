@@ -15,7 +15,6 @@ from PIL import Image
 from usam.data.datamodule import ShardDataModule
 from usam.data.extraction import extract
 from usam.data.sources import ImageShardSource
-from usam.data.synthetic import write_synthetic_shard_set
 from usam.formats.embedding_shards import (
     ImageRecord,
     Manifest,
@@ -26,6 +25,7 @@ from usam.formats.embedding_shards import (
 from usam.formats.image_shards import ImageShardWriter, encode_jpeg
 from usam.sam.registry import build_sam
 from usam.sam.sam1_backend import AutomaticMaskEngine
+from usam.testing.synthetic import write_synthetic_shard_set
 
 from helpers.commands import compose_config
 from helpers.evaluation import AMG, FAST

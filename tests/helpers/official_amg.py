@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from usam.sam.agreement import OfficialComparison, compare_with_official
 from usam.sam.mask_engine import PointGridEngine
+from usam.testing.agreement import OfficialComparison, compare_with_official
 
 
 def shapes_image(height: int, width: int, seed: int) -> np.ndarray:

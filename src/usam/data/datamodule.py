@@ -26,11 +26,11 @@ import torch
 import webdataset as wds
 
 from usam.core.config import ConfigError
+from usam.core.provenance import Provenance
 from usam.core.stopping import worker_init_fn
 from usam.core.vocabulary import load_vocabulary
 from usam.data.extraction import ExtractSettings
 from usam.data.pipeline import TrainingPipeline
-from usam.data.synthetic import write_synthetic_shard_set
 from usam.formats.embedding_shards import (
     DEFAULT_EMBED_DIM,
     ImageRecord,
@@ -44,6 +44,7 @@ from usam.formats.embedding_shards import (
 from usam.images.stable_diffusion import GenerateSettings
 from usam.sam.amg_settings import AmgSettings
 from usam.sam.registry import SamSettings
+from usam.testing.synthetic import write_synthetic_shard_set
 
 log = logging.getLogger(__name__)
 
@@ -234,14 +235,10 @@ class ShardDataModule(L.LightningDataModule):
                 self.train_dir,
             )
 
-    def random_weight_reasons(self) -> list[str]:
-        reasons = [r for m in self.manifests.values() for r in m.random_weight_reasons()]
-        return list(dict.fromkeys(reasons))
-
     @property
-    def random_weights(self) -> bool:
-        """True when any shard set comes from synthetic data or untrained models."""
-        return bool(self.random_weight_reasons())
+    def provenance(self) -> Provenance:
+        """Why a head trained on these shard sets gives no results: their reasons, merged."""
+        return Provenance.merged(m.provenance for m in self.manifests.values())
 
     def _world(self) -> tuple[int, int]:
         trainer = self.trainer

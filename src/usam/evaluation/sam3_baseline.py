@@ -49,6 +49,7 @@ from usam.core.progress import progress_bar
 from usam.data.sources import ImageSource, SourceImage
 from usam.formats.embedding_shards import ImageRecord, Manifest, ShardSetWriter, encode_mask
 from usam.inference.predictor import InferenceSettings, Predictor
+from usam.testing.tiny_sam3 import tiny_sam3
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,8 @@ def load_sam3(
     """SAM 3 from ``settings.checkpoint``, else the hub id ``settings.model``; with
     ``model: tiny`` and no checkpoint a random one whose tokenizer knows ``classes``' words."""
     if settings.checkpoint is None and settings.model == TINY:
-        return tiny_sam3(classes, device, seed)
+        model, processor = tiny_sam3(classes, seed)
+        return Sam3(model.to(device), processor, TINY, random_weights=True)
     from transformers import Sam3Model, Sam3Processor  # optional: only the baseline needs it
 
     weights = settings.model
@@ -132,73 +134,6 @@ def load_sam3(
             f"{CHECKPOINT_KEY}=/path/to/sam3, a local folder with its files"
         ) from error
     return Sam3(model.to(device).eval(), processor, weights, random_weights=False)
-
-
-def tiny_sam3(classes: Sequence[str], device: str | torch.device = "cpu", seed: int = 0) -> Sam3:
-    """A random SAM 3 a few hundred thousand parameters big, the same for a given ``seed``,
-    with a word-level tokenizer over the class names (no download)."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import (
-        PreTrainedTokenizerFast,
-        Sam3Config,
-        Sam3ImageProcessor,
-        Sam3Model,
-        Sam3Processor,
-    )
-
-    start, end, unknown = "<|startoftext|>", "<|endoftext|>", "<|unknown|>"
-    words = sorted({word for name in classes for word in name.lower().split()})
-    vocab = {token: i for i, token in enumerate([end, start, unknown, *words])}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=unknown))
-    tokenizer.normalizer = normalizers.Lowercase()
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.post_processor = processors.TemplateProcessing(  # CLIP's framing of a prompt
-        single=f"{start} $A {end}", special_tokens=[(start, vocab[start]), (end, vocab[end])]
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token=start, eos_token=end, pad_token=end, unk_token=unknown
-    )
-    image_size, patch_size, width = 56, 14, 32
-    grid = image_size // patch_size
-    small = {"hidden_size": width, "num_attention_heads": 2, "intermediate_size": 2 * width}
-    config = Sam3Config(
-        vision_config={
-            "backbone_config": {
-                "model_type": "sam3_vit_model",
-                **small,
-                "num_hidden_layers": 2,
-                "image_size": image_size,
-                "pretrain_image_size": image_size,
-                "patch_size": patch_size,
-                "window_size": grid // 2,
-                "global_attn_indexes": [1],
-            },
-            "fpn_hidden_size": width,
-            "backbone_feature_sizes": [[4 * grid] * 2, [2 * grid] * 2, [grid] * 2],
-        },
-        text_config={
-            "model_type": "clip_text_model",
-            **small,
-            "vocab_size": len(vocab),
-            "projection_dim": width,
-            "num_hidden_layers": 1,
-            "max_position_embeddings": 32,
-            "bos_token_id": vocab[start],
-            "eos_token_id": vocab[end],
-            "pad_token_id": vocab[end],
-        },
-        geometry_encoder_config={**small, "num_layers": 1},
-        detr_encoder_config={**small, "num_layers": 1},
-        detr_decoder_config={**small, "num_layers": 1, "num_queries": 8},
-        mask_decoder_config={"hidden_size": width, "num_attention_heads": 2},
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # random weights are the same every run, as for the tiny SAM
-        model = Sam3Model(config)
-    size = {"height": image_size, "width": image_size}
-    mask_size = {"height": 4 * grid, "width": 4 * grid}
-    processor = Sam3Processor(Sam3ImageProcessor(size=size, mask_size=mask_size), fast)
-    return Sam3(model.to(device).eval(), processor, TINY, random_weights=True)
 
 
 class Sam3Detector:

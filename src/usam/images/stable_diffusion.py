@@ -41,7 +41,7 @@ from usam.formats.image_shards import (
     encode_jpeg,
     slug,
 )
-from usam.images.tiny_diffusion import is_random_weight_pipeline, save_tiny_pipeline
+from usam.testing.tiny_diffusion import is_random_weight_pipeline, save_tiny_pipeline
 from usam.viz.contact_sheet import write_contact_sheets
 
 log = logging.getLogger(__name__)

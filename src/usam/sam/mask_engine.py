@@ -8,7 +8,7 @@ backend module (``usam.sam.sam1_backend``, ``usam.sam.sam2_backend``) supplies t
 encoder and decoder. Kernels, and so rounding, change with the CPU, the thread count (the
 official output changes with it too), ATen's and oneDNN's instruction sets and the
 device. What holds on every one of them is this contract,
-checked by ``usam.sam.agreement.compare_with_official``, which pairs each official mask
+checked by ``usam.testing.agreement.compare_with_official``, which pairs each official mask
 with ours of the same point prompt:
 
 * Masks are equal except at pixels whose official logit lies within ``LOGIT_RTOL``

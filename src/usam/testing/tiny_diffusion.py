@@ -108,7 +108,7 @@ def save_tiny_pipeline(directory: str | Path, seed: int = 0) -> Path:
     shutil.rmtree(partial, ignore_errors=True)
     build_tiny_pipeline(seed).save_pretrained(partial)
     (partial / RANDOM_WEIGHTS_MARKER).write_text(
-        json.dumps({"random_weights": True, "seed": seed, "made_by": "usam.images.tiny_diffusion"})
+        json.dumps({"random_weights": True, "seed": seed, "made_by": "usam.testing.tiny_diffusion"})
     )
     os.replace(partial, directory)
     return directory

@@ -7,7 +7,7 @@ real SAM masks on single-object photos, with a known answer, so a head that
 learns it proves the training path works. Numbers from these shards are not
 results: the manifest says ``synthetic: true`` and every run reading them says so.
 
-Run ``python -m usam.data.synthetic --help`` to write a set by hand.
+Run ``python -m usam.testing.synthetic --help`` to write a set by hand.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ def write_synthetic_shard_set(
     rng = np.random.default_rng([seed, _SPLIT_STREAMS[split]])
     low, high = masks_per_image
     config = {
-        "generator": "usam.data.synthetic",
+        "generator": "usam.testing.synthetic",
         "split": split,
         "images_per_class": images_per_class,
         "masks_per_image": [low, high],
