@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+import cv2
 import numpy as np
 from PIL import Image
 
@@ -48,42 +49,14 @@ class DatasetError(UsageError, ValueError):
 
 
 def connected_components(mask: np.ndarray) -> list[np.ndarray]:
-    """8-connected regions of a binary mask, ordered by their first pixel in raster order.
-
-    Works on horizontal runs (union-find over runs that touch between rows), so the
-    cost follows the number of runs rather than pixels, without needing SciPy.
-    """
-    mask = np.asarray(mask, dtype=bool)
-    height = mask.shape[0]
-    edges = np.diff(np.pad(mask, ((0, 0), (1, 1))).astype(np.int8), axis=1)
-    rows, starts = np.nonzero(edges == 1)
-    ends = np.nonzero(edges == -1)[1]  # exclusive; runs alternate, so they pair with starts
-    parent = list(range(len(rows)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    first = np.searchsorted(rows, np.arange(height + 1))
-    for row in range(1, height):
-        above, here, after = first[row - 1], first[row], first[row + 1]
-        if above == here or here == after:
-            continue
-        # Runs above touch [start, end) when they end at or after start and begin by end.
-        lows = above + np.searchsorted(ends[above:here], starts[here:after], side="left")
-        highs = above + np.searchsorted(starts[above:here], ends[here:after], side="right")
-        for run, low, high in zip(range(here, after), lows, highs):
-            for other in range(low, high):
-                parent[find(run)] = find(other)
-    components: dict[int, np.ndarray] = {}
-    for run, (row, start, end) in enumerate(zip(rows, starts, ends)):
-        root = find(run)
-        if root not in components:
-            components[root] = np.zeros(mask.shape, dtype=bool)
-        components[root][row, start:end] = True
-    return list(components.values())
+    """8-connected regions of a binary mask, ordered by their first pixel in raster order,
+    so that instance order does not depend on which labelling algorithm OpenCV picks."""
+    _, labels = cv2.connectedComponents(
+        np.asarray(mask, dtype=np.uint8), connectivity=8, ltype=cv2.CV_32S
+    )
+    numbers, first_pixels = np.unique(labels, return_index=True)
+    raster_order = numbers[np.argsort(first_pixels)]
+    return [labels == number for number in raster_order if number != 0]
 
 
 def instances_from_semantic(semantic: np.ndarray) -> list[Instance]:
