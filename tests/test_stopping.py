@@ -59,11 +59,16 @@ def session_processes(session: int) -> list[int]:
 
 
 def stop_midway(
-    command: list[str], signum: int, ready: Callable[[], bool], tmp_path: Path
+    command: list[str],
+    signum: int,
+    ready: Callable[[], bool],
+    tmp_path: Path,
+    to_group: bool = True,
 ) -> tuple[int, str, float]:
     """Run ``command``, send ``signum`` once ``ready()``; (exit code, output, seconds to exit).
-    SIGINT goes to the whole process group, as a terminal's Ctrl-C does; the others to the
-    command alone, as ``kill`` does. Fails if any process of the command outlives it."""
+    SIGINT goes to the whole process group, as a terminal's Ctrl-C does, unless
+    ``to_group`` is false; the others to the command alone, as ``kill`` does. Fails if any
+    process of the command outlives it."""
     log = tmp_path / f"output-{signum}.txt"
     with log.open("w") as handle:
         child = subprocess.Popen(
@@ -79,7 +84,7 @@ def stop_midway(
         time.sleep(0.02)
     assert child.poll() is None, f"finished before the signal:\n{log.read_text()[-3000:]}"
     sent = time.monotonic()
-    if signum == signal.SIGINT:
+    if signum == signal.SIGINT and to_group:
         os.killpg(child.pid, signum)
     else:
         os.kill(child.pid, signum)
@@ -137,17 +142,24 @@ def annotate_args(root: Path, images: Path, ckpt: Path, out: Path) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
+DDP = ["extract.trainer.devices=2", "extract.trainer.strategy=ddp"]
+
+
+@pytest.mark.parametrize(
+    ("signum", "extra"),
+    [(signal.SIGTERM, []), (signal.SIGINT, []), (signal.SIGKILL, []), (signal.SIGINT, DDP)],
+    ids=["sigterm", "sigint", "sigkill", "sigint-to-rank-zero-of-two"],
+)
 def test_annotate_stopped_in_the_sam_stage_leaves_nothing_behind_and_resumes(
-    photos, tmp_path, signum
+    photos, tmp_path, signum, extra
 ):
+    """Under DDP the SIGINT reaches rank zero alone, which passes it on to the other rank."""
     root, images, ckpt, reference = photos
     out = tmp_path / "out"
-    args = annotate_args(root, images, ckpt, out)
+    args = [*annotate_args(root, images, ckpt, out), *extra]
     command = [sys.executable, "-m", "usam.annotate", *args, f"hydra.run.dir={tmp_path / 'run'}"]
-    code, output, seconds = stop_midway(
-        command, signum, lambda: any((out / "sam").glob("*/eval/*.tar")), tmp_path
-    )
+    ready = lambda: any((out / "sam").glob("*/eval/*.tar"))  # noqa: E731
+    code, output, seconds = stop_midway(command, signum, ready, tmp_path, to_group=not extra)
     if signum == signal.SIGKILL:
         assert code == -signal.SIGKILL
         resumed_args = args
@@ -157,7 +169,8 @@ def test_annotate_stopped_in_the_sam_stage_leaves_nothing_behind_and_resumes(
         resumed_args = resume_line(output, "annotate")
         assert resumed_args == command[3:]
         assert "of 6 images annotated in" in output and "SAM's masks of" in output
-    annotate.run(compose_config("annotate", [a for a in resumed_args if "hydra." not in a]))
+    resumed_args = [a for a in resumed_args if "hydra." not in a and a not in DDP]
+    annotate.run(compose_config("annotate", resumed_args))
     assert tree(out) == reference
 
 

@@ -68,7 +68,8 @@ def _on_signal(signum: int, frame: object) -> None:
     now = time.monotonic()
     if _requests.signum is None:
         _requests.signum, _requests.at = signum, now
-        os.write(2, b"\nstopping after the image in progress (signal again to stop at once)\n")
+        if not _is_launched_rank():
+            os.write(2, b"\nstopping after the image in progress (signal again to stop at once)\n")
         if signum == signal.SIGINT:
             for pid in _requests.followers:
                 _send(pid, signum)
