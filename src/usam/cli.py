@@ -24,6 +24,17 @@ def _asks_verbose(arguments: list[str]) -> bool:
     return any(arg.lower().lstrip("+") == "verbose=true" for arg in arguments)
 
 
+def command_line_sets(group: str) -> bool:
+    """Whether this command's command line overrides config group ``group`` or one of its
+    keys (False outside a Hydra run): a command's ``run`` asks, and passes the answer on."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return False
+    keys = (o.lstrip("+~").split("=", 1)[0] for o in HydraConfig.get().overrides.task)
+    return any(key == group or key.startswith(f"{group}.") for key in keys)
+
+
 def _task(config_name: str, implementation: str) -> Callable[[Any], None]:
     """Hydra's task function: checks the required keys, runs the command, and on failure
     sets the run folder aside and reports the error (``usam.command_errors``)."""
@@ -45,8 +56,9 @@ def _task(config_name: str, implementation: str) -> Callable[[Any], None]:
             result = importlib.import_module(implementation).run(cfg)
         except Exception as error:
             line = command_errors.user_error_line(error)
-            logs = command_errors.log_traceback(error, config_name) if line is None else []
-            failed = command_errors.set_failed_run_aside(run_dir, log_dir, keep=bool(logs))
+            if line is None:  # a bug: its traceback in the log, and the run folder kept
+                command_errors.log_traceback(error, config_name)
+            failed = command_errors.set_failed_run_aside(run_dir, log_dir, keep=line is None)
             if failed is not None:
                 print(f"the failed run's files are in {failed}", file=sys.stderr)
             if line is None or cfg.get("verbose"):

@@ -95,19 +95,16 @@ def composition_error_line(error: Exception) -> str:
     return " ".join(text.split())
 
 
-def log_traceback(error: BaseException, config_name: str) -> list[Path]:
-    """Writes the traceback into the run's log files (Hydra's job log); returns them. The
-    screen gets it from Python itself, so the console handlers are left out."""
+def log_traceback(error: BaseException, config_name: str) -> None:
+    """Writes the traceback into the run's log files (Hydra's job log). The screen gets it
+    from Python itself, so the console handlers are left out."""
     message = f"usam.{config_name} failed"
     exc_info = (type(error), error, error.__traceback__)
     record = logging.LogRecord("usam", logging.ERROR, __file__, 0, message, None, exc_info)
-    written = []
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
             handler.handle(record)
             handler.flush()
-            written.append(Path(handler.baseFilename))
-    return written
 
 
 def _holds_results(folder: Path) -> bool:
