@@ -10,8 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from usam.core.config import settings_from_config
 from usam.sam import checkpoints
 from usam.sam.checkpoints import CheckpointError
+from usam.sam.registry import SamSettings
+
+from helpers.commands import compose_config
 
 PAYLOAD = b"not really a checkpoint, just bytes to download\n" * 1000
 
@@ -97,6 +101,25 @@ def test_explicit_path_wins_and_a_missing_one_is_reported(tmp_path, cache):
     with pytest.raises(CheckpointError, match="sam.checkpoint") as error:
         checkpoints.resolve("other.pth", None, None, explicit=tmp_path / "nope.pth")
     assert "nope.pth" in str(error.value)
+
+
+def test_paths_cache_dir_is_where_sam_checkpoints_are_found_and_downloaded(
+    server, cache, tmp_path
+):
+    mine = tmp_path / "mine"
+    cfg = compose_config("extract", ["sam=vit_b", f"paths.cache_dir={mine}"])
+    sam = settings_from_config(SamSettings, cfg.sam, "sam")
+    assert sam.cache_dir == f"{mine}/checkpoints"
+    (mine / "checkpoints").mkdir(parents=True)
+    (mine / "checkpoints" / "sam_vit_b_01ec64.pth").write_bytes(b"x")
+    assert sam.ensure_weights() == mine / "checkpoints" / "sam_vit_b_01ec64.pth"
+    sha = hashlib.sha256(PAYLOAD).hexdigest()
+    url = f"{server}/sam_test.pth"
+    path = checkpoints.resolve("sam_test.pth", url, sha, cache_dir=sam.cache_dir)
+    assert path == mine / "checkpoints" / "sam_test.pth" and path.read_bytes() == PAYLOAD
+    assert not cache.exists()  # $USAM_CACHE is only the default of paths.cache_dir
+    with pytest.raises(CheckpointError, match=f"place it in {mine}/checkpoints .sam.cache_dir"):
+        checkpoints.resolve("custom.pth", None, None, cache_dir=sam.cache_dir)
 
 
 def test_no_url_and_no_cached_file(cache):

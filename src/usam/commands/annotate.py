@@ -140,7 +140,7 @@ def _extract_and_annotate(
     is pending, and holds one image per shard: an interrupted run, in either stage, leaves
     every finished image's masks for the next run, which extracts only the rest.
     """
-    sam = SamSettings(annotator.sam_model_type, annotator.sam_checkpoint)
+    sam = annotator.sam
     work = shard_set_dir(outputs.out / "sam", "work", source, sam, annotator.amg, 0.0)
     for stale in work.parent.glob("*"):  # another image set or other settings
         if stale != work:
@@ -191,7 +191,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     extract = settings_from_config(ExtractSettings, cfg.extract, "extract")
     head = load_head(cfg.ckpt)
     predictor = Predictor(head, inference, resolve_device(cfg.device, "device"))
-    annotator = Annotator(predictor, sam.model_type, sam.checkpoint, head_mask_settings(cfg, head))
+    annotator = Annotator(predictor, sam, amg=head_mask_settings(cfg, head))
     source = FolderSource(cfg.images, annotator.classes, cfg.max_side)
     names = _output_names(source)
     label_studio = _label_studio(cfg, exports, source.root)

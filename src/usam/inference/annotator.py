@@ -15,7 +15,7 @@ from usam.formats.image_shards import to_rgb
 from usam.inference.predictor import InferenceSettings, Prediction, Predictor, load_head
 from usam.sam.amg_settings import AmgSettings
 from usam.sam.mask_engine import PointGridEngine
-from usam.sam.registry import build_engine, build_sam
+from usam.sam.registry import SamSettings, build_engine
 
 
 class AnnotationError(UsageError, ValueError):
@@ -28,18 +28,23 @@ class Annotator:
     def __init__(
         self,
         predictor: Predictor,
-        sam: str | None = None,
+        sam: str | SamSettings | None = None,
         sam_checkpoint: str | Path | None = None,
         amg: AmgSettings | None = None,
     ) -> None:
-        trained_on = predictor.checkpoint.sam_model_type
-        sam = sam or trained_on
-        if sam is None:
-            raise AnnotationError("the head does not say which SAM it was trained on; pass sam=")
-        predictor.checkpoint.check_sam(sam, AnnotationError)
+        """``sam``: a model type (its weights ``sam_checkpoint``, else the default cache) or
+        a command's whole ``SamSettings``; None: the model type the head was trained on."""
+        if not isinstance(sam, SamSettings):
+            model_type = sam or predictor.checkpoint.sam_model_type
+            if model_type is None:
+                raise AnnotationError(
+                    "the head does not say which SAM it was trained on; pass sam="
+                )
+            checkpoint = None if sam_checkpoint is None else str(sam_checkpoint)
+            sam = SamSettings(model_type, checkpoint)
+        predictor.checkpoint.check_sam(sam.model_type, AnnotationError)
         self.predictor = predictor
-        self.sam_model_type = sam
-        self.sam_checkpoint = sam_checkpoint
+        self.sam = sam
         self.amg = amg or AmgSettings()
         self._engine: PointGridEngine | None = None
 
@@ -61,12 +66,20 @@ class Annotator:
         return self.predictor.classes
 
     @property
+    def sam_model_type(self) -> str:
+        return self.sam.model_type
+
+    @property
+    def sam_checkpoint(self) -> str | None:
+        return self.sam.checkpoint
+
+    @property
     def engine(self) -> PointGridEngine:
         """SAM, built on first use (the command extracts through its own)."""
         if self._engine is None:
-            sam, _ = build_sam(self.sam_model_type, self.sam_checkpoint)
+            sam, _ = self.sam.build()
             model = sam.to(self.predictor.device)
-            self._engine = build_engine(self.sam_model_type, model, self.amg)
+            self._engine = build_engine(self.sam.model_type, model, self.amg)
         return self._engine
 
     def annotate_record(self, record: ImageRecord) -> Prediction:

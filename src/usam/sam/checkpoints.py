@@ -1,37 +1,34 @@
 """Finding, downloading and loading SAM checkpoints, with errors that say what to do.
 
-Resolution order: an explicit path, else ``$USAM_CACHE/checkpoints/<file>`` (default
-``~/.cache/usam``), else a download with a progress bar and a SHA-256 check. A
-download is written to a temporary file and renamed only once complete and verified,
-so an interrupted or corrupt download never looks like a checkpoint. With
-``USAM_OFFLINE=1`` or ``HF_HUB_OFFLINE=1`` nothing is downloaded: a missing checkpoint
-fails at once instead of waiting on a network that is not there.
+Resolution order: an explicit path (``sam.checkpoint``), else ``<cache dir>/<file>``
+(``sam.cache_dir``, which is ``${paths.cache_dir}/checkpoints``; from Python, without a
+config, ``$USAM_CACHE/checkpoints``, default ``~/.cache/usam/checkpoints``), else a
+download with torch's own fetcher (``torch.hub.download_url_to_file``): a progress bar,
+the SHA-256 checked where one is known, and the file renamed into place only once
+complete and verified, so an interrupted or corrupt download never looks like a
+checkpoint. With ``USAM_OFFLINE=1`` or ``HF_HUB_OFFLINE=1`` nothing is downloaded: a
+missing checkpoint fails at once instead of waiting on a network that is not there.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
-import urllib.error
-import urllib.request
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 
 from usam.core.errors import UsageError
 from usam.core.weights import load_weights
 
+log = logging.getLogger(__name__)
+
 CONFIG_KEY = "sam.checkpoint"
+CACHE_KEY = "sam.cache_dir"
 _CHUNK = 1 << 20
 
 
@@ -39,7 +36,9 @@ class CheckpointError(UsageError, RuntimeError):
     """A checkpoint that is missing, cannot be fetched, is corrupt or belongs to another model."""
 
 
-def cache_dir() -> Path:
+def default_cache_dir() -> Path:
+    """Where checkpoints are cached when no config names the folder: the default of
+    ``paths.cache_dir`` (``$USAM_CACHE``, else ``~/.cache/usam``) plus ``checkpoints``."""
     return Path(os.environ.get("USAM_CACHE") or Path.home() / ".cache" / "usam") / "checkpoints"
 
 
@@ -55,47 +54,36 @@ def sha256_of(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _missing(name: str, url: str | None, why: str) -> CheckpointError:
+def _missing(name: str, url: str | None, why: str, cache_dir: Path) -> CheckpointError:
     source = f"download it from {url} and " if url else ""
     return CheckpointError(
         f"SAM checkpoint {name} is not available ({why}): {source}"
-        f"set {CONFIG_KEY}=/path/to/{name}, or place it in {cache_dir()}"
+        f"set {CONFIG_KEY}=/path/to/{name}, or place it in {cache_dir} ({CACHE_KEY})"
     )
 
 
 def download(url: str, dest: str | Path, sha256: str | None, *, timeout: float = 30.0) -> Path:
-    """Fetch ``url`` to ``dest`` atomically; verify it when ``sha256`` is known."""
+    """Fetch ``url`` to ``dest`` atomically; verify it when ``sha256`` is known.
+
+    torch's fetcher opens the connection without a timeout; ``timeout`` bounds each
+    socket operation, so a stalled server fails instead of hanging the run.
+    """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f"{dest.name}.{os.getpid()}.part")
-    digest = hashlib.sha256()
+    log.info("downloading %s to %s", url, dest)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout)
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as out:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            columns = (
-                TextColumn(f"downloading {dest.name}"),
-                BarColumn(),
-                DownloadColumn(),
-                TransferSpeedColumn(),
-                TimeRemainingColumn(),
-            )
-            with Progress(*columns, transient=True) as progress:
-                task = progress.add_task("download", total=total)
-                for block in iter(lambda: response.read(_CHUNK), b""):
-                    out.write(block)
-                    digest.update(block)
-                    progress.update(task, advance=len(block))
-        if sha256 is not None and digest.hexdigest() != sha256:
-            raise CheckpointError(
-                f"download of {url} has SHA-256 {digest.hexdigest()}, expected {sha256}; "
-                f"the file was discarded. Retry, or fetch it yourself and set "
-                f"{CONFIG_KEY}=/path/to/{dest.name}"
-            )
-        os.replace(tmp, dest)
-    except (urllib.error.URLError, OSError) as error:
-        raise _missing(dest.name, url, f"download failed: {error}") from error
+        torch.hub.download_url_to_file(url, str(dest), hash_prefix=sha256, progress=True)
+    except RuntimeError as error:  # the only one torch raises: the SHA-256 differs
+        raise CheckpointError(
+            f"download of {url} failed its SHA-256 check ({error}); the file was discarded. "
+            f"Retry, or fetch it yourself and set {CONFIG_KEY}=/path/to/{dest.name}"
+        ) from error
+    except OSError as error:  # URLError and HTTPError included
+        raise _missing(dest.name, url, f"download failed: {error}", dest.parent) from error
     finally:
-        tmp.unlink(missing_ok=True)
+        socket.setdefaulttimeout(previous)
     return dest
 
 
@@ -104,9 +92,11 @@ def resolve(
     url: str | None,
     sha256: str | None,
     *,
+    cache_dir: str | Path | None = None,
     explicit: str | Path | None = None,
 ) -> Path:
-    """Path of checkpoint ``name``: the explicit one, the cached one, or a fresh download."""
+    """Path of checkpoint ``name``: the explicit one, the one in ``cache_dir`` (None:
+    :func:`default_cache_dir`), or a fresh download into it."""
     if explicit is not None:
         path = Path(explicit).expanduser()
         if not path.is_file():
@@ -115,13 +105,14 @@ def resolve(
                 f"(or leave it unset to use the official checkpoint)"
             )
         return path
-    cached = cache_dir() / name
+    folder = default_cache_dir() if cache_dir is None else Path(cache_dir).expanduser()
+    cached = folder / name
     if cached.is_file():
         return cached
     if url is None:
-        raise _missing(name, None, "no download address is known for it")
+        raise _missing(name, None, "no download address is known for it", folder)
     if offline():
-        raise _missing(name, url, "offline: USAM_OFFLINE or HF_HUB_OFFLINE is set")
+        raise _missing(name, url, "offline: USAM_OFFLINE or HF_HUB_OFFLINE is set", folder)
     return download(url, cached, sha256)
 
 

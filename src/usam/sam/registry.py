@@ -59,6 +59,9 @@ class SamSettings:
 
     model_type: str = "vit_h"
     checkpoint: str | None = None  # the official checkpoint file; None: cache, then download
+    # where official checkpoints are found and downloaded to (${paths.cache_dir}/checkpoints);
+    # None: usam.sam.checkpoints.default_cache_dir()
+    cache_dir: str | None = None
 
     def check(self) -> None:
         spec = get_spec(self.model_type)
@@ -66,16 +69,17 @@ class SamSettings:
             spec.require(self.model_type)
 
     def identity(self) -> dict[str, Any]:
-        """What names this SAM for caching, known without loading or hashing the checkpoint."""
+        """What names this SAM for caching, known without loading or hashing the checkpoint
+        (where the cache lies is not part of it)."""
         return {"model_type": self.model_type, "checkpoint": self.checkpoint or None}
 
     def build(self) -> tuple[torch.nn.Module, dict[str, Any]]:
-        return build_sam(self.model_type, self.checkpoint)
+        return build_sam(self.model_type, self.checkpoint, cache_dir=self.cache_dir)
 
     def ensure_weights(self) -> Path | None:
         """The checkpoint this SAM will load (downloaded now when missing and online), or
         None for random weights; raises ``CheckpointError`` naming ``sam.checkpoint``."""
-        return _weights_path(get_spec(self.model_type), self.checkpoint)
+        return _weights_path(get_spec(self.model_type), self.checkpoint, self.cache_dir)
 
 
 def identify(state_dict: dict[str, Any]) -> str | None:
@@ -102,12 +106,14 @@ def build_random(model_type: str, seed: int = DEFAULT_SEED) -> torch.nn.Module:
     return model.eval()
 
 
-def _weights_path(spec: SamSpec, checkpoint: str | Path | None) -> Path | None:
+def _weights_path(
+    spec: SamSpec, checkpoint: str | Path | None, cache_dir: str | Path | None
+) -> Path | None:
     """None for an architecture without official weights and no checkpoint given."""
     if spec.random_weights and checkpoint is None:
         return None
     if checkpoint is None:
-        return checkpoints.resolve(spec.checkpoint_name, spec.url, spec.sha256)
+        return checkpoints.resolve(spec.checkpoint_name, spec.url, spec.sha256, cache_dir=cache_dir)
     return checkpoints.resolve(Path(checkpoint).name, None, None, explicit=checkpoint)
 
 
@@ -115,6 +121,7 @@ def build_sam(
     model_type: str,
     checkpoint: str | Path | None = None,
     *,
+    cache_dir: str | Path | None = None,
     random_weights: bool = False,
     seed: int = DEFAULT_SEED,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -122,10 +129,10 @@ def build_sam(
 
     With ``random_weights`` (or for an architecture without official weights and no
     ``checkpoint``) the weights are the seeded default initialisation. Otherwise the
-    checkpoint is resolved (explicit path, cache, download) and loaded.
+    checkpoint is resolved (explicit path, ``cache_dir``, download) and loaded.
     """
     spec = get_spec(model_type)
-    path = None if random_weights else _weights_path(spec, checkpoint)
+    path = None if random_weights else _weights_path(spec, checkpoint, cache_dir)
     named = {"model_type": model_type, "backend": spec.backend}
     if path is None:
         info = {**named, "checkpoint_sha256": None, "random_weights": True, "seed": seed}
