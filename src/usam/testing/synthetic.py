@@ -92,6 +92,19 @@ def make_record(
     )
 
 
+def _manifest(classes: list[str], embed_dim: int, sam_model_type: str, config: dict) -> Manifest:
+    manifest = Manifest(
+        classes=classes,
+        embed_dim=embed_dim,
+        kind="train",
+        sam={"model_type": sam_model_type, "checkpoint_sha256": None, "random_weights": True},
+        synthetic=True,
+        config=config,
+    )
+    manifest.shuffle_seed = config["seed"]  # written mixed, as extraction writes a training set
+    return manifest
+
+
 def write_synthetic_shard_set(
     directory: str | Path,
     *,
@@ -125,16 +138,8 @@ def write_synthetic_shard_set(
         "noise": noise,
         "seed": seed,
     }
-    manifest = Manifest(
-        classes=list(vocabulary.classes),
-        embed_dim=embed_dim,
-        kind="train",
-        sam={"model_type": sam_model_type, "checkpoint_sha256": None, "random_weights": True},
-        synthetic=True,
-        config=config,
-    )
+    manifest = _manifest(list(vocabulary.classes), embed_dim, sam_model_type, config)
     listed = [(c, i) for c in range(num_classes) for i in range(images_per_class)]
-    manifest.shuffle_seed = seed  # written mixed, as extraction writes a training set
     with ShardSetWriter(directory, manifest, images_per_shard=images_per_shard) as writer:
         for position in mixed_order(len(listed), seed):
             class_index, image_index = listed[position]

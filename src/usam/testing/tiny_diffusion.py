@@ -29,6 +29,25 @@ def _tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
+def _text_encoder(tokenizer):
+    """A 2-layer, 32-wide CLIP text encoder over ``tokenizer``'s vocabulary."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer.get_vocab()),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            max_position_embeddings=77,
+        )
+    )
+
+
 def build_tiny_pipeline(seed: int = 0):
     """A StableDiffusionPipeline with 32-wide UNet/VAE and a 2-layer CLIP text encoder."""
     import torch
@@ -38,7 +57,6 @@ def build_tiny_pipeline(seed: int = 0):
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = _tokenizer()
     torch.manual_seed(seed)
@@ -62,19 +80,7 @@ def build_tiny_pipeline(seed: int = 0):
         latent_channels=4,
         sample_size=32,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer.get_vocab()),
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            hidden_size=32,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            max_position_embeddings=77,
-        )
-    )
+    text_encoder = _text_encoder(tokenizer)
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
