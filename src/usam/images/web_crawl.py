@@ -248,17 +248,7 @@ def _ingest(
         images_per_shard=settings.images_per_shard,
     ) as writer:
         failures = FailureLog(out_dir / FAILED_NAME, field)
-        stored = {meta[field] for meta in writer.done.values()}
-        by_hash = {meta["sha256"]: key for key, meta in writer.done.items()}
-        todo = [e for e in entries if e.ident not in stored and e.ident not in failures.done]
-        log.info(
-            "%d %ss: %d stored, %d failed before, %d to do",
-            len(entries),
-            field,
-            len(stored),
-            len(failures.done),
-            len(todo),
-        )
+        todo, by_hash = _pending(entries, writer, failures)
         bar = progress_bar(
             TextColumn("{task.fields[ok]} ok, {task.fields[failed]} failed"), enabled=progress
         )
@@ -275,21 +265,7 @@ def _ingest(
                     if not running:
                         break
                     future, entry = running.popleft()  # in list order: the first copy wins
-                    try:
-                        jpeg, meta = future.result()
-                        digest = sha256(jpeg)
-                        if digest in by_hash:
-                            twin = writer.done[by_hash[digest]]
-                            raise FetchError(
-                                "duplicate", f"same image as {by_hash[digest]} ({twin[field]})"
-                            )
-                    except FetchError as error:
-                        failures.add(entry, error)
-                    else:
-                        key = f"{source}-{digest[:24]}"
-                        writer.write(key, jpeg, meta)
-                        by_hash[digest] = key
-                        added += 1
+                    added += _store(future, entry, writer, by_hash, failures, source)
                     bar.update(task, advance=1, ok=added, failed=sum(failures.kinds.values()))
                     stop_if_requested()
         finally:  # a stop leaves the downloads in flight to their deadlines
@@ -305,6 +281,48 @@ def _ingest(
         out_dir / FAILED_NAME,
     )
     return writer.manifest
+
+
+def _pending(
+    entries: list[Entry], writer: ImageShardWriter, failures: FailureLog
+) -> tuple[list[Entry], dict[str, str]]:
+    """The entries neither stored nor failed before, and the stored images' keys by SHA-256."""
+    field = failures.field
+    stored = {meta[field] for meta in writer.done.values()}
+    todo = [e for e in entries if e.ident not in stored and e.ident not in failures.done]
+    log.info(
+        "%d %ss: %d stored, %d failed before, %d to do",
+        len(entries),
+        field,
+        len(stored),
+        len(failures.done),
+        len(todo),
+    )
+    return todo, {meta["sha256"]: key for key, meta in writer.done.items()}
+
+
+def _store(
+    future: Future,
+    entry: Entry,
+    writer: ImageShardWriter,
+    by_hash: dict[str, str],
+    failures: FailureLog,
+    source: str,
+) -> bool:
+    """Store one result unless it failed or repeats a stored image; True when stored."""
+    try:
+        jpeg, meta = future.result()
+        digest = sha256(jpeg)
+        if digest in by_hash:
+            twin = writer.done[by_hash[digest]][failures.field]
+            raise FetchError("duplicate", f"same image as {by_hash[digest]} ({twin})")
+    except FetchError as error:
+        failures.add(entry, error)
+        return False
+    key = f"{source}-{digest[:24]}"
+    writer.write(key, jpeg, meta)
+    by_hash[digest] = key
+    return True
 
 
 def _metadata(entry: Entry, source: str, width: int, height: int) -> dict[str, Any]:
