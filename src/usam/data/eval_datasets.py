@@ -31,6 +31,8 @@ from usam.data.ground_truth import (
     check_size,
     check_values,
     instances_from_semantic,
+    paint_instances,
+    parse_yolo_polygons,
     png_size,
     read_index_png,
     require_dir,
@@ -199,20 +201,6 @@ class COCOInstances(ImageSource):
         }
 
 
-def _paint(instances: Sequence[Instance], shape: tuple[int, int]) -> np.ndarray:
-    """Semantic map of annotated instances: larger ones first so smaller ones stay visible;
-    crowd regions are ignore where no single instance covers them."""
-    semantic = np.zeros(shape, dtype=np.uint8)
-    crowd = np.zeros(shape, dtype=bool)
-    for instance in sorted(instances, key=lambda i: -int(i.mask.sum())):
-        if instance.iscrowd:
-            crowd |= instance.mask
-        else:
-            semantic[instance.mask] = instance.label + 1
-    semantic[crowd & (semantic == 0)] = IGNORE
-    return semantic
-
-
 def _coco_truth(ref: dict[str, Any]) -> tuple[GroundTruth, tuple[str, ...]]:
     coco = _coco(ref["annotation_file"])
     ids, classes = _coco_categories(coco, ref["annotation_file"])
@@ -222,35 +210,11 @@ def _coco_truth(ref: dict[str, Any]) -> tuple[GroundTruth, tuple[str, ...]]:
         Instance(coco.annToMask(a).astype(bool), index[a["category_id"]], bool(a.get("iscrowd")))
         for a in coco.loadAnns(coco.getAnnIds(imgIds=[info["id"]]))
     ]
-    semantic = _paint(instances, (info["height"], info["width"]))
+    semantic = paint_instances(instances, (info["height"], info["width"]))
     return GroundTruth(semantic, instances, False), classes
 
 
 # ---------------------------------------------------------------- YOLO-seg polygons
-
-
-def parse_yolo_polygons(path: Path, num_classes: int) -> list[tuple[int, np.ndarray]]:
-    """(class index, normalised (x, y) points) per line of a YOLO-seg label file."""
-    polygons = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        fields = line.split()
-        if not fields:
-            continue
-        where = f"{path}:{number}"
-        try:
-            label, coords = int(fields[0]), np.array(fields[1:], dtype=np.float64)
-        except ValueError as error:
-            raise DatasetError(f"{where}: not 'class x1 y1 x2 y2 ...' numbers ({error})") from error
-        if not 0 <= label < num_classes:
-            raise DatasetError(f"{where}: class {label} is outside 0..{num_classes - 1}")
-        if coords.size == 4:
-            raise DatasetError(
-                f"{where}: 'class cx cy w h' is a box label; this reader needs YOLO-seg polygons"
-            )
-        if coords.size % 2 or coords.size < 6:
-            raise DatasetError(f"{where}: a polygon needs an even count of at least 6 coordinates")
-        polygons.append((label, np.clip(coords, 0.0, 1.0).reshape(-1, 2)))
-    return polygons
 
 
 class YOLOSegmentation(ImageSource):
@@ -322,7 +286,7 @@ def _yolo_truth(ref: dict[str, Any]) -> tuple[GroundTruth, tuple[str, ...]]:
             pixels = (points * [width, height]).ravel().tolist()
             rle = mask_utils.merge(mask_utils.frPyObjects([pixels], height, width))
             instances.append(Instance(mask_utils.decode(rle).astype(bool), label))
-    return GroundTruth(_paint(instances, (height, width)), instances, False), classes
+    return GroundTruth(paint_instances(instances, (height, width)), instances, False), classes
 
 
 # ---------------------------------------------------------------- ADE20K scene parsing

@@ -10,7 +10,8 @@ mAP50 on those is a proxy, not the benchmark's instance metric. Touching objects
 one class merge, and thin parts cut by void fall apart (a VOC bicycle can give a
 hundred pieces, past COCO's cap of 100 detections per image and class), so even a
 perfect prediction can score below 1 there. The readers are in
-:mod:`usam.data.eval_datasets`.
+:mod:`usam.data.eval_datasets`; what they share (index PNGs, instances painted into a
+semantic map, YOLO-seg polygons, the checks) is here.
 """
 
 from __future__ import annotations
@@ -67,6 +68,44 @@ def instances_from_semantic(semantic: np.ndarray) -> list[Instance]:
             for component in connected_components(semantic == value):
                 instances.append(Instance(component, int(value) - 1))
     return instances
+
+
+def paint_instances(instances: Sequence[Instance], shape: tuple[int, int]) -> np.ndarray:
+    """Semantic map of annotated instances: larger ones first so smaller ones stay visible;
+    crowd regions are ignore where no single instance covers them."""
+    semantic = np.zeros(shape, dtype=np.uint8)
+    crowd = np.zeros(shape, dtype=bool)
+    for instance in sorted(instances, key=lambda i: -int(i.mask.sum())):
+        if instance.iscrowd:
+            crowd |= instance.mask
+        else:
+            semantic[instance.mask] = instance.label + 1
+    semantic[crowd & (semantic == 0)] = IGNORE
+    return semantic
+
+
+def parse_yolo_polygons(path: Path, num_classes: int) -> list[tuple[int, np.ndarray]]:
+    """(class index, normalised (x, y) points) per line of a YOLO-seg label file."""
+    polygons = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        where = f"{path}:{number}"
+        try:
+            label, coords = int(fields[0]), np.array(fields[1:], dtype=np.float64)
+        except ValueError as error:
+            raise DatasetError(f"{where}: not 'class x1 y1 x2 y2 ...' numbers ({error})") from error
+        if not 0 <= label < num_classes:
+            raise DatasetError(f"{where}: class {label} is outside 0..{num_classes - 1}")
+        if coords.size == 4:
+            raise DatasetError(
+                f"{where}: 'class cx cy w h' is a box label; this reader needs YOLO-seg polygons"
+            )
+        if coords.size % 2 or coords.size < 6:
+            raise DatasetError(f"{where}: a polygon needs an even count of at least 6 coordinates")
+        polygons.append((label, np.clip(coords, 0.0, 1.0).reshape(-1, 2)))
+    return polygons
 
 
 def to_superclasses(truth: GroundTruth, label_map: Mapping[int, int]) -> GroundTruth:
