@@ -132,7 +132,10 @@ def test_coco_file_matches_the_predictor(annotated):
     out = root / "out"
     assert summary["images"] == len(GOOD) and summary["annotated_now"] == len(GOOD)
     assert summary["rejected"] == len(BAD) and summary["instances"] > 0
-    assert "SAM tiny has random weights" in summary["not_meaningful_because"]
+    assert summary["meaningful"] is False and summary["not_meaningful_because"] == [
+        "the head's training data: synthetic embeddings (no SAM)",
+        "an untrained SAM (tiny)",
+    ]
     coco = COCO(str(out / "annotations.json"))
     assert [c["name"] for c in coco.loadCats(coco.getCatIds())][:3] == [
         "aeroplane",

@@ -5,6 +5,7 @@ Predictor/metrics path, the command, weight errors."""
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -13,7 +14,14 @@ from pycocotools import mask as mask_utils
 from usam.commands.eval import (
     run,  # the one entry point: baseline=sam_clip dispatches to the baseline
 )
-from usam.evaluation.clip_baseline import ClipWeightsError, clip_predictor, load_clip, masked_views
+from usam.core.config import ConfigError, settings_from_config
+from usam.evaluation.clip_baseline import (
+    ClipSettings,
+    ClipWeightsError,
+    clip_predictor,
+    load_clip,
+    masked_views,
+)
 from usam.evaluation.scoring import evaluate
 from usam.formats.embedding_shards import ImageRecord, iter_records
 from usam.inference.predictor import InferenceSettings, Predictor
@@ -47,12 +55,9 @@ def tiny_clip(tmp_path_factory) -> str:
     return TINY_CLIP
 
 
-def spec(model: str, batch_size: int = 64, view: str = "masked_image") -> dict:
-    return {
-        "clip": {"model": model, "pretrained": None, "checkpoint": None, "view": view},
-        "template": "a photo of a {}",
-        "batch_size": batch_size,
-    }
+def spec(model: str, batch_size: int = 64, view: str = "masked_image") -> ClipSettings:
+    """Random weights: no pretrained tag, no checkpoint."""
+    return ClipSettings(model, pretrained=None, view=view, batch_size=batch_size)
 
 
 def test_pooled_images_are_the_mask_times_the_whole_image_or_its_box():
@@ -78,7 +83,8 @@ def test_baseline_flows_through_the_same_predictor_and_metrics(voc_set, tiny_cli
     source, directory = voc_set
     predictor = clip_predictor(spec(tiny_clip), source, LOW)
     assert isinstance(predictor, Predictor) and predictor.classes == list(source.classes)
-    assert predictor.checkpoint.random_weights and predictor.checkpoint.sam_model_type is None
+    assert predictor.checkpoint.provenance.reasons == ("an untrained CLIP",)
+    assert predictor.checkpoint.sam_model_type is None  # CLIP names any SAM's masks
     record = next(iter_records(directory))
     probs = predictor.mask_probabilities(record)
     assert probs.shape == (record.num_masks, 21) and (probs[:, 0] == 0).all()
@@ -90,7 +96,10 @@ def test_baseline_flows_through_the_same_predictor_and_metrics(voc_set, tiny_cli
     _, scores = direct(directory, predictor)
     assert evaluation.images == 2 and evaluation.detections > 0
     assert evaluation.scores == pytest.approx(scores, nan_ok=True)
-    assert "CLIP is untrained" in evaluation.not_meaningful  # and the random SAM
+    assert evaluation.provenance.reasons == (
+        "an untrained CLIP",
+        "evaluation masks: an untrained SAM (tiny)",
+    )
     strict = clip_predictor(spec(tiny_clip), source, InferenceSettings(confidence_threshold=0.7))
     assert evaluate(directory, strict).detections == 0  # the paper's threshold: none this sure
 
@@ -105,11 +114,19 @@ def test_the_crop_view_shows_clip_other_pixels(voc_set, tiny_clip):
     assert probs.shape == pooled.shape and (probs[:, 0] == 0).all()
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
     assert np.abs(probs - pooled).max() > 1e-3
-    with pytest.raises(ValueError, match="baseline.clip.view='crop'"):
-        clip_predictor(spec("ViT-X", view="crop"), source, LOW)  # before any weights load
 
 
-def test_command_scores_the_baseline(voc_set, tiny_clip, tmp_path, capsys):
+
+def test_the_settings_name_a_misspelt_key_and_a_bad_value():
+    with pytest.raises(ConfigError, match="unknown key baseline.clip.templat; did you mean "):
+        settings_from_config(ClipSettings, {"templat": "{}"}, "baseline.clip")
+    with pytest.raises(ConfigError, match="baseline.clip.view='crop'"):
+        settings_from_config(ClipSettings, {"view": "crop"}, "baseline.clip")
+    with pytest.raises(ConfigError, match="baseline.clip.batch_size=0 must be at least 1"):
+        settings_from_config(ClipSettings, {"batch_size": 0}, "baseline.clip")
+
+
+def test_command_scores_the_baseline(voc_set, tiny_clip, tmp_path, caplog):
     source, directory = voc_set
     overrides = [
         f"paths.root_dir={tmp_path}",
@@ -132,9 +149,9 @@ def test_command_scores_the_baseline(voc_set, tiny_clip, tmp_path, capsys):
             "inference.confidence_threshold=0.06",
         ],
     )
-    summary = run(cfg)
-    out = capsys.readouterr().out
-    assert "RANDOM WEIGHTS: CLIP" in out and "NOT MEANINGFUL" in out
+    with caplog.at_level(logging.WARNING, logger="usam.core.provenance"):
+        summary = run(cfg)
+    assert "because of: an untrained CLIP; evaluation masks: an untrained SAM" in caplog.text
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics == json.loads(json.dumps(summary))
     assert metrics["baseline"] == "sam_clip" and metrics["detections"] > 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -40,7 +41,7 @@ def compose_eval(tmp_path: Path, *overrides: str):
     )
 
 
-def test_eval_extracts_once_and_writes_its_results(tmp_path, capsys):
+def test_eval_extracts_once_and_writes_its_results(tmp_path, capsys, caplog):
     voc = write_voc(tmp_path / "VOC2012")
     ckpt = head_checkpoint(tmp_path / "head.ckpt")
     data = [f"eval_data.source.root={voc}"]
@@ -50,10 +51,12 @@ def test_eval_extracts_once_and_writes_its_results(tmp_path, capsys):
     shards = Path(first.split("evaluation shard set ready: ")[1].strip())
     assert shards.name == "eval" and shards.parent.name.startswith("eval-voc_val-tiny-")
 
-    summary = run(compose_eval(tmp_path, *data, f"ckpt={ckpt}", "wandb.enabled=true"))
+    with caplog.at_level(logging.WARNING, logger="usam.core.provenance"):
+        summary = run(compose_eval(tmp_path, *data, f"ckpt={ckpt}", "wandb.enabled=true"))
     out = capsys.readouterr().out
     assert "extracting" not in out  # cached by the id of images, SAM and settings
-    assert "NOT MEANINGFUL" in out and "evaluation masks: an untrained SAM (tiny)" in out
+    assert "RANDOM WEIGHTS: these numbers check the evaluation pipeline" in caplog.text
+    assert "evaluation masks: an untrained SAM (tiny)" in caplog.text
     run_dir = tmp_path / "run"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics == json.loads(json.dumps(summary))
@@ -97,8 +100,8 @@ def test_eval_extracts_once_and_writes_its_results(tmp_path, capsys):
 def test_eval_makes_masks_the_way_the_head_was_trained(tmp_path):
     voc = write_voc(tmp_path / "VOC2012")
     recorded = dataclasses.asdict(AMG)
-    ckpt = head_checkpoint(tmp_path / "head.ckpt", mask_settings=recorded)
-    assert load_head(ckpt).mask_settings == recorded
+    ckpt = head_checkpoint(tmp_path / "head.ckpt", mask_settings=AMG)
+    assert load_head(ckpt).metadata.mask_settings == AMG
     no_amg = [o for o in SMALL if not o.startswith("amg.")]  # the config's amg: 32 x 32 points
     shown = run_python(
         "-m",
@@ -174,7 +177,7 @@ def test_eval_end_to_end_on_real_subsets(tmp_path, eval_data, subset, classes):
     ]  # fmt: skip
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "NOT MEANINGFUL" in result.stdout
+    assert "RANDOM WEIGHTS: these numbers check the evaluation pipeline" in result.stdout
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["images"] == 3 and metrics["masks"] > 0
     assert metrics["instances_derived"] is (eval_data == "voc_val")  # VOC-mini has no objects
@@ -196,7 +199,7 @@ def test_the_sam3_baseline_runs_on_voc_mini(tmp_path):
     ]  # fmt: skip
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "NOT MEANINGFUL" in result.stdout
+    assert "RANDOM WEIGHTS: these numbers check the evaluation pipeline" in result.stdout
     run_dir = tmp_path / "run"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["baseline"] == "sam3" and metrics["images"] == 3 and not metrics["meaningful"]

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from usam.core.provenance import Provenance
 from usam.core.vocabulary import load_vocabulary
 from usam.data.datamodule import ShardDataModule
 from usam.data.eval_datasets import ADE20K, load_ground_truth
@@ -24,7 +25,7 @@ from usam.evaluation.scoring import (
     SWEEP_ON_TEST,
     EvaluationError,
     evaluate,
-    not_meaningful_reasons,
+    provenance_of,
     resolve_vocabulary,
 )
 from usam.formats.embedding_shards import (
@@ -204,7 +205,10 @@ def test_outputs_overlays_and_random_weights(voc_set, tmp_path):
         "ap50": pytest.approx(evaluation.scores["ap50/person"]),
     }
     assert metrics["images"] == 2 and metrics["checkpoint"] == "head.ckpt"
-    assert metrics["meaningful"] is False and len(metrics["not_meaningful_because"]) == 2
+    assert metrics["meaningful"] is False and metrics["not_meaningful_because"] == [
+        "the head's training data: synthetic embeddings (no SAM)",
+        "evaluation masks: an untrained SAM (tiny)",
+    ]
     assert metrics["inference"]["confidence_threshold"] == 0.3
     with open(tmp_path / "out" / "per_class.csv") as handle:
         table = list(csv.DictReader(handle))
@@ -248,18 +252,20 @@ def test_outputs_overlays_and_random_weights(voc_set, tmp_path):
     assert person.any() and not np.array_equal(truth_panel[person], photo[person])
 
 
-def test_random_weight_reasons():
+def test_provenance_names_the_head_and_the_evaluation_masks(tmp_path):
     manifest = Manifest(["cat"], 1024, "eval", {"model_type": "vit_h", "random_weights": False})
-
-    class Real:
-        class checkpoint:  # noqa: N801 - stands in for a HeadCheckpoint
-            random_weights = False
-
-    assert not_meaningful_reasons(manifest, Real()) == []
+    trained = Predictor.from_checkpoint(head_checkpoint(tmp_path / "a.ckpt", random=False))
+    assert provenance_of(manifest, trained) == Provenance()
     manifest.synthetic = True
-    assert not_meaningful_reasons(manifest, Real()) == [
-        "evaluation masks: synthetic embeddings (no SAM)"
-    ]
+    manifest.sam["random_weights"] = True
+    assert provenance_of(manifest, trained).reasons == (
+        "evaluation masks: synthetic embeddings (no SAM)",
+        "evaluation masks: an untrained SAM (vit_h)",
+    )
+    untrained = Predictor.from_checkpoint(head_checkpoint(tmp_path / "b.ckpt"))
+    reasons = provenance_of(manifest, untrained).reasons
+    assert reasons[0] == "the head's training data: synthetic embeddings (no SAM)"
+    assert len(reasons) == 3
 
 
 def test_voc_palette_is_the_one_imgviz_and_voc_use():
@@ -329,7 +335,7 @@ def test_callback_logs_scores_during_fit_validate_and_test(voc_set, tmp_path):
     metrics = trainer.callback_metrics
     logged = {"val/mIoU", "val/mAP50", "val/mAP50-95", "val/iou/person", "val/ap50/person"}
     assert logged <= set(metrics)
-    assert metrics["val/eval_random_weights"] == 1.0  # synthetic head and evaluation set
+    assert metrics["val/eval/random_weights"] == 1.0  # synthetic head and evaluation set
     assert "val/iou/aeroplane" not in metrics  # no IoU for a class that never occurs
     assert "val/ap50/aeroplane" not in metrics  # nor AP for one without instances
     # every second epoch only, never the sanity check

@@ -57,7 +57,8 @@ def test_folder_extraction_matches_the_engine_and_rejects_bad_files(tmp_path, ti
     manifests = extract(source, tmp_path / "out", engine, info, trainer_args=FAST)
     assert set(manifests) == {"eval"}
     manifest = manifests["eval"]
-    assert manifest.kind == "eval" and manifest.num_images == 3 and manifest.random_weights
+    assert manifest.kind == "eval" and manifest.num_images == 3
+    assert manifest.provenance.reasons == ("an untrained SAM (tiny)",)
     assert manifest.config["source_fingerprint"] == source.fingerprint()
     rejected = [
         json.loads(x) for x in (tmp_path / "out" / "rejected.jsonl").read_text().split("\n") if x

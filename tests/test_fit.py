@@ -1,16 +1,17 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
 
 import pytest
-import torch
 from omegaconf import OmegaConf
 
 from usam.commands.fit import run
 from usam.formats.embedding_shards import ShardSetError, read_manifest
 from usam.images.stable_diffusion import GenerationError
+from usam.inference.predictor import load_head
 from usam.sam.checkpoints import CheckpointError
 
 from helpers.commands import CONF_DIR, ROOT, TINY_TEACHER_FIT, compose_config, run_overrides
@@ -66,7 +67,7 @@ def test_fast_dev_run_both_stages(tmp_path, capsys):
     assert set(checkpoints) == {"teacher", "student"}
     for stage, path in checkpoints.items():
         assert path.is_file() and path.parent.name == stage
-        assert torch.load(path, weights_only=False)["usam"]["random_weights"] is True
+        assert load_head(path).metadata.provenance.random_weights
     assert (tmp_path / "run" / "config.yaml").is_file()
     assert "RANDOM WEIGHTS" in capsys.readouterr().out
     assert (tmp_path / "data" / "shards").is_dir()  # synthetic shards written on first use
@@ -97,7 +98,7 @@ def test_wandb_offline_run_is_marked_random_weights(tmp_path):
     )
     checkpoints = run(cfg)
     assert checkpoints["teacher"].is_file()
-    markers = (b"results_meaningful", b"val/random_weights", b"random-weights")
+    markers = (b"not_meaningful_because", b"val/random_weights", b"random-weights")
     record = offline_record(tmp_path / "run" / "wandb", *markers)  # the log synced later
     for marker in markers:
         assert marker in record
@@ -147,10 +148,11 @@ def test_class_names_to_trained_head_on_tiny_models(tmp_path):
     assert len(sets) == 1 and sets[0].name.startswith("custom-")
     train, val = (read_manifest(sets[0] / split) for split in ("train", "val"))
     assert train.num_images + val.num_images == 6 and val.num_images >= 1
-    assert train.images_random_weights and train.sam["random_weights"] and train.random_weights
-    meta = torch.load(checkpoints["teacher"], weights_only=True)["usam"]
-    assert meta["random_weights"]
-    assert meta["amg"] == train.config["amg"] and meta["amg"]["points_per_side"] == 4
+    assert train.images_random_weights and train.sam["random_weights"]
+    meta = load_head(checkpoints["teacher"]).metadata
+    assert meta.provenance == train.provenance  # the head carries its data's reasons
+    assert dataclasses.asdict(meta.mask_settings) == train.config["amg"]
+    assert meta.mask_settings.points_per_side == 4
     stamp = sorted(p.stat().st_mtime_ns for p in (sets[0] / "train").iterdir())
     run(
         compose_config("fit", [*overrides, f"paths.output_dir={tmp_path}/run2"])

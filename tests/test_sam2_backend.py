@@ -3,7 +3,6 @@ its official checkpoint layout, and run end to end by the commands as a user run
 
 from __future__ import annotations
 
-import json
 import sys
 from importlib.util import find_spec
 
@@ -152,9 +151,9 @@ def test_fit_runs_on_sam2_and_its_head_refuses_another_backend(tmp_path):
     assert manifest.embed_dim == 1024
     assert all(len(r.embeddings) for r in iter_records(shards / "train"))
     (ckpt,) = (tmp_path / "run" / "checkpoints" / "teacher").glob("*.ckpt")
-    meta = torch.load(ckpt, weights_only=True)["usam"]
-    assert meta["sam_model_type"] == "sam2.1_tiny"
-    assert json.loads(json.dumps(meta["amg"]))["points_per_side"] == 2
+    meta = load_head(ckpt).metadata
+    assert meta.sam_model_type == "sam2.1_tiny" and meta.sam_backend == "sam2"
+    assert meta.mask_settings.points_per_side == 2
 
     with pytest.raises(EvaluationError, match=r"trained on sam2.1_tiny .*run with sam=sam2.1_tiny"):
         load_head(ckpt).check_sam("tiny", EvaluationError)

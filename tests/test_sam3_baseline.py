@@ -18,7 +18,7 @@ from usam.core.config import ConfigError, settings_from_config
 from usam.data.eval_datasets import VOCSegmentation
 from usam.evaluation.sam3_baseline import (
     HUB_URL,
-    Sam3Checkpoint,
+    UNTRAINED,
     Sam3Detector,
     Sam3Predictor,
     Sam3Settings,
@@ -97,13 +97,16 @@ def test_command_scores_sam3_detections_with_the_shared_metrics(voc, tmp_path):
     assert shown.returncode == 0, shown.stderr[-2000:]
     record = offline_record(run_dir / "wandb", b"baseline:sam3", b"random-weights")
     assert b"sam:tiny" not in record  # no SAM 1 model took part
-    assert "RANDOM WEIGHTS: SAM 3 is untrained" in shown.stdout
-    assert f"NOT MEANINGFUL: {Sam3Checkpoint.random_weights_reason}" in shown.stdout
+    assert "RANDOM WEIGHTS: these numbers check the evaluation pipeline" in shown.stdout
+    assert f"because of: {UNTRAINED}" in shown.stdout  # the banner names the untrained SAM 3
     assert "SAM 3" in shown.stderr and "2/2" in shown.stderr  # a bar with its total
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["baseline"] == "sam3" and metrics["sam3"]["model"] == "tiny"
     assert metrics["meaningful"] is False
-    assert Sam3Checkpoint.random_weights_reason in metrics["not_meaningful_because"]
+    assert metrics["not_meaningful_because"] == [
+        UNTRAINED,
+        "evaluation masks: an untrained SAM (sam3)",  # the detections' manifest says so too
+    ]
     assert metrics["images"] == 2 and metrics["detections"] > 0
     assert metrics["shards"] == str(run_dir / "sam3_detections")
     assert not (tmp_path / "data").exists()  # no SAM-1 masks extracted

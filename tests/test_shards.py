@@ -233,5 +233,5 @@ def test_synthetic_sets_are_reproducible_and_marked(tmp_path):
     for left, right in zip(first, second, strict=True):
         np.testing.assert_array_equal(left.embeddings, right.embeddings)
     manifest = read_manifest(tmp_path / "a")
-    assert manifest.synthetic and manifest.random_weights
+    assert manifest.synthetic and manifest.provenance.random_weights
     assert collections.Counter(tuple(r.labels) for r in first)[(1, 0)] >= 2

@@ -8,6 +8,7 @@ from hydra.utils import instantiate
 
 from usam.data.datamodule import ShardDataModule
 from usam.formats.embedding_shards import iter_records
+from usam.inference.predictor import load_head
 from usam.testing.synthetic import BACKGROUND_PROTOTYPES, prototypes
 from usam.train.head import select_input_view
 from usam.train.lightning_modules import StudentModule, TeacherModule
@@ -59,11 +60,10 @@ def test_teacher_learns_a_separable_problem(trained_teacher):
 
 def test_teacher_checkpoint_carries_what_inference_needs(trained_teacher):
     *_, path = trained_teacher
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    assert checkpoint["usam"]["classes"] == SMALL_CLASSES
-    assert checkpoint["usam"]["input_view"] == "tokens"
-    assert checkpoint["usam"]["sam_model_type"] == "tiny"
-    assert checkpoint["usam"]["random_weights"] is True
+    meta = load_head(path).metadata
+    assert meta.classes == tuple(SMALL_CLASSES) and meta.stage == "TeacherModule"
+    assert meta.input_view == "tokens" and meta.sam_model_type == "tiny"
+    assert meta.provenance.random_weights
 
 
 def test_student_head_starts_untrained_unless_told_to_copy_the_teacher(trained_teacher):

@@ -14,7 +14,6 @@ EXPECTED_WARNINGS = (
     r".*does not have many workers",  # loader workers are a config choice, set per machine
     r".*smaller than the logging interval",  # small demo epochs: their metrics are still logged
     r".*`accelerate` was not found",  # diffusers' suggestion to install it
-    r"RANDOM WEIGHTS: this run's data",  # the modules' own note: commands print one banner
     r"`torch.jit.script` is deprecated",  # sam2 1.1.0 scripts a helper at import
 )
 CHATTY_LOGGERS = {

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from usam.core.provenance import Provenance
 from usam.core.vocabulary import load_vocabulary
 from usam.data.eval_datasets import load_ground_truth
 from usam.evaluation.metrics import metric_collection
@@ -81,13 +82,13 @@ def head_checkpoint(
     classes: str | list[str] = "voc20",
     sam: str = "tiny",
     random: bool = True,
-    mask_settings: dict | None = None,
+    mask_settings: AmgSettings | None = None,
 ) -> Path:
     """A peaky random head saved as fit saves one; ``mask_settings`` as if its training
     shards had been made with them."""
     torch.manual_seed(0)
     module = TeacherModule(list(load_vocabulary(classes).classes), sam_model_type=sam)
-    module.random_weights = random
+    module.provenance = Provenance(("synthetic embeddings (no SAM)",)) if random else Provenance()
     module.mask_settings = mask_settings
     peaky(module)
     trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)

@@ -30,10 +30,12 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
+from usam.cli import command_line_sets
 from usam.commands.mask_settings import head_mask_settings
 from usam.core.config import settings_from_config
 from usam.core.devices import resolve_device
 from usam.core.progress import progress_bar
+from usam.core.provenance import Provenance, report, untrained
 from usam.core.stopping import stop_if_requested, stoppable
 from usam.data.extraction import (
     REJECTED_NAME,
@@ -61,7 +63,10 @@ from usam.inference.exports import (
 )
 from usam.inference.predictor import InferenceSettings, Prediction, Predictor, load_head
 from usam.inference.review import REVIEW_NAME, review_order, write_review_list
+from usam.sam.amg_settings import AmgSettings
 from usam.sam.registry import SamSettings, get_spec
+
+NOT_LABELS = "these annotations only exercise the pipeline; they are NOT labels"
 
 
 def _output_names(source: FolderSource) -> dict[str, str]:
@@ -189,9 +194,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     sam = settings_from_config(SamSettings, cfg.sam, "sam")
     inference = settings_from_config(InferenceSettings, cfg.inference, "inference")
     extract = settings_from_config(ExtractSettings, cfg.extract, "extract")
+    configured = settings_from_config(AmgSettings, cfg.amg, "amg")
     head = load_head(cfg.ckpt)
+    amg = head_mask_settings(configured, head, command_line_sets("amg"))
     predictor = Predictor(head, inference, resolve_device(cfg.device, "device"))
-    annotator = Annotator(predictor, sam, amg=head_mask_settings(cfg, head))
+    annotator = Annotator(predictor, sam, amg=amg)
     source = FolderSource(cfg.images, annotator.classes, cfg.max_side)
     names = _output_names(source)
     label_studio = _label_studio(cfg, exports, source.root)
@@ -208,7 +215,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             )
     finished = outputs.done()
     images = [read_result(outputs.results / f"{k}.json") for k in source.keys if k in finished]
-    reasons = random_weight_reasons(annotator)
+    data = provenance_of(annotator)
     ordered = _write_exports(outputs.out, exports, images, names, annotator, label_studio)
     rejected = [k for k in _rejected(outputs.rejected) if k in set(source.keys)]
     counts = Counter(
@@ -223,8 +230,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "instances_per_class": {name: counts[name] for name in annotator.classes if counts[name]},
         "review_first": [(i.file_name, i.prediction.uncertainty()) for i in ordered[:10]],
         "out": str(outputs.out),
-        "not_meaningful_because": reasons,
+        **data.fields(),
     }
+    report(data, NOT_LABELS)
     _print_summary(summary, outputs)
     return summary
 
@@ -249,14 +257,13 @@ def _write_exports(
     label_studio: tuple[Any, Any] | None,
 ) -> list[LabelledImage]:
     """Every export asked for, from the finished images; returns them in review order."""
-    classes, reasons = annotator.classes, random_weight_reasons(annotator)
+    classes, data = annotator.classes, provenance_of(annotator)
     ordered = review_order(images)
     write_review_list(ordered, out / REVIEW_NAME)
     save_legend(classes, out / "legend.png")
     if "coco" in exports:
         coco = coco_instances(images, classes)
-        if reasons:
-            coco["info"]["not_meaningful_because"] = reasons
+        coco["info"].update(data.fields())
         atomic_write_text(out / "annotations.json", json.dumps(coco))
     if "yolo" in exports:
         for image in images:
@@ -267,7 +274,7 @@ def _write_exports(
         settings, addresses = label_studio
         head = annotator.predictor.checkpoint.path
         version = f"usam {head.name if head else 'head'} + SAM {annotator.sam_model_type}"
-        if reasons:
+        if data.random_weights:
             version += " (random weights: not labels)"
         write_label_studio(
             out / "label_studio", ordered, classes, addresses, version, settings.polygons
@@ -279,22 +286,15 @@ def _write_exports(
     return ordered
 
 
-def random_weight_reasons(annotator: Annotator) -> list[str]:
+def provenance_of(annotator: Annotator) -> Provenance:
     """Why these annotations are no labels at all: a head or a SAM that was never trained."""
-    reasons = []
-    if annotator.predictor.checkpoint.random_weights:
-        reasons.append("the head was trained on synthetic data or untrained models")
+    data = annotator.predictor.checkpoint.provenance
     if get_spec(annotator.sam_model_type).random_weights and not annotator.sam_checkpoint:
-        reasons.append(f"SAM {annotator.sam_model_type} has random weights")
-    return reasons
+        data += Provenance((untrained(f"SAM ({annotator.sam_model_type})"),))
+    return data
 
 
 def _print_summary(summary: dict[str, Any], outputs: _Outputs) -> None:
-    if summary["not_meaningful_because"]:
-        print(
-            "RANDOM WEIGHTS: these annotations only exercise the pipeline; they are NOT labels "
-            f"({'; '.join(summary['not_meaningful_because'])})"
-        )
     print(
         f"{summary['images']} images annotated in {summary['out']} ({summary['annotated_now']} "
         f"now, {summary['skipped_done']} already done), {summary['instances']} instances"

@@ -18,21 +18,22 @@ from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from usam.cli import command_line_sets
+from usam.commands.eval_data import eval_data_shards
 from usam.commands.mask_settings import head_mask_settings
 from usam.commands.run_identity import flat_config, run_identity
 from usam.core.config import ConfigError, settings_from_config
 from usam.core.devices import resolve_device
-from usam.data.eval_shards import eval_shards
+from usam.core.provenance import report
 from usam.data.extraction import ExtractSettings
 from usam.data.sources import ImageSource
-from usam.evaluation.clip_baseline import clip_predictor
+from usam.evaluation.clip_baseline import ClipSettings, clip_predictor
 from usam.evaluation.metrics import format_scalars
 from usam.evaluation.reports import log_to_wandb, write_outputs
 from usam.evaluation.sam3_baseline import Sam3Settings, sam3_baseline
 from usam.evaluation.scoring import (
-    NOT_MEANINGFUL,
     SWEEP_ON_TEST,
     EvaluationError,
     ThresholdGrid,
@@ -44,6 +45,7 @@ from usam.sam.amg_settings import AmgSettings
 from usam.sam.registry import SamSettings
 
 log = logging.getLogger(__name__)
+NOT_RESULTS = "these numbers check the evaluation pipeline and are NOT results"
 
 
 def threshold_grid(cfg: DictConfig) -> ThresholdGrid | None:
@@ -51,11 +53,6 @@ def threshold_grid(cfg: DictConfig) -> ThresholdGrid | None:
         tuple(cfg.sweep.confidence_thresholds or ()), tuple(cfg.sweep.nms_ious or ())
     )
     return grid if grid.confidence_thresholds and grid.nms_ious else None
-
-
-def banner(reasons: list[str]) -> str:
-    line = "=" * 78
-    return f"{line}\n{NOT_MEANINGFUL.format(why='; '.join(reasons))}\n{line}"
 
 
 def run(cfg: DictConfig) -> dict[str, Any] | None:
@@ -67,7 +64,6 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     sam = settings_from_config(SamSettings, cfg.sam, "sam")
     amg = settings_from_config(AmgSettings, cfg.amg, "amg")
     extract = settings_from_config(ExtractSettings, cfg.extract, "extract")
-    data_dir = Path(cfg.paths.data_dir)
     device = resolve_device(cfg.device, "device")
     vocabulary = None
     shards = None  # SAM 3 brings its own masks; the others score SAM's automatic ones
@@ -82,21 +78,21 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
             predictor, shards = sam3_baseline(sam3, source, settings, cfg.paths.output_dir, device)
             extra = {"baseline": "sam3", "sam3": asdict(sam3)}
         else:
-            baseline = OmegaConf.to_container(cfg.baseline, resolve=True)
-            predictor = clip_predictor(baseline, source, settings, device)
-            extra = {"baseline": cfg.baseline.name, "clip": baseline["clip"]}
+            clip = settings_from_config(ClipSettings, cfg.baseline.clip, "baseline.clip")
+            predictor = clip_predictor(clip, source, settings, device)
+            extra = {"baseline": cfg.baseline.name, "clip": asdict(clip)}
     elif cfg.ckpt:
         predictor = Predictor.from_checkpoint(cfg.ckpt, settings, device)
         predictor.checkpoint.check_sam(sam.model_type, EvaluationError)
-        amg = head_mask_settings(cfg, predictor.checkpoint)
+        amg = head_mask_settings(amg, predictor.checkpoint, command_line_sets("amg"))
         vocabulary = resolve_vocabulary(predictor.classes, cfg.vocabulary)
         label = cfg.eval_data.name
         extra = {"checkpoint": str(cfg.ckpt)}
     else:
-        ready = eval_shards(cfg.eval_data, source, data_dir, sam, amg, extract)
+        ready = eval_data_shards(cfg, source, sam, amg, extract)
         print(f"evaluation shard set ready: {ready}")
         return None
-    shards = shards or eval_shards(cfg.eval_data, source, data_dir, sam, amg, extract)
+    shards = shards or eval_data_shards(cfg, source, sam, amg, extract)
     evaluation = evaluate(
         shards,
         predictor,
@@ -112,7 +108,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     if cfg.wandb.enabled:
         import wandb
 
-        identity = run_identity(cfg, "eval", bool(evaluation.not_meaningful))
+        identity = run_identity(cfg, "eval", evaluation.provenance)
         with wandb.init(
             project=cfg.wandb.project,
             mode=cfg.wandb.mode,
@@ -137,7 +133,6 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
             f"threshold x NMS sweep ({len(evaluation.sweep)} points): {SWEEP_ON_TEST}; "
             f"{out_dir / 'sweep.csv'}"
         )
-    if evaluation.not_meaningful:
-        print(banner(evaluation.not_meaningful))
+    report(evaluation.provenance, NOT_RESULTS)
     log.info("metrics written to %s", metrics_path)
     return {**evaluation.summary(), **extra}

@@ -13,12 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from usam.core.config import settings_from_config
 from usam.core.stopping import stoppable
-from usam.data.extraction import (
-    ExtractSettings,
-    random_weights_note,
-    run_extraction,
-    shard_set_dir,
-)
+from usam.data.extraction import ExtractSettings, run_extraction, shard_set_dir
 from usam.data.sources import ImageSource
 from usam.formats.embedding_shards import existing_keys
 from usam.sam.amg_settings import AmgSettings
@@ -52,7 +47,7 @@ def run(cfg: DictConfig) -> None:
             f"{split}: {manifest.num_images} images, {manifest.num_masks} masks "
             f"({manifest.num_masks / max(manifest.num_images, 1):.1f} per image), "
             f"{len(manifest.shards)} shards, {_megabytes(out_dir / split):.1f} MB in "
-            f"{out_dir / split}{random_weights_note(manifest)}"
+            f"{out_dir / split}{manifest.provenance.note()}"
         )
 
 

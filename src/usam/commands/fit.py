@@ -11,37 +11,51 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
+from usam.commands.eval_data import eval_data_shards
 from usam.commands.run_identity import flat_config, run_identity
+from usam.core import provenance
 from usam.core.config import ConfigError, settings_from_config
+from usam.core.provenance import Provenance
 from usam.core.vocabulary import load_vocabulary
-from usam.data.eval_shards import eval_shards
 from usam.data.extraction import ExtractSettings
-from usam.evaluation.callback import EvaluationCallback
 from usam.evaluation.metrics import SCALARS
 from usam.images.stable_diffusion import GenerateSettings
 from usam.inference.predictor import InferenceSettings
 from usam.sam.amg_settings import AmgSettings
 from usam.sam.registry import SamSettings
-from usam.train.lightning_modules import RANDOM_WEIGHTS_WARNING
 
 STAGES = ("teacher", "student", "both")
+# what a run's metrics are when its data or models are untrained
+NOT_RESULTS = "this run's metrics check the pipeline and are NOT results"
 
 
-def _callbacks(cfg: DictConfig, inference: InferenceSettings) -> list[Any]:
-    """One object per entry of the callbacks group (``callbacks=none`` gives none); the
-    evaluation callback scores with the run's typed ``inference`` settings."""
-    return [
-        instantiate(entry, _partial_=True)(inference=inference)
-        if name == "eval"
-        else instantiate(entry)
-        for name, entry in (cfg.callbacks or {}).items()
-        if entry
-    ]
+def _callbacks(
+    cfg: DictConfig, stage: str, inference: InferenceSettings, eval_dir: Path | None
+) -> list[Any]:
+    """One object per entry of the callbacks group (``callbacks=none`` gives none), each
+    built with what the run decides for it: a checkpoint callback writes into the stage's
+    folder; the evaluation callback scores ``eval_dir`` with the run's typed ``inference``
+    settings and writes under ``eval/<stage>``."""
+    output_dir = Path(cfg.paths.output_dir)
+    callbacks = []
+    for name, entry in (cfg.callbacks or {}).items():
+        if not entry:
+            continue
+        if name == "eval":
+            made = instantiate(entry, _partial_=True)(
+                shards_dir=eval_dir, inference=inference, output_dir=output_dir / "eval" / stage
+            )
+        elif issubclass(get_class(entry._target_), ModelCheckpoint):
+            made = instantiate(entry, dirpath=str(output_dir / "checkpoints" / stage))
+        else:
+            made = instantiate(entry)
+        callbacks.append(made)
+    return callbacks
 
 
 def _data_settings(cfg: DictConfig) -> dict[str, Any]:
@@ -54,7 +68,7 @@ def _data_settings(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def _loggers(cfg: DictConfig, stage: str, random_weights: bool) -> list[Any]:
+def _loggers(cfg: DictConfig, stage: str, data: Provenance) -> list[Any]:
     """The configured loggers for one stage. A W&B run carries the whole resolved config
     (dotted keys), a name and group that tell sweep jobs apart, and tags for the
     experiment, data source, SAM and random weights."""
@@ -63,7 +77,7 @@ def _loggers(cfg: DictConfig, stage: str, random_weights: bool) -> list[Any]:
         if not entry:
             continue
         if name == "wandb":
-            identity = run_identity(cfg, stage, random_weights)
+            identity = run_identity(cfg, stage, data)
             tags = list(dict.fromkeys([*(entry.get("tags") or []), *identity.tags]))
             logger = instantiate(entry, name=identity.name, group=identity.group, tags=tags)
             logger.experiment.config.update(flat_config(cfg), allow_val_change=True)
@@ -80,14 +94,6 @@ def _finish_loggers(loggers: list[Any]) -> None:
             logger.experiment.finish()
 
 
-@rank_zero_only
-def _announce_random_weights(datamodule: Any) -> None:
-    reasons = datamodule.random_weight_reasons()
-    if reasons:
-        banner = "=" * 78
-        print(f"{banner}\n{RANDOM_WEIGHTS_WARNING}\nbecause of: {'; '.join(reasons)}\n{banner}")
-
-
 @dataclass(frozen=True)
 class StageResult:
     checkpoint: Path  # what the next stage reads, and what was tested
@@ -99,6 +105,7 @@ def train_stage(
     stage: str,
     datamodule: Any,
     inference: InferenceSettings,
+    eval_dir: Path | None,
     teacher_ckpt: str | None = None,
 ) -> StageResult:
     """Fit one stage, then test the checkpoint the next stage should read."""
@@ -113,13 +120,8 @@ def train_stage(
                 f"({module.classes[:5]}...), the run has {len(classes)} ({classes[:5]}...)"
             )
     ckpt_dir = Path(cfg.paths.output_dir) / "checkpoints" / stage
-    callbacks = _callbacks(cfg, inference)
-    for callback in callbacks:
-        if isinstance(callback, ModelCheckpoint):
-            callback.dirpath = str(ckpt_dir)
-        if isinstance(callback, EvaluationCallback):
-            callback.output_dir = Path(cfg.paths.output_dir) / "eval" / stage
-    loggers = _loggers(cfg, stage, datamodule.random_weights)
+    callbacks = _callbacks(cfg, stage, inference, eval_dir)
+    loggers = _loggers(cfg, stage, datamodule.provenance)
     checkpointing = any(isinstance(c, ModelCheckpoint) for c in callbacks)
     trainer: L.Trainer = instantiate(
         cfg.trainer,
@@ -156,7 +158,7 @@ SUMMARY_COLUMNS = {  # test metric: (column, format); the evaluation metrics' he
 
 
 @rank_zero_only
-def _print_summary(output_dir: Path, results: dict[str, StageResult], reasons: list[str]) -> None:
+def _print_summary(output_dir: Path, results: dict[str, StageResult], data: Provenance) -> None:
     """The ending people read: each stage's tested checkpoint, its scores, where files are."""
     rows = [["stage", "tested checkpoint", *(column for column, _ in SUMMARY_COLUMNS.values())]]
     for stage, result in results.items():
@@ -172,31 +174,28 @@ def _print_summary(output_dir: Path, results: dict[str, StageResult], reasons: l
         metrics = sorted((output_dir / "eval" / stage).glob("test-*/metrics.json"))
         if metrics:
             lines.append(f"  {stage} scores and overlays: {metrics[-1].parent}")
-    if reasons:
-        lines.append(f"  {RANDOM_WEIGHTS_WARNING} ({'; '.join(reasons)})")
+    if data.random_weights:
+        lines.append(f"  {NOT_RESULTS}{data.note()}")
     print("\n".join(lines))
 
 
-def _prepare_evaluation(cfg: DictConfig, data_settings: dict[str, Any]) -> None:
-    """Point the evaluation callback at ``eval_data``'s shard set, extracting it if missing."""
+def _evaluation_shards(cfg: DictConfig, data_settings: dict[str, Any]) -> Path | None:
+    """The shard set the evaluation callback scores: its own ``shards_dir``, else
+    ``eval_data``'s, extracted if missing; None without the callback."""
     callback = (cfg.callbacks or {}).get("eval")
-    if callback is None or callback.shards_dir:
-        return
+    if callback is None:
+        return None
+    if callback.shards_dir:
+        return Path(callback.shards_dir)
     if not cfg.get("eval_data"):
         raise ConfigError(
             "callbacks include eval but there is nothing to evaluate on: set eval_data=<dataset> "
             "(conf/eval_data) or callbacks.eval.shards_dir=<an eval shard set's eval folder>"
         )
-    eval_dir = eval_shards(
-        cfg.eval_data,
-        instantiate(cfg.eval_data.source),
-        Path(cfg.paths.data_dir),
-        data_settings["sam"],
-        data_settings["amg"],
-        data_settings["extract"],
+    source = instantiate(cfg.eval_data.source)
+    return eval_data_shards(
+        cfg, source, data_settings["sam"], data_settings["amg"], data_settings["extract"]
     )
-    with open_dict(cfg):
-        cfg.callbacks.eval.shards_dir = str(eval_dir)
 
 
 def run(cfg: DictConfig) -> dict[str, Path]:
@@ -215,17 +214,19 @@ def run(cfg: DictConfig) -> dict[str, Path]:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    _prepare_evaluation(cfg, data_settings)
+    eval_dir = _evaluation_shards(cfg, data_settings)
     datamodule = instantiate(cfg.data, _partial_=True)(**data_settings)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    _announce_random_weights(datamodule)
+    rank_zero_only(provenance.report)(datamodule.provenance, NOT_RESULTS)
     results: dict[str, StageResult] = {}
     if cfg.stage in ("teacher", "both"):
-        results["teacher"] = train_stage(cfg, "teacher", datamodule, inference)
+        results["teacher"] = train_stage(cfg, "teacher", datamodule, inference, eval_dir)
     if cfg.stage in ("student", "both"):
         teacher = results["teacher"].checkpoint if "teacher" in results else cfg.teacher_ckpt
         teacher_ckpt = str(teacher) if teacher else None
-        results["student"] = train_stage(cfg, "student", datamodule, inference, teacher_ckpt)
-    _print_summary(output_dir, results, datamodule.random_weight_reasons())
+        results["student"] = train_stage(
+            cfg, "student", datamodule, inference, eval_dir, teacher_ckpt
+        )
+    _print_summary(output_dir, results, datamodule.provenance)
     return {stage: result.checkpoint for stage, result in results.items()}

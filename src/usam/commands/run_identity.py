@@ -12,7 +12,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-RANDOM_WEIGHTS_TAG = "random-weights"
+from usam.core.provenance import Provenance
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ def _swept_overrides() -> list[tuple[str, str]]:
     return [(o.key_or_group, str(o.value())) for o in own if o.key_or_group in swept]
 
 
-def run_identity(cfg: DictConfig, job: str, random_weights: bool) -> RunIdentity:
+def run_identity(cfg: DictConfig, job: str, provenance: Provenance) -> RunIdentity:
     """``job`` is the stage (``teacher``) or the command (``eval``)."""
     swept = _swept_overrides() if HydraConfig.initialized() else []
     choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
@@ -72,6 +72,5 @@ def run_identity(cfg: DictConfig, job: str, random_weights: bool) -> RunIdentity
         tags.append(f"baseline:{baseline.name}")
     if not baseline or baseline.name != "sam3":  # SAM 3 makes its own masks
         tags.append(f"sam:{cfg.sam.model_type}")
-    if random_weights:
-        tags.append(RANDOM_WEIGHTS_TAG)
+    tags += provenance.tags()
     return RunIdentity(name=name, group=group, tags=list(dict.fromkeys(tags)))

@@ -26,6 +26,7 @@ import torch
 import webdataset as wds
 
 from usam.core.config import ConfigError
+from usam.core.provenance import Provenance
 from usam.core.stopping import worker_init_fn
 from usam.core.vocabulary import load_vocabulary
 from usam.data.extraction import ExtractSettings
@@ -234,14 +235,10 @@ class ShardDataModule(L.LightningDataModule):
                 self.train_dir,
             )
 
-    def random_weight_reasons(self) -> list[str]:
-        reasons = [r for m in self.manifests.values() for r in m.random_weight_reasons()]
-        return list(dict.fromkeys(reasons))
-
     @property
-    def random_weights(self) -> bool:
-        """True when any shard set comes from synthetic data or untrained models."""
-        return bool(self.random_weight_reasons())
+    def provenance(self) -> Provenance:
+        """Why a head trained on these shard sets gives no results: their reasons, merged."""
+        return Provenance.merged(m.provenance for m in self.manifests.values())
 
     def _world(self) -> tuple[int, int]:
         trainer = self.trainer

@@ -7,8 +7,7 @@ images, SAM and mask settings, so every later evaluation with the same SAM reuse
 from __future__ import annotations
 
 from pathlib import Path
-
-from omegaconf import DictConfig, OmegaConf
+from typing import Any
 
 from usam.data.extraction import (
     ExtractSettings,
@@ -22,26 +21,24 @@ from usam.sam.registry import SamSettings
 
 
 def eval_shards(
-    eval_data: DictConfig,
+    name: str,
     source: ImageSource,
     data_dir: Path,
     sam: SamSettings,
     amg: AmgSettings,
     extract: ExtractSettings,
+    *,
+    shards_dir: str | Path | None = None,
+    config: dict[str, Any] | None = None,
 ) -> Path:
-    """The ``eval`` folder of ``eval_data``'s shard set, extracted first when missing."""
+    """The ``eval`` folder of dataset ``name``'s shard set, extracted first when missing:
+    under ``shards_dir`` when given, else cached under ``data_dir/shards``. ``config`` is
+    recorded in its manifest."""
     out_dir = (
-        Path(eval_data.shards_dir)
-        if eval_data.shards_dir
-        else shard_set_dir(data_dir / "shards", f"eval-{eval_data.name}", source, sam, amg, 0.0)
+        Path(shards_dir)
+        if shards_dir
+        else shard_set_dir(data_dir / "shards", f"eval-{name}", source, sam, amg, 0.0)
     )
-    manifests = run_extraction(
-        source,
-        out_dir,
-        sam,
-        amg,
-        extract,
-        config={"eval_data": OmegaConf.to_container(eval_data, resolve=True)},
-    )
+    manifests = run_extraction(source, out_dir, sam, amg, extract, config=config)
     require_masks(manifests["eval"], out_dir / "eval", amg)
     return out_dir / "eval"

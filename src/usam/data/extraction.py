@@ -343,7 +343,7 @@ def extract(
             writer.counts["rejected"],
             len(source) - len(pending),
             out_dir,
-            random_weights_note(next(iter(manifests.values()))),
+            next(iter(manifests.values())).provenance.note(),
         )
     return {split: read_manifest(out_dir / split) for split in splits}
 
@@ -376,8 +376,6 @@ def run_extraction(
         return {split: read_manifest(Path(out_dir) / split) for split in splits}
     print(f"extracting SAM embeddings of {len(source)} images into {out_dir}")
     model, sam_info = sam.build()
-    if sam_info["random_weights"]:
-        print("RANDOM WEIGHTS: SAM is untrained; these embeddings only exercise the pipeline.")
     return extract(
         source,
         out_dir,
@@ -402,8 +400,3 @@ def require_masks(manifest: Manifest, where: Path, settings: AmgSettings) -> Non
             f"(points_per_side={settings.points_per_side}): lower those thresholds, or use "
             "the mask settings the head was trained with"
         )
-
-
-def random_weights_note(manifest: Manifest) -> str:
-    reasons = manifest.random_weight_reasons()
-    return f" (RANDOM WEIGHTS: {'; '.join(reasons)})" if reasons else ""

@@ -61,13 +61,7 @@ class EvaluationCallback(Callback):
 
     def _predictor(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Predictor:
         """A predictor around the live head (no copy, no checkpoint file)."""
-        checkpoint = HeadCheckpoint(
-            head=pl_module.head,
-            classes=list(pl_module.classes),
-            input_view=pl_module.input_view,
-            sam_model_type=pl_module.hparams.get("sam_model_type"),
-            random_weights=bool(getattr(pl_module, "random_weights", False)),
-        )
+        checkpoint = HeadCheckpoint(pl_module.head, pl_module.metadata())
         return Predictor(checkpoint, self.settings, pl_module.device)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -139,6 +133,6 @@ def _folder_name(trainer: L.Trainer, prefix: str) -> str:
 
 
 def _scores(evaluation: Evaluation) -> dict[str, float]:
-    """The evaluation's scalars, and whether the evaluation masks or the head come from
-    random weights."""
-    return evaluation.scalars() | {"eval_random_weights": float(bool(evaluation.not_meaningful))}
+    """The evaluation's scalars, and ``eval/random_weights``: whether the evaluation masks or
+    the head come from random weights."""
+    return evaluation.scalars() | evaluation.provenance.scalars("eval")

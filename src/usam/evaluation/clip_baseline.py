@@ -17,10 +17,10 @@ random and every result says so.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from pycocotools import mask as mask_utils
 
 from usam.core.config import ConfigError
 from usam.core.errors import UsageError
+from usam.core.provenance import Provenance, untrained
 from usam.data.sources import ImageSource
 from usam.formats.embedding_shards import ImageRecord, ShardSetError
 from usam.inference.predictor import InferenceSettings, Predictor
@@ -42,14 +43,30 @@ class ClipWeightsError(UsageError, RuntimeError):
     """CLIP weights that cannot be found or loaded."""
 
 
+@dataclass(frozen=True)
+class ClipSettings:
+    """``baseline.clip``: which CLIP, what it sees of each mask, and its prompts."""
+
+    model: str = "ViT-B-16"  # an open_clip architecture name
+    pretrained: str | None = "openai"  # an open_clip pretrained tag
+    checkpoint: str | None = None  # a local file with those weights; before the download
+    view: str = "masked_image"
+    template: str = "a photo of a {}"
+    batch_size: int = 64
+
+    def check(self) -> None:
+        check_view(self.view)
+        if self.batch_size < 1:
+            raise ConfigError(f"baseline.clip.batch_size={self.batch_size} must be at least 1")
+
+
 @dataclass
 class ClipCheckpoint:
     """What ``evaluate`` reads from a head checkpoint, for CLIP (which fits any SAM)."""
 
     classes: list[str]
-    random_weights: bool
+    provenance: Provenance
     sam_model_type: str | None = None
-    random_weights_reason: ClassVar[str] = "CLIP is untrained"
 
 
 @dataclass
@@ -152,7 +169,8 @@ class ClipPredictor(Predictor):
         batch_size: int = 64,
         device: str | torch.device = "cpu",
     ) -> None:  # no super().__init__: there is no head to load
-        self.checkpoint = ClipCheckpoint(list(classes), clip.random_weights)
+        random = Provenance((untrained("CLIP"),)) if clip.random_weights else Provenance()
+        self.checkpoint = ClipCheckpoint(list(classes), random)
         self.settings = settings or InferenceSettings()
         self.device = torch.device(device)
         self.clip = clip
@@ -197,24 +215,22 @@ class ClipPredictor(Predictor):
 
 
 def clip_predictor(
-    baseline: Mapping[str, Any],
+    clip_settings: ClipSettings,
     source: ImageSource,
     settings: InferenceSettings,
     device: str | torch.device = "cpu",
 ) -> ClipPredictor:
-    """The baseline described by the ``baseline`` config group, over ``source``'s classes."""
-    spec = baseline["clip"]
-    check_view(spec["view"])  # before any weights are loaded
-    clip = load_clip(spec["model"], spec.get("pretrained"), spec.get("checkpoint"), device)
-    if clip.random_weights:
-        print("RANDOM WEIGHTS: CLIP is untrained; the baseline's numbers mean nothing.")
+    """The baseline ``baseline.clip`` describes, over ``source``'s classes."""
+    clip = load_clip(
+        clip_settings.model, clip_settings.pretrained, clip_settings.checkpoint, device
+    )
     return ClipPredictor(
         clip,
         source.classes,
         source,
         settings,
-        template=baseline["template"],
-        view=spec["view"],
-        batch_size=baseline["batch_size"],
+        template=clip_settings.template,
+        view=clip_settings.view,
+        batch_size=clip_settings.batch_size,
         device=device,
     )

@@ -55,7 +55,7 @@ def write_outputs(evaluation: Evaluation, out_dir: str | Path, extra: dict | Non
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = out_dir / "metrics.json"
     metrics.write_text(json.dumps({**evaluation.summary(), **(extra or {})}, indent=2))
-    random_weights = bool(evaluation.not_meaningful)  # a column, so no row reads as a result
+    random_weights = evaluation.provenance.random_weights  # a column: no row reads as a result
     with open(out_dir / "per_class.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["class", *PER_CLASS_COLUMNS, "random_weights"])
@@ -102,9 +102,9 @@ def log_to_wandb(
 
     names = evaluation.names
     labels = {i: name for i, name in enumerate(names)} | {255: "void"}
-    random = bool(evaluation.not_meaningful)
+    random = evaluation.provenance.random_weights
     payload: dict[str, Any] = {
-        f"{prefix}/random_weights": float(random),
+        **evaluation.provenance.scalars(prefix),
         f"{prefix}/per_class": wandb.Table(
             columns=["class", *PER_CLASS_COLUMNS, "random_weights"],
             data=[

@@ -38,7 +38,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,6 +46,7 @@ import torch
 from usam.core.config import ConfigError
 from usam.core.errors import UsageError
 from usam.core.progress import progress_bar
+from usam.core.provenance import Provenance, untrained
 from usam.data.sources import ImageSource, SourceImage
 from usam.formats.embedding_shards import ImageRecord, Manifest, ShardSetWriter, encode_mask
 from usam.inference.predictor import InferenceSettings, Predictor
@@ -56,6 +57,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_KEY = "baseline.sam3.checkpoint"
 HUB_URL = "https://huggingface.co/facebook/sam3"
 TINY = "tiny"
+UNTRAINED = untrained(f"SAM 3 (baseline.sam3.model={TINY})")
 MODEL_TYPE = "sam3"  # the manifest's SAM model type: no SAM-1 shard set passes for SAM 3's
 
 
@@ -88,9 +90,8 @@ class Sam3Checkpoint:
     """What ``evaluate`` reads from a head checkpoint, for SAM 3 (which brings its own masks)."""
 
     classes: list[str]
-    random_weights: bool
+    provenance: Provenance
     sam_model_type: str = MODEL_TYPE
-    random_weights_reason: ClassVar[str] = f"SAM 3 is untrained (baseline.sam3.model={TINY})"
 
 
 @dataclass
@@ -284,7 +285,8 @@ class Sam3Predictor(Predictor):
         random_weights: bool,
         settings: InferenceSettings | None = None,
     ) -> None:  # no super().__init__: there is no head to load
-        self.checkpoint = Sam3Checkpoint(list(classes), random_weights)
+        random = Provenance((UNTRAINED,)) if random_weights else Provenance()
+        self.checkpoint = Sam3Checkpoint(list(classes), random)
         self.settings = settings or InferenceSettings()
         self.device = torch.device("cpu")
 
@@ -305,8 +307,6 @@ def sam3_baseline(
     """SAM 3 run over ``source`` (weights checked first), its detections written under
     ``out_dir``; returns the predictor and the shard set that ``evaluate`` scores."""
     sam3 = load_sam3(settings, source.classes, device)
-    if sam3.random_weights:
-        print("RANDOM WEIGHTS: SAM 3 is untrained; the baseline's numbers mean nothing.")
     detector = Sam3Detector(sam3, source.classes, settings, device)
     config = {"baseline": {"sam3": asdict(settings)}}
     shards = write_detections(detector, source, Path(out_dir) / "sam3_detections", config)

@@ -32,6 +32,7 @@ import numpy as np
 from usam.core.errors import UsageError
 from usam.core.labels import BACKGROUND
 from usam.core.progress import progress_bar
+from usam.core.provenance import Provenance
 from usam.core.vocabulary import PACKAGED, Vocabulary, load_vocabulary
 from usam.data.eval_datasets import load_ground_truth
 from usam.data.ground_truth import GroundTruth
@@ -46,11 +47,6 @@ from usam.formats.embedding_shards import (
 )
 from usam.inference.predictor import InferenceSettings, Predictor, mask_ious, select_instances
 from usam.inference.semantic_map import semantic_from_instances
-
-NOT_MEANINGFUL = (
-    "NOT MEANINGFUL: {why}; these numbers check the evaluation pipeline and are NOT results."
-)
-
 
 SWEEP_ON_TEST = "after-the-fact analysis on test data, not model selection"
 SWEEP_COLUMNS = ("confidence_threshold", "nms_iou", *SCALARS)
@@ -114,7 +110,7 @@ class Evaluation:
     masks: int
     detections: int
     instances_derived: bool  # some ground-truth instances are connected components
-    not_meaningful: list[str]  # why the numbers are not results (empty when they are)
+    provenance: Provenance  # why the numbers are not results (no reason when they are)
     settings: InferenceSettings
     sweep: list[SweepPoint] = field(default_factory=list)
     samples: list[Sample] = field(default_factory=list)
@@ -147,8 +143,7 @@ class Evaluation:
                 "masks": self.masks,
                 "detections": self.detections,
                 "instances_derived": self.instances_derived,
-                "meaningful": not self.not_meaningful,
-                "not_meaningful_because": self.not_meaningful,
+                **self.provenance.fields(),
                 "inference": asdict(self.settings),
                 "per_class": [{"name": s.name, **s.values} for s in self.per_class],
                 "threshold_sweep": (
@@ -216,12 +211,9 @@ def check_eval_set(
     )
 
 
-def not_meaningful_reasons(manifest: Manifest, predictor: Predictor) -> list[str]:
-    """Why these metrics mean nothing: the head's training data, then the evaluation set's."""
-    reasons = []
-    if predictor.checkpoint.random_weights:
-        reasons.append(predictor.checkpoint.random_weights_reason)
-    return reasons + [f"evaluation masks: {r}" for r in manifest.random_weight_reasons()]
+def provenance_of(manifest: Manifest, predictor: Predictor) -> Provenance:
+    """Why these metrics are not results: the head's (or baseline's), then the evaluation set's."""
+    return predictor.checkpoint.provenance + manifest.provenance.about("evaluation masks")
 
 
 def _truth_of(record: ImageRecord, vocabulary: Vocabulary, directory: Path) -> GroundTruth:
@@ -347,7 +339,7 @@ def evaluate(
         masks=masks,
         detections=main.detections,
         instances_derived=derived,
-        not_meaningful=not_meaningful_reasons(manifest, predictor),
+        provenance=provenance_of(manifest, predictor),
         settings=predictor.settings,
         sweep=[scorer.sweep_point() for scorer in grid],
         samples=samples,

@@ -26,6 +26,7 @@ import webdataset as wds
 from pycocotools import mask as mask_utils
 
 from usam.core.errors import UsageError
+from usam.core.provenance import Provenance, untrained
 from usam.formats.storage import (
     KEY_PATTERN,
     atomic_write_text,
@@ -126,20 +127,17 @@ class Manifest:
     def num_masks(self) -> int:
         return sum(s["masks"] for s in self.shards)
 
-    def random_weight_reasons(self) -> list[str]:
-        """Why the numbers this set leads to mean nothing; empty when they can."""
+    @property
+    def provenance(self) -> Provenance:
+        """Why the numbers this set leads to are not results, from its flags."""
         reasons = []
         if self.synthetic:
             reasons.append("synthetic embeddings (no SAM)")
         if self.images_random_weights:
             reasons.append("images from an untrained image generator")
         if self.sam.get("random_weights", False):
-            reasons.append(f"an untrained SAM ({self.sam.get('model_type')})")
-        return reasons
-
-    @property
-    def random_weights(self) -> bool:
-        return bool(self.random_weight_reasons())
+            reasons.append(untrained(f"SAM ({self.sam.get('model_type')})"))
+        return Provenance.of(reasons)
 
     def to_json(self) -> dict[str, Any]:
         payload = asdict(self)

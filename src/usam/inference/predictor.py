@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,10 +20,12 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from usam.core.errors import UsageError
+from usam.core.provenance import Provenance
 from usam.core.weights import load_weights
 from usam.formats.embedding_shards import ImageRecord, decode_masks, encode_mask
 from usam.inference.semantic_map import semantic_from_instances
 from usam.train.head import MaskClassifierHead, input_dim, select_input_view
+from usam.train.head_metadata import HeadMetadata
 from usam.train.losses import normalised_entropy
 
 
@@ -49,27 +51,29 @@ class InferenceSettings:
 
 @dataclass
 class HeadCheckpoint:
-    """A head with what it was trained on, read from a teacher or student checkpoint."""
+    """A head with what it was trained on, read from a teacher or student checkpoint.
+
+    ``classes``, ``sam_model_type`` and ``provenance`` are what evaluation reads of any
+    predictor's checkpoint (the baselines' stand-ins have the same three)."""
 
     head: MaskClassifierHead
-    classes: list[str]
-    input_view: str
-    sam_model_type: str | None
-    random_weights: bool
+    metadata: HeadMetadata
     path: Path | None = None  # None for a head still in training
-    mask_settings: dict[str, Any] | None = None  # amg of its training shards, when recorded
-    # why numbers from it mean nothing when ``random_weights``
-    random_weights_reason: ClassVar[str] = (
-        "the head was trained on synthetic or untrained-SAM embeddings"
-    )
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.metadata.classes)
+
+    @property
+    def sam_model_type(self) -> str | None:
+        return self.metadata.sam_model_type
+
+    @property
+    def provenance(self) -> Provenance:
+        return self.metadata.provenance.about("the head's training data")
 
     def check_sam(self, sam: str, error: type[Exception]) -> None:
-        """Mask tokens of another SAM than the head was trained on mean nothing to it."""
-        if self.sam_model_type and sam != self.sam_model_type:
-            raise error(
-                f"{self.path or 'the head'} was trained on {self.sam_model_type} mask tokens "
-                f"but sam={sam}; run with sam={self.sam_model_type} (and that model's checkpoint)"
-            )
+        self.metadata.check_sam(sam, str(self.path or "the head"), error)
 
 
 def load_head(path: str | Path, config_key: str = "ckpt") -> HeadCheckpoint:
@@ -85,10 +89,11 @@ def load_head(path: str | Path, config_key: str = "ckpt") -> HeadCheckpoint:
             f"{path} is not a usam head checkpoint (no 'usam' metadata): pass a checkpoint "
             "written by `python -m usam.fit` (checkpoints/teacher or checkpoints/student)"
         )
-    meta, hparams = checkpoint["usam"], checkpoint["hyper_parameters"]
+    meta = HeadMetadata.from_checkpoint(checkpoint["usam"], str(path), HeadCheckpointError)
+    hparams = checkpoint["hyper_parameters"]
     head = MaskClassifierHead(
-        input_dim(meta["input_view"], hparams["embed_dim"]),
-        len(meta["classes"]) + 1,
+        input_dim(meta.input_view, hparams["embed_dim"]),
+        len(meta.classes) + 1,
         **dict(hparams.get("head") or {}),
     )
     state = {
@@ -98,15 +103,7 @@ def load_head(path: str | Path, config_key: str = "ckpt") -> HeadCheckpoint:
     }
     head.load_state_dict(state)
     head.eval()
-    return HeadCheckpoint(
-        head=head,
-        classes=list(meta["classes"]),
-        input_view=meta["input_view"],
-        sam_model_type=meta["sam_model_type"],
-        random_weights=bool(meta["random_weights"]),
-        path=path,
-        mask_settings=meta.get("amg"),
-    )
+    return HeadCheckpoint(head, meta, path)
 
 
 @dataclass
@@ -262,7 +259,7 @@ class Predictor:
         """(N, C+1) softmax over background and the classes for every SAM mask."""
         embeddings = torch.from_numpy(record.embeddings).to(self.device)
         multimask = torch.from_numpy(record.multimask.astype(np.int64)).to(self.device)
-        features = select_input_view(embeddings, multimask, self.checkpoint.input_view)
+        features = select_input_view(embeddings, multimask, self.checkpoint.metadata.input_view)
         return self.head(features).softmax(-1).cpu().numpy()
 
     def __call__(self, record: ImageRecord) -> Prediction:

@@ -7,13 +7,15 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics import MeanMetric
 
-from usam.core.config import ConfigError
+from usam.core.config import ConfigError, settings_from_config
+from usam.core.provenance import Provenance
 from usam.core.weights import WeightsFileError, load_weights
+from usam.sam.amg_settings import AmgSettings
 from usam.train.head import MaskClassifierHead, input_dim, select_input_view
+from usam.train.head_metadata import HeadMetadata
 from usam.train.losses import (
     check_correct_outputs,
     check_top_k,
@@ -33,12 +35,6 @@ def build_optimizer(
     if name not in OPTIMIZERS:
         raise ConfigError(f"model.optimizer.name={name!r} is not one of {sorted(OPTIMIZERS)}")
     return OPTIMIZERS[name](params, **options)
-
-
-RANDOM_WEIGHTS_WARNING = (
-    "RANDOM WEIGHTS: this run's data comes from synthetic embeddings or untrained models; "
-    "its metrics check the pipeline and are NOT results."
-)
 
 
 class TeacherModule(L.LightningModule):
@@ -65,8 +61,10 @@ class TeacherModule(L.LightningModule):
         self.head = MaskClassifierHead(
             input_dim(input_view, embed_dim), len(self.classes) + 1, **dict(head or {})
         )
-        self.random_weights = False
-        self.mask_settings: dict[str, Any] | None = None  # amg of the training shards
+        # what the training shards say, read in setup and saved with the head
+        self.provenance = Provenance()
+        self.mask_settings: AmgSettings | None = None
+        self.sam_backend: str | None = None
         # metric objects reduce by image count across DDP ranks, whatever each rank saw
         self.held_out = nn.ModuleDict(
             {
@@ -90,7 +88,7 @@ class TeacherModule(L.LightningModule):
         _, loss = self.mil_terms(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["keys"]))
         # the progress bar shows the losses, so it says random weights next to them
-        self.log("train/random_weights", float(self.random_weights), prog_bar=self.random_weights)
+        self._log_provenance("train")
         return loss
 
     def held_out_step(self, batch: dict[str, Any], stage: str) -> None:
@@ -122,21 +120,16 @@ class TeacherModule(L.LightningModule):
     def on_test_epoch_start(self) -> None:
         self._start_held_out_epoch("test")
 
+    def _log_provenance(self, stage: str) -> None:
+        shown = self.provenance.random_weights
+        for name, value in self.provenance.scalars(stage).items():
+            self.log(name, value, sync_dist=stage != "train", prog_bar=shown)
+
     def on_validation_epoch_end(self) -> None:
-        self.log(
-            "val/random_weights",
-            float(self.random_weights),
-            sync_dist=True,
-            prog_bar=self.random_weights,
-        )
+        self._log_provenance("val")
 
     def on_test_epoch_end(self) -> None:
-        self.log(
-            "test/random_weights",
-            float(self.random_weights),
-            sync_dist=True,
-            prog_bar=self.random_weights,
-        )
+        self._log_provenance("test")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for p in self.parameters() if p.requires_grad]
@@ -144,26 +137,31 @@ class TeacherModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
-        self.random_weights = bool(getattr(datamodule, "random_weights", False))
+        self.provenance = getattr(datamodule, "provenance", Provenance())
         train = getattr(datamodule, "manifests", {}).get("train")
-        if train is not None and train.config.get("amg"):
-            self.mask_settings = dict(train.config["amg"])
+        if train is not None:
+            amg = train.config.get("amg")
+            self.mask_settings = settings_from_config(AmgSettings, amg, "amg") if amg else None
+            self.sam_backend = train.sam.get("backend")
 
     def on_fit_start(self) -> None:
-        if self.random_weights:
-            rank_zero_warn(RANDOM_WEIGHTS_WARNING)
-            for logger in self.loggers:
-                logger.log_hyperparams({"random_weights": True, "results_meaningful": False})
+        for logger in self.loggers:
+            logger.log_hyperparams(self.provenance.fields())
+
+    def metadata(self) -> HeadMetadata:
+        """What a checkpoint of this head records (eval and annotate make masks the same way)."""
+        return HeadMetadata(
+            classes=tuple(self.classes),
+            input_view=self.input_view,
+            stage=type(self).__name__,
+            sam_model_type=self.hparams.sam_model_type,
+            sam_backend=self.sam_backend,
+            mask_settings=self.mask_settings,
+            provenance=self.provenance,
+        )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["usam"] = {
-            "classes": self.classes,
-            "input_view": self.input_view,
-            "sam_model_type": self.hparams.sam_model_type,
-            "random_weights": self.random_weights,
-            "stage": type(self).__name__,
-            "amg": self.mask_settings,  # eval and annotate make masks the same way
-        }
+        checkpoint["usam"] = self.metadata().to_checkpoint()
 
 
 class StudentModule(TeacherModule):
@@ -204,9 +202,8 @@ class StudentModule(TeacherModule):
     ) -> StudentModule:
         """The teacher is read weights-only (never code from the file), and must be one."""
         checkpoint = load_weights(teacher_checkpoint, "teacher_ckpt")
-        stage = (
-            (checkpoint.get("usam") or {}).get("stage") if isinstance(checkpoint, dict) else None
-        )
+        meta = checkpoint.get("usam") if isinstance(checkpoint, dict) else None
+        stage = meta.get("stage") if isinstance(meta, dict) else None  # in every layout
         if stage != TeacherModule.__name__:
             raise WeightsFileError(
                 f"teacher_ckpt={teacher_checkpoint} is not a teacher checkpoint (it holds "
