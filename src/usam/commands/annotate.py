@@ -37,12 +37,12 @@ from usam.core.devices import resolve_device
 from usam.core.progress import progress_bar
 from usam.core.provenance import Provenance, report, untrained
 from usam.core.stopping import stop_if_requested, stoppable
+from usam.data.eval_shards import require_masks
 from usam.data.extraction import (
     REJECTED_NAME,
     ExtractSettings,
     is_complete,
     rejected_keys,
-    require_masks,
     run_extraction,
     shard_set_dir,
 )

@@ -35,6 +35,7 @@ from usam.evaluation.reports import log_to_wandb, write_outputs
 from usam.evaluation.sam3_baseline import Sam3Settings, sam3_baseline
 from usam.evaluation.scoring import (
     SWEEP_ON_TEST,
+    Evaluation,
     EvaluationError,
     ThresholdGrid,
     evaluate,
@@ -55,6 +56,57 @@ def threshold_grid(cfg: DictConfig) -> ThresholdGrid | None:
     return grid if grid.confidence_thresholds and grid.nms_ious else None
 
 
+def _baseline(
+    cfg: DictConfig, source: ImageSource, settings: InferenceSettings, device: Any
+) -> tuple[Predictor, Path | None, dict[str, Any]]:
+    """The ``cfg.baseline`` predictor, SAM 3's own shard set (None: SAM's automatic masks)
+    and what ``metrics.json`` records of the baseline."""
+    if cfg.ckpt:
+        raise ConfigError(f"ckpt={cfg.ckpt} is a U-SAM head; the baseline takes none (ckpt=null)")
+    if cfg.baseline.name == "sam3":
+        sam3 = settings_from_config(Sam3Settings, cfg.baseline.sam3, "baseline.sam3")
+        predictor, shards = sam3_baseline(sam3, source, settings, cfg.paths.output_dir, device)
+        return predictor, shards, {"baseline": "sam3", "sam3": asdict(sam3)}
+    clip = settings_from_config(ClipSettings, cfg.baseline.clip, "baseline.clip")
+    predictor = clip_predictor(clip, source, settings, device)
+    return predictor, None, {"baseline": cfg.baseline.name, "clip": asdict(clip)}
+
+
+def _log_to_wandb(cfg: DictConfig, evaluation: Evaluation, out_dir: Path) -> None:
+    import wandb
+
+    identity = run_identity(cfg, "eval", evaluation.provenance)
+    with wandb.init(
+        project=cfg.wandb.project,
+        mode=cfg.wandb.mode,
+        dir=str(out_dir),
+        name=identity.name,
+        group=identity.group,
+        job_type="eval",
+        config=flat_config(cfg),
+        tags=identity.tags,
+    ) as wandb_run:
+        scores = {f"eval/{name}": value for name, value in evaluation.scalars().items()}
+        log_to_wandb(wandb_run, evaluation, "eval", scores)
+
+
+def _show(label: str, evaluation: Evaluation, out_dir: Path) -> None:
+    """The lines people read: the scores, where the sweep is, and the banner if needed."""
+    derived = ""
+    if evaluation.instances_derived:
+        derived = " (mask AP on instances derived as connected components of the class map)"
+    print(
+        f"{label}: {format_scalars(evaluation.headline)}{derived}"
+        f"  over {evaluation.images} images; results in {out_dir}"
+    )
+    if evaluation.sweep:
+        print(
+            f"threshold x NMS sweep ({len(evaluation.sweep)} points): {SWEEP_ON_TEST}; "
+            f"{out_dir / 'sweep.csv'}"
+        )
+    report(evaluation.provenance, NOT_RESULTS)
+
+
 def run(cfg: DictConfig) -> dict[str, Any] | None:
     """Evaluate ``cfg.ckpt``, or the ``cfg.baseline``; returns the contents of
     ``metrics.json`` (None with ckpt=null and no baseline).
@@ -68,19 +120,8 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     vocabulary = None
     shards = None  # SAM 3 brings its own masks; the others score SAM's automatic ones
     if cfg.get("baseline"):
-        if cfg.ckpt:
-            raise ConfigError(
-                f"ckpt={cfg.ckpt} is a U-SAM head; the baseline takes none (ckpt=null)"
-            )
+        predictor, shards, extra = _baseline(cfg, source, settings, device)
         label = f"{cfg.baseline.name} on {cfg.eval_data.name}"
-        if cfg.baseline.name == "sam3":
-            sam3 = settings_from_config(Sam3Settings, cfg.baseline.sam3, "baseline.sam3")
-            predictor, shards = sam3_baseline(sam3, source, settings, cfg.paths.output_dir, device)
-            extra = {"baseline": "sam3", "sam3": asdict(sam3)}
-        else:
-            clip = settings_from_config(ClipSettings, cfg.baseline.clip, "baseline.clip")
-            predictor = clip_predictor(clip, source, settings, device)
-            extra = {"baseline": cfg.baseline.name, "clip": asdict(clip)}
     elif cfg.ckpt:
         predictor = Predictor.from_checkpoint(cfg.ckpt, settings, device)
         predictor.checkpoint.check_sam(sam.model_type, EvaluationError)
@@ -106,33 +147,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     extra |= {"eval_data": cfg.eval_data.name, "shards": str(shards)}
     metrics_path = write_outputs(evaluation, out_dir, extra)
     if cfg.wandb.enabled:
-        import wandb
-
-        identity = run_identity(cfg, "eval", evaluation.provenance)
-        with wandb.init(
-            project=cfg.wandb.project,
-            mode=cfg.wandb.mode,
-            dir=str(out_dir),
-            name=identity.name,
-            group=identity.group,
-            job_type="eval",
-            config=flat_config(cfg),
-            tags=identity.tags,
-        ) as wandb_run:
-            scores = {f"eval/{name}": value for name, value in evaluation.scalars().items()}
-            log_to_wandb(wandb_run, evaluation, "eval", scores)
-    derived = ""
-    if evaluation.instances_derived:
-        derived = " (mask AP on instances derived as connected components of the class map)"
-    print(
-        f"{label}: {format_scalars(evaluation.headline)}{derived}"
-        f"  over {evaluation.images} images; results in {out_dir}"
-    )
-    if evaluation.sweep:
-        print(
-            f"threshold x NMS sweep ({len(evaluation.sweep)} points): {SWEEP_ON_TEST}; "
-            f"{out_dir / 'sweep.csv'}"
-        )
-    report(evaluation.provenance, NOT_RESULTS)
+        _log_to_wandb(cfg, evaluation, out_dir)
+    _show(label, evaluation, out_dir)
     log.info("metrics written to %s", metrics_path)
     return {**evaluation.summary(), **extra}

@@ -1,4 +1,5 @@
-"""The embedding shard set of an evaluation dataset, shared by ``usam.eval`` and ``usam.fit``.
+"""The embedding shard set of an evaluation dataset, shared by ``usam.eval`` and ``usam.fit``,
+and the check that a set made to be classified holds masks at all (eval, annotate).
 
 It is extracted on demand and cached under ``<data_dir>/shards`` by the id of its
 images, SAM and mask settings, so every later evaluation with the same SAM reuses it.
@@ -9,13 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from usam.data.extraction import (
-    ExtractSettings,
-    require_masks,
-    run_extraction,
-    shard_set_dir,
-)
+from usam.data.extraction import ExtractSettings, run_extraction, shard_set_dir
 from usam.data.sources import ImageSource
+from usam.formats.embedding_shards import Manifest, ShardSetError
 from usam.sam.amg_settings import AmgSettings
 from usam.sam.registry import SamSettings
 
@@ -42,3 +39,15 @@ def eval_shards(
     manifests = run_extraction(source, out_dir, sam, amg, extract, config=config)
     require_masks(manifests["eval"], out_dir / "eval", amg)
     return out_dir / "eval"
+
+
+def require_masks(manifest: Manifest, where: Path, settings: AmgSettings) -> None:
+    """Images in which SAM kept no mask at all leave nothing to classify: say so, and how."""
+    if manifest.num_images and not manifest.num_masks:
+        raise ShardSetError(
+            f"SAM kept no mask in any of the {manifest.num_images} images of {where} with "
+            f"amg.pred_iou_thresh={settings.pred_iou_thresh} and "
+            f"amg.stability_score_thresh={settings.stability_score_thresh} "
+            f"(points_per_side={settings.points_per_side}): lower those thresholds, or use "
+            "the mask settings the head was trained with"
+        )

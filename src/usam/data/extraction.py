@@ -34,7 +34,6 @@ from usam.formats.embedding_shards import (
     DEFAULT_EMBED_DIM,
     MANIFEST_NAME,
     Manifest,
-    ShardSetError,
     ShardSetWriter,
     existing_keys,
     mixed_order,
@@ -388,15 +387,3 @@ def run_extraction(
         num_workers=extract_settings.num_workers,
         trainer_args=dict(extract_settings.trainer),
     )
-
-
-def require_masks(manifest: Manifest, where: Path, settings: AmgSettings) -> None:
-    """Images in which SAM kept no mask at all leave nothing to classify: say so, and how."""
-    if manifest.num_images and not manifest.num_masks:
-        raise ShardSetError(
-            f"SAM kept no mask in any of the {manifest.num_images} images of {where} with "
-            f"amg.pred_iou_thresh={settings.pred_iou_thresh} and "
-            f"amg.stability_score_thresh={settings.stability_score_thresh} "
-            f"(points_per_side={settings.points_per_side}): lower those thresholds, or use "
-            "the mask settings the head was trained with"
-        )

@@ -80,4 +80,3 @@ class HeadMetadata:
                 f"{where} was trained on {self.sam_model_type} mask tokens but sam={sam}; "
                 f"run with sam={self.sam_model_type} (and that model's checkpoint)"
             )
-
