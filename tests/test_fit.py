@@ -135,7 +135,6 @@ def test_class_names_to_trained_head_on_tiny_models(tmp_path):
         "generate.per_class=3",
         "sam=tiny",
         "amg.points_per_side=4",
-        "amg.stability_score_thresh=0.3",
         "extract.val_fraction=0.34",
         "extract.images_per_shard=2",
         f"paths.root_dir={tmp_path}",
@@ -153,6 +152,8 @@ def test_class_names_to_trained_head_on_tiny_models(tmp_path):
     assert meta.provenance == train.provenance  # the head carries its data's reasons
     assert dataclasses.asdict(meta.mask_settings) == train.config["amg"]
     assert meta.mask_settings.points_per_side == 4
+    assert meta.mask_settings.proposals == "one_per_point"  # the paper's reading by default
+    assert train.num_masks == 16 * train.num_images  # N = 4 x 4 points for every image
     stamp = sorted(p.stat().st_mtime_ns for p in (sets[0] / "train").iterdir())
     run(
         compose_config("fit", [*overrides, f"paths.output_dir={tmp_path}/run2"])
