@@ -38,14 +38,8 @@ from usam.core.progress import progress_bar
 from usam.core.provenance import Provenance, report, untrained
 from usam.core.stopping import stop_if_requested, stoppable
 from usam.data.eval_shards import require_masks
-from usam.data.extraction import (
-    REJECTED_NAME,
-    ExtractSettings,
-    is_complete,
-    rejected_keys,
-    run_extraction,
-    shard_set_dir,
-)
+from usam.data.extraction import ExtractSettings, is_complete, run_extraction, shard_set_dir
+from usam.data.rejections import REJECTED_NAME, rejected_keys
 from usam.data.sources import FolderSource, load_rgb
 from usam.formats.embedding_shards import existing_keys, iter_records
 from usam.formats.storage import atomic_write_text

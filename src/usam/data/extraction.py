@@ -29,6 +29,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, Dataset
 
 from usam.core.stopping import pass_stops_to, stop_if_requested, worker_init_fn
+from usam.data.rejections import Rejected, merge_rejected, rejected_keys
 from usam.data.sources import ImageSource, RejectedImage, SourceImage
 from usam.formats.embedding_shards import (
     DEFAULT_EMBED_DIM,
@@ -39,14 +40,12 @@ from usam.formats.embedding_shards import (
     mixed_order,
     read_manifest,
 )
-from usam.formats.storage import atomic_write_text
 from usam.sam.amg_settings import AmgSettings
 from usam.sam.mask_engine import PointGridEngine
 from usam.sam.registry import SamSettings, build_engine
 
 log = logging.getLogger(__name__)
 
-REJECTED_NAME = "rejected.jsonl"
 SLOW_FACTOR = 5.0  # an image this many times slower than the median is reported
 
 
@@ -68,15 +67,6 @@ class ExtractSettings:
                 f"images_per_shard={self.images_per_shard} must be >= 1 and "
                 f"num_workers={self.num_workers} >= 0"
             )
-
-
-@dataclass(frozen=True)
-class Rejected:
-    """An image that could not be used; travels from the loader to the writer."""
-
-    key: str
-    path: str
-    reason: str
 
 
 def splits_for(source: ImageSource, val_fraction: float) -> tuple[str, ...]:
@@ -108,24 +98,6 @@ def shard_set_id(
 
 def is_complete(out_dir: Path, splits: tuple[str, ...]) -> bool:
     return all((out_dir / split / MANIFEST_NAME).is_file() for split in splits)
-
-
-def _rejections(paths: list[Path]) -> dict[str, str]:
-    """Key -> JSON line of every rejection logged in ``paths``, the first one per image."""
-    lines: dict[str, str] = {}
-    for path in paths:
-        if not path.is_file():
-            continue
-        for line in path.read_text().splitlines():
-            try:
-                lines.setdefault(json.loads(line)["key"], line)
-            except (json.JSONDecodeError, KeyError):
-                continue  # a line cut off by a crash: the image is simply tried again
-    return lines
-
-
-def rejected_keys(out_dir: Path) -> set[str]:
-    return set(_rejections(sorted(out_dir.glob("rejected*.jsonl"))))
 
 
 class _PendingImages(Dataset):
@@ -253,20 +225,51 @@ class ShardPredictionWriter(BasePredictionWriter):
         if trainer.is_global_zero:
             for writer in self.writers.values():
                 writer.finalize()
-            _merge_rejected(self.out_dir)
+            merge_rejected(self.out_dir)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self._stack.close()  # keep what was written; no manifest, so the next run resumes
 
 
-def _merge_rejected(out_dir: Path) -> None:
-    """Fold the per-rank rejection logs into ``rejected.jsonl`` (one line per image)."""
-    parts = sorted(out_dir.glob("rejected-r*.jsonl"))
-    merged = _rejections([out_dir / REJECTED_NAME, *parts])
-    if merged:
-        atomic_write_text(out_dir / REJECTED_NAME, "".join(line + "\n" for line in merged.values()))
-    for path in parts:
-        path.unlink()
+def pending_images(source: ImageSource, out_dir: Path, shuffle_seed: int) -> list[int]:
+    """Indices of the images still to extract, in the order they are written: a training
+    source's in ``mixed_order(len(source), shuffle_seed)``, which a resumed run keeps, so
+    that every shard mixes the classes; an evaluation source's as listed."""
+    skip = rejected_keys(out_dir)
+    for split in ("train", "val", "eval"):
+        skip |= existing_keys(out_dir / split)
+    train = source.kind == "train"
+    order = mixed_order(len(source), shuffle_seed) if train else range(len(source))
+    return [i for i in order if source.keys[i] not in skip]
+
+
+def _manifests(
+    source: ImageSource,
+    splits: tuple[str, ...],
+    settings: AmgSettings,
+    sam_info: dict[str, Any],
+    config: dict[str, Any],
+) -> dict[str, Manifest]:
+    """The manifest each split gets: what went in and how SAM ran (``config`` holds the
+    extraction's own settings)."""
+    fingerprint = source.fingerprint()
+    return {
+        split: Manifest(
+            classes=list(source.classes),
+            embed_dim=DEFAULT_EMBED_DIM,
+            kind="eval" if split == "eval" else "train",
+            sam=dict(sam_info),
+            images_random_weights=source.random_weights,
+            shuffle_seed=config["shuffle_seed"] if source.kind == "train" else None,
+            config={
+                **{k: v for k, v in config.items() if k != "shuffle_seed"},
+                "split": split,
+                "source_fingerprint": fingerprint,
+                "amg": asdict(settings),
+            },
+        )
+        for split in splits
+    }
 
 
 def extract(
@@ -282,42 +285,17 @@ def extract(
     trainer_args: dict[str, Any] | None = None,
     num_workers: int = 0,
 ) -> dict[str, Manifest]:
-    """Extract every image of ``source`` not yet in ``out_dir``; returns the split manifests.
-
-    A training source's images go in the order ``mixed_order(len(source), shuffle_seed)``,
-    which a resumed run keeps, so that every shard mixes the classes."""
+    """Extract every image of ``source`` not yet in ``out_dir``; returns the split manifests."""
     out_dir = Path(out_dir)
     splits = splits_for(source, val_fraction)
     if is_complete(out_dir, splits):
         return {split: read_manifest(out_dir / split) for split in splits}
     out_dir.mkdir(parents=True, exist_ok=True)
-    skip = rejected_keys(out_dir)
-    for split in splits:
-        skip |= existing_keys(out_dir / split)
-    train = source.kind == "train"
-    order = mixed_order(len(source), shuffle_seed) if train else range(len(source))
-    pending = [i for i in order if source.keys[i] not in skip]
+    pending = pending_images(source, out_dir, shuffle_seed)
     for path, reason in source.listing_rejected:
         log.warning("rejected while listing: %s (%s)", path, reason)
-    fingerprint = source.fingerprint()
-    manifests = {
-        split: Manifest(
-            classes=list(source.classes),
-            embed_dim=DEFAULT_EMBED_DIM,
-            kind="eval" if split == "eval" else "train",
-            sam=dict(sam_info),
-            images_random_weights=source.random_weights,
-            shuffle_seed=shuffle_seed if train else None,
-            config={
-                **(config or {}),
-                "split": split,
-                "source_fingerprint": fingerprint,
-                "amg": asdict(engine.settings),
-                "val_fraction": val_fraction,
-            },
-        )
-        for split in splits
-    }
+    run_config = {**(config or {}), "val_fraction": val_fraction, "shuffle_seed": shuffle_seed}
+    manifests = _manifests(source, splits, engine.settings, sam_info, run_config)
     writer = ShardPredictionWriter(out_dir, manifests, source.kind, val_fraction, images_per_shard)
     loader = DataLoader(
         _PendingImages(source, pending),
