@@ -23,7 +23,7 @@ from usam.sam.registry import build_sam
 from usam.sam.sam1_backend import AutomaticMaskEngine
 from usam.testing.agreement import agreement
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "amg" / "default.yaml"
+CONF = Path(__file__).resolve().parents[1] / "conf" / "amg" / "official_filtered.yaml"
 # Every multimask output of every point and no box NMS, so that ~500 masks are compared,
 # not the one or two that NMS keeps of the tiny random model's near-duplicate masks.
 SETTINGS = AmgSettings(
