@@ -5,6 +5,7 @@ end to end by the commands as a user runs them."""
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 
 import lightning as L
 import numpy as np
@@ -44,9 +45,10 @@ def filtered(model, image, **choice) -> AmgSettings:
     small-region cleanup, as in HQ-SAM's generator. (The random model's masks in the
     crops all touch a crop edge, so the crop-edge filter drops them.)"""
     median = np.median(
-        point_ious(HqMaskEngine(model, AmgSettings(points_per_side=8), **choice), image)
+        point_ious(HqMaskEngine(model, AmgSettings(points_per_side=8, **choice)), image)
     )
     return AmgSettings(
+        **choice,
         points_per_side=8,
         pred_iou_thresh=float(median),
         stability_score_thresh=0.5,
@@ -60,7 +62,8 @@ def filtered(model, image, **choice) -> AmgSettings:
 @pytest.mark.parametrize("choice", CHOICES, ids=["default", "hq_token_only", "single_mask"])
 def test_exactly_hq_sams_official_masks_in_each_output_choice(hq_tiny, choice):
     image = shapes_image(128, 192, 0)
-    engine = HqMaskEngine(hq_tiny, filtered(hq_tiny, image, **choice), **choice)
+    engine = build_engine("hq_tiny", hq_tiny, filtered(hq_tiny, image, **choice))
+    assert isinstance(engine, HqMaskEngine)
     ours = engine.generate(image)
     report = assert_matches_official(ours, engine, image)
     assert len(ours) >= 3 and report.paired >= len(ours) - report.near_ties
@@ -75,7 +78,7 @@ def test_another_output_choice_breaks_the_contract(hq_tiny):
     """The check can fail: HQ-only masks are not the official default's SAM + HQ masks."""
     image = shapes_image(128, 192, 0)
     settings = filtered(hq_tiny, image)
-    ours = HqMaskEngine(hq_tiny, settings, hq_token_only=True).generate(image)
+    ours = HqMaskEngine(hq_tiny, replace(settings, hq_token_only=True)).generate(image)
     default = HqMaskEngine(hq_tiny, settings)
     assert not compare_with_official(ours, official(default, image), default, image).holds
 
@@ -222,3 +225,15 @@ def test_the_official_masks_on_a_real_photo_with_hq_vit_b():
     ours = engine.generate(image)
     assert_matches_official(ours, engine, image)
     assert len(ours) >= 50  # most of the 8 x 8 masks, one per point
+
+
+def test_hq_output_choices_are_mask_settings_other_backends_refuse(hq_tiny):
+    """amg.hq_token_only / amg.multimask_output reach the HQ engine from the config, and the
+    heads record them with the other mask settings; SAM 1 has no such outputs."""
+    cfg = compose_config("extract", ["sam=hq_tiny", "amg.hq_token_only=true"])
+    settings = AmgSettings(**cfg.amg)
+    engine = build_engine("hq_tiny", hq_tiny, settings)
+    assert engine.hq_token_only and engine.multimask_output
+    assert "hq_token_only" not in settings.as_kwargs()
+    with pytest.raises(ValueError, match=r"amg\.hq_token_only=True .*HQ-SAM"):
+        build_engine("tiny", build_sam("tiny")[0], settings)

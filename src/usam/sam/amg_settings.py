@@ -38,6 +38,11 @@ class AmgSettings:
     crop_n_points_downscale_factor: int = 1
     min_mask_region_area: int = 0
     approximate: bool = False  # faster, close to but not bit-identical with the official output
+    # HQ-SAM's output choices (sam=hq_*), with its generator's defaults: the HQ mask alone
+    # instead of SAM's best mask plus the HQ mask; SAM's single-mask output instead of its best
+    # multimask one. Other backends have neither and refuse other values.
+    hq_token_only: bool = False
+    multimask_output: bool = True
 
     def __post_init__(self) -> None:
         self._check_proposals()
@@ -89,8 +94,10 @@ class AmgSettings:
         """Keyword arguments for the official generator: with ``one_per_point`` its filters
         are off (checked above), and picking each point's best mask is left to the caller
         (``PointGridEngine.reference_masks``). ``approximate`` is left out: the official
-        generator only has the exact mode.
+        generator only has the exact mode; HQ-SAM's output choices go to its generator's
+        ``generate`` and predictor (``usam.sam.hq_backend``).
         """
         kwargs = asdict(self)
-        del kwargs["approximate"], kwargs["proposals"]
+        for engine_only in ("approximate", "proposals", "hq_token_only", "multimask_output"):
+            del kwargs[engine_only]
         return kwargs

@@ -169,18 +169,14 @@ class HqPointDecoder(PointDecoder):
 class HqMaskEngine(AutomaticMaskEngine):
     """HQ-SAM's automatic masks with tokens (one mask per point), exact mode only.
 
-    ``hq_token_only`` and ``multimask_output``: HQ-SAM's output choices (module docstring),
-    defaults as in its automatic generator.
+    ``amg.hq_token_only`` and ``amg.multimask_output``: HQ-SAM's output choices (module
+    docstring), defaults as in its automatic generator.
     """
 
+    has_hq_outputs = True
+
     def __init__(
-        self,
-        model: torch.nn.Module,
-        settings: AmgSettings | None = None,
-        *,
-        hq_token_only: bool = False,
-        multimask_output: bool = True,
-        decoder_chunk: int = 1,
+        self, model: torch.nn.Module, settings: AmgSettings | None = None, *, decoder_chunk: int = 1
     ) -> None:
         if settings is not None and settings.approximate:
             raise ValueError(
@@ -188,14 +184,14 @@ class HqMaskEngine(AutomaticMaskEngine):
                 "set amg.approximate=false"
             )
         super().__init__(model, settings, decoder_chunk=decoder_chunk)
-        self.hq_token_only = hq_token_only
-        self.multimask_output = multimask_output
+        self.hq_token_only = self.settings.hq_token_only
+        self.multimask_output = self.settings.multimask_output
         self.predictor = HqEncoderPredictor(model)
         self.decoder = HqPointDecoder(
             self.predictor,
             chunk=decoder_chunk,
-            hq_token_only=hq_token_only,
-            multimask=multimask_output,
+            hq_token_only=self.hq_token_only,
+            multimask=self.multimask_output,
         )
 
     @property

@@ -57,7 +57,7 @@ from torchvision.ops.boxes import batched_nms, box_area
 
 from usam.core.config import ConfigError
 from usam.formats.embedding_shards import ImageRecord
-from usam.sam.amg_settings import AmgSettings
+from usam.sam.amg_settings import AmgSettings, AmgSettingsError
 from usam.sam.mask_postprocess import (
     Candidates,
     clean_small_regions,
@@ -143,10 +143,19 @@ class PointGridEngine(ABC):
     # whether the official generator removes small regions after NMS (SAM 1) rather than
     # inside its predictor (SAM 2)
     cleans_small_regions_after_nms = True
+    # whether the backend has HQ-SAM's output choices (amg.hq_token_only, amg.multimask_output)
+    has_hq_outputs = False
 
     def __init__(self, model: torch.nn.Module, settings: AmgSettings | None = None) -> None:
         self.model = model.eval()
         self.settings = settings or AmgSettings()
+        s = self.settings
+        if not self.has_hq_outputs and (s.hq_token_only or not s.multimask_output):
+            raise AmgSettingsError(
+                f"amg.hq_token_only={s.hq_token_only} and amg.multimask_output="
+                f"{s.multimask_output} choose HQ-SAM's outputs (sam=hq_*); "
+                f"{type(self).__name__} has none: keep false and true"
+            )
         # Wall seconds of the last ``generate`` by stage: encoder, decoder (the mask
         # decoder and its upscaling), post-processing (the rest).
         self.stage_seconds: dict[str, float] = {}
@@ -310,7 +319,8 @@ class PointGridEngine(ABC):
         return data
 
     def _process_batch(self, batch: _Batch) -> Candidates:
-        """IoU filter (or each point's best output), then upscaling, upsampling and the remaining filters of the survivors."""
+        """IoU filter (or each point's best output), then upscaling, upsampling and the
+        remaining filters of the survivors."""
         s = self.settings
         flat_iou = batch.flat_iou
         n_out = batch.decoded.iou_preds.shape[1]
