@@ -11,7 +11,6 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from usam.evaluation.scoring import EvaluationError
 from usam.formats.embedding_shards import iter_records, read_manifest
@@ -24,7 +23,7 @@ from usam.testing.agreement import compare_with_official, point_ious
 from usam.train.lightning_modules import TeacherModule
 
 from helpers.commands import TINY_TEACHER_FIT, compose_config, run_python
-from helpers.official_amg import assert_matches_official, official, shapes_image
+from helpers.official_amg import assert_matches_official, official, photo_folder, shapes_image
 
 pytest.importorskip("segment_anything_hq", reason="sam=hq_* needs usam[hq] (make test has it)")
 
@@ -164,10 +163,7 @@ def light_hq_checkpoint(tmp_path_factory):
 
 
 def test_extract_command_writes_hq_shards_that_name_their_backend(tmp_path, light_hq_checkpoint):
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    for i in range(2):
-        Image.fromarray(shapes_image(96, 128, i)).save(folder / f"photo{i}.png")
+    folder = photo_folder(tmp_path / "photos")
     out = tmp_path / "shards"
     done = run_python(
         *("-m", "usam.extract", "source=folder", f"source.root={folder}"),

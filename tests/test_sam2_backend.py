@@ -9,7 +9,6 @@ from importlib.util import find_spec
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from usam.evaluation.scoring import EvaluationError
 from usam.formats.embedding_shards import iter_records, read_manifest
@@ -21,7 +20,7 @@ from usam.sam.sam2_backend import Sam2Missing
 from usam.testing.agreement import point_ious
 
 from helpers.commands import TINY_TEACHER_FIT, compose_config, run_python
-from helpers.official_amg import assert_matches_official, shapes_image
+from helpers.official_amg import assert_matches_official, photo_folder, shapes_image
 
 # not importorskip: importing sam2 initialises Hydra globally, which usam's builders undo
 pytestmark = pytest.mark.skipif(
@@ -103,10 +102,7 @@ def test_every_sam2_size_composes_from_the_command_line():
 
 
 def test_extract_command_writes_sam2_shards_that_name_their_backend(tmp_path):
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    for i in range(2):
-        Image.fromarray(shapes_image(96, 128, i)).save(folder / f"photo{i}.png")
+    folder = photo_folder(tmp_path / "photos")
     out = tmp_path / "shards"
     done = run_python(
         *("-m", "usam.extract", "source=folder", f"source.root={folder}"),

@@ -4,7 +4,10 @@ mode's contract: differences no larger than float32 rounding can make.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+from PIL import Image
 
 from usam.sam.mask_engine import PointGridEngine
 from usam.testing.agreement import OfficialComparison, compare_with_official
@@ -25,6 +28,14 @@ def shapes_image(height: int, width: int, seed: int) -> np.ndarray:
         else:
             image[max(cy - r, 0) : cy + r, max(cx - r, 0) : cx + r] = color
     return image
+
+
+def photo_folder(root: Path, count: int = 2) -> Path:
+    """A folder of ``count`` shapes photos (96 x 128 PNG), as a user's images for a command."""
+    root.mkdir(parents=True)
+    for i in range(count):
+        Image.fromarray(shapes_image(96, 128, i)).save(root / f"photo{i}.png")
+    return root
 
 
 def official(engine: PointGridEngine, image) -> list[dict]:
