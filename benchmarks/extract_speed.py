@@ -13,15 +13,11 @@ extra resident memory during each, whether our output meets exact mode's contrac
 rounding), the share of masks bit-identical to the official ones and the largest
 predicted-IoU difference. A second table splits our
 seconds per image into encoder, decoder and post-processing and sets the total against
-the FLOP floor: the model's FLOPs (counted by torch) at this machine's measured fp32
-matmul throughput.
-
-With ``--approximate`` it also runs ``AmgSettings(approximate=True)`` on the same images
-and prints a second table: its images/s, its speed-up over the exact engine and over the
-official generator, the mask count of each mode, the share of exact masks that an
-approximate mask matches at mask IoU >= 0.95 (and how many of those pairs come from the
-same point prompt), and the largest predicted-IoU and stability differences over the
-matched pairs (``usam.testing.agreement.agreement``).
+the FLOP floor: the model's FLOPs at this machine's measured fp32 matmul throughput.
+FLOPs are counted by torch (``FlopCounterMode``) on each side: the official predictor's
+encoder and decoder per point (transformer and upscaling, every point upscaled), and
+usam's; usam's decoder reassociates its products within the contract
+(``usam.sam.decoder_attention``), so it does fewer.
 
 With ``--proposals one_per_point`` (the paper's reading, usam's default) every grid point
 keeps its best mask with the filters off, so every mask is upsampled and encoded; the
@@ -41,8 +37,7 @@ weights at the same pass rates.
     python benchmarks/extract_speed.py --model tiny --points-per-side 16 --images 2
     python benchmarks/extract_speed.py --model sam2.1_hiera_t --points-per-side 16 --images 1
     python benchmarks/extract_speed.py --model hq_vit_b --points-per-side 16 --images 1
-    python benchmarks/extract_speed.py --model vit_b --pass-rates 1 --approximate \
-        --box-nms-thresh 1
+    python benchmarks/extract_speed.py --model vit_b --pass-rates 1 --box-nms-thresh 1
     python benchmarks/extract_speed.py --model vit_b --points-per-side 32 --proposals one_per_point
 """
 
@@ -64,7 +59,7 @@ from usam.formats.embedding_shards import encode_record
 from usam.sam.amg_settings import AmgSettings
 from usam.sam.mask_engine import PointGridEngine
 from usam.sam.registry import build_engine, build_sam
-from usam.testing.agreement import agreement, compare_with_official, point_ious
+from usam.testing.agreement import compare_with_official, point_ious
 
 VOC_IMAGES = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "voc2012-mini"
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -190,30 +185,46 @@ def _seconds(work) -> float:
     return time.perf_counter() - start
 
 
-def model_flops(engine: PointGridEngine, image: np.ndarray) -> tuple[float, float]:
-    """(encoder FLOPs per image, mask-decoder FLOPs per point prompt), counted by torch on
-    the engine's own pieces, which do the official arithmetic."""
-    points = np.random.default_rng(0).random((8, 2)) * image.shape[1::-1]
+def _flops(work) -> float:
     # inference mode: FlopCounterMode's module hooks trip over the decoder's no_grad outputs
-    with torch.inference_mode(), FlopCounterMode(display=False, depth=None) as encoder:
-        engine.set_image(image)
-    with torch.inference_mode(), FlopCounterMode(display=False, depth=None) as decoder:
-        decoded = engine.decode(points, image.shape[:2])
-        decoded.low_res_masks(torch.arange(len(points)))
+    with torch.inference_mode(), FlopCounterMode(display=False, depth=None) as counter:
+        work()
+    return float(counter.get_total_flops())
+
+
+def model_flops(engine: PointGridEngine, image: np.ndarray) -> dict[str, tuple[float, float]]:
+    """(encoder FLOPs per image, mask-decoder FLOPs per point prompt, every point's masks
+    upscaled) of the official predictor and of usam's engine, counted by torch."""
+    points = np.random.default_rng(0).random((8, 2)) * image.shape[1::-1]
+    logits_of = []
+    official_encoder = _flops(lambda: logits_of.append(engine.official_point_logits(image)))
+    official_decoder = _flops(lambda: logits_of[0](points[0]))
+    encoder = _flops(lambda: engine.set_image(image))
+
+    def decode() -> None:
+        engine.decode(points, image.shape[:2]).low_res_masks(torch.arange(len(points)))
+
+    decoder = _flops(decode) / len(points)
     engine.reset_image()
-    return float(encoder.get_total_flops()), decoder.get_total_flops() / len(points)
+    return {"official": (official_encoder, official_decoder), "usam": (encoder, decoder)}
 
 
 def floor_seconds(engine: PointGridEngine, images, marker: str) -> float:
-    """Seconds per image the arithmetic alone needs at this machine's matmul speed."""
+    """Seconds per image usam's arithmetic alone needs at this machine's matmul speed;
+    prints both sides' FLOPs."""
     throughput = matmul_flops_per_second()
-    encoder_flops, point_flops = model_flops(engine, images[0])
+    flops = model_flops(engine, images[0])
     prompts = engine.settings.points_per_side**2
+    for side, (encoder, decoder) in flops.items():
+        print(
+            f"FLOPs {side}: encoder {encoder / 1e9:.1f} GFLOP/image, decoder "
+            f"{decoder / 1e9:.3f} GFLOP/point"
+        )
+    encoder_flops, point_flops = flops["usam"]
     floor = (encoder_flops + point_flops * prompts) / throughput
     print(
-        f"FLOP floor: encoder {encoder_flops / 1e12:.3f} TFLOP + decoder {point_flops / 1e9:.3f} "
-        f"GFLOP per point x {prompts} points, at {throughput / 1e9:.0f} GFLOP/s matmul -> "
-        f"{floor:.2f} s/image{marker}"
+        f"FLOP floor: usam's FLOPs for {prompts} points at {throughput / 1e9:.0f} GFLOP/s "
+        f"matmul -> {floor:.2f} s/image{marker}"
     )
     return floor
 
@@ -237,9 +248,6 @@ def main() -> None:
         choices=["filtered", "one_per_point"],
         default="filtered",
         help="one_per_point: every point's best mask, filters off (one pass rate: 100%%)",
-    )
-    parser.add_argument(
-        "--approximate", action="store_true", help="also time approximate mode, and compare"
     )
     parser.add_argument("--pass-rates", type=float, nargs="+", default=[1.0, 0.5, 0.1])
     parser.add_argument("--seed", type=int, default=0)
@@ -284,7 +292,7 @@ def main() -> None:
         f"{'ratio w/o enc':>13} {'official MB':>11} {'ours MB':>8} {'masks':>11} {'contract':>8} "
         f"{'identical':>9} {'max dIoU':>9}"
     )
-    stage_rows, approximate_rows = [], []
+    stage_rows = []
     print(f"official generator against ours{marker}")
     print(header)
     for rate in args.pass_rates:
@@ -305,23 +313,7 @@ def main() -> None:
         )
         stage_rows.append((passed, stages))
         print(f"{'':>5} shard size: {np.mean([shard_megabytes(o) for o in ours]):.2f} MB/image")
-        if args.approximate:
-            approximate = build_engine(args.model, sam, replace(settings, approximate=True))
-            approx, t_approx, _, approx_stages = run_ours(approximate, images)
-            approximate_rows.append(
-                (
-                    passed,
-                    t_official,
-                    t_ours,
-                    t_approx,
-                    stages,
-                    approx_stages,
-                    agreement(ours, approx),
-                )
-            )
     print_stages(stage_rows, floor, marker)
-    if approximate_rows:
-        print_approximate(approximate_rows, len(images), marker)
 
 
 def print_stages(rows, floor: float, marker: str) -> None:
@@ -334,27 +326,6 @@ def print_stages(rows, floor: float, marker: str) -> None:
         print(
             f"{passed:>5.0%} {stages['encoder']:>8.2f} {stages['decoder']:>8.2f} "
             f"{stages['post-processing']:>8.2f} {total:>8.2f} {total / floor:>8.2f}"
-        )
-
-
-def print_approximate(rows, n_images: int, marker: str) -> None:
-    """The approximate mode against the exact engine (and the official generator)."""
-    print("approximate mode (vs exact engine; matched: exact masks with an approximate one at")
-    print(f"mask IoU >= 0.95, same prompt among them; max diffs over matched pairs){marker}")
-    print(
-        f"{'pass':>5} {'approx img/s':>12} {'vs exact':>8} {'w/o enc':>7} {'vs official':>11} "
-        f"{'masks ex/ap':>11} {'matched':>8} {'same prompt':>11} {'max dIoU':>9} {'max dstab':>9}"
-    )
-    for passed, t_official, t_exact, t_approx, exact_stages, approx_stages, agree in rows:
-        without = (t_exact / n_images - exact_stages["encoder"]) / max(
-            t_approx / n_images - approx_stages["encoder"], 1e-9
-        )
-        print(
-            f"{passed:>5.0%} {n_images / t_approx:>12.4f} {t_exact / t_approx:>8.2f} "
-            f"{without:>7.2f} {t_official / t_approx:>11.2f} "
-            f"{f'{agree.reference_masks}/{agree.other_masks}':>11} {agree.matched_share:>8.1%} "
-            f"{agree.same_prompt:>11} {agree.max_iou_pred_diff:>9.2e} "
-            f"{agree.max_stability_diff:>9.2e}"
         )
 
 

@@ -39,7 +39,7 @@ def test_a_key_like_no_other_lists_the_valid_ones():
             "amg",
             r"amg\.points_per_side='32' .* expected int",
         ),
-        (AmgSettings, {"approximate": 1}, "amg", r"amg\.approximate=1 .* expected bool"),
+        (AmgSettings, {"hq_token_only": 1}, "amg", r"amg\.hq_token_only=1 .* expected bool"),
         (InferenceSettings, {"confidence_threshold": True}, "inference", "expected float"),
         (SamSettings, {"checkpoint": 3}, "sam", r"sam\.checkpoint=3 has the wrong type"),
     ],

@@ -106,11 +106,6 @@ def test_the_tokens_are_the_hq_token_then_sams_multimask_tokens(hq_tiny):
         hook.remove()
 
 
-def test_the_approximate_mode_is_refused(hq_tiny):
-    with pytest.raises(ValueError, match="amg.approximate=false"):
-        build_engine("hq_tiny", hq_tiny, AmgSettings(approximate=True))
-
-
 def test_registry_names_the_official_checkpoints():
     for size in ("b", "l", "h", "tiny"):
         spec = SPECS[f"hq_vit_{size}"]

@@ -53,11 +53,6 @@ def test_exactly_sam2s_official_masks_with_its_filters_and_crops(sam2_tiny):
     assert ours.tokens.shape == (len(ours), 1024) and np.isfinite(ours.tokens).all()
 
 
-def test_the_approximate_mode_is_refused_for_sam2(sam2_tiny):
-    with pytest.raises(ValueError, match="amg.approximate=false"):
-        build_engine("sam2.1_tiny", sam2_tiny, AmgSettings(approximate=True))
-
-
 def test_registry_names_the_official_checkpoints():
     for size, name in (("t", "tiny"), ("s", "small"), ("b+", "base_plus"), ("l", "large")):
         spec = SPECS[f"sam2.1_hiera_{size}"]

@@ -37,7 +37,6 @@ class AmgSettings:
     crop_overlap_ratio: float = 512 / 1500
     crop_n_points_downscale_factor: int = 1
     min_mask_region_area: int = 0
-    approximate: bool = False  # faster, close to but not bit-identical with the official output
     # HQ-SAM's output choices (sam=hq_*), with its generator's defaults: the HQ mask alone
     # instead of SAM's best mask plus the HQ mask; SAM's single-mask output instead of its best
     # multimask one. Other backends have neither and refuse other values.
@@ -93,11 +92,10 @@ class AmgSettings:
     def as_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for the official generator: with ``one_per_point`` its filters
         are off (checked above), and picking each point's best mask is left to the caller
-        (``PointGridEngine.reference_masks``). ``approximate`` is left out: the official
-        generator only has the exact mode; HQ-SAM's output choices go to its generator's
+        (``PointGridEngine.reference_masks``); HQ-SAM's output choices go to its generator's
         ``generate`` and predictor (``usam.sam.hq_backend``).
         """
         kwargs = asdict(self)
-        for engine_only in ("approximate", "proposals", "hq_token_only", "multimask_output"):
+        for engine_only in ("proposals", "hq_token_only", "multimask_output"):
             del kwargs[engine_only]
         return kwargs

@@ -42,8 +42,8 @@ from usam.core.errors import UsageError
 from usam.formats.embedding_shards import TOKENS_PER_POINT
 from usam.sam.amg_settings import AmgSettings
 from usam.sam.backend_spec import EncoderShape, SamSpec
-from usam.sam.decoder_attention import upscale
 from usam.sam.image_encoder import EncoderPredictor, encode_vit
+from usam.sam.mask_upscaling import to_image_order, upscale
 from usam.sam.point_decoder import DecodedPoints, PointDecoder
 from usam.sam.sam1_backend import (
     AutomaticMaskEngine,
@@ -118,7 +118,7 @@ class HqPointDecoder(PointDecoder):
     def __init__(
         self, predictor: HqEncoderPredictor, *, chunk: int, hq_token_only: bool, multimask: bool
     ) -> None:
-        super().__init__(predictor, chunk=chunk, approximate=False)
+        super().__init__(predictor, chunk=chunk)
         self.hq_token_only = hq_token_only
         self.multimask = multimask
 
@@ -150,10 +150,11 @@ class HqPointDecoder(PointDecoder):
             sam_output=sam_output.to(hs.device),
         )
 
-    def mask_logits(self, decoded: HqDecodedPoints, idx: torch.Tensor, src: torch.Tensor):
+    def mask_logits(self, decoded: HqDecodedPoints, idx: torch.Tensor, keys: torch.Tensor):
         """(len(idx), 1, h', w'): ``MaskDecoderHQ.predict_masks`` and its output selection."""
         decoder = self.predictor.model.mask_decoder
-        upscaled = upscale(decoder.output_upscaling, src, False)
+        upscaled = upscale(decoder.output_upscaling, keys)
+        upscaled = to_image_order(upscaled, decoded.image_shape[1:])
         n, c, h, w = upscaled.shape
         hq_features = self.predictor.hq_features.repeat(n, 1, 1, 1)
         upscaled_hq = decoder.embedding_maskfeature(upscaled) + hq_features
@@ -178,11 +179,6 @@ class HqMaskEngine(AutomaticMaskEngine):
     def __init__(
         self, model: torch.nn.Module, settings: AmgSettings | None = None, *, decoder_chunk: int = 1
     ) -> None:
-        if settings is not None and settings.approximate:
-            raise ValueError(
-                "amg.approximate=true is a SAM 1 engine mode; HQ-SAM runs exact only: "
-                "set amg.approximate=false"
-            )
         super().__init__(model, settings, decoder_chunk=decoder_chunk)
         self.hq_token_only = self.settings.hq_token_only
         self.multimask_output = self.settings.multimask_output
@@ -229,10 +225,10 @@ class HqMaskEngine(AutomaticMaskEngine):
 
         return logits
 
-    def _finish_masks(self, batch, low_res, sel, *, stability):
+    def _finish_masks(self, batch, low_res, sel):
         """The shared filters, then ``multimask`` as the module docstring states it (the
         shared code records output 0 of a point's single output)."""
-        found = super()._finish_masks(batch, low_res, sel, stability=stability)
+        found = super()._finish_masks(batch, low_res, sel)
         row_of = {tuple(p): i for i, p in enumerate(batch.points.tolist())}
         rows = torch.tensor([row_of[tuple(p)] for p in found.points.tolist()], dtype=torch.int64)
         if self.hq_token_only or not self.multimask_output:

@@ -55,7 +55,6 @@ import torch
 from segment_anything.utils.amg import build_all_layer_point_grids, generate_crop_boxes
 from torchvision.ops.boxes import batched_nms, box_area
 
-from usam.core.config import ConfigError
 from usam.formats.embedding_shards import ImageRecord
 from usam.sam.amg_settings import AmgSettings, AmgSettingsError
 from usam.sam.mask_postprocess import (
@@ -230,12 +229,6 @@ class PointGridEngine(ABC):
         """(n, H, W) logits at the crop's size from (n, h', w') low-res logits."""
         ...
 
-    def low_res_stability(self, low_res: torch.Tensor) -> torch.Tensor:
-        """Stability from low-res logits: approximate mode, for backends that offer it."""
-        raise ConfigError(
-            f"{type(self).__name__} has no approximate mode: set amg.approximate=false"
-        )
-
     @torch.inference_mode()
     def generate(self, image: np.ndarray) -> ImageMasks:
         """Masks of an HWC uint8 RGB image."""
@@ -337,46 +330,23 @@ class PointGridEngine(ABC):
         point_idx, inverse = torch.unique(keep // n_out, return_inverse=True)
         with self._clock("decoder"):
             low_res = batch.decoded.low_res_masks(point_idx)[inverse, keep % n_out]
-        low_res_stability = None
-        if s.approximate:
-            low_res_stability = self.low_res_stability(low_res)
-            if s.stability_score_thresh > 0.0:
-                passed = low_res_stability >= s.stability_score_thresh
-                low_res, keep = low_res[passed], keep[passed]
-                low_res_stability = low_res_stability[passed]
         for i in range(0, len(keep), _UPSAMPLE_CHUNK):
             part = slice(i, i + _UPSAMPLE_CHUNK)
-            parts.append(
-                self._finish_masks(
-                    batch,
-                    low_res[part],
-                    keep[part],
-                    stability=None if low_res_stability is None else low_res_stability[part],
-                )
-            )
+            parts.append(self._finish_masks(batch, low_res[part], keep[part]))
         return Candidates.cat(parts)
 
-    def _finish_masks(
-        self,
-        batch: _Batch,
-        low_res: torch.Tensor,
-        sel: torch.Tensor,
-        *,
-        stability: torch.Tensor | None,
-    ) -> Candidates:
+    def _finish_masks(self, batch: _Batch, low_res: torch.Tensor, sel: torch.Tensor) -> Candidates:
         """Upsample, stability filter, binarise, box, crop-edge filter, RLE: survivors only.
 
         ``sel``: the masks' indices into the batch's flattened multimask outputs.
-        ``stability``: scores already computed and filtered on (approximate mode).
         """
         s = self.settings
         logits = self.upsample(low_res)
         threshold = self.mask_threshold
         keep = torch.ones(len(logits), dtype=torch.bool, device=logits.device)
-        if stability is None:
-            stability = stability_scores(logits, threshold, s.stability_score_offset)
-            if s.stability_score_thresh > 0.0:
-                keep = stability >= s.stability_score_thresh
+        stability = stability_scores(logits, threshold, s.stability_score_offset)
+        if s.stability_score_thresh > 0.0:
+            keep = stability >= s.stability_score_thresh
         masks = logits[keep] > threshold
         boxes = mask_boxes(masks)
         edge = near_crop_edge(boxes, batch.crop_box, batch.orig_size)

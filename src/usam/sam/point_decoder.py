@@ -1,29 +1,24 @@
-"""SAM's mask decoder for a batch of point prompts, as the official one computes it.
+"""SAM's mask decoder for a batch of point prompts, reordered within the contract.
 
-The token-side layers see the whole point batch, because small matrix products are not
-bit-identical across batch sizes on CPU BLAS; the image side runs ``chunk`` points at a
-time (``usam.sam.decoder_attention``). Predicted IoU and the mask tokens come from the
-transformer alone; the upscaling to low-resolution mask logits runs later, only for the
-points some mask of which passed the IoU filter.
+The token-side layers see the whole point batch, as in the official decoder; the image
+side runs ``chunk`` points at a time with its products folded into the tokens
+(``usam.sam.decoder_attention``). Predicted IoU and the mask tokens come from the
+transformer alone; the upscaling to low-resolution mask logits (as matrix products,
+``usam.sam.mask_upscaling``) runs later, only for the points some mask of which passed
+the IoU filter.
 """
 
 from __future__ import annotations
 
 import bisect
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from segment_anything import SamPredictor
 
-from usam.sam.decoder_attention import ImageSide, two_way_transformer, upscale
-
-_UPSCALE_CHUNK = 2  # points per pass of the decoder's transposed convolutions: fastest on CPU
-# Devices whose decoder runs under bf16 autocast in approximate mode. Not CPU: even with
-# AMX bf16 units (vit_b, 16x16 points) it saved only 6% of the decoder time, the rest being
-# casts and element-wise work, for ~10x larger score differences.
-_AUTOCAST_DEVICE_TYPES = frozenset({"cuda"})
+from usam.sam.decoder_attention import ImageSide, two_way_transformer
+from usam.sam.mask_upscaling import masks_from, upscale
 
 
 class PointDecoder:
@@ -31,32 +26,25 @@ class PointDecoder:
 
     ``chunk``: points per pass of the image-side work; one is fastest on CPU, where it
     stays in cache. On a GPU a larger chunk saves kernel launches.
-    ``approximate``: fold the attention products (and bf16 autocast on the devices in
-    ``_AUTOCAST_DEVICE_TYPES``).
     """
 
-    def __init__(self, predictor: SamPredictor, *, chunk: int, approximate: bool) -> None:
+    def __init__(self, predictor: SamPredictor, *, chunk: int) -> None:
         if chunk < 1:
             raise ValueError(f"decoder_chunk must be at least 1, got {chunk}")
         self.predictor = predictor
         self.chunk = chunk
-        self.approximate = approximate
         self._side: ImageSide | None = None
 
     def decode(self, points: np.ndarray, crop_size) -> DecodedPoints:
         """Transformer outputs for ``points`` (x, y) in the pixels of the image set."""
         decoder = self.predictor.model.mask_decoder
         hs, chunks = self.transformer_outputs(points, crop_size)
-        with self.low_precision():
-            iou_preds = decoder.iou_prediction_head(hs[:, 0, :])
-            mask_tokens = hs[:, 1 : 1 + decoder.num_mask_tokens, :]
-            hyper_in = torch.stack(
-                [
-                    mlp(mask_tokens[:, i, :])
-                    for i, mlp in enumerate(decoder.output_hypernetworks_mlps)
-                ],
-                dim=1,
-            )
+        iou_preds = decoder.iou_prediction_head(hs[:, 0, :])
+        mask_tokens = hs[:, 1 : 1 + decoder.num_mask_tokens, :]
+        hyper_in = torch.stack(
+            [mlp(mask_tokens[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)],
+            dim=1,
+        )
         return DecodedPoints(
             iou_preds=iou_preds[:, 1:].float(),
             tokens=mask_tokens.flatten(1).float(),
@@ -82,37 +70,25 @@ class PointDecoder:
         )
         output_tokens = self.output_tokens()
         tokens = torch.cat((output_tokens.unsqueeze(0).expand(sparse.size(0), -1, -1), sparse), 1)
-        with self.low_precision():
-            return two_way_transformer(
-                sam.mask_decoder.transformer,
-                tokens,
-                predictor.features,
-                dense,
-                self._image_side(),
-                chunk=self.chunk,
-                folded=self.approximate,
-            )
+        return two_way_transformer(
+            sam.mask_decoder.transformer,
+            tokens,
+            predictor.features,
+            dense,
+            self._image_side(),
+            chunk=self.chunk,
+        )
 
     def output_tokens(self) -> torch.Tensor:
         """The decoder's learnt output tokens in its order: the IoU token, the mask tokens."""
         decoder = self.predictor.model.mask_decoder
         return torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
 
-    def mask_logits(self, decoded: DecodedPoints, idx: torch.Tensor, src: torch.Tensor):
+    def mask_logits(self, decoded: DecodedPoints, idx: torch.Tensor, keys: torch.Tensor):
         """Low-res logits (len(idx), 3, h', w') of the multimask outputs of points ``idx``
-        from their final image keys ``src`` (len(idx), 256, h, w)."""
-        upscaling = self.predictor.model.mask_decoder.output_upscaling
-        upscaled = upscale(upscaling, src, self.approximate)
-        n, cu, hu, wu = upscaled.shape
-        masks = (decoded.hyper_in[idx] @ upscaled.view(n, cu, hu * wu)).view(n, -1, hu, wu)
-        return masks[:, 1:]
-
-    def low_precision(self):
-        """bf16 autocast in approximate mode on the devices that get it, else nothing."""
-        device = self.predictor.device
-        if self.approximate and device.type in _AUTOCAST_DEVICE_TYPES:
-            return torch.autocast(device.type, dtype=torch.bfloat16)
-        return nullcontext()
+        from their final image keys (len(idx), h * w, 256)."""
+        upscaled = upscale(self.predictor.model.mask_decoder.output_upscaling, keys)
+        return masks_from(upscaled, decoded.hyper_in[idx, 1:], decoded.image_shape[1:])
 
     def _image_side(self) -> ImageSide:
         """The reused image-side state; the positional encoding is the model's."""
@@ -136,21 +112,10 @@ class DecodedPoints:
     def low_res_masks(self, point_idx: torch.Tensor) -> torch.Tensor:
         """Low-res logits (len(point_idx), outputs, h', w') of some of the points."""
         starts = np.cumsum([0] + [len(keys) for keys in self.image_keys]).tolist()
-        c, h, w = self.image_shape
-        out = []
-        for i in range(0, len(point_idx), _UPSCALE_CHUNK):
-            idx = point_idx[i : i + _UPSCALE_CHUNK]
-            # A lone point takes other convolution and product kernels than a batch does,
-            # with other rounding: it is paired with itself, unless the official decoder
-            # sees it alone too.
-            lone = len(idx) == 1 and len(self.tokens) > 1
-            if lone:
-                idx = idx.repeat(2)
-            keys = torch.cat([self._keys_of(int(j), starts) for j in idx])
-            src = keys.transpose(1, 2).view(len(idx), c, h, w)
-            with self.decoder.low_precision():
-                masks = self.decoder.mask_logits(self, idx, src)
-            out.append(masks[: 1 if lone else len(idx)].float())
+        out = [
+            self.decoder.mask_logits(self, idx[None], self._keys_of(int(idx), starts)).float()
+            for idx in point_idx
+        ]  # one point at a time, which stays in cache
         return torch.cat(out)
 
     def _keys_of(self, point: int, starts: list[int]) -> torch.Tensor:

@@ -15,48 +15,31 @@ decoder keeps the official width of 256, so the 4 mask tokens of a point are
 Neither Meta nor MobileSAM publish checksums; the SHA-256 sums below are the ones that
 independent projects verifying these downloads agree on (e.g. micro-sam's model table).
 
-Exact mode (the default) gives the official computation's products the official layouts
-so that the BLAS picks the same kernels: on a 2-core AMD EPYC with MKL (and on the Intel
-CPUs with AMX this was first measured on) the output is bit-identical, all 768 masks and
-scores of vit_b at 16 x 16 points. The contract of ``usam.sam.mask_engine`` leaves a
-wide margin over what rounding did on the EPYC while a lone point's attention products
-still took other kernels than the official batch's: vit_b with
-seeded random weights on a VOC photo (16 x 16 points, box NMS off) gave 764 of 768
-masks bit-identical, 14 pixels different (all within the logit tolerance) and predicted
-IoUs at most 9.3e-8 apart, 100x inside the bound; a pixel flipped far from the
+The engine holds to the contract of ``usam.sam.mask_engine``, which bounds results,
+not arithmetic: the decoder's products are reassociated where that is exact in real
+arithmetic, so masks and predicted IoUs match the official ones up to float32 rounding
+(measured figures in the README's Performance section); a pixel flipped far from the
 threshold, or a score off by 1e-3, breaks the contract.
 
 The mask tokens are the two-way transformer's output ``hs[:, 1:5]``.
 
-Where the time goes and what is done about it, without changing the computation:
+Where the time goes and what is done about it:
 
-* The image encoder computes its attention in cache-sized pieces
-  (``usam.sam.image_encoder``): about 3x faster than the official one on an Intel CPU,
+* The image encoder computes its attention in cache-sized pieces, bit for bit as the
+  official one (``usam.sam.image_encoder``): about 3x faster than it on an Intel CPU,
   1.5-2.6x on the 2-core AMD EPYC, where others' memory traffic slows the official one.
-* The mask decoder's image-side work (4096 x 256 values per point for the 1024-pixel
-  models) is memory-bound; it runs one point at a time so that it stays in cache, while
-  the token-side layers see the whole point batch; a point's per-head attention views
-  are copied as a batch's are, which keeps the batch's kernels (``usam.sam.point_decoder``,
-  ``usam.sam.decoder_attention``).
+* The mask decoder's image side (4096 x 256 values per point for the 1024-pixel models)
+  runs one point at a time so that it stays in cache, with the attention projections
+  folded into the 7 tokens and the first layer's image projections made once per image
+  (``usam.sam.decoder_attention``), and the upscaling as matrix products
+  (``usam.sam.mask_upscaling``): 1.3 GFLOP per point for the transformer's image side
+  and upscaling against the official 3.6.
 
 The small-region cleanup after NMS comes from ``segment_anything`` itself.
-
-``AmgSettings(approximate=True)`` trades exactness for speed; the masks and scores then
-only agree with the official ones closely (``benchmarks/extract_speed.py --approximate``
-measures how closely):
-
-* Attention over per-point image keys folds the projections into the few token-side
-  vectors, e.g. ``softmax(q (X Wk)^T) (X Wv) = (softmax((q Wk) X^T) X) Wv``, which is
-  about half the multiply-adds; the softmax over the 7 tokens runs along rows of 4096.
-* Stability is scored on the 256 x 256 low-resolution logits, so masks that fail the
-  stability filter are never upsampled; the kept masks carry that score.
-* The upscaling's LayerNorm2d runs as one channels-last ``layer_norm``.
-* On CUDA the decoder runs under bf16 autocast (not yet measured on a GPU).
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable
 from functools import partial
@@ -84,7 +67,6 @@ from usam.sam.amg_settings import AmgSettings
 from usam.sam.backend_spec import EncoderShape, SamSpec
 from usam.sam.image_encoder import EncoderPredictor
 from usam.sam.mask_engine import DecodedBatch, PointGridEngine
-from usam.sam.mask_postprocess import stability_scores
 from usam.sam.point_decoder import PointDecoder
 
 
@@ -99,9 +81,7 @@ class AutomaticMaskEngine(PointGridEngine):
     def __init__(self, sam: Sam, settings: AmgSettings | None = None, *, decoder_chunk: int = 1):
         super().__init__(sam, settings)
         self.predictor = EncoderPredictor(sam)
-        self.decoder = PointDecoder(
-            self.predictor, chunk=decoder_chunk, approximate=self.settings.approximate
-        )
+        self.decoder = PointDecoder(self.predictor, chunk=decoder_chunk)
 
     @property
     def token_dim(self) -> int:
@@ -135,14 +115,6 @@ class AutomaticMaskEngine(PointGridEngine):
         return self.model.postprocess_masks(
             low_res[:, None], predictor.input_size, predictor.original_size
         )[:, 0]
-
-    def low_res_stability(self, low_res: torch.Tensor) -> torch.Tensor:
-        """Stability scores of low-res logits, over the part of them that covers the image."""
-        scale = low_res.shape[-1] / self.predictor.transform.target_length
-        h, w = (math.ceil(side * scale) for side in self.predictor.input_size)
-        return stability_scores(
-            low_res[:, :h, :w], self.mask_threshold, self.settings.stability_score_offset
-        )
 
 
 URL_BASE = "https://dl.fbaipublicfiles.com/segment_anything/"

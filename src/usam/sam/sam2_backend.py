@@ -33,12 +33,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from usam.core.config import ConfigError
 from usam.core.errors import UsageError
 from usam.sam.amg_settings import AmgSettings
 from usam.sam.backend_spec import EncoderShape, SamSpec
-from usam.sam.decoder_attention import ImageSide, two_way_transformer, upscale
+from usam.sam.decoder_attention import ImageSide, two_way_transformer
 from usam.sam.mask_engine import PointGridEngine
+from usam.sam.mask_upscaling import blocked_high_res, masks_from, upscale
 
 MISSING = (
     "sam={model_type} needs Meta's sam2 package: "
@@ -93,9 +93,6 @@ def build(config_name: str, model_type: str, overrides: dict[str, Any] | None = 
     return instantiate(config.model, _recursive_=True)
 
 
-_UPSCALE_CHUNK = 4  # points upscaled at once: 4 x 32 x 256 x 256 floats stay near 32 MB
-
-
 @dataclass(frozen=True)
 class Sam2DecodedPoints:
     """The transformer's outputs for a batch of points; mask logits are made on request."""
@@ -105,22 +102,16 @@ class Sam2DecodedPoints:
     hyper_in: torch.Tensor  # (points, 4, upscaled channels)
     image_keys: list[torch.Tensor]  # per point (1, h * w, 256): the transformer's image side
     image_shape: tuple[int, int, int]  # (channels, height, width) of the image embedding
-    high_res_features: list[torch.Tensor]
+    high_res_features: tuple[torch.Tensor, torch.Tensor]  # (s0, s1) in the block layout
     output_upscaling: torch.nn.Sequential
 
     def low_res_masks(self, point_idx: torch.Tensor) -> torch.Tensor:
         """Multimask low-res logits (len(point_idx), 3, h', w'), as SAM 2's decoder makes them."""
-        feat_s0, feat_s1 = self.high_res_features
-        c, h, w = self.image_shape
         out = []
-        for i in range(0, len(point_idx), _UPSCALE_CHUNK):
-            idx = point_idx[i : i + _UPSCALE_CHUNK].tolist()
-            keys = torch.cat([self.image_keys[j] for j in idx])
-            src = keys.transpose(1, 2).view(len(idx), c, h, w)
-            upscaled = upscale(self.output_upscaling, src, False, (feat_s0, feat_s1))
-            n, cu, hu, wu = upscaled.shape
-            masks = (self.hyper_in[idx] @ upscaled.view(n, cu, hu * wu)).view(n, -1, hu, wu)
-            out.append(masks[:, 1:].float())
+        for j in point_idx.tolist():  # one point at a time, which stays in cache
+            upscaled = upscale(self.output_upscaling, self.image_keys[j], self.high_res_features)
+            masks = masks_from(upscaled, self.hyper_in[j : j + 1, 1:], self.image_shape[1:])
+            out.append(masks.float())
         return torch.cat(out)
 
 
@@ -131,13 +122,10 @@ class Sam2MaskEngine(PointGridEngine):
 
     def __init__(self, model: torch.nn.Module, settings: AmgSettings | None = None) -> None:
         super().__init__(model, settings)
-        if self.settings.approximate:
-            raise ConfigError(
-                "amg.approximate=true is a SAM 1 engine mode; SAM 2 runs exact only: "
-                "set amg.approximate=false"
-            )
         self.predictor = self.official_predictor()
         self._side: ImageSide | None = None
+        self._image: torch.Tensor | None = None  # the image embedding of the crop set
+        self._high_res: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def token_dim(self) -> int:
@@ -163,9 +151,13 @@ class Sam2MaskEngine(PointGridEngine):
 
     def set_image(self, crop: np.ndarray) -> None:
         self.predictor.set_image(crop)
+        features = self.predictor._features
+        self._image = features["image_embed"][-1:]
+        self._high_res = blocked_high_res(*(level[-1:] for level in features["high_res_feats"]))
 
     def reset_image(self) -> None:
         self.predictor.reset_predictor()
+        self._image = self._high_res = None
 
     def decode(self, points: np.ndarray, crop_size: tuple[int, int]) -> Sam2DecodedPoints:
         """``MaskDecoder.predict_masks`` up to the upscaling, its image side point by point."""
@@ -186,10 +178,9 @@ class Sam2MaskEngine(PointGridEngine):
             heads.insert(0, decoder.obj_score_token.weight)
         output_tokens = torch.cat(heads).unsqueeze(0).expand(sparse.size(0), -1, -1)
         tokens = torch.cat((output_tokens, sparse), dim=1)
-        features = predictor._features
-        image = features["image_embed"][-1:]
+        image = self._image
         hs, chunks = two_way_transformer(
-            decoder.transformer, tokens, image, dense, self._image_side(), chunk=1, folded=False
+            decoder.transformer, tokens, image, dense, self._image_side(), chunk=1
         )
         mask_tokens = hs[:, first + 1 : first + 1 + decoder.num_mask_tokens, :]
         hyper_in = torch.stack(
@@ -203,7 +194,7 @@ class Sam2MaskEngine(PointGridEngine):
             hyper_in=hyper_in,
             image_keys=chunks,
             image_shape=tuple(image.shape[1:]),
-            high_res_features=[level[-1:] for level in features["high_res_feats"]],
+            high_res_features=self._high_res,
             output_upscaling=decoder.output_upscaling,
         )
 

@@ -1,5 +1,4 @@
-"""How closely masks reproduce others: ours against the official generator, approximate
-against exact mode.
+"""How closely usam's masks reproduce the official generator's.
 
 :func:`compare_with_official` checks exact mode's contract (stated in
 ``usam.sam.mask_engine``): differences no larger than float32 rounding can make. Where
@@ -312,7 +311,6 @@ def _check_order(theirs: list[_Mask], report: OfficialComparison) -> None:
 
 
 @torch.inference_mode()
-@torch.inference_mode()
 def point_ious(engine: PointGridEngine, image: np.ndarray) -> np.ndarray:
     """Predicted IoU of every multimask output on the full-image grid, before any filter:
     for choosing ``pred_iou_thresh`` by the share of masks it lets through.
@@ -326,64 +324,3 @@ def point_ious(engine: PointGridEngine, image: np.ndarray) -> np.ndarray:
     ]
     engine.reset_image()
     return torch.cat(ious).numpy()
-
-
-@dataclass(frozen=True)
-class Agreement:
-    """How closely one set of masks (approximate mode) reproduces a reference set (exact
-    mode) of the same images.
-    """
-
-    reference_masks: int
-    other_masks: int
-    matched: int  # reference masks with an other mask at mask IoU >= min_iou
-    same_prompt: int  # matched pairs that also share point and multimask output
-    max_iou_pred_diff: float  # over matched pairs
-    max_stability_diff: float
-
-    @property
-    def matched_share(self) -> float:
-        return self.matched / self.reference_masks if self.reference_masks else 1.0
-
-
-def agreement(
-    reference: list[ImageMasks], other: list[ImageMasks], min_iou: float = 0.95
-) -> Agreement:
-    """Match each reference mask to an other mask of the same image at mask IoU >= ``min_iou``,
-    the one from the same point and multimask output when that qualifies, else the closest,
-    so that score differences compare like with like even among near-duplicate masks.
-    """
-    matched = same_prompt = 0
-    iou_diff = stability_diff = 0.0
-    for ref, oth in zip(reference, other, strict=True):
-        if not len(ref) or not len(oth):
-            continue
-        size = [ref.height, ref.width]
-        ious = mask_utils.iou(
-            [{"size": size, "counts": c} for c in ref.rles],
-            [{"size": size, "counts": c} for c in oth.rles],
-            [0] * len(oth),
-        )
-        prompt = (ref.points[:, None] == oth.points[None]).all(-1) & (
-            ref.multimask[:, None] == oth.multimask[None]
-        )
-        for i, row in enumerate(ious):
-            ok = row >= min_iou
-            if not ok.any():
-                continue
-            same = ok & prompt[i]
-            j = int(same.argmax()) if same.any() else int(row.argmax())
-            matched += 1
-            same_prompt += bool(same.any())
-            iou_diff = max(iou_diff, abs(float(ref.iou_preds[i]) - float(oth.iou_preds[j])))
-            stability_diff = max(
-                stability_diff, abs(float(ref.stability[i]) - float(oth.stability[j]))
-            )
-    return Agreement(
-        reference_masks=sum(len(r) for r in reference),
-        other_masks=sum(len(o) for o in other),
-        matched=matched,
-        same_prompt=same_prompt,
-        max_iou_pred_diff=iou_diff,
-        max_stability_diff=stability_diff,
-    )
