@@ -21,6 +21,7 @@ from segment_anything.modeling import ImageEncoderViT
 
 from usam.formats.embedding_shards import decode_sample, encode_record
 from usam.sam.amg_settings import AmgSettings
+from usam.sam.mask_upscaling import blocked_high_res, masks_from, to_image_order, upscale
 from usam.sam.registry import build_sam
 from usam.sam.sam1_backend import AutomaticMaskEngine, with_sam_heads
 from usam.testing.agreement import LOGIT_RTOL, compare_with_official, point_ious
@@ -183,6 +184,7 @@ sys.path.insert(0, sys.argv[1])
 from helpers.official_amg import official, shapes_image
 from usam.testing.agreement import compare_with_official
 from usam.sam.amg_settings import AmgSettings
+from usam.sam.mask_upscaling import blocked_high_res, masks_from, to_image_order, upscale
 from usam.sam.sam1_backend import AutomaticMaskEngine
 from usam.sam.registry import build_sam
 
@@ -339,3 +341,27 @@ def test_one_mask_per_point_refuses_settings_that_drop_masks(change):
 def test_unknown_proposals_reading_is_named():
     with pytest.raises(ValueError, match="amg.proposals='best'"):
         AmgSettings(proposals="best")
+
+
+@pytest.mark.parametrize("high_res", [False, True])
+def test_the_upscaling_as_products_is_the_official_convolutions(sam, high_res):
+    """Transposed convolutions as matrix products in the block layout, SAM 2's added
+    high-resolution features included: the official values within float32 rounding; a
+    block put in the wrong place would be off by the size of the values themselves."""
+    upscaling = sam.mask_decoder.output_upscaling
+    generator = torch.Generator().manual_seed(0)
+    keys = torch.randn(2, 16 * 16, 256, generator=generator)
+    hyper = torch.randn(2, 3, 32, generator=generator)
+    s0 = torch.randn(1, 32, 64, 64, generator=generator) if high_res else None
+    s1 = torch.randn(1, 64, 32, 32, generator=generator) if high_res else None
+    with torch.inference_mode():
+        src = keys.transpose(1, 2).reshape(2, 256, 16, 16)
+        conv1, norm, act1, conv2, act2 = upscaling
+        x = conv1(src) + s1 if high_res else conv1(src)
+        official = act2(conv2(act1(norm(x))) + s0) if high_res else act2(conv2(act1(norm(x))))
+        official_masks = (hyper @ official.flatten(2)).view(2, 3, 64, 64)
+        blocked = upscale(upscaling, keys, blocked_high_res(s0, s1) if high_res else None)
+        ours, masks = to_image_order(blocked, (16, 16)), masks_from(blocked, hyper, (16, 16))
+    torch.testing.assert_close(ours, official, rtol=0, atol=1e-5 * official.abs().max().item())
+    bound = 1e-5 * official_masks.abs().max().item()
+    torch.testing.assert_close(masks, official_masks, rtol=0, atol=bound)
