@@ -32,8 +32,8 @@ Where the time goes and what is done about it:
   runs one point at a time so that it stays in cache, with the attention projections
   folded into the 7 tokens and the first layer's image projections made once per image
   (``usam.sam.decoder_attention``), and the upscaling as matrix products
-  (``usam.sam.mask_upscaling``): 1.3 GFLOP per point for the transformer's image side
-  and upscaling against the official 3.6.
+  (``usam.sam.mask_upscaling``): for vit_b 1.81 GFLOP per point, transformer and
+  upscaling, against the official 3.63 (``benchmarks/extract_speed.py`` counts both).
 
 The small-region cleanup after NMS comes from ``segment_anything`` itself.
 """
