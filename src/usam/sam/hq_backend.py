@@ -135,7 +135,9 @@ class HqPointDecoder(PointDecoder):
         mlps = [*decoder.output_hypernetworks_mlps, decoder.hf_mlp]
         hyper_in = torch.stack([mlp(out_tokens[:, i, :]) for i, mlp in enumerate(mlps)], dim=1)
         if self.multimask:
-            scores, best = torch.max(iou_preds[:, 1:-1], dim=1)
+            # MaskDecoderHQ's slice(1, num_mask_tokens - 1): SAM's three multimask outputs
+            # (its IoU head has no column for the HQ token)
+            scores, best = torch.max(iou_preds[:, 1 : decoder.num_mask_tokens - 1], dim=1)
             sam_output = best + 1
         else:
             scores, sam_output = iou_preds[:, 0], torch.zeros(len(hs), dtype=torch.int64)

@@ -254,8 +254,12 @@ def _check_unpaired(theirs, mine, logits: _OfficialLogits, settings, report) -> 
 
 
 def _near_filter(m: _Mask, logits: _OfficialLogits, settings: AmgSettings) -> bool:
-    if abs(m.iou - settings.pred_iou_thresh) <= score_tolerance(m.iou):
+    """Near a filter's threshold; a filter at 0 is off in the official generator."""
+    iou_filter = settings.pred_iou_thresh > 0.0
+    if iou_filter and abs(m.iou - settings.pred_iou_thresh) <= score_tolerance(m.iou):
         return True
+    if settings.stability_score_thresh <= 0.0:
+        return False
     crop_box = m.crop_box or logits.crop_of(m.point)
     point_logits = logits(m.point, crop_box)
     if m.multimask is None:  # the official output leaves it out: the closest output
@@ -265,7 +269,13 @@ def _near_filter(m: _Mask, logits: _OfficialLogits, settings: AmgSettings) -> bo
 
 
 def _near_nms(m: _Mask, everyone, explained, settings: AmgSettings) -> bool:
-    thresholds = {settings.box_nms_thresh, settings.crop_nms_thresh}
+    """Near an NMS decision: box NMS below 1 (at 1 it keeps every box), and crop NMS only
+    when there are crops."""
+    thresholds = {settings.box_nms_thresh} if settings.box_nms_thresh < 1.0 else set()
+    if settings.crop_n_layers > 0:
+        thresholds.add(settings.crop_nms_thresh)
+    if not thresholds:
+        return False
     lowest = min(thresholds)
     for n in everyone:
         if n is m or n is m.partner:
