@@ -22,7 +22,7 @@ from usam.sam.registry import SPECS, SamSettings, build_engine, build_sam, ident
 from usam.testing.agreement import compare_with_official, point_ious
 from usam.train.lightning_modules import TeacherModule
 
-from helpers.commands import TINY_TEACHER_FIT, compose_config, run_python
+from helpers.commands import compose_config, fit_on_backend, run_python
 from helpers.official_amg import assert_matches_official, official, photo_folder, shapes_image
 
 pytest.importorskip("segment_anything_hq", reason="sam=hq_* needs usam[hq] (make test has it)")
@@ -178,21 +178,7 @@ def test_extract_command_writes_hq_shards_that_name_their_backend(tmp_path, ligh
 
 
 def test_fit_runs_on_hq_and_its_head_refuses_another_backend(tmp_path, light_hq_checkpoint):
-    fit = run_python(
-        "-m",
-        "usam.fit",
-        *TINY_TEACHER_FIT,
-        "generate.per_class=2",
-        "sam=hq_vit_tiny",
-        f"sam.checkpoint={light_hq_checkpoint}",
-        "amg.points_per_side=2",
-        "amg.stability_score_thresh=0",
-        "extract.val_fraction=0.3",
-        "callbacks=none",
-        f"paths.root_dir={tmp_path}",
-        f"paths.output_dir={tmp_path}/run",
-        cwd=tmp_path,
-    )
+    fit = fit_on_backend(tmp_path, "sam=hq_vit_tiny", f"sam.checkpoint={light_hq_checkpoint}")
     assert fit.returncode == 0, fit.stderr[-3000:]
     (shards,) = (tmp_path / "data" / "shards").iterdir()
     manifest = read_manifest(shards / "train")

@@ -19,7 +19,7 @@ from usam.sam.registry import SPECS, SamSettings, build_engine, build_sam, ident
 from usam.sam.sam2_backend import Sam2Missing
 from usam.testing.agreement import point_ious
 
-from helpers.commands import TINY_TEACHER_FIT, compose_config, run_python
+from helpers.commands import compose_config, fit_on_backend, run_python
 from helpers.official_amg import assert_matches_official, photo_folder, shapes_image
 
 # not importorskip: importing sam2 initialises Hydra globally, which usam's builders undo
@@ -118,20 +118,7 @@ def test_extract_command_writes_sam2_shards_that_name_their_backend(tmp_path):
 def test_fit_runs_on_sam2_and_its_head_refuses_another_backend(tmp_path):
     """``usam.fit ... sam=sam2.1_tiny`` from class names to a teacher; its shards name the
     backend, and the head will not score SAM 1 masks."""
-    fit = run_python(
-        "-m",
-        "usam.fit",
-        *TINY_TEACHER_FIT,
-        "generate.per_class=2",
-        "sam=sam2.1_tiny",
-        "amg.points_per_side=2",
-        "amg.stability_score_thresh=0",
-        "extract.val_fraction=0.3",
-        "callbacks=none",
-        f"paths.root_dir={tmp_path}",
-        f"paths.output_dir={tmp_path}/run",
-        cwd=tmp_path,
-    )
+    fit = fit_on_backend(tmp_path, "sam=sam2.1_tiny")
     assert fit.returncode == 0, fit.stderr[-3000:]
     assert "RANDOM WEIGHTS" in fit.stdout
     assert "jit.script" not in fit.stdout + fit.stderr  # sam2's import chatter is silenced

@@ -96,6 +96,17 @@ def run_python(*args: str, timeout: int = 300, cwd: Path = ROOT) -> subprocess.C
     )
 
 
+def fit_on_backend(tmp_path: Path, *sam: str) -> subprocess.CompletedProcess:
+    """``usam.fit`` from class names to a teacher on the SAM that ``sam`` overrides name,
+    2 x 2 points, run from ``tmp_path``."""
+    return run_python(
+        *("-m", "usam.fit", *TINY_TEACHER_FIT, "generate.per_class=2", *sam),
+        *("amg.points_per_side=2", "amg.stability_score_thresh=0", "extract.val_fraction=0.3"),
+        *("callbacks=none", f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path}/run"),
+        cwd=tmp_path,
+    )
+
+
 def run_entry(command: str, *args: str, cwd: Path) -> tuple[int, str]:
     """``python -m usam.<command> args`` from ``cwd``, in this process (no interpreter to
     start): its exit code and what it wrote to stderr. Hydra's global state and the log
