@@ -130,7 +130,7 @@ def test_label_restricted_target_survives_a_teacher_sure_of_a_class_not_there():
     loss, bad = uncertainty_loss(student, teacher, torch.ones(1, 1, dtype=torch.bool), labels, 0.5)
     assert bad.tolist() == [[True]] and torch.isfinite(loss)
     q = torch.tensor([-60.0, -50.0]).softmax(-1)  # background, cat
-    assert loss.item() == pytest.approx(-(q * math.log(0.25)).sum().item(), rel=1e-6)
+    assert loss.item() == pytest.approx(-(q * math.log(0.25)).sum().item(), rel=1e-5)
     loss.backward()
     assert torch.isfinite(student.grad).all() and student.grad[0, 0, 3] > 0
 

@@ -40,7 +40,9 @@ class LabelStudioSettings:
 
     def check(self) -> None:
         if self.document_root and self.url_prefix:
-            raise ValueError("set document_root or url_prefix, not both")
+            raise ExportError(
+                "set label_studio.document_root or label_studio.url_prefix, not both"
+            )
 
 
 class ImageAddresses:
