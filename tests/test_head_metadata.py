@@ -44,13 +44,30 @@ def test_a_checkpoint_of_the_first_layout_still_loads(tmp_path, random):
         "sam_model_type": "tiny",
         "random_weights": random,
         "stage": "TeacherModule",
-        "amg": dataclasses.asdict(AMG),
+        "amg": first_layout_amg(AMG),
     }
     torch.save(checkpoint, path)
     head = load_head(path)
     assert head.metadata.mask_settings == AMG and head.classes == ["cat", "dog"]
     assert head.metadata.provenance == Provenance((LEGACY_REASON,) if random else ())
     assert head.provenance.random_weights is random
+
+
+def first_layout_amg(settings) -> dict:
+    """Mask settings as the first layout recorded them: the since-retired ``approximate``,
+    and none of the keys added after it (the filtered proposals were the only reading)."""
+    added = ("proposals", "hq_token_only", "multimask_output")
+    recorded = {k: v for k, v in dataclasses.asdict(settings).items() if k not in added}
+    return {**recorded, "approximate": False}
+
+
+def test_masks_of_the_retired_approximate_mode_are_refused_by_name(tmp_path):
+    path = head_checkpoint(tmp_path / "head.ckpt", ["cat", "dog"])
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["usam"]["amg"] = {**first_layout_amg(AMG), "approximate": True}
+    torch.save(checkpoint, path)
+    with pytest.raises(HeadCheckpointError, match=rf"{path} .*amg\.approximate=true.*re-extract"):
+        load_head(path)
 
 
 def test_an_unreadable_record_names_the_file(tmp_path):

@@ -9,9 +9,11 @@ three outputs with the highest predicted IoU, nothing filtered away.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from usam.core.config import settings_from_config
 from usam.core.errors import UsageError
 
 PROPOSALS = ("filtered", "one_per_point")
@@ -88,6 +90,19 @@ class AmgSettings:
                 "box_nms_thresh to 1.0 (amg=paper does), or use amg.proposals=filtered "
                 "(amg=official_filtered)"
             )
+
+    @classmethod
+    def recorded(cls, values: Mapping[str, Any]) -> AmgSettings:
+        """The settings a shard manifest or a head recorded, in this or an earlier usam:
+        ``approximate`` (retired; exact mode is the only one) is dropped when false, and
+        ``proposals``, absent before the paper's reading, defaults to the filtered one."""
+        values = dict(values)
+        if values.pop("approximate", False):
+            raise AmgSettingsError(
+                "these masks were made with amg.approximate=true, a mode usam no longer has: "
+                "re-extract the shard set and retrain the head"
+            )
+        return settings_from_config(cls, values, "amg")
 
     def as_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for the official generator: with ``one_per_point`` its filters

@@ -15,9 +15,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from usam.core.config import ConfigError, settings_from_config
+from usam.core.config import ConfigError
 from usam.core.provenance import Provenance
-from usam.sam.amg_settings import AmgSettings
+from usam.sam.amg_settings import AmgSettings, AmgSettingsError
 
 FORMAT_VERSION = 2
 # what a checkpoint of the first layout says when its flag is set: it named no reason
@@ -64,10 +64,10 @@ class HeadMetadata:
                 stage=meta["stage"],
                 sam_model_type=meta["sam_model_type"],
                 sam_backend=meta.get("sam_backend"),
-                mask_settings=None if not amg else settings_from_config(AmgSettings, amg, "amg"),
+                mask_settings=None if not amg else AmgSettings.recorded(amg),
                 provenance=Provenance.of(reasons),
             )
-        except (KeyError, TypeError, ConfigError) as reason:
+        except (KeyError, TypeError, ConfigError, AmgSettingsError) as reason:
             raise error(
                 f"{where} holds usam head metadata this version cannot read ({reason}); "
                 "retrain the head with `python -m usam.fit`"

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric
 
-from usam.core.config import ConfigError, settings_from_config
+from usam.core.config import ConfigError
 from usam.core.provenance import Provenance
 from usam.core.weights import WeightsFileError, load_weights
 from usam.sam.amg_settings import AmgSettings
@@ -141,7 +141,7 @@ class TeacherModule(L.LightningModule):
         train = getattr(datamodule, "manifests", {}).get("train")
         if train is not None:
             amg = train.config.get("amg")
-            self.mask_settings = settings_from_config(AmgSettings, amg, "amg") if amg else None
+            self.mask_settings = AmgSettings.recorded(amg) if amg else None
             self.sam_backend = train.sam.get("backend")
 
     def on_fit_start(self) -> None:
