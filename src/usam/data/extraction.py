@@ -249,6 +249,7 @@ def _manifests(
     settings: AmgSettings,
     sam_info: dict[str, Any],
     config: dict[str, Any],
+    shuffle_seed: int,
 ) -> dict[str, Manifest]:
     """The manifest each split gets: what went in and how SAM ran (``config`` holds the
     extraction's own settings)."""
@@ -260,9 +261,9 @@ def _manifests(
             kind="eval" if split == "eval" else "train",
             sam=dict(sam_info),
             images_random_weights=source.random_weights,
-            shuffle_seed=config["shuffle_seed"] if source.kind == "train" else None,
+            shuffle_seed=shuffle_seed if source.kind == "train" else None,
             config={
-                **{k: v for k, v in config.items() if k != "shuffle_seed"},
+                **config,
                 "split": split,
                 "source_fingerprint": fingerprint,
                 "amg": asdict(settings),
@@ -294,8 +295,8 @@ def extract(
     pending = pending_images(source, out_dir, shuffle_seed)
     for path, reason in source.listing_rejected:
         log.warning("rejected while listing: %s (%s)", path, reason)
-    run_config = {**(config or {}), "val_fraction": val_fraction, "shuffle_seed": shuffle_seed}
-    manifests = _manifests(source, splits, engine.settings, sam_info, run_config)
+    run_config = {**(config or {}), "val_fraction": val_fraction}
+    manifests = _manifests(source, splits, engine.settings, sam_info, run_config, shuffle_seed)
     writer = ShardPredictionWriter(out_dir, manifests, source.kind, val_fraction, images_per_shard)
     loader = DataLoader(
         _PendingImages(source, pending),
