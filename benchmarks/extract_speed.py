@@ -312,7 +312,8 @@ def main() -> None:
             f"{agree['identical']:>9.1%} {agree['max_diou']:>9.2e}"
         )
         stage_rows.append((passed, stages))
-        print(f"{'':>5} shard size: {np.mean([shard_megabytes(o) for o in ours]):.2f} MB/image")
+        size = np.mean([shard_megabytes(o) for o in ours])
+        print(f"{'':>5} shard size: {size:.2f} MB/image{marker}")
     print_stages(stage_rows, floor, marker)
 
 

@@ -289,7 +289,11 @@ def test_resume_after_a_crash_skips_done_images(annotated, tmp_path, monkeypatch
     again = run(compose_annotate(tmp_path, images, ckpt, out, "overwrite=true"))
     assert again["annotated_now"] == len(GOOD) and again["rejected"] == len(BAD)
     assert json.loads((out / "annotations.json").read_text()) == reference
-    assert "instances" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    summary_line = next(line for line in printed.splitlines() if "images annotated in" in line)
+    assert "instances (RANDOM WEIGHTS: " in summary_line  # the numbers say what they are
+    review = next(line for line in printed.splitlines() if line.startswith("Review first"))
+    assert "RANDOM WEIGHTS" in review
 
 
 def test_a_head_refuses_another_sam(annotated, tmp_path):

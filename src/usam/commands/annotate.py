@@ -227,7 +227,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         **data.fields(),
     }
     report(data, NOT_LABELS)
-    _print_summary(summary, outputs)
+    _print_summary(summary, outputs, data)
     return summary
 
 
@@ -288,10 +288,11 @@ def provenance_of(annotator: Annotator) -> Provenance:
     return data
 
 
-def _print_summary(summary: dict[str, Any], outputs: _Outputs) -> None:
+def _print_summary(summary: dict[str, Any], outputs: _Outputs, data: Provenance) -> None:
     print(
         f"{summary['images']} images annotated in {summary['out']} ({summary['annotated_now']} "
         f"now, {summary['skipped_done']} already done), {summary['instances']} instances"
+        + data.note()
     )
     if summary["rejected"]:
         print(f"{summary['rejected']} files are not usable images: see {outputs.rejected}")
@@ -299,6 +300,9 @@ def _print_summary(summary: dict[str, Any], outputs: _Outputs) -> None:
     for name, count in summary["instances_per_class"].items():
         print(f"  {name:<{width}}  {count}")
     if summary["review_first"]:
-        print(f"Review first (least certain first; every image in {outputs.out / REVIEW_NAME}):")
+        print(
+            f"Review first (least certain first; every image in {outputs.out / REVIEW_NAME})"
+            f"{data.note()}:"
+        )
         for file_name, uncertainty in summary["review_first"]:
             print(f"  {uncertainty:.3f}  {file_name}")
