@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch.distributed as dist
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
@@ -229,4 +230,14 @@ def run(cfg: DictConfig) -> dict[str, Path]:
             cfg, "student", datamodule, inference, eval_dir, teacher_ckpt
         )
     _print_summary(output_dir, results, datamodule.provenance)
+    _leave_process_group()
     return {stage: result.checkpoint for stage, result in results.items()}
+
+
+def _leave_process_group() -> None:
+    """Under DDP, every rank leaves the process group together while all are alive, rather
+    than in the interpreter's exit handlers, where a rank was seen to abort ("terminate
+    called without an active exception") as the other one went."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
