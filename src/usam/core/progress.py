@@ -17,12 +17,13 @@ from rich.text import Text
 
 class SpeedColumn(ProgressColumn):
     """Items per second; a finished task keeps its final rate instead of falling to 0, and one
-    done in a single step (a whole batch at once) shows its average."""
+    done in a single step (a whole batch at once) shows its average up to its end (not over
+    ``elapsed``, which keeps growing while later tasks run)."""
 
     def render(self, task: Task) -> Text:
         speed = task.finished_speed or task.speed
-        if speed is None and task.finished and task.elapsed:
-            speed = task.completed / task.elapsed
+        if speed is None and task.finished_time:
+            speed = task.completed / task.finished_time
         return Text("-- img/s" if speed is None else f"{speed:.2f} img/s")
 
 
