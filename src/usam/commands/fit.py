@@ -109,7 +109,10 @@ def train_stage(
     eval_dir: Path | None,
     teacher_ckpt: str | None = None,
 ) -> StageResult:
-    """Fit one stage, then test the checkpoint the next stage should read."""
+    """Fit one stage, then test the checkpoint the next stage should read. The stage seeds
+    itself first, so its numbers do not depend on what ran before it in this process
+    (building images and shards, or finding them cached)."""
+    L.seed_everything(cfg.seed, workers=True)
     classes = list(datamodule.classes)
     if stage == "teacher":
         module = instantiate(cfg.model.teacher, classes=classes)
@@ -208,7 +211,6 @@ def run(cfg: DictConfig) -> dict[str, Path]:
             f"stage=student needs a teacher checkpoint, and teacher_ckpt={cfg.teacher_ckpt} is "
             "not a file: set it to one from checkpoints/teacher of a fit run"
         )
-    L.seed_everything(cfg.seed, workers=True)
     load_vocabulary(cfg.data.classes)  # fail early on a bad class list
     data_settings = _data_settings(cfg)
     inference = settings_from_config(InferenceSettings, cfg.inference, "inference")

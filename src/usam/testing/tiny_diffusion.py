@@ -49,7 +49,10 @@ def _text_encoder(tokenizer):
 
 
 def build_tiny_pipeline(seed: int = 0):
-    """A StableDiffusionPipeline with 32-wide UNet/VAE and a 2-layer CLIP text encoder."""
+    """A StableDiffusionPipeline with 32-wide UNet/VAE and a 2-layer CLIP text encoder.
+
+    Its weights come from ``seed`` inside a forked RNG, so that building it leaves the
+    global RNG, and with it the training that follows, as it was."""
     import torch
     from diffusers import (
         AutoencoderKL,
@@ -59,28 +62,29 @@ def build_tiny_pipeline(seed: int = 0):
     )
 
     tokenizer = _tokenizer()
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        norm_num_groups=32,
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(32, 64),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        sample_size=32,
-    )
-    text_encoder = _text_encoder(tokenizer)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32,
+            norm_num_groups=32,
+        )
+        vae = AutoencoderKL(
+            block_out_channels=(32, 64),
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            latent_channels=4,
+            sample_size=32,
+        )
+        text_encoder = _text_encoder(tokenizer)
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
