@@ -40,10 +40,9 @@ def trained_teacher(shard_sets, tmp_path_factory):
 
 def test_teacher_learns_a_separable_problem(trained_teacher):
     teacher, before, after, _ = trained_teacher
-    chance = 1 / len(SMALL_CLASSES)
     assert before["val/image_acc"] < 0.6
     assert after["val/loss"] < 0.7 * before["val/loss"]
-    assert after["val/image_acc"] >= 0.9 > chance + 0.5
+    assert after["val/image_acc"] >= 0.9  # chance: 1 / 4
     assert after["val/random_weights"] == 1.0
     assert teacher.trainer.progress_bar_metrics["val/random_weights"] == 1.0  # beside the losses
     # masks, not just images: class prototypes map to their class, background ones to 0
@@ -79,19 +78,45 @@ def test_student_head_starts_untrained_unless_told_to_copy_the_teacher(trained_t
         torch.testing.assert_close(fresh.teacher.head.state_dict()[key], value)
 
 
+class LastBatch(L.Callback):
+    """Keeps the last training batch, whose values the step logs last."""
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.batch = batch
+
+
+def bad_fraction_bounds(student, batch, entropy_threshold: float) -> tuple[float, float]:
+    """The share of a batch's valid masks that the frozen teacher is unsure of (normalised
+    entropy above the threshold) or sure of a class the image lacks, in float64; a mask
+    within 1e-5 of the threshold (float32 rounding) may count either way."""
+    with torch.no_grad():
+        logits = student.teacher(batch["embeddings"], batch["multimask"]).double()
+    probs = logits.softmax(-1).numpy()
+    entropy = -(probs * np.log(np.clip(probs, 1e-300, None))).sum(-1) / np.log(probs.shape[-1])
+    labels = batch["labels"].numpy().astype(bool)
+    allowed = np.concatenate([np.ones((len(labels), 1), bool), labels], 1)
+    wrong = ~np.take_along_axis(allowed, probs.argmax(-1), 1)
+    valid = batch["valid"].numpy().astype(bool)
+    surely_bad = valid & (wrong | (entropy > entropy_threshold + 1e-5))
+    maybe_bad = valid & (wrong | (entropy > entropy_threshold - 1e-5))
+    return surely_bad.sum() / valid.sum(), maybe_bad.sum() / valid.sum()
+
+
 def test_student_trains_from_a_frozen_teacher(trained_teacher, shard_sets, tmp_path):
     teacher, *_, path = trained_teacher
     student = StudentModule.from_teacher(str(path), lambda_uncertainty=0.5, entropy_threshold=0.3)
     frozen = {k: v.clone() for k, v in student.teacher.state_dict().items()}
     start = {k: v.clone() for k, v in student.head.state_dict().items()}
-    trainer = quiet_trainer(tmp_path, max_epochs=2)
+    last = LastBatch()
+    trainer = quiet_trainer(tmp_path, max_epochs=2, callbacks=[last])
     trainer.fit(student, datamodule=datamodule_for(shard_sets))
     for key, value in student.teacher.state_dict().items():
         torch.testing.assert_close(value, frozen[key])
     assert any(not torch.equal(v, start[k]) for k, v in student.head.state_dict().items())
     metrics = trainer.callback_metrics
     assert {"train/mil", "train/uncertainty", "train/bad_fraction"} <= set(metrics)
-    assert 0.0 <= float(metrics["train/bad_fraction"]) <= 1.0
+    low, high = bad_fraction_bounds(student, last.batch, entropy_threshold=0.3)
+    assert low - 1e-6 <= float(metrics["train/bad_fraction"]) <= high + 1e-6  # a float32 ratio
     # the student checkpoint stands alone: reloading needs no teacher file
     saved = tmp_path / "student.ckpt"
     trainer.save_checkpoint(saved)
