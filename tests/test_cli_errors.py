@@ -58,6 +58,34 @@ def test_each_mistake_from_an_empty_folder_is_one_line_naming_the_key(command, t
         assert not (folder / "outputs").exists(), args  # no failed run folder left behind
 
 
+# (command, a misspelt key on its command line, the key it meant)
+MISSPELT = [
+    ("annotate", "max_sid=1500", "max_side"),
+    ("eval", "inference.confidence_treshold=0.5", "inference.confidence_threshold"),
+    ("extract", "extract.images_per_shrd=10", "extract.images_per_shard"),
+    ("fit", "amg.point_per_side=16", "amg.points_per_side"),
+    ("generate", "generate.per_clas=2", "generate.per_class"),
+    ("ingest", "ingest.worker=4", "ingest.workers"),
+]
+
+
+@pytest.mark.parametrize(("command", "override", "meant"), MISSPELT)
+def test_a_misspelt_key_is_named_with_the_key_it_meant(command, override, meant, tmp_path):
+    """Not Hydra's advice to append it with +, which adds a key nothing reads."""
+    code, stderr = run_entry(command, override, cwd=tmp_path)
+    misspelt = override.split("=")[0]
+    assert code == 2
+    assert stderr == f"usam.{command}: error: unknown key {misspelt}; did you mean {meant}\n"
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_an_unknown_key_with_nothing_close_lists_the_keys_of_its_group(tmp_path):
+    code, stderr = run_entry("fit", "sam.zzz=1", cwd=tmp_path)
+    assert code == 2
+    expected = "unknown key sam.zzz; valid keys: model_type, checkpoint, cache_dir"
+    assert stderr == f"usam.fit: error: {expected}\n"
+
+
 def test_a_missing_key_says_what_it_takes_and_verbose_shows_everything(tmp_path):
     code, stderr = run_entry("annotate", "images=photos", "ckpt=head.ckpt", cwd=tmp_path)
     assert code == 2

@@ -20,6 +20,7 @@ from hydra.errors import (
     OverrideParseException,
 )
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
 from usam.command_help import key_comment
 from usam.core.errors import UsageError
@@ -79,9 +80,33 @@ def user_error_line(error: BaseException) -> str | None:
     return message if key is None or _NAMES_A_KEY.match(message) else f"{key}: {message}"
 
 
+def _unknown_key_line(error: Exception) -> str | None:
+    """A misspelt key of the command line, named with the closest key that exists; Hydra's
+    own advice, to append it with ``+``, adds a key that nothing reads. None for any other
+    composition error."""
+    cause = error.__cause__
+    parent = getattr(cause, "parent_node", None)
+    if not isinstance(cause, ConfigAttributeError | ConfigKeyError) or not isinstance(
+        parent, DictConfig
+    ):
+        return None
+    group = cause.full_key.rpartition(".")[0]
+    known = [str(key) for key in parent.keys()]
+    line = f"unknown key {cause.full_key}"
+    if not known:  # below a plain value such as seed.x: there are no keys to offer
+        return line
+    close = difflib.get_close_matches(str(cause.key), known, n=1)
+    prefix = f"{group}." if group else ""
+    hint = f"did you mean {prefix}{close[0]}" if close else f"valid keys: {', '.join(known)}"
+    return f"{line}; {hint}"
+
+
 def composition_error_line(error: Exception) -> str:
     """One line for a command line Hydra cannot compose; an unknown group option lists the
-    options that exist, closest first."""
+    options that exist, closest first, and an unknown key names the closest that exists."""
+    unknown_key = _unknown_key_line(error)
+    if unknown_key is not None:
+        return unknown_key
     if isinstance(error, MissingConfigException) and error.options and error.missing_cfg_file:
         group, _, option = error.missing_cfg_file.rpartition("/")
         options = sorted(
