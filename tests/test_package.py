@@ -3,11 +3,15 @@ inside the package, every command has a console script, and ``--version`` is usa
 
 from __future__ import annotations
 
+import importlib
+import json
 import os
+import re
 import subprocess
 import sys
 import sysconfig
 import venv
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -106,9 +110,42 @@ def test_the_demo_composes_and_its_first_step_runs_from_a_temporary_folder(insta
     assert image_set.is_relative_to(tmp_path) and (image_set / "manifest.json").is_file()
 
 
+def test_the_wheel_ships_every_sweep_file_as_written(installed, tmp_path):
+    """``usam.sweep <name>`` reads the installed package's copies: all of them, unchanged."""
+    listing = (
+        "import json; from usam.sweep import PACKAGED; "
+        "print(json.dumps({p.name: p.read_text() for p in PACKAGED.glob('*.yaml')}))"
+    )
+    shipped = _run(installed / "python", "-c", listing, cwd=tmp_path)
+    assert shipped.returncode == 0, shipped.stderr
+    source = {p.name: p.read_text() for p in (ROOT / "src" / "usam" / "sweeps").glob("*.yaml")}
+    assert len(source) == 6 and json.loads(shipped.stdout) == source
+
+
 def test_the_public_api_resolves_and_a_wrong_name_says_so():
-    for name in usam.__all__:
-        assert getattr(usam, name) is not None, name
-    assert usam.Annotator.__module__ == "usam.inference.annotator"
+    """Each name the README offers is the object of that name where the layout puts it."""
+    readme = (ROOT / "README.md").read_text()
+    offered = readme.split("from usam import ")[1].split("\n")[0].split(", ")
+    also = re.split(r"\.\s", readme.split("`from usam import ...` also offers")[1], maxsplit=1)
+    offered += re.findall(r"`(\w+)`", also[0])
+    assert sorted(usam.__all__) == sorted(["__version__", *offered])
+    defined_in = {
+        "usam.inference.annotator": ["Annotator"],
+        "usam.inference.predictor": ["Predictor", "InferenceSettings", "load_head"],
+        "usam.sam.amg_settings": ["AmgSettings"],
+        "usam.sam.sam1_backend": ["AutomaticMaskEngine"],
+        "usam.sam.registry": ["SamSettings", "build_sam", "build_engine"],
+        "usam.core.vocabulary": ["load_vocabulary"],
+        "usam.data.datamodule": ["ShardDataModule"],
+        "usam.train.head": ["MaskClassifierHead"],
+        "usam.train.lightning_modules": ["TeacherModule", "StudentModule"],
+    }
+    for module, names in defined_in.items():
+        for name in names:
+            found = getattr(usam, name)
+            assert (found.__module__, found.__qualname__) == (module, name)
+            assert found is getattr(importlib.import_module(module), name)
+    assert sum(map(len, defined_in.values())) == len(usam.__all__) - 1
+    assert usam.__version__ == version("usam")
     with pytest.raises(AttributeError, match="no attribute 'Annotater'"):
         _ = usam.Annotater
