@@ -163,14 +163,17 @@ SUMMARY_COLUMNS = {  # test metric: (column, format); the evaluation metrics' he
 
 @rank_zero_only
 def _print_summary(output_dir: Path, results: dict[str, StageResult], data: Provenance) -> None:
-    """The ending people read: each stage's tested checkpoint, its scores, where files are."""
+    """The ending people read: each stage's tested checkpoint, its scores, where files are.
+    Both paths are resolved: Lightning resolves its checkpoint paths, while ``output_dir``
+    is as the config gives it (``paths.output_dir=run`` is relative)."""
     rows = [["stage", "tested checkpoint", *(column for column, _ in SUMMARY_COLUMNS.values())]]
     for stage, result in results.items():
         shown = [
             "-" if key not in result.scores else form.format(result.scores[key])
             for key, (_, form) in SUMMARY_COLUMNS.items()
         ]
-        rows.append([stage, str(result.checkpoint.relative_to(output_dir)), *shown])
+        tested = result.checkpoint.resolve().relative_to(output_dir.resolve())
+        rows.append([stage, str(tested), *shown])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["", f"usam.fit finished: {output_dir}"]
     lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
