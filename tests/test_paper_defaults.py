@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 from pathlib import Path
 
@@ -9,6 +11,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from PIL import Image
+from segment_anything import SamAutomaticMaskGenerator
 
 from usam.core.config import settings_from_config
 from usam.inference.predictor import InferenceSettings
@@ -33,9 +36,19 @@ def test_paper_experiments_default_to_the_papers_reading(experiment):
 
 
 def test_the_filtered_pipeline_is_one_override_away():
+    """With ``proposals=official_filtered`` every setting the official generator has is its
+    own default, read from its signature."""
     cfg = compose_config("fit", ["experiment=voc_sd", "proposals=official_filtered"])
-    amg = settings_from_config(AmgSettings, cfg.amg, "amg")
-    assert amg == AmgSettings()  # the official generator's own defaults
+    amg = dataclasses.asdict(settings_from_config(AmgSettings, cfg.amg, "amg"))
+    parameters = inspect.signature(SamAutomaticMaskGenerator.__init__).parameters
+    official = {k: p.default for k, p in parameters.items() if p.default is not p.empty}
+    assert set(amg) - set(official) == {"proposals", "hq_token_only", "multimask_output"}
+    assert set(official) - set(amg) == {"point_grids", "output_mode"}  # set by the engine
+    assert {key: amg[key] for key in official.keys() & amg.keys()} == {
+        key: official[key] for key in official.keys() & amg.keys()
+    }
+    assert amg["proposals"] == "filtered" and amg["multimask_output"] is True
+    assert dataclasses.asdict(AmgSettings()) == amg  # the dataclass keeps those defaults too
     assert cfg.model.input_view == "own_first"
 
 
