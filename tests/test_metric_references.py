@@ -1,98 +1,33 @@
 """Mask AP and mIoU against the reference implementations, on hand cases and the real subsets.
 
-The mask AP reference is pycocotools' ``COCOeval(iouType="segm")`` as COCO runs it
-(default parameters, detections through ``loadRes``, the first two lines of its
-summary: AP at IoU 0.50:0.95 and at 0.5, all areas, 100 detections, and the per-class
-AP at 0.5 from its precision array), with ground truth built here from the datasets' own files:
-YOLO-seg polygons as COCO polygons, VOC instances as OpenCV's 8-connected
-components of each class. The mIoU reference is ADE20K's 150-class protocol from
-a numpy confusion matrix over the raw annotation PNGs.
+The references are in ``helpers.metric_references``: pycocotools' ``COCOeval`` as COCO
+runs it for mask AP, with ground truth built here from the datasets' own files (YOLO-seg
+polygons as COCO polygons, VOC instances as OpenCV's 8-connected components of each
+class), and VOC's mIoU from a numpy confusion matrix. ADE20K's 150-class protocol has its
+own numpy reference over the raw annotation PNGs below.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 from PIL import Image
-from pycocotools import mask as mask_utils
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
 from usam.data.eval_datasets import ADE20K, VOCSegmentation, YOLOSegmentation, load_ground_truth
 from usam.data.ground_truth import GroundTruth, Instance
-from usam.evaluation.metrics import MaskAP, SemanticIoU
+from usam.evaluation.metrics import MaskAP, SemanticIoU, metric_collection
 from usam.inference.semantic_map import semantic_from_instances
+
+from helpers.metric_cases import METRIC_CLASSES, random_images
+from helpers.metric_references import coco_image, coco_reference, rle, voc_miou
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(
     not SHARED_DATA.is_dir(), reason="../shared/data is not on this machine"
 )
-
-
-def _rle(mask: np.ndarray) -> dict:
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": rle["size"], "counts": rle["counts"].decode()}
-
-
-def coco_reference(images: list[dict], num_classes: int) -> tuple[dict[str, float], np.ndarray]:
-    """COCO's AP at IoU 0.50:0.95 and at 0.5, and the per-class AP at 0.5 (-1 without ground
-    truth).
-
-    ``images``: dicts with ``height``, ``width``, ``truths`` (segmentation, 0-based
-    label) and ``detections`` (mask, label, score).
-    """
-    gt_images, truths, detections = [], [], []
-    for image_id, image in enumerate(images, start=1):
-        gt_images.append({"id": image_id, "height": image["height"], "width": image["width"]})
-        for segmentation, label in image["truths"]:
-            rle = (
-                segmentation
-                if isinstance(segmentation, dict)
-                else mask_utils.merge(
-                    mask_utils.frPyObjects(segmentation, image["height"], image["width"])
-                )
-            )
-            truths.append(
-                {
-                    "id": len(truths) + 1,
-                    "image_id": image_id,
-                    "category_id": label + 1,
-                    "segmentation": segmentation,
-                    "area": float(mask_utils.area(rle)),
-                    "iscrowd": 0,
-                }
-            )
-        for mask, label, score in image["detections"]:
-            detections.append(
-                {
-                    "image_id": image_id,
-                    "category_id": label + 1,
-                    "segmentation": _rle(mask),
-                    "score": score,
-                }
-            )
-    with contextlib.redirect_stdout(io.StringIO()):
-        ground = COCO()
-        ground.dataset = {
-            "images": gt_images,
-            "annotations": truths,
-            "categories": [{"id": i + 1} for i in range(num_classes)],
-        }
-        ground.createIndex()
-        evaluator = COCOeval(ground, ground.loadRes(detections), iouType="segm")
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    params = evaluator.params
-    assert params.iouThrs[0] == 0.5 and params.areaRngLbl[0] == "all" and params.maxDets[2] == 100
-    precision = evaluator.eval["precision"][0, :, :, 0, 2]
-    per_class = np.where((precision > -1).all(0), precision.mean(0), -1.0)
-    return {"mAP50-95": float(evaluator.stats[0]), "mAP50": float(evaluator.stats[1])}, per_class
 
 
 def usam_ap(images: list[dict], truths: list[GroundTruth], classes) -> tuple[dict, dict]:
@@ -125,7 +60,7 @@ def _hand(truths: list[list[np.ndarray]], detections: list[list[tuple]]) -> list
         {
             "height": SHAPE[0],
             "width": SHAPE[1],
-            "truths": [(_rle(mask), 0) for mask in image_truths],
+            "truths": [(rle(mask), 0) for mask in image_truths],
             "detections": image_detections,
         }
         for image_truths, image_detections in zip(truths, detections)
@@ -172,6 +107,80 @@ def test_map50_95_counts_each_iou_threshold_a_detection_clears():
     assert reference["mAP50"] == pytest.approx(1.0, abs=1e-12)
     assert reference["mAP50-95"] == pytest.approx((5 + 5 * 25.5 / 101) / 10, abs=1e-12)
     assert usam_ap(images, _hand_truths(truths), ["cat"])[0] == pytest.approx(reference, abs=1e-6)
+
+
+def _region(top: int, bottom: int, left: int, right: int) -> np.ndarray:
+    mask = np.zeros(SHAPE, bool)
+    mask[top:bottom, left:right] = True
+    return mask
+
+
+def test_crowd_regions_match_coco_eval():
+    """On a crowd (iscrowd=1), a detection's IoU is its share inside the region: it is
+    ignored (neither hit nor false positive) where that share clears the threshold, however
+    many detections land there; elsewhere, or on another class's crowd, it is a false
+    positive; a class whose only ground truth is a crowd has no AP."""
+    cat_crowd, dog_crowd = _region(10, 20, 0, 10), _region(10, 20, 10, 20)
+    first_truths = [(_cell(0), 0), (_cell(2), 0), (cat_crowd, 0, True), (dog_crowd, 1, True)]
+    first_detections = [
+        (_region(12, 16, 2, 8), 0, 0.95),  # inside the cat crowd: ignored
+        (_cell(0), 0, 0.9),  # a hit
+        (_region(15, 19, 3, 12), 0, 0.85),  # 28 of 36 pixels in the crowd: ignored to IoU 0.75
+        (_region(6, 12, 2, 8), 0, 0.8),  # a third in the crowd: a false positive
+        (_cell(2), 0, 0.7),  # a hit
+        (_region(12, 18, 12, 18), 0, 0.6),  # a cat on the dog crowd: a false positive
+        (_region(12, 18, 12, 18), 1, 0.9),  # a dog on the dog crowd: ignored
+    ]
+    second_crowd = _region(0, 10, 0, 20)  # an image whose only object is a crowd
+    second_detections = [(_region(2, 6, 2, 10), 0, 0.92), (_region(14, 18, 14, 18), 0, 0.75)]
+    raw = [(first_truths, first_detections), ([(second_crowd, 0, True)], second_detections)]
+    images = [
+        {
+            "height": SHAPE[0],
+            "width": SHAPE[1],
+            "truths": [(rle(mask), label, *crowd) for mask, label, *crowd in truths],
+            "detections": detections,
+        }
+        for truths, detections in raw
+    ]
+    reference, reference_per_class = coco_reference(images, 2)
+    # by score, crowd matches left out: hit, FP, FP, hit, FP: precision 1 up to recall 1/2,
+    # then 1/2 (51 + 50 / 2 of 101 points); from IoU 0.80 the 0.85 detection is a false
+    # positive too, so 2/5 past recall 1/2 (51 + 50 * 2 / 5)
+    assert reference["mAP50"] == pytest.approx(76 / 101, abs=1e-12)
+    assert reference["mAP50-95"] == pytest.approx((6 * 76 + 4 * 71) / 1010, abs=1e-12)
+    assert reference_per_class.tolist() == pytest.approx([76 / 101, -1.0], abs=1e-12)
+    truths = [
+        GroundTruth(
+            np.zeros(SHAPE, np.uint8), [Instance(m, label, bool(c)) for m, label, *c in t]
+        )
+        for t, _ in raw
+    ]
+    overall, per_class = usam_ap(images, truths, ["cat", "dog"])
+    assert overall == pytest.approx(reference, abs=1e-6)
+    assert per_class == {"cat": pytest.approx(reference_per_class[0], abs=1e-6), "dog": None}
+
+
+def test_the_collection_matches_both_references_on_random_images_with_crowds():
+    images = random_images()
+    assert sum(i.iscrowd for image in images for i in image["truth"].instances) >= 2
+    collection = metric_collection(METRIC_CLASSES)
+    for image in images:
+        collection.update(**image)
+    scores = collection.compute()
+    coco = [
+        coco_image(image["truth"], image["masks"], image["labels"], image["scores"])
+        for image in images
+    ]
+    reference, reference_per_class = coco_reference(coco, len(METRIC_CLASSES))
+    assert {name: scores[name] for name in reference} == pytest.approx(reference, abs=1e-6)
+    for name, expected in zip(METRIC_CLASSES, reference_per_class):
+        assert scores[f"ap50/{name}"] == pytest.approx(expected, abs=1e-6), name
+    maps = [(image["semantic"], image["truth"].semantic) for image in images]
+    miou, ious = voc_miou(maps, len(METRIC_CLASSES))
+    assert scores["mIoU"] == pytest.approx(miou, abs=1e-6)
+    for name, expected in zip(("background", *METRIC_CLASSES), ious):
+        assert scores[f"iou/{name}"] == pytest.approx(expected, abs=1e-6, nan_ok=True), name
 
 
 # ---------------------------------------------------------------- perturbed predictions
@@ -278,7 +287,7 @@ def test_map50_equals_coco_eval_on_voc_mini_predictions():
             {
                 "height": height,
                 "width": width,
-                "truths": [(_rle(mask), label) for mask, label in components],
+                "truths": [(rle(mask), label) for mask, label in components],
                 "detections": perturbed(truth.instances, (height, width), 20, rng),
             }
         )
