@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import lightning as L
@@ -12,7 +13,6 @@ from PIL import Image
 from usam.core.provenance import Provenance
 from usam.core.vocabulary import load_vocabulary
 from usam.data.eval_datasets import load_ground_truth
-from usam.evaluation.metrics import metric_collection
 from usam.evaluation.scoring import ThresholdGrid
 from usam.formats.embedding_shards import iter_records
 from usam.inference.predictor import Predictor
@@ -20,6 +20,8 @@ from usam.inference.semantic_map import semantic_from_instances
 from usam.sam.amg_settings import AmgSettings
 from usam.train.lightning_modules import TeacherModule
 from usam.viz.overlays import PALETTE
+
+from helpers.metric_references import coco_image, coco_reference, voc_miou
 
 # the random tiny SAM needs loose filters to give a few dozen overlapping masks per image
 AMG = AmgSettings(
@@ -98,22 +100,27 @@ def head_checkpoint(
 
 
 def direct(directory: Path, predictor: Predictor) -> tuple[list[np.ndarray], dict[str, float]]:
-    """The same scores the plain way: the predictor per image, the metrics updated by hand."""
-    metrics = metric_collection(predictor.classes)
-    maps = []
+    """The same scores the plain way, without usam's metric code: the predictor per image,
+    then pycocotools' COCOeval and VOC's numpy confusion matrix (``helpers.metric_references``),
+    named as the metric collection names them (NaN where undefined)."""
+    maps, coco = [], []
     for record in iter_records(directory):
         truth = load_ground_truth(record.ground_truth)
+        assert truth.background_class, "the reference mIoU follows VOC's protocol"
         prediction = predictor(record)
         masks = prediction.masks()
         semantic = semantic_from_instances(
             masks, prediction.labels, prediction.scores, (record.height, record.width)
         )
-        metrics.update(
-            semantic=semantic,
-            masks=masks,
-            labels=prediction.labels,
-            scores=prediction.scores,
-            truth=truth,
-        )
         maps.append((semantic, truth.semantic))
-    return maps, metrics.compute()
+        coco.append(coco_image(truth, masks, prediction.labels, prediction.scores))
+    classes = predictor.classes
+    miou, ious = voc_miou(maps, len(classes))
+    ap, ap50 = coco_reference(coco, len(classes))
+    defined = {
+        "mIoU": miou,
+        **{f"iou/{name}": iou for name, iou in zip(("background", *classes), ious)},
+        **ap,
+        **{f"ap50/{name}": value for name, value in zip(classes, ap50.tolist())},
+    }
+    return maps, {k: math.nan if k != "mIoU" and v == -1 else v for k, v in defined.items()}

@@ -55,7 +55,7 @@ def coco_image(truth, masks, labels, scores) -> dict:
         "height": height,
         "width": width,
         "truths": [(rle(i.mask), i.label, i.iscrowd) for i in truth.instances],
-        "detections": list(zip(masks, labels, scores)),
+        "detections": [(m, int(c), float(s)) for m, c, s in zip(masks, labels, scores)],
     }
 
 
