@@ -9,7 +9,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from usam.commands.fit import run
-from usam.formats.embedding_shards import ShardSetError, read_manifest
+from usam.formats.embedding_shards import read_manifest
+from usam.images.image_sets import MissingImageSetError
 from usam.images.stable_diffusion import GenerationError
 from usam.inference.predictor import load_head
 from usam.sam.checkpoints import CheckpointError
@@ -118,7 +119,7 @@ def test_student_stage_without_teacher_fails_clearly(tmp_path):
         # SAM is checked before hours of image generation start
         (["experiment=voc_sd"], CheckpointError, r"sam_vit_h_4b8939\.pth.*sam\.checkpoint"),
         (["experiment=voc_sd", "sam=tiny"], GenerationError, "generate.model=/path/to/dir"),
-        (["experiment=voc_wc"], ShardSetError, r"no finished web image set .*usam.ingest"),
+        (["experiment=voc_wc"], MissingImageSetError, r"data.source=web: .* usam.ingest"),
     ],
 )
 def test_missing_inputs_say_what_to_do(tmp_path, overrides, error, message):

@@ -10,13 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from usam.core.vocabulary import load_vocabulary
 from usam.formats.image_shards import (
     MANIFEST_NAME,
     ImageShardError,
     ImageShardWriter,
     encode_jpeg,
-    image_set_dir,
     iter_images,
     read_image_manifest,
     sha256,
@@ -186,13 +184,6 @@ def test_to_rgb_handles_modes_and_exif_rotation():
     buffer = io.BytesIO()
     wide.save(buffer, format="JPEG", exif=exif.tobytes())
     assert to_rgb(Image.open(buffer)).size == (10, 30)
-
-
-def test_image_set_dir_names_vocabularies_and_inline_lists(tmp_path):
-    assert image_set_dir(tmp_path, load_vocabulary("voc20"), "sd") == tmp_path / "voc20_sd"
-    one = image_set_dir(tmp_path, load_vocabulary(["cat", "dog"]), "sd").name
-    other = image_set_dir(tmp_path, load_vocabulary(["cat", "car"]), "sd").name
-    assert one.startswith("custom-") and one.endswith("_sd") and one != other
 
 
 def test_contact_sheets_are_written_and_logged_to_an_active_wandb_run(tmp_path):

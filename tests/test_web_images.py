@@ -6,26 +6,23 @@ import io
 import json
 import socket
 import threading
+import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler
 
+import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageEnhance
 
 import usam.commands.ingest as ingest
 from usam.core.vocabulary import load_vocabulary
 from usam.formats.image_shards import ImageShardWriter, iter_images, read_image_manifest
 from usam.images.fetching import Fetcher, FetchError, HostGate, is_public, resolve_addresses
+from usam.images.ingest_inputs import read_url_list, scan_folder
 from usam.images.ingest_settings import IngestError, IngestSettings
-from usam.images.web_crawl import (
-    FAILED_NAME,
-    ingest_folder,
-    ingest_urls,
-    read_url_list,
-    scan_folder,
-)
+from usam.images.web_crawl import FAILED_NAME, ingest_folder, ingest_urls
 
-from helpers.commands import compose_config
+from helpers.commands import compose_config, wait_for
 from helpers.web_server import TLS_CERT, FakeClock, drip, local_server, reply
 from helpers.web_server import encoded as _encoded
 
@@ -51,10 +48,17 @@ ROUTES = {  # path -> (status, content type, body, extra headers)
 }
 MAX_BYTES = 8000
 assert len(ROUTES["/big.jpg"][2]) > MAX_BYTES > len(_encoded(4))
-DRIPS = {  # path -> raw bytes, the part after the status line (or headers) 0.1 s a byte: 10 s
-    "/drip-body.jpg": b"HTTP/1.0 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: 100\r\n\r\n"
-    + b"x" * 100,
-    "/drip-headers.jpg": b"HTTP/1.0 200 OK\r\nX-Padding: " + b"x" * 100,
+# A server that never answers, or drips, for far longer than any test waits: the client's
+# timeout or deadline is what ends the request, however loaded the machine is.
+HANG_S = 300.0  # /hang.jpg answers after this, or when the test server closes
+DRIP_S, DRIP_INTERVAL_S = 300.0, 0.1
+DRIP_BYTES = int(DRIP_S / DRIP_INTERVAL_S)
+assert DRIP_BYTES < MAX_BYTES  # a drip is cut by the deadline, not by the size cap
+DRIPS = {  # path -> raw bytes, the part after the status line (or headers) one byte at a time
+    "/drip-body.jpg": b"HTTP/1.0 200 OK\r\nContent-Type: image/jpeg\r\n"
+    + b"Content-Length: %d\r\n\r\n" % DRIP_BYTES
+    + b"x" * DRIP_BYTES,
+    "/drip-headers.jpg": b"HTTP/1.0 200 OK\r\nX-Padding: " + b"x" * DRIP_BYTES,
 }
 FAIL_ONCE = {  # path -> (first status, its headers, image seed after)
     "/flaky.jpg": (503, {}, 8),
@@ -65,6 +69,7 @@ FAIL_ONCE = {  # path -> (first status, its headers, image seed after)
 class _Handler(BaseHTTPRequestHandler):
     hits: Counter = Counter()
     drips: dict[str, dict] = {}
+    release = threading.Event()  # set when the server closes: /hang.jpg answers at once
 
     def log_message(self, *args) -> None:
         pass
@@ -75,10 +80,10 @@ class _Handler(BaseHTTPRequestHandler):
             data = DRIPS[self.path]
             start = data.index(b"\r\n\r\n") + 4 if b"\r\n\r\n" in data else 17
             self.wfile.write(data[:start])  # the status line (and headers) at once
-            drip(self, data[start:], 0.1, self.drips.setdefault(self.path, {}))
+            drip(self, data[start:], DRIP_INTERVAL_S, self.drips.setdefault(self.path, {}))
             return
-        if self.path == "/slow.jpg":
-            threading.Event().wait(1.0)
+        if self.path == "/hang.jpg":
+            self.release.wait(HANG_S)
             status, content_type, body, headers = ROUTES["/good1.jpg"]
         elif self.path in FAIL_ONCE:  # fails once, then works: a retry must get it
             failure, headers, seed = FAIL_ONCE[self.path]
@@ -106,8 +111,10 @@ class _Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def server():
+    _Handler.release = threading.Event()
     with local_server(_Handler) as url:
         yield url
+    _Handler.release.set()
 
 
 @pytest.fixture(autouse=True)
@@ -117,10 +124,12 @@ def _no_proxy(monkeypatch):
 
 
 def _settings(**changes) -> IngestSettings:
+    """Timeouts far above what a loaded machine needs on loopback: the tests of timeouts
+    set small ones against a server that does not answer."""
     base = dict(
         workers=4,
-        timeout=0.4,
-        max_seconds=5.0,
+        timeout=30.0,
+        max_seconds=120.0,
         retries=1,
         backoff=0.05,
         max_bytes=MAX_BYTES,
@@ -147,7 +156,6 @@ EXPECTED_FAILED = {  # url -> kind
     "/truncated.jpg": "decode",
     "/big.jpg": "too_large",
     "/chunked-big.jpg": "too_large",
-    "/slow.jpg": "timeout",
     "/redirect-file": "scheme",
     "/private/cat.jpg": "robots",
 }
@@ -196,7 +204,6 @@ def test_url_list_end_to_end(tmp_path, server):
     assert redirected["final_url"] == server + "/good5.jpg"
     assert samples[server + "/flaky.jpg"][1]["attempts"] == 2
     assert _Handler.hits["/missing.jpg"] == 1  # a 404 is not retried
-    assert _Handler.hits["/slow.jpg"] == 2  # a timeout is, once
     assert _Handler.hits["/private/cat.jpg"] == 0  # robots.txt keeps it out
     assert _Handler.hits["/robots.txt"] == 1  # read once per host
     assert len(list((out / "contact_sheets").glob("*.png"))) == 3
@@ -285,7 +292,7 @@ def test_host_gate_spaces_requests_to_one_host():
 
 def test_retry_after_is_honoured_up_to_its_cap(server):
     clock = FakeClock()
-    settings = _settings(retry_after_cap=4.0, max_seconds=10.0)
+    settings = _settings(retry_after_cap=4.0)  # the URL's deadline leaves time for the wait
     fetcher = Fetcher(settings, HostGate(0.0, clock))
     body, _, attempts = fetcher.fetch(server + "/busy.jpg")
     assert attempts == 2 and body == _encoded(10)
@@ -305,24 +312,41 @@ def test_a_url_with_spaces_is_sent_quoted_and_a_bad_host_is_refused_at_once(serv
     assert refused.value.kind == "invalid_url" and "attempts" not in str(refused.value)
 
 
+def test_a_url_that_never_answers_times_out_and_is_retried_once(tmp_path, server):
+    _Handler.hits["/hang.jpg"] = 0
+    url_list = tmp_path / "urls.csv"
+    url_list.write_text(f"url,class\n{server}/hang.jpg,cat\n")
+    out = tmp_path / "web"
+    settings = _settings(timeout=0.4, respect_robots=False)  # robots.txt: not under test
+    started = time.monotonic()
+    manifest = ingest_urls(url_list, VOCAB, out, settings, progress=False)
+    assert time.monotonic() - started < HANG_S / 2, "the server's answer ended it, not the timeout"
+    assert manifest.num_images == 0
+    record = _failed(out)[server + "/hang.jpg"]
+    assert record["kind"] == "timeout" and record["reason"].endswith("(after 2 attempts)")
+    wait_for(lambda: _Handler.hits["/hang.jpg"] == 2, "the retry at the server", seconds=60)
+
+
 def test_slow_drip_fails_within_its_deadline(tmp_path, server):
     for path in DRIPS:
         _Handler.hits[path] = 0
         _Handler.drips[path] = {"event": threading.Event()}
     url_list = tmp_path / "urls.csv"
-    url_list.write_text(
-        "url,class\n" + "".join(f"{server}{p},cat\n" for p in [*DRIPS, "/good1.jpg"])
-    )
+    url_list.write_text("url,class\n" + "".join(f"{server}{p},cat\n" for p in DRIPS))
     out = tmp_path / "web"
-    settings = _settings(timeout=2.0, max_seconds=0.6, retries=3)  # every read is in time
+    # every read is in time, and robots.txt (not under test) is not read
+    settings = _settings(max_seconds=0.6, retries=3, respect_robots=False)
+    started = time.monotonic()
     manifest = ingest_urls(url_list, VOCAB, out, settings, progress=False)
-    assert manifest.num_images == 1
+    assert time.monotonic() - started < DRIP_S / 2, "the drip ended, not the deadline"
+    assert manifest.num_images == 0
     failed = _failed(out)
     for path in DRIPS:
         record = failed[server + path]
         assert record["kind"] == "timeout" and "deadline of 0.6s" in record["reason"]
-        assert _Handler.hits[path] == 1  # slow beyond the cap: not retried
-        assert _Handler.drips[path]["event"].wait(10)
+        assert "attempts" not in record["reason"]  # slow beyond the cap: not retried
+        assert _Handler.drips[path]["event"].wait(60)  # the server saw the client leave
+        assert _Handler.hits[path] == 1
         assert not _Handler.drips[path]["finished"], f"{path} was read to the end"
 
 
@@ -330,13 +354,15 @@ def test_https_is_bounded_by_the_same_deadline(monkeypatch):
     """A slow encrypted body and a TLS handshake that never finishes are both cut."""
     monkeypatch.setenv("SSL_CERT_FILE", str(TLS_CERT))
     _Handler.drips["/drip-body.jpg"] = {"event": threading.Event()}
-    fetcher = Fetcher(_settings(timeout=30.0, max_seconds=0.6, retries=2))
+    fetcher = Fetcher(_settings(max_seconds=0.6, retries=2))
     with local_server(_Handler, tls=True) as url, socket.create_server(("127.0.0.1", 0)) as mute:
-        assert fetcher.fetch(url + "/good1.jpg")[0] == GOOD
+        assert Fetcher(_settings()).fetch(url + "/good1.jpg")[0] == GOOD
         for target in (url + "/drip-body.jpg", f"https://localhost:{mute.getsockname()[1]}/x"):
+            started = time.monotonic()
             with pytest.raises(FetchError, match="deadline of 0.6s"):
                 fetcher.fetch(target)
-        assert _Handler.drips["/drip-body.jpg"]["event"].wait(10)
+            assert time.monotonic() - started < DRIP_S / 2, f"{target} ended by itself"
+        assert _Handler.drips["/drip-body.jpg"]["event"].wait(60)
     assert not _Handler.drips["/drip-body.jpg"]["finished"]
 
 
@@ -398,7 +424,8 @@ def test_folder_tree_end_to_end_and_resume(tmp_path):
     assert set(samples) == {"cat/a.jpg", "cat/sub/b.png", "Dining_Table/rotated.jpg"}
     assert samples["Dining_Table/rotated.jpg"][0].size == (30, 40)  # EXIF rotation applied
     assert samples["Dining_Table/rotated.jpg"][1]["class_name"] == "dining table"
-    assert manifest.source == "folder" and manifest.per_class == {"cat": 2, "dining table": 1}
+    assert manifest.source == "web" and manifest.per_class == {"cat": 2, "dining table": 1}
+    assert {meta["source"] for _, meta in samples.values()} == {"folder"}
     failed = {r["path"]: r["kind"] for r in map(json.loads, (out / FAILED_NAME).open())}
     assert failed == {"cat/copy.jpg": "duplicate", "Dining_Table/broken.jpg": "decode"}
 
@@ -427,15 +454,77 @@ def test_ingest_config_composes_and_runs(tmp_path):
             "ingest=folder",
             f"ingest.root={root}",
             f"paths.root_dir={tmp_path}",
-            "data.classes=[cat, dining table]",
+            "data.classes=voc20",
         ],
     )
-    out = ingest.run(cfg)
-    assert out.parent == tmp_path / "data" / "images" and out.name.endswith("_folder")
+    out = ingest.run(cfg)  # the photo set data.source=web and experiment=voc_wc read
+    assert out == tmp_path / "data" / "images" / "voc20_web"
     assert read_image_manifest(out).num_images == 3
     cfg = compose_config("ingest", [f"paths.root_dir={tmp_path}"])
     with pytest.raises(IngestError, match="ingest.urls is not set"):
         ingest.run(cfg)
+
+
+def _smooth(seed: int, size=(96, 72)) -> Image.Image:
+    """A photo-like image: smooth, so that its dHash survives scaling and re-encoding."""
+    base = np.random.default_rng(seed).integers(0, 256, (8, 9, 3), dtype=np.uint8)
+    return Image.fromarray(base).resize(size, Image.Resampling.BICUBIC)
+
+
+def test_folder_ingest_refuses_near_copies_of_excluded_images(tmp_path):
+    root = tmp_path / "photos"
+    (root / "cat").mkdir(parents=True)
+    _smooth(20).save(root / "cat" / "test_photo.jpg", quality=95)
+    _smooth(21).save(root / "cat" / "other.jpg", quality=95)
+    evaluation = tmp_path / "VOC2012" / "JPEGImages"
+    evaluation.mkdir(parents=True)
+    near_copy = _smooth(20).resize((80, 60), Image.Resampling.BILINEAR)
+    ImageEnhance.Brightness(near_copy).enhance(1.08).save(
+        evaluation / "2011_000003.jpg", quality=70
+    )
+    cfg = compose_config(
+        "ingest",
+        [
+            "ingest=folder",
+            f"ingest.root={root}",
+            f"ingest.exclude_images=[{evaluation}]",
+            f"paths.root_dir={tmp_path}",
+            "data.classes=[cat, dog]",
+        ],
+    )
+    out = ingest.run(cfg)
+    assert [meta["path"] for _, _, meta in iter_images(out)] == ["cat/other.jpg"]
+    failed = {r["path"]: r for r in map(json.loads, (out / FAILED_NAME).open())}
+    assert failed["cat/test_photo.jpg"]["kind"] == "evaluation_image"
+    assert "2011_000003.jpg" in failed["cat/test_photo.jpg"]["reason"]
+
+
+def test_urls_and_a_folder_fill_one_set_of_photos(tmp_path, server):
+    root = tmp_path / "photos"
+    _tree(root)
+    vocab = load_vocabulary(["cat", "dining table"])
+    out = tmp_path / "images" / "web"
+    ingest_folder(root, vocab, out, _settings(), progress=False)
+    url_list = tmp_path / "urls.csv"
+    pages = ["/good5.jpg", "/missing.jpg", "/a%20cat%C3%A9.jpg"]  # the last repeats cat/copy.jpg
+    url_list.write_text("url,class\n" + "".join(f"{server}{p},cat\n" for p in pages))
+    manifest = ingest_urls(url_list, vocab, out, _settings(), progress=False)
+    origins = sorted(meta.get("url", meta.get("path")) for _, _, meta in iter_images(out))
+    assert manifest.source == "web" and origins == [
+        "Dining_Table/rotated.jpg",
+        "cat/a.jpg",
+        "cat/sub/b.png",
+        server + "/good5.jpg",
+    ]
+    failed = [json.loads(line) for line in (out / FAILED_NAME).read_text().splitlines()]
+    assert {r.get("url", r.get("path")): r["kind"] for r in failed} == {
+        "cat/copy.jpg": "duplicate",
+        "Dining_Table/broken.jpg": "decode",
+        server + "/missing.jpg": "http",
+        server + "/a%20cat%C3%A9.jpg": "duplicate",
+    }
+    again = ingest_folder(root, vocab, out, _settings(), progress=False)  # resumes across kinds
+    assert again.num_images == 4 and len((out / FAILED_NAME).read_text().splitlines()) == 4
 
 
 def test_settings_are_checked():

@@ -31,7 +31,7 @@ def run(cfg: DictConfig) -> None:
         if cfg.out_dir
         else shard_set_dir(
             Path(cfg.paths.data_dir) / "shards",
-            cfg.source_name,
+            source.name,
             source,
             sam,
             amg,

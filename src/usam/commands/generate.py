@@ -1,7 +1,9 @@
 """Generate training images: ``python -m usam.generate data.classes=voc20 generate.per_class=200``.
 
 Stable Diffusion (:mod:`usam.images.stable_diffusion`) renders "a photo of a
-{class}" per class into an image set that ``usam.extract`` and ``usam.fit`` read.
+{class}" per class into the image set ``<vocabulary>_<generate.name>`` (``voc20_sd``;
+``generate=tiny``: ``voc20_sd_tiny``) that ``usam.extract`` and ``usam.fit`` read with
+``data.source=<generate.name>`` (:mod:`usam.images.image_sets`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from usam.core.stopping import stoppable
 from usam.core.vocabulary import load_vocabulary
-from usam.formats.image_shards import image_set_dir, images_on_disk
+from usam.formats.image_shards import images_on_disk
+from usam.images.image_sets import image_set_dir
 from usam.images.stable_diffusion import GenerateSettings, generate_images
 
 

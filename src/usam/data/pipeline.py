@@ -1,9 +1,10 @@
 """Class names -> training images -> SAM embedding shards, each step cached, for ``fit``.
 
 A run names its vocabulary, its image source (``sd`` generates with Stable
-Diffusion, ``web``/``folder`` read what ``usam.ingest`` stored) and its SAM; the
-shard set directory is derived from a hash of the images and the settings, so a
-changed input or setting gets its own set and an unchanged one is reused.
+Diffusion, any other name reads a set stored before, such as ``usam.ingest``'s ``web``:
+:mod:`usam.images.image_sets`) and its SAM; the shard set directory is derived from a
+hash of the images and the settings, so a changed input or setting gets its own set and
+an unchanged one is reused.
 """
 
 from __future__ import annotations
@@ -20,19 +21,16 @@ from usam.data.extraction import (
     splits_for,
 )
 from usam.data.sources import ImageShardSource
-from usam.formats.embedding_shards import ShardSetError
-from usam.formats.image_shards import image_set_dir
+from usam.images.image_sets import GENERATED, image_set_dir, require_image_set
 from usam.images.stable_diffusion import GenerateSettings, generate_images
 from usam.sam.amg_settings import AmgSettings
 from usam.sam.registry import SamSettings
-
-GENERATED = "sd"
 
 
 @dataclass
 class TrainingPipeline:
     vocabulary: Vocabulary
-    source: str  # sd | web | folder
+    source: str  # sd (generated when missing) | web | any image set name
     images_root: Path
     shards_root: Path
     sam: SamSettings
@@ -40,19 +38,17 @@ class TrainingPipeline:
     generate: GenerateSettings  # used when source is sd
     extract: ExtractSettings
 
+    def _set_source(self) -> str:
+        """The image set's name after the vocabulary: the generator's own for source sd."""
+        return self.generate.name if self.source == GENERATED else self.source
+
     def image_dir(self) -> Path:
-        name = self.generate.name if self.source == GENERATED else self.source
-        return image_set_dir(self.images_root, self.vocabulary, name)
+        return image_set_dir(self.images_root, self.vocabulary, self._set_source())
 
     def _image_source(self) -> ImageShardSource:
-        directory = self.image_dir()
-        if not (directory / "manifest.json").is_file():
-            raise ShardSetError(
-                f"no finished {self.source} image set at {directory}: store the images first, "
-                f"e.g. `python -m usam.ingest data.classes={self.vocabulary.name} "
-                f"ingest={'folder' if self.source == 'folder' else 'web'} ...`"
-            )
-        return ImageShardSource(directory)
+        return ImageShardSource(
+            require_image_set(self.images_root, self.vocabulary, self._set_source())
+        )
 
     def _shard_dir(self, source: ImageShardSource) -> Path:
         return shard_set_dir(

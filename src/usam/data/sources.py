@@ -45,6 +45,7 @@ from usam.formats.image_shards import (
     to_rgb,
 )
 from usam.formats.storage import KEY_PATTERN
+from usam.images.image_sets import image_set_name, require_image_set
 
 KINDS = ("train", "eval")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-]+")
@@ -144,6 +145,7 @@ class ImageSource(ABC):
     classes: tuple[str, ...]
     kind: str
     keys: tuple[str, ...]
+    name = "images"  # what a shard set made from it is named after
     random_weights = False  # the images come from an untrained generator
 
     def __init__(self, classes: Sequence[str], kind: str) -> None:
@@ -238,7 +240,9 @@ class FolderSource(ImageSource):
         ``images``). ``max_side``: images whose longer side exceeds it are scaled down to it
         before SAM sees them (``source["original_size"]`` keeps the file's size); None keeps
         every pixel."""
-        super().__init__(load_vocabulary(classes).classes, "eval")
+        vocabulary = load_vocabulary(classes)
+        super().__init__(vocabulary.classes, "eval")
+        self.name = image_set_name(vocabulary, "folder")
         if max_side is not None and max_side < 64:
             raise ConfigError(f"max_side={max_side}: give at least 64 pixels, or null")
         self.max_side = max_side
@@ -280,6 +284,7 @@ class ImageShardSource(ImageSource):
         self.directory = Path(directory).resolve()
         manifest = read_image_manifest(self.directory)
         super().__init__(manifest.classes, "train")
+        self.name = self.directory.name
         self.random_weights = manifest.random_weights
         self._entries: list[tuple[Path, int, int, dict[str, Any]]] = []
         keys = []
@@ -304,3 +309,11 @@ class ImageShardSource(ImageSource):
 
     def _inputs(self) -> Any:
         return [[key, entry[3]["sha256"]] for key, entry in zip(self.keys, self._entries)]
+
+
+def image_set_source(
+    images_dir: str | Path, classes: str | Sequence[str], source: str
+) -> ImageShardSource:
+    """The image set ``data.classes`` and ``data.source`` name (``source=image_set``), or an
+    error listing the sets ``images_dir`` holds and what selects each."""
+    return ImageShardSource(require_image_set(images_dir, load_vocabulary(classes), source))

@@ -39,7 +39,6 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from usam.core.errors import UsageError
-from usam.core.vocabulary import Vocabulary
 from usam.formats.storage import (
     atomic_write_text,
     check_key,
@@ -89,18 +88,6 @@ class ImageManifest:
 def slug(name: str) -> str:
     """A class name as it may appear in a sample key ('dining table' -> 'dining_table')."""
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "class"
-
-
-def vocabulary_tag(vocab: Vocabulary) -> str:
-    """Directory-safe vocabulary name; inline lists are told apart by a hash of their names."""
-    if vocab.name == "custom":
-        return "custom-" + hashlib.sha256("\n".join(vocab.classes).encode()).hexdigest()[:8]
-    return slug(vocab.name)
-
-
-def image_set_dir(images_dir: str | Path, vocab: Vocabulary, name: str) -> Path:
-    """Where an image set lives by default: ``<images_dir>/<vocabulary>_<name>``."""
-    return Path(images_dir) / f"{vocabulary_tag(vocab)}_{name}"
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -13,8 +13,8 @@ every stored image (sha256 of the stored JPEG, and a dHash more than
 named in ``exclude_images`` (the evaluation set: the paper's setting has no
 test-distribution images in training).
 
-The image set is the one :mod:`usam.images.web_crawl` writes (source ``web``),
-so extraction and training read it unchanged. Each image's record adds
+The image set is the one :mod:`usam.images.web_crawl` fills from URL lists and
+folders (source ``web``), so extraction and training read it unchanged. Each image's record adds
 provider, query, source page, creator, licence and attribution line, and
 ``ATTRIBUTION.csv`` lists them for the whole set. Runs resume like the URL
 ingest: stored and failed images are not fetched again, and a class counts
@@ -44,11 +44,13 @@ from usam.core.vocabulary import Vocabulary
 from usam.formats.image_shards import ImageManifest, ImageShardWriter, sha256
 from usam.formats.storage import atomic_write_text
 from usam.images.fetching import JSON, Clock, Fetcher, FetchError, HostGate
+from usam.images.image_sets import PHOTOS
+from usam.images.ingest_inputs import Entry
 from usam.images.ingest_settings import IngestError, IngestSettings
-from usam.images.perceptual_hash import HashIndex, dhash_bytes, hash_files
+from usam.images.perceptual_hash import ExcludedImages, HashIndex, dhash_bytes
 from usam.images.robots import RobotsRules
 from usam.images.search_providers import PROVIDERS, Candidate, SearchError
-from usam.images.web_crawl import FAILED_NAME, Entry, FailureLog, decode_image
+from usam.images.web_crawl import FAILED_NAME, FailureLog, decode_image, origin
 from usam.viz.contact_sheet import write_contact_sheets
 
 log = logging.getLogger(__name__)
@@ -103,7 +105,7 @@ class _SearchRun:
         gate = HostGate(settings.politeness_delay, clock, {api_host: settings.search_delay})
         self.fetcher = Fetcher(settings, gate)
         self.robots = RobotsRules(self.fetcher) if settings.respect_robots else None
-        self.excluded = hash_files(settings.exclude_images, settings.near_duplicate_bits)
+        self.excluded = ExcludedImages(settings.exclude_images, settings.near_duplicate_bits)
         self.failures = FailureLog(writer.directory / FAILED_NAME, "url")
         self.stored: set[str] = set()
         self.by_hash: dict[str, str] = {}
@@ -188,9 +190,9 @@ class _SearchRun:
         digest = sha256(jpeg)
         if digest in self.by_hash:
             twin = self.by_hash[digest]
-            raise FetchError("duplicate", f"same image as {twin} ({self.writer.done[twin]['url']})")
-        if hit := self.excluded.match(value):
-            raise FetchError("evaluation_image", f"{hit[1]} of 64 bits from {hit[0]}")
+            seen_at = origin(self.writer.done[twin])
+            raise FetchError("duplicate", f"same image as {twin} ({seen_at})")
+        self.excluded.check(value)
         if hit := self.near.match(value):
             raise FetchError("near_duplicate", f"{hit[1]} of 64 bits from {hit[0]}")
         key = f"web-{digest[:24]}"
@@ -287,7 +289,7 @@ def ingest_search(
         out_dir,
         vocabulary=vocab.name,
         classes=vocab.classes,
-        source="web",
+        source=PHOTOS,
         config=config,
         images_per_shard=settings.images_per_shard,
     ) as writer:

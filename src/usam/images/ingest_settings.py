@@ -8,6 +8,7 @@ from typing import Any
 
 from usam.core.config import settings_from_config
 from usam.core.errors import UsageError
+from usam.images.image_sets import PHOTOS
 
 KINDS = ("web", "folder", "openverse", "wikimedia")
 SEARCH_KINDS = ("openverse", "wikimedia")
@@ -20,12 +21,13 @@ class IngestError(UsageError, ValueError):
 
 @dataclass
 class IngestSettings:
-    """Every ``ingest`` key; the search keys only matter for ``openverse`` and ``wikimedia``."""
+    """Every ``ingest`` key; the search keys only matter for ``openverse`` and ``wikimedia``,
+    the exclusion keys for every kind."""
 
     kind: str = "web"  # web (a URL list) | folder (a local tree) | openverse | wikimedia
     urls: str | None = None  # kind=web: CSV or JSONL with url,class
     root: str | None = None  # kind=folder: root/<class>/*.jpg
-    name: str | None = None  # suffix of the default output directory (default: kind)
+    name: str = PHOTOS  # the image set: <vocabulary>_<name>, what data.source selects
     workers: int = 16
     timeout: float = 10.0  # seconds per connect or read
     max_seconds: float = 60.0  # seconds per URL in all: every read, retry and wait
@@ -52,6 +54,7 @@ class IngestSettings:
     licenses: list[str] = field(default_factory=lambda: ["cc0", "pdm", "by", "by-sa"])
     min_side: int = 128  # pixels, shorter side
     thumb_width: int = 1024  # wikimedia: download a rendering this wide (0: the original)
+    # every kind
     near_duplicate_bits: int = 6  # dHash Hamming distance (of 64) that counts as the same image
     exclude_images: list[str] = field(default_factory=list)  # evaluation images: folders, files
 

@@ -4,8 +4,8 @@ re-encoded or lightly retouched hashes to within a few of 64 bits.
 The hash is the sign of the horizontal brightness gradient on a 9 x 8 grayscale
 thumbnail. :class:`HashIndex` answers "is anything stored within ``bits`` of
 this hash?" by brute force over numpy (fast enough for tens of thousands of
-images), and :func:`hash_files` hashes images the user names, such as an
-evaluation set that training images must not overlap.
+images), and :class:`ExcludedImages` hashes images the user names, such as an
+evaluation set that no training image may be a near-copy of, whatever the ingest.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from usam.formats.image_shards import IMAGE_SUFFIXES, to_rgb
+from usam.images.fetching import FetchError
 from usam.images.ingest_settings import IngestError
 
 log = logging.getLogger(__name__)
@@ -96,3 +97,16 @@ def hash_files(paths: Iterable[str | Path], bits: int) -> HashIndex:
         except (OSError, UnidentifiedImageError) as error:
             log.warning("cannot hash %s (%s); it is not excluded", file, error)
     return index
+
+
+class ExcludedImages:
+    """The images ``ingest.exclude_images`` names (an evaluation set), which every ingest
+    holds each image against: the paper's setting has no test images in training."""
+
+    def __init__(self, paths: Iterable[str | Path], bits: int) -> None:
+        self.index = hash_files(paths, bits)
+
+    def check(self, value: int) -> None:
+        """Refuses an image (by its dHash) within ``bits`` of an excluded one."""
+        if hit := self.index.match(value):
+            raise FetchError("evaluation_image", f"{hit[1]} of 64 bits from {hit[0]}")

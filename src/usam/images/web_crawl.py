@@ -1,32 +1,29 @@
-"""Training images that already exist: a URL list (web-crawled) or a local folder tree.
+"""Training images that already exist: a URL list (web-crawled) or a local folder tree
+(read by :mod:`usam.images.ingest_inputs`).
 
-A URL list is CSV (a header with ``url`` and ``class`` columns) or JSONL (one
-``{"url": ..., "class": ...}`` per line), the shape img2dataset users know.
 Downloads run in a thread pool through :class:`~usam.images.fetching.Fetcher`
 (deadlines, retries, size cap, politeness, public addresses only, each host's
 robots.txt), then a content-type check (``image/*``, ``application/octet-stream``
-or none) and a full decode (truncated files are rejected). A local tree is
-``root/<class>/**/*.jpg`` (any common image suffix); folder names are matched to
-the vocabulary as class names, with ``_`` read as a space.
+or none) and a full decode (truncated files are rejected).
 
 Every image is stored as an upright RGB JPEG, de-duplicated by the sha256 of
-those bytes. Every URL or file that did not make it gets a line in
-``failed.jsonl`` (what, class, kind, reason). Runs resume: URLs or files already
-stored or already failed are not fetched again (delete ``failed.jsonl`` to retry
-the failures). A class given as a member of a superclass (``cat`` under
-``voc_superclasses``) is stored under its superclass, with the member recorded.
+those bytes, and refused when it is a near-copy of an image ``exclude_images`` names
+(the evaluation set). URL lists, folders and image searches fill one set of photos
+(manifest source ``web``; each image's own ``source`` says ``web`` or ``folder``). Every
+URL or file that did not make it gets a line in ``failed.jsonl`` (what, class, kind,
+reason). Runs resume: URLs or files already stored or already failed are not fetched
+again (delete ``failed.jsonl`` to retry the failures).
 """
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import logging
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -35,135 +32,25 @@ from rich.progress import TextColumn
 
 from usam.core.progress import progress_bar
 from usam.core.stopping import stop_if_requested, stop_requested
-from usam.core.vocabulary import Vocabulary, normalise_name
-from usam.formats.image_shards import (
-    IMAGE_SUFFIXES,
-    ImageManifest,
-    ImageShardWriter,
-    encode_jpeg,
-    sha256,
-)
+from usam.core.vocabulary import Vocabulary
+from usam.formats.image_shards import ImageManifest, ImageShardWriter, encode_jpeg, sha256
 from usam.images.fetching import Fetcher, FetchError
+from usam.images.image_sets import PHOTOS
+from usam.images.ingest_inputs import Entry, read_url_list, scan_folder
 from usam.images.ingest_settings import IngestError, IngestSettings
+from usam.images.perceptual_hash import ExcludedImages, dhash_bytes
 from usam.images.robots import RobotsRules
 from usam.viz.contact_sheet import write_contact_sheets
 
 log = logging.getLogger(__name__)
 
 FAILED_NAME = "failed.jsonl"
+ORIGINS = ("url", "path")  # what an image or a failure came from: a URL or a file in a folder
 
 
-@dataclass(frozen=True)
-class Entry:
-    """One thing to ingest: a URL (with its line in the list) or a file (relative path)."""
-
-    ident: str  # the URL or the relative path: what failed.jsonl and resuming go by
-    class_index: int
-    class_name: str
-    member: str | None
-    line: int | None = None
-    path: Path | None = None
-
-
-def resolve_class(vocab: Vocabulary, raw: str) -> tuple[int, str | None] | None:
-    """(class index, member) for a class or a superclass member; None when unknown."""
-    candidates = dict.fromkeys((normalise_name(raw), normalise_name(str(raw).replace("_", " "))))
-    for name in candidates:
-        if name in vocab.classes:
-            return vocab.classes.index(name), None
-    for index, group in enumerate(vocab.classes):
-        for name in candidates:
-            if name in vocab.members.get(group, ()):
-                return index, name
-    return None
-
-
-def _unknown_classes_error(vocab: Vocabulary, where: str, unknown: Iterable[str]) -> IngestError:
-    return IngestError(
-        f"{where}: {', '.join(unknown)} not a class of vocabulary '{vocab.name}' "
-        f"({', '.join(vocab.classes)}); fix the names or set data.classes to a list that has them"
-    )
-
-
-def _url_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    if path.suffix.lower() in (".jsonl", ".ndjson"):
-        with path.open(encoding="utf-8") as handle:
-            for number, text in enumerate(handle, start=1):
-                if not text.strip():
-                    continue
-                try:
-                    row = json.loads(text)
-                except json.JSONDecodeError as error:
-                    raise IngestError(f"{path} line {number} is not JSON ({error})") from error
-                if not isinstance(row, dict):
-                    raise IngestError(f"{path} line {number} is not a JSON object")
-                yield number, row
-    elif path.suffix.lower() in (".csv", ".tsv"):
-        with path.open(encoding="utf-8", newline="") as handle:
-            delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-            reader = csv.DictReader(handle, delimiter=delimiter)
-            columns = [c.strip().lower() for c in reader.fieldnames or []]
-            if "url" not in columns or "class" not in columns:
-                raise IngestError(
-                    f"{path}: the header must name 'url' and 'class' columns (found {columns})"
-                )
-            for number, row in enumerate(reader, start=2):
-                yield number, {k.strip().lower(): v for k, v in row.items() if k}
-    else:
-        raise IngestError(f"{path}: a URL list must be .csv, .tsv or .jsonl (with url,class)")
-
-
-def read_url_list(path: str | Path, vocab: Vocabulary) -> list[Entry]:
-    """The entries of a URL list, first occurrence of each URL only; unknown classes fail."""
-    path = Path(path)
-    if not path.is_file():
-        raise IngestError(f"URL list {path} does not exist")
-    entries: dict[str, Entry] = {}
-    unknown: dict[str, int] = {}
-    for number, row in _url_rows(path):
-        url = str(row.get("url") or "").strip()
-        raw_class = str(row.get("class") or "").strip()
-        if not url or not raw_class:
-            raise IngestError(f"{path} line {number}: both 'url' and 'class' are needed")
-        resolved = resolve_class(vocab, raw_class)
-        if resolved is None:
-            unknown.setdefault(repr(raw_class), number)
-            continue
-        index, member = resolved
-        entries.setdefault(url, Entry(url, index, vocab.classes[index], member, line=number))
-    if unknown:
-        where = [f"{name} (line {line})" for name, line in list(unknown.items())[:10]]
-        raise _unknown_classes_error(vocab, str(path), where)
-    return list(entries.values())
-
-
-def scan_folder(root: str | Path, vocab: Vocabulary) -> list[Entry]:
-    """Image files under root/<class>/, sorted; unknown class folders fail."""
-    root = Path(root)
-    if not root.is_dir():
-        raise IngestError(f"image folder {root} does not exist")
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not folders:
-        raise IngestError(f"{root} has no class folders; lay images out as {root}/<class>/*.jpg")
-    unknown = [repr(f.name) for f in folders if resolve_class(vocab, f.name) is None]
-    if unknown:
-        raise _unknown_classes_error(vocab, f"class folder(s) in {root}", unknown)
-    entries = []
-    for folder in folders:
-        index, member = resolve_class(vocab, folder.name)
-        files = sorted(
-            p
-            for p in folder.rglob("*")
-            if p.is_file()
-            and p.suffix.lower() in IMAGE_SUFFIXES
-            and not any(part.startswith(".") for part in p.relative_to(root).parts)
-        )
-        if not files:
-            log.warning("class folder %s holds no images", folder)
-        for file in files:
-            rel = file.relative_to(root).as_posix()
-            entries.append(Entry(rel, index, vocab.classes[index], member, path=file))
-    return entries
+def origin(meta: dict[str, Any]) -> str:
+    """The URL or the file path a stored image came from (a set may hold both kinds)."""
+    return next(meta[field] for field in ORIGINS if field in meta)
 
 
 def decode_image(data: bytes, settings: IngestSettings) -> tuple[bytes, int, int]:
@@ -196,8 +83,11 @@ class FailureLog:
                 path.write_text(text, encoding="utf-8")
             for number, line in enumerate(text.splitlines(), start=1):
                 try:
-                    self.done.add(json.loads(line)[field])
-                except (json.JSONDecodeError, KeyError, TypeError) as error:
+                    record = json.loads(line)
+                    origin(record)  # a URL's or a file's: the set may hold both kinds
+                    if field in record:
+                        self.done.add(record[field])
+                except (json.JSONDecodeError, StopIteration, TypeError) as error:
                     raise IngestError(
                         f"{path} line {number} is not a failure record ({error}); fix or delete "
                         "the line (a deleted line's URL or file is tried again)"
@@ -226,33 +116,33 @@ def _ingest(
     work: Callable[[Entry], tuple[bytes, dict[str, Any]]],
     *,
     vocab: Vocabulary,
-    source: str,
+    kind: str,
     out_dir: Path,
     settings: IngestSettings,
     workers: int,
     progress: bool,
 ) -> ImageManifest:
-    """Shared loop: skip what is done, run ``work`` in a pool, de-duplicate and store.
+    """Shared loop: skip what is done, run ``work`` in a pool, de-duplicate and store
+    (``kind``: ``web`` for URLs, ``folder`` for files).
 
     Results are taken in list order (downloads still overlap), so which of two
     identical images is kept, and the order of the shards, do not depend on timing.
     """
-    field = "url" if source == "web" else "path"
-    config = {k: v for k, v in asdict(settings).items() if k != "out_dir"}
+    excluded = ExcludedImages(settings.exclude_images, settings.near_duplicate_bits)
     with ImageShardWriter(
         out_dir,
         vocabulary=vocab.name,
         classes=vocab.classes,
-        source=source,
-        config=config,
+        source=PHOTOS,
+        config={k: v for k, v in asdict(settings).items() if k != "out_dir"},
         images_per_shard=settings.images_per_shard,
     ) as writer:
-        failures = FailureLog(out_dir / FAILED_NAME, field)
+        failures = FailureLog(out_dir / FAILED_NAME, "url" if kind == "web" else "path")
         todo, by_hash = _pending(entries, writer, failures)
         bar = progress_bar(
             TextColumn("{task.fields[ok]} ok, {task.fields[failed]} failed"), enabled=progress
         )
-        task = bar.add_task(f"{source} images", total=len(todo), ok=0, failed=0)
+        task = bar.add_task(f"{kind} images", total=len(todo), ok=0, failed=0)
         pool = ThreadPoolExecutor(max_workers=workers)
         queue = iter(todo)
         running: deque[tuple[Future, Entry]] = deque()
@@ -265,7 +155,7 @@ def _ingest(
                     if not running:
                         break
                     future, entry = running.popleft()  # in list order: the first copy wins
-                    added += _store(future, entry, writer, by_hash, failures, source)
+                    added += _store(future, entry, writer, by_hash, failures, excluded)
                     bar.update(task, advance=1, ok=added, failed=sum(failures.kinds.values()))
                     stop_if_requested()
         finally:  # a stop leaves the downloads in flight to their deadlines
@@ -288,7 +178,7 @@ def _pending(
 ) -> tuple[list[Entry], dict[str, str]]:
     """The entries neither stored nor failed before, and the stored images' keys by SHA-256."""
     field = failures.field
-    stored = {meta[field] for meta in writer.done.values()}
+    stored = {meta[field] for meta in writer.done.values() if field in meta}
     todo = [e for e in entries if e.ident not in stored and e.ident not in failures.done]
     log.info(
         "%d %ss: %d stored, %d failed before, %d to do",
@@ -307,32 +197,38 @@ def _store(
     writer: ImageShardWriter,
     by_hash: dict[str, str],
     failures: FailureLog,
-    source: str,
+    excluded: ExcludedImages,
 ) -> bool:
-    """Store one result unless it failed or repeats a stored image; True when stored."""
+    """Store one result unless it failed, repeats a stored image or is a near-copy of an
+    excluded one; True when stored."""
     try:
         jpeg, meta = future.result()
         digest = sha256(jpeg)
         if digest in by_hash:
-            twin = writer.done[by_hash[digest]][failures.field]
+            twin = origin(writer.done[by_hash[digest]])
             raise FetchError("duplicate", f"same image as {by_hash[digest]} ({twin})")
+        excluded.check(int(meta["dhash"], 16))
     except FetchError as error:
         failures.add(entry, error)
         return False
-    key = f"{source}-{digest[:24]}"
+    key = f"{meta['source']}-{digest[:24]}"
     writer.write(key, jpeg, meta)
     by_hash[digest] = key
     return True
 
 
-def _metadata(entry: Entry, source: str, width: int, height: int) -> dict[str, Any]:
-    return {
+def _photo(entry: Entry, kind: str, data: bytes, settings: IngestSettings) -> tuple[bytes, dict]:
+    """The stored JPEG of a downloaded or read image and its record, dHash included (what
+    exclusion and later image searches compare)."""
+    jpeg, width, height = decode_image(data, settings)
+    return jpeg, {
         "class_name": entry.class_name,
         "class_index": entry.class_index,
-        "source": source,
+        "source": kind,
         "member": entry.member,
         "width": width,
         "height": height,
+        "dhash": f"{dhash_bytes(jpeg):016x}",
     }
 
 
@@ -354,8 +250,7 @@ def ingest_urls(
         if robots is not None:
             robots.check(entry.ident)
         body, final_url, attempts = fetcher.fetch(entry.ident)
-        jpeg, width, height = decode_image(body, settings)
-        meta = _metadata(entry, "web", width, height)
+        jpeg, meta = _photo(entry, "web", body, settings)
         meta.update(url=entry.ident, final_url=final_url, line=entry.line, attempts=attempts)
         return jpeg, meta
 
@@ -363,7 +258,7 @@ def ingest_urls(
         entries,
         work,
         vocab=vocab,
-        source="web",
+        kind="web",
         out_dir=Path(out_dir),
         settings=settings,
         workers=settings.workers,
@@ -383,8 +278,7 @@ def ingest_folder(
     entries = scan_folder(root, vocab)
 
     def work(entry: Entry) -> tuple[bytes, dict[str, Any]]:
-        jpeg, width, height = decode_image(entry.path.read_bytes(), settings)
-        meta = _metadata(entry, "folder", width, height)
+        jpeg, meta = _photo(entry, "folder", entry.path.read_bytes(), settings)
         meta["path"] = entry.ident
         return jpeg, meta
 
@@ -392,7 +286,7 @@ def ingest_folder(
         entries,
         work,
         vocab=vocab,
-        source="folder",
+        kind="folder",
         out_dir=Path(out_dir),
         settings=settings,
         workers=min(settings.workers, 4),
