@@ -63,3 +63,19 @@ def test_json_file_vocabulary(tmp_path):
     path.write_text(json.dumps({"name": "mine", "classes": ["Red Car", "bus"]}))
     vocabulary = load_vocabulary(str(path))
     assert vocabulary.name == "mine" and vocabulary.classes == ("red car", "bus")
+
+
+def test_json_file_holding_a_plain_list_is_named_after_the_file(tmp_path):
+    path = tmp_path / "pets.json"
+    path.write_text(json.dumps(["Cat", " dog "]))
+    vocabulary = load_vocabulary(str(path))
+    assert vocabulary.name == "pets" and vocabulary.classes == ("cat", "dog")
+
+
+@pytest.mark.parametrize("text", ['{"names": ["cat"]}', '"cat"', '{"classes": "cat"}', "[cat"])
+def test_a_json_file_of_another_shape_names_both_shapes(tmp_path, text):
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    shapes = r'a list of class names, or \{"classes": \[\.\.\.\]\}'
+    with pytest.raises(VocabularyError, match=shapes):
+        load_vocabulary(str(path))

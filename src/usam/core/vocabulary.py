@@ -1,9 +1,12 @@
 """Class vocabularies: the class names a run is about, the only input U-SAM needs.
 
 A vocabulary is a packaged name (``voc20``, ``coco80``, ``voc_superclasses``), a
-path to a JSON file of the same shape, or an inline list of names. Names are
-normalised (trimmed, inner whitespace collapsed, lower case) so that the same
-class written twice cannot slip in as two.
+path to a JSON file, or an inline list of names. The JSON file holds either a list of
+names (``["cat", "dog"]``, named after the file) or the packaged ones' shape:
+``{"name": "pets", "classes": ["cat", "dog"]}``, with ``"parent"`` and ``"members"``
+for superclasses (``{"parent": "voc20", "members": {"animals": ["cat", ...]}}``).
+Names are normalised (trimmed, inner whitespace collapsed, lower case) so that the
+same class written twice cannot slip in as two.
 """
 
 from __future__ import annotations
@@ -70,10 +73,18 @@ def check_classes(names: Sequence[str], source: str) -> tuple[str, ...]:
     return tuple(normalised)
 
 
+JSON_SHAPES = 'a list of class names, or {"classes": [...]}'
+
+
 def _from_json(text: str, source: str) -> Vocabulary:
-    payload = json.loads(text)
-    if "classes" not in payload:
-        raise VocabularyError(f"{source}: no 'classes' list in the vocabulary file")
+    try:
+        payload = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise VocabularyError(f"{source} is not JSON ({error}); give {JSON_SHAPES}") from None
+    if isinstance(payload, list):
+        payload = {"classes": payload}
+    if not isinstance(payload, dict) or not isinstance(payload.get("classes"), list):
+        raise VocabularyError(f"{source}: a vocabulary file holds {JSON_SHAPES}")
     classes = check_classes(payload["classes"], source)
     members = {
         normalise_name(group): check_classes(names, f"{source} members of '{group}'")
@@ -100,7 +111,7 @@ def load_vocabulary(spec: str | Sequence[str]) -> Vocabulary:
         if path.suffix == ".json" and path.is_file():
             return _from_json(path.read_text(), str(path))
         raise VocabularyError(
-            f"unknown vocabulary {spec!r}: use one of {', '.join(PACKAGED)}, "
-            "a path to a JSON file with a 'classes' list, or an inline list of class names"
+            f"unknown vocabulary {spec!r}: use one of {', '.join(PACKAGED)}, a path to a JSON "
+            f"file ({JSON_SHAPES}), or an inline list of class names"
         )
     return Vocabulary(name="custom", classes=check_classes(list(spec), "inline class list"))
