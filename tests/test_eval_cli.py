@@ -13,8 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from hydra.errors import InstantiationException
 from PIL import Image
 
+from usam.command_errors import user_error_line
 from usam.commands.eval import run
 from usam.evaluation.scoring import EvaluationError, evaluate
 from usam.formats.embedding_shards import ShardSetError, read_manifest
@@ -207,3 +209,34 @@ def test_the_sam3_baseline_runs_on_voc_mini(tmp_path):
     for name in ("per_class.csv", "sweep.csv", "sweep.png"):
         assert (run_dir / name).is_file(), name
     assert len(list((run_dir / "overlays").glob("*.png"))) == 1
+
+
+def test_a_head_for_other_classes_is_refused_before_any_image_is_extracted(tmp_path):
+    root = tmp_path / "coco128-seg"
+    (root / "images" / "train2017").mkdir(parents=True)
+    Image.new("RGB", (64, 48), (90, 120, 30)).save(root / "images" / "train2017" / "a.jpg")
+    ckpt = head_checkpoint(tmp_path / "head.ckpt")  # a VOC head
+    cfg = compose_eval(tmp_path, "eval_data=coco128", f"eval_data.source.root={root}")
+    cfg.ckpt = str(ckpt)
+    with pytest.raises(
+        EvaluationError, match=r"predicts 20 .* eval_data=coco128 is annotated with 80"
+    ):
+        run(cfg)
+    assert not (tmp_path / "data" / "shards").exists()  # nothing extracted first
+
+
+@pytest.mark.parametrize(
+    ("eval_data", "key"),
+    [
+        ("voc_val", "eval_data.source.root"),
+        ("coco128", "eval_data.source.root"),
+        ("ade20k", "eval_data.source.root"),
+        ("coco_val", "eval_data.source.annotation_file"),
+    ],
+)
+def test_a_missing_dataset_names_the_key_to_set(tmp_path, eval_data, key):
+    cfg = compose_eval(tmp_path, f"eval_data={eval_data}")
+    with pytest.raises(InstantiationException) as caught:
+        run(cfg)
+    line = user_error_line(caught.value)
+    assert line.startswith("eval_data.source: ") and f"{key}" in line.split("; ", 1)[1], line

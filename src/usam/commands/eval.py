@@ -38,6 +38,7 @@ from usam.evaluation.scoring import (
     Evaluation,
     EvaluationError,
     ThresholdGrid,
+    check_head_classes,
     evaluate,
     resolve_vocabulary,
 )
@@ -127,6 +128,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         predictor.checkpoint.check_sam(sam.model_type, EvaluationError)
         amg = head_mask_settings(amg, predictor.checkpoint, command_line_sets("amg"))
         vocabulary = resolve_vocabulary(predictor.classes, cfg.vocabulary)
+        check_head_classes(vocabulary, source.classes, f"eval_data={cfg.eval_data.name}")
         label = cfg.eval_data.name
         extra = {"checkpoint": str(cfg.ckpt)}
     else:

@@ -48,6 +48,8 @@ from usam.data.sources import (
 )
 from usam.formats.image_shards import IMAGE_SUFFIXES
 
+SOURCE_KEY = "eval_data.source"  # the config key usam.eval and usam.fit build these from
+
 
 class VOCSegmentation(ImageSource):
     """PASCAL VOC 2012 segmentation in the VOCdevkit layout (``root`` holds ``JPEGImages/``)."""
@@ -58,14 +60,15 @@ class VOCSegmentation(ImageSource):
         self.split = split
         require_dir(
             self.root / "JPEGImages",
-            "point at the VOC2012 folder of a VOCdevkit (it holds JPEGImages/ and "
-            "SegmentationClass/)",
+            f"set {SOURCE_KEY}.root to the VOC2012 folder of a VOCdevkit (it holds JPEGImages/ "
+            "and SegmentationClass/)",
         )
         lists = self.root / "ImageSets" / "Segmentation"
         split_file = lists / f"{split}.txt"
         if not split_file.is_file():
             found = sorted(p.stem for p in lists.glob("*.txt"))
-            raise DatasetError(f"no split list {split_file}; splits found: {found or 'none'}")
+            where = f"splits found: {found or 'none'} ({SOURCE_KEY}.split)"
+            raise DatasetError(f"no split list {split_file}; {where}")
         self.ids = []
         for image_id in split_file.read_text().split():
             missing = [p for p in self._files(image_id) if not p.is_file()]
@@ -133,7 +136,9 @@ def _coco(annotation_file: str) -> COCO:
     """A parsed COCO annotation file; cached because every image's ground truth needs it."""
     path = Path(annotation_file)
     if not path.is_file():
-        raise DatasetError(f"COCO annotation file {path} does not exist")
+        raise DatasetError(
+            f"COCO annotation file {path} does not exist; fix {SOURCE_KEY}.annotation_file"
+        )
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             coco = COCO(str(path))
@@ -160,7 +165,8 @@ class COCOInstances(ImageSource):
         _, classes = _coco_categories(coco, str(self.annotation_file))
         super().__init__(check_class_count(classes, self.annotation_file), "eval")
         self.image_dir = require_dir(
-            Path(image_dir).resolve(), "give the folder the annotation's file_name entries are in"
+            Path(image_dir).resolve(),
+            f"set {SOURCE_KEY}.image_dir to the folder the annotation's file_name entries are in",
         )
         self.images = []
         for image_id in sorted(coco.imgs):
@@ -233,7 +239,8 @@ class YOLOSegmentation(ImageSource):
         self.vocabulary = classes if isinstance(classes, str) else list(vocabulary.classes)
         self.root = Path(root).resolve()
         self.split = split
-        image_dir = require_dir(self.root / "images" / split, "expected images/<split>/")
+        where = f"set {SOURCE_KEY}.root to the folder holding images/<split>/ and labels/<split>/"
+        image_dir = require_dir(self.root / "images" / split, where)
         label_dir = self.root / "labels" / split
         self.images = sorted(
             p for p in image_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
@@ -311,12 +318,14 @@ class ADE20K(ImageSource):
         self.root = Path(root).resolve()
         classes_file = self.root / "objectInfo150.txt"
         if not classes_file.is_file():
-            raise DatasetError(f"no class list {classes_file}; ADE20K ships it beside images/")
+            where = f"set {SOURCE_KEY}.root to the ADEChallengeData2016 folder, which holds it"
+            raise DatasetError(f"no class list {classes_file}; {where}")
         classes = check_class_count(read_ade_classes(str(classes_file)), classes_file)
         super().__init__(classes, "eval")
         self.split = split
-        image_dir = require_dir(self.root / "images" / split, "expected images/<split>/")
-        mask_dir = require_dir(self.root / "annotations" / split, "expected annotations/<split>/")
+        where = f"expected under {SOURCE_KEY}.root, split {SOURCE_KEY}.split"
+        image_dir = require_dir(self.root / "images" / split, where)
+        mask_dir = require_dir(self.root / "annotations" / split, where)
         images = {p.stem: p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
         masks = {p.stem: p for p in mask_dir.glob("*.png")}
         for stem in sorted(images.keys() ^ masks.keys()):

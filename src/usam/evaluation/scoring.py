@@ -199,14 +199,20 @@ def check_eval_set(
             "annotated dataset (usam.eval eval_data=... creates it)"
         )
     check_manifest(manifest, directory, sam_model_type=predictor.checkpoint.sam_model_type)
-    dataset = tuple(manifest.classes)
+    check_head_classes(vocabulary, manifest.classes, str(directory))
+
+
+def check_head_classes(vocabulary: Vocabulary, dataset: Sequence[str], where: str) -> None:
+    """Fail unless the head predicts the classes ``where`` is annotated with, or a grouping
+    of them (a superclass head on its parent's dataset)."""
+    dataset = tuple(dataset)
     if vocabulary.classes == dataset:
         return
     if vocabulary.parent and load_vocabulary(vocabulary.parent).classes == dataset:
         return
     raise EvaluationError(
         f"the head predicts {vocabulary.num_classes} classes ({list(vocabulary.classes[:3])}...) "
-        f"but {directory} is annotated with {len(dataset)} ({list(dataset[:3])}...); evaluate "
+        f"but {where} is annotated with {len(dataset)} ({list(dataset[:3])}...); evaluate "
         "on a dataset with the head's classes or a grouping of them"
     )
 
