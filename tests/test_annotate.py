@@ -9,7 +9,6 @@ import json
 import logging
 import subprocess
 import sys
-import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from usam.inference.semantic_map import semantic_from_instances
 from usam.sam.registry import build_sam
 from usam.sam.sam1_backend import AutomaticMaskEngine
 
-from helpers.commands import TINY_EVAL, compose_config
+from helpers.commands import TINY_EVAL, compose_config, wait_for
 from helpers.evaluation import AMG, head_checkpoint
 from helpers.review_exports import cvat_masks, label_studio_brush_masks
 
@@ -382,17 +381,18 @@ def test_a_kill_during_the_sam_stage_loses_only_the_image_in_progress(
         f"hydra.run.dir={tmp_path / 'run'}",
         *SMALL,
     ]
-    child = subprocess.Popen(
+
+    def sam_shards() -> list[Path]:
+        return list((out / "sam").glob("*/eval/*.tar"))  # final names only
+
+    with subprocess.Popen(
         command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.monotonic() + 240
-    finished: list[Path] = []
-    while child.poll() is None and len(finished) < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
-        finished = list((out / "sam").glob("*/eval/*.tar"))
-    child.kill()
-    child.wait()
-    finished = list((out / "sam").glob("*/eval/*.tar"))  # what the kill left, final names only
+    ) as child:
+        try:  # the kill lands once SAM finished two images, however long that takes
+            wait_for(lambda: len(sam_shards()) >= 2, "SAM's second image", process=child)
+        finally:
+            child.kill()
+    finished = sam_shards()  # what the kill left
     assert 2 <= len(finished) < len(GOOD), "the kill should land inside the SAM stage"
     extracted = count_sam_calls(monkeypatch)
     summary = run(compose_annotate(tmp_path, images, ckpt, out))

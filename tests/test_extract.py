@@ -2,10 +2,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,7 @@ from usam.sam.amg_settings import AmgSettings
 from usam.sam.registry import SamSettings, build_sam
 from usam.sam.sam1_backend import AutomaticMaskEngine
 
-from helpers.commands import ROOT, run_python
+from helpers.commands import ROOT, run_python, wait_for
 
 SETTINGS = AmgSettings(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.3)
 CLASSES = ["cat", "dog"]
@@ -148,20 +146,22 @@ def test_killed_run_resumes_with_every_image_exactly_once(tmp_path):
     folder = image_folder(tmp_path / "images", 24)
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(
+
+    def shards() -> int:
+        return len(list((out / "eval").glob("shard-*.tar")))
+
+    with subprocess.Popen(
         [sys.executable, *extract_command(folder, out)],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 120
-    while len(list((out / "eval").glob("shard-*.tar"))) < 3 and time.monotonic() < deadline:
-        assert process.poll() is None, "the extraction ended before it could be killed"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    written = len(list((out / "eval").glob("shard-*.tar")))
+    ) as process:
+        try:  # the kill lands once three images are on disk, however long that takes
+            wait_for(lambda: shards() >= 3, "a third shard", process=process)
+        finally:
+            process.kill()
+    written = shards()
     assert 3 <= written < 24, "the run must be killed midway for this test to mean anything"
     assert not (out / "eval" / "manifest.json").exists()
     result = run_python(*extract_command(folder, out))

@@ -9,6 +9,8 @@ import logging
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -132,3 +134,27 @@ def run_entry(command: str, *args: str, cwd: Path) -> tuple[int, str]:
         root.handlers[:] = handlers
         root.setLevel(level)
     return code, stderr.getvalue()
+
+
+def wait_for(
+    condition: Callable[[], bool],
+    what: str,
+    *,
+    process: subprocess.Popen | None = None,
+    output: Callable[[], str] | None = None,
+    seconds: float = 600.0,
+) -> None:
+    """Polls until ``condition()`` holds, so that a test waits for a state, never for the
+    clock: ``seconds`` only ends a hang, far above what a loaded machine takes. Fails,
+    naming ``what`` (with the tail of ``output()``), when it passes or ``process`` ends first."""
+    give_up = time.monotonic() + seconds
+    while not condition():
+        ended = process is not None and process.poll() is not None
+        if ended or time.monotonic() > give_up:
+            problem = (
+                f"the process ended (exit code {process.returncode}) before {what}"
+                if ended
+                else f"no sign of {what} in {seconds:.0f} s"
+            )
+            raise AssertionError(f"{problem}:\n{output()[-3000:] if output else ''}")
+        time.sleep(0.02)
