@@ -297,7 +297,8 @@ def test_retry_after_is_honoured_up_to_its_cap(server):
     body, _, attempts = fetcher.fetch(server + "/busy.jpg")
     assert attempts == 2 and body == _encoded(10)
     assert clock.sleeps == [4.0]  # asked for 3600 s, waited the cap, then the host was free
-    short = Fetcher(_settings(retry_after_cap=4.0, max_seconds=2.0), HostGate(0.0, clock))
+    # a deadline the capped wait would pass, yet far above the first answer's time
+    short = Fetcher(_settings(retry_after_cap=60.0, max_seconds=30.0), HostGate(0.0, clock))
     _Handler.hits["/busy.jpg"] = 0
     with pytest.raises(FetchError, match=r"HTTP 429.*no time left for a retry"):
         short.fetch(server + "/busy.jpg")  # the wait would pass the URL's deadline
