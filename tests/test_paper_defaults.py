@@ -42,7 +42,9 @@ def test_the_filtered_pipeline_is_one_override_away():
     amg = dataclasses.asdict(settings_from_config(AmgSettings, cfg.amg, "amg"))
     parameters = inspect.signature(SamAutomaticMaskGenerator.__init__).parameters
     official = {k: p.default for k, p in parameters.items() if p.default is not p.empty}
-    assert set(amg) - set(official) == {"proposals", "hq_token_only", "multimask_output"}
+    usam_only = set(amg) - set(official)  # exactly what usam keeps from the official generator
+    assert usam_only == set(amg) - set(AmgSettings().as_kwargs())
+    assert {"proposals", "hq_token_only", "multimask_output"} <= usam_only
     assert set(official) - set(amg) == {"point_grids", "output_mode"}  # set by the engine
     assert {key: amg[key] for key in official.keys() & amg.keys()} == {
         key: official[key] for key in official.keys() & amg.keys()
