@@ -67,8 +67,9 @@ def test_the_label_config_names_every_class_verbatim():
         assert labels.get("toName") == "image"
         assert [label.get("value") for label in labels] == list(CLASSES)
         assert all(label.get("background").startswith("#") for label in labels)
-    assert view.find("PolygonLabels") is not None
-    assert ET.fromstring(label_config(CLASSES, polygons=False)).find("PolygonLabels") is None
+    assert [tool.tag for tool in view] == ["Image", "BrushLabels", "PolygonLabels"]
+    brush_only = ET.fromstring(label_config(CLASSES, polygons=False))
+    assert [tool.tag for tool in brush_only] == ["Image", "BrushLabels"]
 
 
 def test_review_order_puts_the_least_certain_first():
