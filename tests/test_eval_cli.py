@@ -18,7 +18,8 @@ from PIL import Image
 
 from usam.command_errors import user_error_line
 from usam.commands.eval import run
-from usam.evaluation.scoring import EvaluationError, evaluate
+from usam.evaluation.reports import sweep_plot
+from usam.evaluation.scoring import EvaluationError, ThresholdGrid, evaluate
 from usam.formats.embedding_shards import ShardSetError, read_manifest
 from usam.inference.predictor import InferenceSettings, Predictor, load_head
 
@@ -62,8 +63,11 @@ def test_eval_extracts_once_and_writes_its_results(tmp_path, capsys, caplog):
     run_dir = tmp_path / "run"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics == json.loads(json.dumps(summary))
+    grid = ThresholdGrid(confidence_thresholds=(0.2, 0.5), nms_ious=(0.3, 0.5, 0.9))  # SMALL's
     expected = evaluate(
-        shards, Predictor.from_checkpoint(ckpt, InferenceSettings(confidence_threshold=0.3))
+        shards,
+        Predictor.from_checkpoint(ckpt, InferenceSettings(confidence_threshold=0.3)),
+        sweep=grid,
     )
     assert {name: metrics[name] for name in expected.headline} == pytest.approx(expected.headline)
     shown = [f"{name} {expected.scores[name]:.4f}" for name in ("mAP50", "mAP50-95")]
@@ -74,7 +78,8 @@ def test_eval_extracts_once_and_writes_its_results(tmp_path, capsys, caplog):
         assert len(list(csv.reader(handle))) == 1 + 21
     with open(run_dir / "sweep.csv") as handle:
         assert len(list(csv.reader(handle))) == 1 + 2 * 3
-    assert Image.open(run_dir / "sweep.png").size[0] > 0
+    with Image.open(run_dir / "sweep.png") as plot:  # the sweep's own numbers, drawn
+        assert plot.convert("RGB").tobytes() == sweep_plot(expected.sweep).tobytes()
     assert sorted(p.name for p in (run_dir / "overlays").iterdir()) == [
         "2011_000003.png",
         "2011_000004.png",
@@ -163,6 +168,15 @@ def _subset(name: str, destination: Path, count: int) -> Path:
     return destination
 
 
+def assert_headline_is_the_per_class_mean(run_dir: Path, metrics: dict) -> None:
+    """mIoU and mAP50 average the classes per_class.csv scores (6 digits), no others."""
+    with open(run_dir / "per_class.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    for headline, column in (("mIoU", "iou"), ("mAP50", "ap50")):
+        cells = [float(row[column]) for row in rows if row[column]]
+        assert metrics[headline] == pytest.approx(sum(cells) / len(cells), rel=1e-5, abs=1e-9)
+
+
 @pytest.mark.integration
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not on this machine")
 @pytest.mark.parametrize(
@@ -183,7 +197,7 @@ def test_eval_end_to_end_on_real_subsets(tmp_path, eval_data, subset, classes):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["images"] == 3 and metrics["masks"] > 0
     assert metrics["instances_derived"] is (eval_data == "voc_val")  # VOC-mini has no objects
-    assert 0 <= metrics["mIoU"] <= 100
+    assert_headline_is_the_per_class_mean(tmp_path / "run", metrics)
     assert len(list((tmp_path / "run" / "overlays").glob("*.png"))) == 2
 
 
@@ -205,7 +219,7 @@ def test_the_sam3_baseline_runs_on_voc_mini(tmp_path):
     run_dir = tmp_path / "run"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["baseline"] == "sam3" and metrics["images"] == 3 and not metrics["meaningful"]
-    assert 0 <= metrics["mIoU"] <= 100 and 0 <= metrics["mAP50"] <= 1
+    assert_headline_is_the_per_class_mean(run_dir, metrics)
     for name in ("per_class.csv", "sweep.csv", "sweep.png"):
         assert (run_dir / name).is_file(), name
     assert len(list((run_dir / "overlays").glob("*.png"))) == 1
