@@ -72,7 +72,9 @@ def _data_settings(cfg: DictConfig) -> dict[str, Any]:
 def _loggers(cfg: DictConfig, stage: str, data: Provenance) -> list[Any]:
     """The configured loggers for one stage. A W&B run carries the whole resolved config
     (dotted keys), a name and group that tell sweep jobs apart, and tags for the
-    experiment, data source, SAM and random weights."""
+    experiment, data source, SAM and random weights. Only rank zero has a W&B run (another
+    rank's ``experiment`` is a stand-in), so the config goes through ``log_hyperparams``,
+    which writes on rank zero alone."""
     loggers = []
     for name, entry in (cfg.logger or {}).items():
         if not entry:
@@ -81,7 +83,7 @@ def _loggers(cfg: DictConfig, stage: str, data: Provenance) -> list[Any]:
             identity = run_identity(cfg, stage, data)
             tags = list(dict.fromkeys([*(entry.get("tags") or []), *identity.tags]))
             logger = instantiate(entry, name=identity.name, group=identity.group, tags=tags)
-            logger.experiment.config.update(flat_config(cfg), allow_val_change=True)
+            logger.log_hyperparams(flat_config(cfg))
             loggers.append(logger)
         else:
             loggers.append(instantiate(entry, name=stage))
@@ -163,9 +165,11 @@ SUMMARY_COLUMNS = {  # test metric: (column, format); the evaluation metrics' he
 
 @rank_zero_only
 def _print_summary(output_dir: Path, results: dict[str, StageResult], data: Provenance) -> None:
-    """The ending people read: each stage's tested checkpoint, its scores, where files are.
-    Both paths are resolved: Lightning resolves its checkpoint paths, while ``output_dir``
-    is as the config gives it (``paths.output_dir=run`` is relative)."""
+    """The ending people read: each stage's tested checkpoint, its scores, where files are,
+    then ``<stage> checkpoint: <absolute path>`` per stage for scripts to read (the final
+    checkpoint each stage chose). Both paths are resolved: Lightning resolves its checkpoint
+    paths, while ``output_dir`` is as the config gives it (``paths.output_dir=run`` is
+    relative)."""
     rows = [["stage", "tested checkpoint", *(column for column, _ in SUMMARY_COLUMNS.values())]]
     for stage, result in results.items():
         shown = [
@@ -183,6 +187,7 @@ def _print_summary(output_dir: Path, results: dict[str, StageResult], data: Prov
             lines.append(f"  {stage} scores and overlays: {metrics[-1].parent}")
     if data.random_weights:
         lines.append(f"  {NOT_RESULTS}{data.note()}")
+    lines += [f"{stage} checkpoint: {done.checkpoint.resolve()}" for stage, done in results.items()]
     print("\n".join(lines))
 
 
