@@ -53,12 +53,14 @@ def multirun_overrides(sweep: dict[str, Any], where: str) -> list[str]:
 
 
 def sweep_file(name: str) -> Path:
-    """A sweep file's path, or the path of the sweep shipped with usam under that name."""
+    """A sweep file's path (relative to the current folder, or absolute), else the sweep
+    shipped with usam under that name: ``teacher_top_k``, or a path such as the README's
+    ``experiments/sweeps/teacher_top_k.yaml`` given from a folder that has no copy of it."""
     path = Path(name)
     if path.is_file():
         return path
-    packaged = PACKAGED / f"{name}.yaml"
-    if path.suffix != ".yaml" and packaged.is_file():
+    packaged = PACKAGED / (path.name if path.suffix == ".yaml" else f"{name}.yaml")
+    if packaged.is_file():
         return packaged
     names = ", ".join(p.stem for p in sorted(PACKAGED.glob("*.yaml")))
     raise SweepFileError(f"no sweep file {name}; the sweeps shipped with usam: {names}")
@@ -71,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if args else 2
     try:
         path = sweep_file(args[0])
+        if path != Path(args[0]):
+            print(f"{args[0]} is the sweep shipped with usam: {path}")
         overrides = multirun_overrides(yaml.safe_load(path.read_text()), str(path))
     except SweepFileError as error:
         print(f"usam.sweep: error: {error}", file=sys.stderr)
