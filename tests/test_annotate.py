@@ -385,11 +385,18 @@ def test_a_kill_during_the_sam_stage_loses_only_the_image_in_progress(
     def sam_shards() -> list[Path]:
         return list((out / "sam").glob("*/eval/*.tar"))  # final names only
 
-    with subprocess.Popen(
-        command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    ) as child:
+    log = tmp_path / "killed.log"
+    with (
+        log.open("w") as output,
+        subprocess.Popen(command, cwd=tmp_path, stdout=output, stderr=subprocess.STDOUT) as child,
+    ):
         try:  # the kill lands once SAM finished two images, however long that takes
-            wait_for(lambda: len(sam_shards()) >= 2, "SAM's second image", process=child)
+            wait_for(
+                lambda: len(sam_shards()) >= 2,
+                "SAM's second image",
+                process=child,
+                output=log.read_text,
+            )
         finally:
             child.kill()
     finished = sam_shards()  # what the kill left

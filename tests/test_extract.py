@@ -146,19 +146,23 @@ def test_killed_run_resumes_with_every_image_exactly_once(tmp_path):
     folder = image_folder(tmp_path / "images", 24)
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "killed.log"
 
     def shards() -> int:
         return len(list((out / "eval").glob("shard-*.tar")))
 
-    with subprocess.Popen(
-        [sys.executable, *extract_command(folder, out)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    ) as process:
+    with (
+        log.open("w") as output,
+        subprocess.Popen(
+            [sys.executable, *extract_command(folder, out)],
+            cwd=ROOT,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        ) as process,
+    ):
         try:  # the kill lands once three images are on disk, however long that takes
-            wait_for(lambda: shards() >= 3, "a third shard", process=process)
+            wait_for(lambda: shards() >= 3, "a third shard", process=process, output=log.read_text)
         finally:
             process.kill()
     written = shards()
