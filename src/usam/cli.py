@@ -55,17 +55,13 @@ def _task(config_name: str, implementation: str) -> Callable[[Any], None]:
             )
             result = importlib.import_module(implementation).run(cfg)
         except Exception as error:
-            line = command_errors.user_error_line(error)
-            if line is None:  # a bug: its traceback in the log, and the run folder kept
-                command_errors.log_traceback(error, config_name)
-            failed = command_errors.set_failed_run_aside(run_dir, log_dir, keep=line is None)
-            if failed is not None:
-                print(f"the failed run's files are in {failed}", file=sys.stderr)
-            if line is None or cfg.get("verbose"):
+            line = command_errors.handle_failure(error, config_name, run_dir, log_dir)
+            if line is None:  # a bug: Python prints its traceback
                 raise
-            command_errors.exit_with_line(config_name, line)
+            command_errors.exit_with_line(config_name, line, error if cfg.get("verbose") else None)
         except BaseException:  # an interrupt: no error to report, only the folder to tidy
-            command_errors.set_failed_run_aside(run_dir, log_dir, keep=False)
+            if command_errors.launched_rank() is None:  # rank zero tidies for every rank
+                command_errors.set_failed_run_aside(run_dir, log_dir, keep=False)
             raise
         if isinstance(result, Path):
             print(result)
@@ -88,9 +84,9 @@ def _run_hydra(config_name: str, implementation: str, arguments: list[str]) -> N
     try:
         entry(_task(config_name, implementation))()
     except command_errors.HYDRA_ERRORS as error:
-        if _asks_verbose(arguments):
-            raise
-        command_errors.exit_with_line(config_name, command_errors.composition_error_line(error))
+        line = command_errors.composition_error_line(error)
+        shown = error if _asks_verbose(arguments) else None
+        command_errors.exit_with_line(config_name, line, shown)
     finally:
         if previous is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)

@@ -1,18 +1,24 @@
 """How a command ends when it fails. An error the user can fix (a ``UsageError``, a required
 key left out, a config group option that does not exist, a bad override) is one line naming
-the key and the fix, exit code 2. Anything else is a bug: its traceback stays on screen and
-goes into the run's log file, and the run folder is kept for it."""
+the key and the fix, exit code 2 (after its traceback with ``verbose=true``). Anything else is
+a bug: its traceback stays on screen and goes into the run's log file, and the run folder is
+kept for it. Under DDP the report is rank zero's, so that it comes once."""
 
 from __future__ import annotations
 
 import difflib
 import logging
+import os
 import re
 import shutil
 import sys
+import time
+import traceback
 from collections.abc import Mapping
 from pathlib import Path
+from typing import NoReturn
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import (
     ConfigCompositionException,
     InstantiationException,
@@ -25,11 +31,17 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 from usam.command_help import key_comment
 from usam.core.errors import UsageError
 
+EXIT_BUG = 1
 EXIT_USAGE = 2
+# how long a rank Lightning launched waits for rank zero to report an error both met
+RANK_ZERO_REPORTS_WITHIN_S = 30.0
 HYDRA_ERRORS = (ConfigCompositionException, OverrideParseException)
 _FULL_KEY = re.compile(r"^full_key: (?P<key>\S+)$", re.MULTILINE)
 _NAMES_A_KEY = re.compile(r"^[A-Za-z_][\w.]*(=|: )")  # "teacher_ckpt: ...", "sam.device=..."
 _RUN_BOOKKEEPING = {".hydra", "config.yaml"}  # with the run's *.log: what every run writes first
+# the Hydra job name Lightning's DDP launcher gives each rank it starts with the command line
+_LAUNCHED_RANK_JOB = re.compile(r"train_ddp_process_(?P<rank>\d+)")
+_PARENT_PID = os.getppid()  # for a launched rank, its rank zero: read before either can end
 
 
 class MissingKeysError(UsageError):
@@ -120,16 +132,66 @@ def composition_error_line(error: Exception) -> str:
     return " ".join(text.split())
 
 
-def log_traceback(error: BaseException, config_name: str) -> None:
-    """Writes the traceback into the run's log files (Hydra's job log). The screen gets it
-    from Python itself, so the console handlers are left out."""
-    message = f"usam.{config_name} failed"
+def launched_rank() -> int | None:
+    """The local rank of a process Lightning's DDP launcher started by running the user's
+    command line again; None for the process the user started (rank zero of its node)."""
+    if not HydraConfig.initialized():
+        return None
+    found = _LAUNCHED_RANK_JOB.fullmatch(HydraConfig.get().job.name)
+    return int(found["rank"]) if found else None
+
+
+def log_traceback(error: BaseException, config_name: str, into: Path | None = None) -> None:
+    """Writes the traceback into the process's log file (Hydra's job log), or into the file
+    ``into``: a launched rank's job log is its own (``train_ddp_process_<rank>.log``), not
+    the run's ``<command>.log`` people read. The screen gets it from Python itself, so the
+    console handlers are left out."""
+    rank = launched_rank()
+    message = f"usam.{config_name} failed" + ("" if rank is None else f" on DDP local rank {rank}")
     exc_info = (type(error), error, error.__traceback__)
     record = logging.LogRecord("usam", logging.ERROR, __file__, 0, message, None, exc_info)
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
+    job_logs = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    if into is None:
+        for handler in job_logs:
             handler.handle(record)
             handler.flush()
+        return
+    appended = logging.FileHandler(into)
+    appended.setFormatter(job_logs[0].formatter if job_logs else None)
+    appended.handle(record)
+    appended.close()
+
+
+def _rank_zero_ended(within_s: float) -> bool:
+    """Whether rank zero, which launched this rank, ends within ``within_s`` seconds. The
+    ranks run in step, so rank zero meets the same error and reports it; a rank zero still
+    running after that is waiting for this rank, which has to report its error itself."""
+    deadline = time.monotonic() + within_s
+    while os.getppid() == _PARENT_PID:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def handle_failure(error: Exception, config_name: str, run_dir: Path, log_dir: Path) -> str | None:
+    """What a failed run does before it reports: a bug's traceback goes into the run's log
+    and the run folder is set aside. Returns the user error's one line, None for a bug. A
+    launched rank leaves the report and the folder to rank zero, and once rank zero has
+    ended (reporting) exits here without a word, so that the error is printed once and the
+    folder is not moved while rank zero still works in it."""
+    line = user_error_line(error)
+    if line is None:
+        log_traceback(error, config_name)
+    if launched_rank() is not None:
+        if _rank_zero_ended(RANK_ZERO_REPORTS_WITHIN_S):
+            sys.exit(EXIT_BUG if line is None else EXIT_USAGE)
+        if line is None:  # this rank reports: its traceback goes where rank zero's would
+            log_traceback(error, config_name, into=run_dir / f"{config_name}.log")
+    failed = set_failed_run_aside(run_dir, log_dir, keep=line is None)
+    if failed is not None:
+        print(f"the failed run's files are in {failed}", file=sys.stderr)
+    return line
 
 
 def _holds_results(folder: Path) -> bool:
@@ -161,6 +223,12 @@ def set_failed_run_aside(run_dir: Path, log_dir: Path, keep: bool) -> Path | Non
     return None
 
 
-def exit_with_line(config_name: str, line: str) -> None:
+def exit_with_line(
+    config_name: str, line: str, traceback_of: BaseException | None = None
+) -> NoReturn:
+    """A user error's end: its one line and exit code 2, after the traceback of
+    ``traceback_of`` (the error, when ``verbose=true`` asks to see it)."""
+    if traceback_of is not None:
+        traceback.print_exception(traceback_of)
     print(f"usam.{config_name}: error: {line}", file=sys.stderr)
     sys.exit(EXIT_USAGE)

@@ -9,13 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from usam.core.config import settings_from_config
 from usam.core.stopping import stoppable
 from usam.data.extraction import ExtractSettings, run_extraction, shard_set_dir
 from usam.data.sources import ImageSource
-from usam.formats.embedding_shards import existing_keys
+from usam.formats.embedding_shards import Manifest, existing_keys
 from usam.sam.amg_settings import AmgSettings
 from usam.sam.registry import SamSettings
 
@@ -42,6 +43,12 @@ def run(cfg: DictConfig) -> None:
         manifests = run_extraction(
             source, out_dir, sam, amg, extract, config=OmegaConf.to_container(cfg, resolve=True)
         )
+    _print_splits(manifests, out_dir)
+
+
+@rank_zero_only
+def _print_splits(manifests: dict[str, Manifest], out_dir: Path) -> None:
+    """What each split holds, once: under DDP every rank returns the same manifests."""
     for split, manifest in manifests.items():
         print(
             f"{split}: {manifest.num_images} images, {manifest.num_masks} masks "

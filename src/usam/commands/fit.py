@@ -72,7 +72,9 @@ def _data_settings(cfg: DictConfig) -> dict[str, Any]:
 def _loggers(cfg: DictConfig, stage: str, data: Provenance) -> list[Any]:
     """The configured loggers for one stage. A W&B run carries the whole resolved config
     (dotted keys), a name and group that tell sweep jobs apart, and tags for the
-    experiment, data source, SAM and random weights."""
+    experiment, data source, SAM and random weights. Only rank zero has a W&B run (another
+    rank's ``experiment`` is a stand-in), so the config goes through ``log_hyperparams``,
+    which writes on rank zero alone."""
     loggers = []
     for name, entry in (cfg.logger or {}).items():
         if not entry:
@@ -81,7 +83,7 @@ def _loggers(cfg: DictConfig, stage: str, data: Provenance) -> list[Any]:
             identity = run_identity(cfg, stage, data)
             tags = list(dict.fromkeys([*(entry.get("tags") or []), *identity.tags]))
             logger = instantiate(entry, name=identity.name, group=identity.group, tags=tags)
-            logger.experiment.config.update(flat_config(cfg), allow_val_change=True)
+            logger.log_hyperparams(flat_config(cfg))
             loggers.append(logger)
         else:
             loggers.append(instantiate(entry, name=stage))

@@ -25,7 +25,9 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
 from usam.core.stopping import pass_stops_to, stop_if_requested, worker_init_fn
@@ -220,12 +222,19 @@ class ShardPredictionWriter(BasePredictionWriter):
         stop_if_requested()  # every finished image is in a shard: a clean place to stop
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._stack.close()  # every rank's last shard is complete before rank zero lists them
+        """Every rank's last shard is complete before rank zero lists them all, and the
+        manifests are on disk before any rank returns to read them back. The counts become
+        the whole run's."""
+        self._stack.close()
+        counts = torch.tensor(list(self.counts.values()), device=pl_module.device)
+        totals = trainer.strategy.reduce(counts, reduce_op="sum").tolist()
+        self.counts = dict(zip(self.counts, map(int, totals)))
         trainer.strategy.barrier("usam-extract-finished")
         if trainer.is_global_zero:
             for writer in self.writers.values():
                 writer.finalize()
             merge_rejected(self.out_dir)
+        trainer.strategy.barrier("usam-extract-listed")
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self._stack.close()  # keep what was written; no manifest, so the next run resumes
@@ -352,7 +361,7 @@ def run_extraction(
     splits = splits_for(source, extract_settings.val_fraction)
     if is_complete(Path(out_dir), splits):
         return {split: read_manifest(Path(out_dir) / split) for split in splits}
-    print(f"extracting SAM embeddings of {len(source)} images into {out_dir}")
+    rank_zero_only(print)(f"extracting SAM embeddings of {len(source)} images into {out_dir}")
     model, sam_info = sam.build()
     return extract(
         source,
