@@ -225,6 +225,8 @@ class ShardDataModule(L.LightningDataModule):
                 classes=self.classes,
                 embed_dim=self.embed_dim,
                 sam_model_type=self.sam_model_type,
+                # the head learns the train set's masks: the val set's are made as they are
+                precision=self.manifests["train"].precision if split == "val" else None,
             )
             self.manifests[split] = manifest
         if self.manifests["train"].shuffle_seed is None and len(self.classes) > 1:

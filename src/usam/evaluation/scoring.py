@@ -45,7 +45,13 @@ from usam.formats.embedding_shards import (
     iter_records,
     read_manifest,
 )
-from usam.inference.predictor import InferenceSettings, Predictor, mask_ious, select_instances
+from usam.inference.predictor import (
+    HeadCheckpoint,
+    InferenceSettings,
+    Predictor,
+    mask_ious,
+    select_instances,
+)
 from usam.inference.semantic_map import semantic_from_instances
 
 SWEEP_ON_TEST = "after-the-fact analysis on test data, not model selection"
@@ -198,7 +204,9 @@ def check_eval_set(
             f"{directory} is a '{manifest.kind}' shard set; evaluation needs one made from an "
             "annotated dataset (usam.eval eval_data=... creates it)"
         )
-    check_manifest(manifest, directory, sam_model_type=predictor.checkpoint.sam_model_type)
+    head = predictor.checkpoint  # the baselines' stand-ins take masks of any precision
+    precision = head.metadata.mask_precision if isinstance(head, HeadCheckpoint) else None
+    check_manifest(manifest, directory, sam_model_type=head.sam_model_type, precision=precision)
     check_head_classes(vocabulary, manifest.classes, str(directory))
 
 

@@ -17,7 +17,7 @@ import json
 import os
 import tarfile
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +128,10 @@ class Manifest:
         return sum(s["masks"] for s in self.shards)
 
     @property
+    def precision(self) -> str:  # amg.precision: fp32 for sets made before bf16 or without SAM
+        return (self.config.get("amg") or {}).get("precision", "fp32")
+
+    @property
     def provenance(self) -> Provenance:
         """Why the numbers this set leads to are not results, from its flags."""
         reasons = []
@@ -226,6 +230,7 @@ def check_manifest(
     classes: Sequence[str] | None = None,
     embed_dim: int | None = None,
     sam_model_type: str | None = None,
+    precision: str | None = None,
 ) -> None:
     """Fail, naming every disagreement, when a shard set was made for another run."""
     problems = []
@@ -249,6 +254,8 @@ def check_manifest(
             f"SAM model type differs (run: {sam_model_type}, "
             f"shards: {manifest.sam.get('model_type')})"
         )
+    if precision is not None and precision != manifest.precision:
+        problems.append(f"amg.precision differs (run: {precision}, shards: {manifest.precision})")
     if problems:
         raise ShardSetError(
             f"shard set {directory} was made for another configuration: "
@@ -330,6 +337,11 @@ class ShardSetWriter:
         scanned = [_scan_shard(p) for p in sorted(self.directory.glob(f"{_SHARD_PREFIX}*.tar"))]
         self.done_keys: set[str] = {k for s in scanned for k in s.pop("keys")}
         self.manifest.shards = scanned
+        self._pending = self.directory / "pending.json"  # the config it is begun with
+        begun = json.loads(self._pending.read_text()) if self._pending.is_file() else {}
+        if scanned:  # bf16 and fp32 never mix: finished as begun (without pending.json: fp32)
+            check_manifest(replace(manifest, config=begun), directory, precision=manifest.precision)
+        atomic_write_text(self._pending, json.dumps(manifest.config))
         self._own_shards = len(list(self.directory.glob(f"{_SHARD_PREFIX}{series}[0-9]*.tar")))
         self._tar: wds.TarWriter | None = None
         self._tmp_path: Path | None = None
@@ -369,6 +381,7 @@ class ShardSetWriter:
         atomic_write_text(
             self.directory / MANIFEST_NAME, json.dumps(self.manifest.to_json(), indent=2)
         )
+        self._pending.unlink(missing_ok=True)
         return self.manifest
 
     def _start_shard(self) -> None:

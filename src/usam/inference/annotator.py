@@ -33,7 +33,10 @@ class Annotator:
         amg: AmgSettings | None = None,
     ) -> None:
         """``sam``: a model type (its weights ``sam_checkpoint``, else the default cache) or
-        a command's whole ``SamSettings``; None: the model type the head was trained on."""
+        a command's whole ``SamSettings``; None: the model type the head was trained on.
+        ``amg``: None makes masks with the settings the head recorded (those of its
+        training shards; the defaults where it records none), as ``usam.annotate`` does;
+        settings of another precision than the head's are refused."""
         if not isinstance(sam, SamSettings):
             model_type = sam or predictor.checkpoint.sam_model_type
             if model_type is None:
@@ -43,9 +46,11 @@ class Annotator:
             checkpoint = None if sam_checkpoint is None else str(sam_checkpoint)
             sam = SamSettings(model_type, checkpoint)
         predictor.checkpoint.check_sam(sam.model_type, AnnotationError)
+        amg = amg or predictor.checkpoint.metadata.mask_settings or AmgSettings()
+        predictor.checkpoint.check_precision(amg.precision)
         self.predictor = predictor
         self.sam = sam
-        self.amg = amg or AmgSettings()
+        self.amg = amg
         self._engine: PointGridEngine | None = None
 
     @classmethod
@@ -56,9 +61,10 @@ class Annotator:
         sam_checkpoint: str | Path | None = None,
         amg: AmgSettings | None = None,
         inference: InferenceSettings | None = None,
-        device: str | torch.device = "cpu",
+        device: str | torch.device = "auto",
     ) -> Annotator:
-        """``sam`` defaults to the model type the head was trained on."""
+        """``sam`` defaults to the model type the head was trained on; ``device``: ``auto``
+        runs the head and SAM on CUDA when torch sees a GPU, else on the CPU."""
         return cls(Predictor(load_head(path), inference, device), sam, sam_checkpoint, amg)
 
     @property
@@ -75,7 +81,8 @@ class Annotator:
 
     @property
     def engine(self) -> PointGridEngine:
-        """SAM, built on first use (the command extracts through its own)."""
+        """SAM, built on first use on the predictor's device (the command extracts through
+        its own)."""
         if self._engine is None:
             sam, _ = self.sam.build()
             model = sam.to(self.predictor.device)

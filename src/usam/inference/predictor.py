@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from usam.core.devices import resolve_device
 from usam.core.errors import UsageError
 from usam.core.provenance import Provenance
 from usam.core.weights import load_weights
@@ -74,6 +75,9 @@ class HeadCheckpoint:
 
     def check_sam(self, sam: str, error: type[Exception]) -> None:
         self.metadata.check_sam(sam, str(self.path or "the head"), error)
+
+    def check_precision(self, precision: str) -> None:
+        self.metadata.check_precision(precision, str(self.path or "the head"))
 
 
 def load_head(path: str | Path, config_key: str = "ckpt") -> HeadCheckpoint:
@@ -234,11 +238,13 @@ class Predictor:
         self,
         checkpoint: HeadCheckpoint,
         settings: InferenceSettings | None = None,
-        device: str | torch.device = "cpu",
+        device: str | torch.device = "auto",
     ) -> None:
+        """``device``: ``auto`` (CUDA when torch sees a GPU, else the CPU), ``cpu``,
+        ``cuda:N`` or a ``torch.device``; a GPU that is not there is refused by name."""
         self.checkpoint = checkpoint
         self.settings = settings or InferenceSettings()
-        self.device = torch.device(device)
+        self.device = resolve_device(str(device), "device")
         self.head = checkpoint.head.to(self.device)
 
     @classmethod
@@ -246,7 +252,7 @@ class Predictor:
         cls,
         path: str | Path,
         settings: InferenceSettings | None = None,
-        device: str | torch.device = "cpu",
+        device: str | torch.device = "auto",
     ) -> Predictor:
         return cls(load_head(path), settings, device)
 

@@ -5,6 +5,12 @@ generator's output (IoU, stability and box-NMS filters, up to 3 masks per point,
 per image); ``one_per_point`` is the U-SAM paper's ("a set of N binary masks for each
 image", "N remains constant for all inputs"): every grid point's mask, the one of its
 three outputs with the highest predicted IoU, nothing filtered away.
+
+``precision``: ``fp32`` is exact mode, held to the contract of ``usam.sam.mask_engine``;
+``bf16`` runs the encoder and decoder under bfloat16 autocast, faster where the hardware
+has bf16 matrix units and outside the contract (``benchmarks/bf16_agreement.py`` measures
+its masks against fp32's). Heads and shard sets record it, and masks of the two are never
+mixed.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from usam.core.config import settings_from_config
 from usam.core.errors import UsageError
 
 PROPOSALS = ("filtered", "one_per_point")
+PRECISIONS = ("fp32", "bf16")
 
 
 class AmgSettingsError(UsageError, ValueError):
@@ -44,9 +51,14 @@ class AmgSettings:
     # multimask one. Other backends have neither and refuse other values.
     hq_token_only: bool = False
     multimask_output: bool = True
+    precision: str = "fp32"  # fp32 | bf16 (see the module docstring)
 
     def __post_init__(self) -> None:
         self._check_proposals()
+        if self.precision not in PRECISIONS:
+            raise AmgSettingsError(
+                f"amg.precision={self.precision!r} is not one of {', '.join(PRECISIONS)}"
+            )
         if self.points_per_side < 1 or self.points_per_batch < 1:
             raise AmgSettingsError(
                 f"points_per_side ({self.points_per_side}) and points_per_batch "
@@ -95,7 +107,8 @@ class AmgSettings:
     def recorded(cls, values: Mapping[str, Any]) -> AmgSettings:
         """The settings a shard manifest or a head recorded, in this or an earlier usam:
         ``approximate`` (retired; exact mode is the only one) is dropped when false, and
-        ``proposals``, absent before the paper's reading, defaults to the filtered one."""
+        ``proposals``, absent before the paper's reading, defaults to the filtered one, and
+        ``precision``, absent before bf16 existed, to fp32."""
         values = dict(values)
         if values.pop("approximate", False):
             raise AmgSettingsError(
@@ -108,9 +121,10 @@ class AmgSettings:
         """Keyword arguments for the official generator: with ``one_per_point`` its filters
         are off (checked above), and picking each point's best mask is left to the caller
         (``PointGridEngine.reference_masks``); HQ-SAM's output choices go to its generator's
-        ``generate`` and predictor (``usam.sam.hq_backend``).
+        ``generate`` and predictor (``usam.sam.hq_backend``); the official generators run in
+        the model's own precision.
         """
         kwargs = asdict(self)
-        for engine_only in ("proposals", "hq_token_only", "multimask_output"):
+        for engine_only in ("proposals", "hq_token_only", "multimask_output", "precision"):
             del kwargs[engine_only]
         return kwargs

@@ -21,6 +21,12 @@ relative, far inside the bounds):
 The token side (small products over 7 tokens) sees the whole point batch, as in the
 official decoder; the image side runs ``chunk`` points at a time so that it stays in
 cache on a CPU.
+
+Under bf16 autocast (``amg.precision: bf16``) the image side runs in bfloat16: the image
+embedding, the dense prompt and the tokens are cast at the entry, and what autocast hands
+back in float32 (a softmax or norm on a GPU) is cast again before it meets the reused
+buffers. The image-side state is kept per device and dtype (:class:`ImageSides`), so an
+engine whose model moves between devices, or whose precision changes, keeps working.
 """
 
 from __future__ import annotations
@@ -30,10 +36,36 @@ import math
 import torch
 
 
+def compute_dtype(device: torch.device, stored: torch.dtype) -> torch.dtype:
+    """The dtype the decoder runs in: autocast's where it is on for ``device``, else the
+    ``stored`` one (the image embedding's)."""
+    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return stored
+
+
+class ImageSides:
+    """The :class:`ImageSide` of the device and dtype the decoder runs on now, made again
+    when either changes: a side never meets tensors of another device or precision, and
+    none holds memory on a device the model has left."""
+
+    def __init__(self, dense_pe) -> None:
+        self._dense_pe = dense_pe  # () -> (1, C, h, w): the model's, on its device
+        self._key: tuple[torch.device, torch.dtype] | None = None
+        self._side: ImageSide | None = None
+
+    def get(self, device: torch.device, dtype: torch.dtype) -> ImageSide:
+        if self._key != (device, dtype):
+            dense_pe = self._dense_pe().to(device=device, dtype=dtype)  # autocast's, if on
+            self._key = (device, dtype)
+            self._side = ImageSide(dense_pe.flatten(2).permute(0, 2, 1))
+        return self._side
+
+
 class ImageSide:
-    """What the decoder's image-side work reuses: the dense positional encoding, the
-    first layer's projections of the image keys every point shares (until the image
-    changes) and the per-point buffers.
+    """What the decoder's image-side work reuses on one device in one dtype: the dense
+    positional encoding, the first layer's projections of the image keys every point
+    shares (until the image changes) and the per-point buffers.
     """
 
     def __init__(self, key_pe: torch.Tensor) -> None:
@@ -52,10 +84,12 @@ class ImageSide:
 
     def set_image(self, features: torch.Tensor, dense: torch.Tensor) -> None:
         """The image embedding (1, C, H, W) and dense prompt embedding of the points to
-        come; the first layer's shared work is kept while they stay the same."""
+        come, in this side's dtype; the first layer's shared work is kept while they stay
+        the same."""
         if self._image is not features:
             self._image, self._shared = features, {}
-            self.initial = (features + dense[:1]).flatten(2).transpose(1, 2).contiguous()
+            initial = (features + dense[:1]).to(self.key_pe.dtype)
+            self.initial = initial.flatten(2).transpose(1, 2).contiguous()
 
     def shared(self, name: str, make) -> torch.Tensor:
         """``make()``, computed once per image."""
@@ -113,6 +147,7 @@ def _tokens_to_image(module, q_tokens, chunks, side: ImageSide) -> torch.Tensor:
     q = _split(module.q_proj(q_tokens), heads)
     batch, _, n_tokens, _ = q.shape
     q_k = torch.einsum("bhtd,hdc->bhtc", q, w_k).flatten(1, 2)  # (batch, heads * tokens, C)
+    q_k = q_k.to(chunks[0].dtype)
     mixed, start = [], 0
     for keys in chunks:
         stop = start + keys.shape[0]
@@ -135,8 +170,8 @@ def _image_to_tokens(module, norm, chunks, side, k_tokens, v_tokens, *, shared: 
     same image keys, whose query projection is computed once; otherwise the query
     projection is folded into the token keys.
     """
-    heads = module.num_heads
-    k = _split(module.k_proj(k_tokens), heads)  # (batch, heads, tokens, d)
+    heads, dtype = module.num_heads, chunks[0].dtype
+    k = _split(module.k_proj(k_tokens), heads).to(dtype)  # (batch, heads, tokens, d)
     v = module.v_proj(v_tokens)
     batch, _, n_tokens, head_dim = k.shape
     w_out = module.out_proj.weight
@@ -144,7 +179,7 @@ def _image_to_tokens(module, norm, chunks, side, k_tokens, v_tokens, *, shared: 
         "bthd,chd->bhtc", v.view(batch, n_tokens, heads, -1), w_out.view(len(w_out), heads, -1)
     )  # (batch, heads, tokens, C)
     # each head's attention over the tokens sums to one: the output bias rides on the values
-    values = (values + module.out_proj.bias / heads).flatten(1, 2)
+    values = (values + module.out_proj.bias / heads).flatten(1, 2).to(dtype)
     if shared:
         q = side.shared(
             "i2t_q",
@@ -157,8 +192,8 @@ def _image_to_tokens(module, norm, chunks, side, k_tokens, v_tokens, *, shared: 
         )  # (heads, d, h * w)
     else:
         w_q, b_q = _heads(module.q_proj, heads)
-        k_q = torch.einsum("bhtd,hdc->bhtc", k, w_q).flatten(1, 2)
-        bias = torch.einsum("bhtd,hd->bht", k, b_q).flatten(1)[:, :, None]
+        k_q = torch.einsum("bhtd,hdc->bhtc", k, w_q).flatten(1, 2).to(dtype)
+        bias = torch.einsum("bhtd,hd->bht", k, b_q).flatten(1)[:, :, None].to(dtype)
     store = side.buffer(
         f"keys_{'first' if shared else 'later'}",
         (batch, *chunks[0].shape[1:]),
@@ -176,7 +211,7 @@ def _image_to_tokens(module, norm, chunks, side, k_tokens, v_tokens, *, shared: 
             torch.baddbmm(
                 bias[start:stop], k_q[start:stop], side.with_pe(keys).transpose(1, 2), out=logits
             )
-        attn = torch.softmax(logits.view(n, heads, n_tokens, -1), dim=2).view(shape)
+        attn = torch.softmax(logits.view(n, heads, n_tokens, -1), dim=2).view(shape).to(dtype)
         out = torch.bmm(
             attn.transpose(1, 2),
             values[start:stop],
@@ -192,8 +227,9 @@ def _layer_norm(norm: torch.nn.LayerNorm, x: torch.Tensor, out: torch.Tensor, si
     """``norm(x)`` written into ``out``."""
     stats = side.buffer("ln_stats", (*x.shape[:-1], 1), x)
     stats2 = side.buffer("ln_stats2", (*x.shape[:-1], 1), x)
+    weight, bias = norm.weight.to(x.dtype), norm.bias.to(x.dtype)
     torch.ops.aten.native_layer_norm.out(
-        x, list(norm.normalized_shape), norm.weight, norm.bias, norm.eps,
+        x, list(norm.normalized_shape), weight, bias, norm.eps,
         out0=out, out1=stats, out2=stats2,
     )  # fmt: skip
     return out
@@ -233,17 +269,21 @@ def two_way_transformer(
     tokens: torch.Tensor,
     features: torch.Tensor,
     dense: torch.Tensor,
-    side: ImageSide,
+    sides: ImageSides,
     *,
     chunk: int,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The decoder's ``TwoWayTransformer`` (SAM 1's or SAM 2's) on a batch of point
     tokens, the image embedding ``features`` (1, C, H, W) and the dense prompt embeddings
-    (the same for every point). Returns the token outputs and the final image keys
-    (points, H * W, C), ``chunk`` points per tensor.
+    (the same for every point), in the dtype autocast runs in, else the embedding's.
+    Returns the token outputs and the final image keys (points, H * W, C), ``chunk``
+    points per tensor.
     """
     if len(transformer.layers) < 2:
         raise ValueError("the two-way transformer needs at least two layers")
+    dtype = compute_dtype(features.device, features.dtype)
+    side = sides.get(features.device, dtype)
+    tokens = tokens.to(dtype)
     sizes = [min(chunk, len(tokens) - i) for i in range(0, len(tokens), chunk)]
     side.set_image(features, dense)
     chunks = [side.initial.expand(n, -1, -1) for n in sizes]

@@ -7,9 +7,9 @@ weights and settings, faster. :class:`PointGridEngine` holds the flow they share
 backend module (``usam.sam.sam1_backend``, ``usam.sam.sam2_backend``) supplies the model's
 encoder and decoder. Kernels, and so rounding, change with the CPU, the thread count (the
 official output changes with it too), ATen's and oneDNN's instruction sets and the
-device. What holds on every one of them is this contract,
-checked by ``usam.testing.agreement.compare_with_official``, which pairs each official mask
-with ours of the same point prompt:
+device. What holds on every one of them, with ``amg.precision: fp32`` (bf16 is outside it),
+is this contract, checked by ``usam.testing.agreement.compare_with_official``, which pairs
+each official mask with ours of the same point prompt:
 
 * Masks are equal except at pixels whose official logit lies within ``LOGIT_RTOL``
   (1e-4) x max(1, largest |logit| of that multimask output) of the mask threshold (0.0).
@@ -284,17 +284,25 @@ class PointGridEngine(ABC):
                 torch.cuda.synchronize()
             self.stage_seconds[stage] += time.perf_counter() - start
 
+    def _precision(self):
+        """The encoder and decoder under ``amg.precision``: bf16 autocast, or for fp32 autocast
+        off, so that exact mode holds inside a caller's autocast too. Read per call: an
+        engine whose settings change between images switches (the caches are keyed by it).
+        """
+        bf16 = self.settings.precision == "bf16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
+
     def _process_crop(self, image, crop_box, layer_idx) -> Candidates:
         x0, y0, x1, y1 = crop_box
         crop = image[y0:y1, x0:x1, :]
         crop_size = crop.shape[:2]
-        with self._clock("encoder"):
+        with self._clock("encoder"), self._precision():
             self.set_image(crop)
         points = self.point_grids[layer_idx] * np.array(crop_size)[None, ::-1]
         step = self.settings.points_per_batch
         parts = []
         for i in range(0, len(points), step):
-            with self._clock("decoder"):
+            with self._clock("decoder"), self._precision():
                 decoded = self.decode(points[i : i + step], crop_size)
             batch = _Batch(decoded, points[i : i + step], crop_box, image.shape[:2])
             parts.append(self._process_batch(batch))
@@ -328,7 +336,7 @@ class PointGridEngine(ABC):
         if not len(keep):
             return parts[0]
         point_idx, inverse = torch.unique(keep // n_out, return_inverse=True)
-        with self._clock("decoder"):
+        with self._clock("decoder"), self._precision():
             low_res = batch.decoded.low_res_masks(point_idx)[inverse, keep % n_out]
         for i in range(0, len(keep), _UPSAMPLE_CHUNK):
             part = slice(i, i + _UPSAMPLE_CHUNK)

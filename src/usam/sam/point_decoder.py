@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from segment_anything import SamPredictor
 
-from usam.sam.decoder_attention import ImageSide, two_way_transformer
+from usam.sam.decoder_attention import ImageSides, two_way_transformer
 from usam.sam.mask_upscaling import masks_from, upscale
 
 
@@ -33,7 +33,9 @@ class PointDecoder:
             raise ValueError(f"decoder_chunk must be at least 1, got {chunk}")
         self.predictor = predictor
         self.chunk = chunk
-        self._side: ImageSide | None = None
+        # the reused image-side state, per device and dtype; the positional encoding is
+        # the model's
+        self._sides = ImageSides(predictor.model.prompt_encoder.get_dense_pe)
 
     def decode(self, points: np.ndarray, crop_size) -> DecodedPoints:
         """Transformer outputs for ``points`` (x, y) in the pixels of the image set."""
@@ -75,7 +77,7 @@ class PointDecoder:
             tokens,
             predictor.features,
             dense,
-            self._image_side(),
+            self._sides,
             chunk=self.chunk,
         )
 
@@ -89,13 +91,6 @@ class PointDecoder:
         from their final image keys (len(idx), h * w, 256)."""
         upscaled = upscale(self.predictor.model.mask_decoder.output_upscaling, keys)
         return masks_from(upscaled, decoded.hyper_in[idx, 1:], decoded.image_shape[1:])
-
-    def _image_side(self) -> ImageSide:
-        """The reused image-side state; the positional encoding is the model's."""
-        if self._side is None:
-            prompt_encoder = self.predictor.model.prompt_encoder
-            self._side = ImageSide(prompt_encoder.get_dense_pe().flatten(2).permute(0, 2, 1))
-        return self._side
 
 
 @dataclass(frozen=True)

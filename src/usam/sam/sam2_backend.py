@@ -36,7 +36,7 @@ import torch
 from usam.core.errors import UsageError
 from usam.sam.amg_settings import AmgSettings
 from usam.sam.backend_spec import EncoderShape, SamSpec
-from usam.sam.decoder_attention import ImageSide, two_way_transformer
+from usam.sam.decoder_attention import ImageSides, two_way_transformer
 from usam.sam.mask_engine import PointGridEngine
 from usam.sam.mask_upscaling import blocked_high_res, masks_from, upscale
 
@@ -123,7 +123,9 @@ class Sam2MaskEngine(PointGridEngine):
     def __init__(self, model: torch.nn.Module, settings: AmgSettings | None = None) -> None:
         super().__init__(model, settings)
         self.predictor = self.official_predictor()
-        self._side: ImageSide | None = None
+        # the reused image-side state, per device and dtype; the positional encoding is
+        # the model's
+        self._sides = ImageSides(model.sam_prompt_encoder.get_dense_pe)
         self._image: torch.Tensor | None = None  # the image embedding of the crop set
         self._high_res: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -180,7 +182,7 @@ class Sam2MaskEngine(PointGridEngine):
         tokens = torch.cat((output_tokens, sparse), dim=1)
         image = self._image
         hs, chunks = two_way_transformer(
-            decoder.transformer, tokens, image, dense, self._image_side(), chunk=1
+            decoder.transformer, tokens, image, dense, self._sides, chunk=1
         )
         mask_tokens = hs[:, first + 1 : first + 1 + decoder.num_mask_tokens, :]
         hyper_in = torch.stack(
@@ -197,13 +199,6 @@ class Sam2MaskEngine(PointGridEngine):
             high_res_features=self._high_res,
             output_upscaling=decoder.output_upscaling,
         )
-
-    def _image_side(self) -> ImageSide:
-        """The reused image-side state; the positional encoding is the model's."""
-        if self._side is None:
-            dense_pe = self.model.sam_prompt_encoder.get_dense_pe()
-            self._side = ImageSide(dense_pe.flatten(2).permute(0, 2, 1))
-        return self._side
 
     def upsample(self, low_res: torch.Tensor) -> torch.Tensor:
         transforms = self.predictor._transforms

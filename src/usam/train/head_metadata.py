@@ -1,11 +1,12 @@
 """What a head checkpoint says about its head, written and read only here.
 
 A head means something only with the mask tokens and mask settings it was trained on:
-``usam.eval`` and ``usam.annotate`` make masks the same way, refuse another SAM's tokens,
-and say when the training data make its numbers no results. The teacher and student
-modules store a :class:`HeadMetadata` as ``checkpoint["usam"]``; :meth:`from_checkpoint`
-also reads the layout of checkpoints written before it (no ``format_version``: a
-``random_weights`` flag and the mask settings as a plain dict).
+``usam.eval`` and ``usam.annotate`` make masks the same way, refuse another SAM's tokens
+and masks of another precision (``amg.precision``), and say when the training data make
+its numbers no results. The teacher and student modules store a :class:`HeadMetadata` as
+``checkpoint["usam"]``; :meth:`from_checkpoint` also reads the layout of checkpoints
+written before it (no ``format_version``: a ``random_weights`` flag and the mask settings
+as a plain dict).
 """
 
 from __future__ import annotations
@@ -16,12 +17,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from usam.core.config import ConfigError
+from usam.core.errors import UsageError
 from usam.core.provenance import Provenance
 from usam.sam.amg_settings import AmgSettings, AmgSettingsError
 
 FORMAT_VERSION = 2
 # what a checkpoint of the first layout says when its flag is set: it named no reason
 LEGACY_REASON = "synthetic embeddings or untrained models (a checkpoint that names no reason)"
+
+
+class MaskPrecisionError(UsageError, ValueError):
+    """Masks of another precision (``amg.precision``) than a head was trained on."""
 
 
 @dataclass(frozen=True)
@@ -79,4 +85,19 @@ class HeadMetadata:
             raise error(
                 f"{where} was trained on {self.sam_model_type} mask tokens but sam={sam}; "
                 f"run with sam={self.sam_model_type} (and that model's checkpoint)"
+            )
+
+    @property
+    def mask_precision(self) -> str | None:
+        """``amg.precision`` of its training masks; None where it records no mask settings."""
+        return None if self.mask_settings is None else self.mask_settings.precision
+
+    def check_precision(self, precision: str, where: str) -> None:
+        """bf16 masks and tokens are not fp32's (``benchmarks/bf16_agreement.py``): a head
+        is given masks of the precision it was trained on, never the other."""
+        if self.mask_precision not in (None, precision):
+            raise MaskPrecisionError(
+                f"{where} was trained on amg.precision={self.mask_precision} masks but "
+                f"amg.precision={precision}; run with amg.precision={self.mask_precision} "
+                f"(leaving amg unset uses the head's settings) or retrain it on {precision} shards"
             )
