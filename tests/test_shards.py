@@ -175,12 +175,18 @@ def test_ddp_ranks_see_disjoint_images_and_stay_in_step(shard_sets, monkeypatch)
     assert batch_sizes == [[4] * expected_batches] * 2  # same count, full batches: in step
 
 
-def test_every_rank_needs_a_shard(tmp_path, shard_sets):
+def test_every_rank_needs_images_but_not_a_shard(tmp_path, shard_sets):
+    """64 ranks of 96 training and 32 held-out images: a rank would read 1 training image,
+    no full batch of 4, and no held-out one; 8 ranks read by image where a set has fewer
+    shards."""
     datamodule = make_datamodule(shard_sets)
     datamodule.trainer = SimpleNamespace(global_rank=0, world_size=64)
-    for loader in (datamodule.val_dataloader, datamodule.train_dataloader):
-        with pytest.raises(ShardSetError, match=r"\d+ shard\(s\) for 64 ranks"):
+    for loader, fewest in ((datamodule.val_dataloader, 0), (datamodule.train_dataloader, 1)):
+        with pytest.raises(ShardSetError, match=rf"one of 64 ranks may read only {fewest},"):
             loader()
+    datamodule.trainer = SimpleNamespace(global_rank=0, world_size=8)
+    assert len(read_manifest(shard_sets["val"]).shards) < 8
+    assert len(loader_keys(datamodule.val_dataloader())) == 32 // 8
 
 
 def test_collate_pads_with_a_validity_mask(shard_sets):

@@ -4,10 +4,12 @@ Training shuffles shards and samples (a buffer) anew every epoch, from ``data.se
 the epoch Lightning reports, so epochs differ and a run repeats; extraction writes a
 training set's images in a seeded random order, so a shard already mixes the classes and
 any buffer size gives batches as mixed as a full shuffle. Evaluation reads in a fixed
-order. Shards are split across DDP ranks and DataLoader workers by WebDataset, so ranks see
-disjoint images. Training under DDP repeats each rank's shards and cuts every rank's epoch
-to the same number of batches (``with_epoch``), so ranks stay in step even when their
-shards hold different numbers of images.
+order. Under DDP each rank reads its part of a set (``rank_shares``: whole shards where there
+are enough, else every ``world_size``-th image), so ranks see disjoint images and together
+all of them, with any number of ranks; loader workers split a rank's part by shard.
+Training under DDP repeats each rank's part and cuts every rank's epoch to the same number
+of batches (``with_epoch``), so ranks stay in step even when their parts hold different
+numbers of images.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from usam.core.stopping import worker_init_fn
 from usam.core.vocabulary import load_vocabulary
 from usam.data.extraction import ExtractSettings
 from usam.data.pipeline import TrainingPipeline
+from usam.data.rank_shares import RankShare
 from usam.formats.embedding_shards import (
     DEFAULT_EMBED_DIM,
     ImageRecord,
@@ -95,7 +98,7 @@ def stream_seed(*parts: int) -> int:
 @dataclass
 class TrainingStream(torch.utils.data.IterableDataset):
     """Training batches of one epoch: the shard order is shuffled by (seed, epoch), the same
-    on every rank so that WebDataset's node split stays disjoint; each rank and worker then
+    on every rank so that the ranks' parts stay disjoint; each rank and worker then
     shuffles its samples through a buffer seeded by (seed, epoch, rank, worker)."""
 
     urls: list[str]
@@ -104,18 +107,16 @@ class TrainingStream(torch.utils.data.IterableDataset):
     batch_size: int
     partial: bool
     epoch: EpochSeed
+    share: RankShare
 
     def __iter__(self):
         epoch = self.epoch.epoch
-        rank, _, worker, _ = wds.utils.pytorch_worker_info()
+        _, _, worker, _ = wds.utils.pytorch_worker_info()
         shards = list(self.urls)
         random.Random(stream_seed(self.seed, epoch)).shuffle(shards)
-        samples_rng = random.Random(stream_seed(self.seed, epoch, rank, worker))
+        samples_rng = random.Random(stream_seed(self.seed, epoch, self.share.rank, worker))
         pipeline = wds.DataPipeline(
-            wds.SimpleShardList(shards),
-            wds.split_by_node,
-            wds.split_by_worker,
-            wds.tarfile_to_samples(),
+            self.share.samples(shards),
             wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=samples_rng),
             wds.map(decode_sample),
             wds.select(_has_masks),
@@ -242,21 +243,23 @@ class ShardDataModule(L.LightningDataModule):
         """Why a head trained on these shard sets gives no results: their reasons, merged."""
         return Provenance.merged(m.provenance for m in self.manifests.values())
 
-    def _world(self) -> tuple[int, int]:
+    def rank_share(self) -> RankShare:
+        """This process's part of every set, as the trainer reports its rank (one process
+        outside a trainer)."""
         trainer = self.trainer
         if trainer is None:
-            return 0, 1
-        return trainer.global_rank, trainer.world_size
+            return RankShare()
+        return RankShare(trainer.global_rank, trainer.world_size)
 
-    def _workers_for(self, num_shards: int, shards_per_rank: bool) -> int:
-        _, world_size = self._world()
-        available = math.ceil(num_shards / world_size) if shards_per_rank else num_shards
-        workers = min(self.num_workers, available)
+    def _workers_for(self, share: RankShare, num_shards: int) -> int:
+        workers = share.workers(self.num_workers, num_shards)
         if workers < self.num_workers:
             log.warning(
-                "data.num_workers=%d capped at %d: there are only %d shards to split",
+                "data.num_workers=%d capped at %d: workers split shards, and a rank reads %d "
+                "of the set's %d",
                 self.num_workers,
                 workers,
+                share.shards_read(num_shards),
                 num_shards,
             )
         return workers
@@ -264,9 +267,20 @@ class ShardDataModule(L.LightningDataModule):
     def train_dataloader(self) -> wds.WebLoader:
         manifest = self.manifests["train"]
         urls = shard_urls(self.train_dir, manifest)
-        _, world_size = self._world()
-        if world_size > 1:
-            self._check_shard_per_rank(self.train_dir, urls, world_size)
+        share = self.rank_share()
+        world_size = share.world_size
+        workers = self._workers_for(share, len(urls))
+        # under DDP each worker drops its partial batch; a rank left with no full batch at
+        # all would end its epoch at once, by pigeonhole unless it reads this many images
+        full_batch = max(workers, 1) * (self.batch_size - 1) + 1
+        self._check_each_rank_reads(
+            self.train_dir,
+            manifest,
+            share,
+            full_batch,
+            f"for a full batch of data.batch_size={self.batch_size} in one of its "
+            f"{max(workers, 1)} loader process(es): lower data.batch_size or data.num_workers",
+        )
         epoch = EpochSeed()
         stream = TrainingStream(
             urls,
@@ -275,8 +289,8 @@ class ShardDataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             partial=world_size == 1,
             epoch=epoch,
+            share=share,
         )
-        workers = self._workers_for(len(urls), shards_per_rank=world_size > 1)
         loader = wds.WebLoader(
             stream, batch_size=None, num_workers=workers, worker_init_fn=worker_init_fn()
         )
@@ -291,34 +305,41 @@ class ShardDataModule(L.LightningDataModule):
         return loader.with_length(batches_per_rank + max(workers - 1, 0), silent=True)
 
     @staticmethod
-    def _check_shard_per_rank(directory: Path, urls: list[str], world_size: int) -> None:
-        if len(urls) < world_size:
+    def _check_each_rank_reads(
+        directory: Path, manifest: Manifest, share: RankShare, needed: int, why: str
+    ) -> None:
+        """Under DDP a rank that runs out of batches first leaves the others waiting for it
+        (for its gradients, or for its part of the metrics)."""
+        if share.world_size == 1:
+            return
+        fewest = share.fewest_images([shard["images"] for shard in manifest.shards])
+        if fewest < needed:
             raise ShardSetError(
-                f"{directory} has {len(urls)} shard(s) for {world_size} ranks: every rank needs "
-                "at least one; rewrite the set with fewer images per shard"
+                f"{directory} holds {manifest.num_images} images: one of {share.world_size} "
+                f"ranks may read only {fewest}, and needs {needed} {why}, or run on fewer "
+                "devices"
             )
 
     def eval_loader(self, directory: Path, manifest: Manifest) -> wds.WebLoader:
         """Every image once, in shard order, split over ranks and workers."""
         urls = shard_urls(directory, manifest)
-        self._check_shard_per_rank(directory, urls, self._world()[1])
-        dataset = (
-            wds.WebDataset(
-                urls,
-                shardshuffle=False,
-                nodesplitter=wds.split_by_node,
-                workersplitter=wds.split_by_worker,
-                empty_check=False,
-            )
-            .map(decode_sample)
-            .select(_has_masks)
-            .batched(self.batch_size, collation_fn=collate_records, partial=True)
+        share = self.rank_share()
+        self._check_each_rank_reads(
+            directory, manifest, share, 1, "to take part: give the set more images"
         )
-        workers = self._workers_for(len(urls), shards_per_rank=True)
+        dataset = wds.DataPipeline(
+            share.samples(urls),
+            wds.map(decode_sample),
+            wds.select(_has_masks),
+            wds.batched(self.batch_size, collation_fn=collate_records, partial=True),
+        )
         loader = wds.WebLoader(
-            dataset, batch_size=None, num_workers=workers, worker_init_fn=worker_init_fn()
+            dataset,
+            batch_size=None,
+            num_workers=self._workers_for(share, len(urls)),
+            worker_init_fn=worker_init_fn(),
         )
-        if self._world()[1] > 1:  # ranks read whole shards: their counts are not known here
+        if share.world_size > 1:  # a rank's batch count depends on how its workers split shards
             return loader
         return loader.with_length(math.ceil(manifest.num_images / self.batch_size), silent=True)
 

@@ -1,5 +1,6 @@
 """The embedding shard set of an evaluation dataset, shared by ``usam.eval`` and ``usam.fit``,
-and the check that a set made to be classified holds masks at all (eval, annotate).
+the part of it one DDP rank scores, and the check that a set made to be classified holds
+masks at all (eval, annotate).
 
 It is extracted on demand and cached under ``<data_dir>/shards`` by the id of its
 images, SAM and mask settings, so every later evaluation with the same SAM reuses it.
@@ -7,12 +8,23 @@ images, SAM and mask settings, so every later evaluation with the same SAM reuse
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import webdataset as wds
+
 from usam.data.extraction import ExtractSettings, run_extraction, shard_set_dir
+from usam.data.rank_shares import RankShare
 from usam.data.sources import ImageSource
-from usam.formats.embedding_shards import Manifest, ShardSetError
+from usam.formats.embedding_shards import (
+    ImageRecord,
+    Manifest,
+    ShardSetError,
+    decode_sample,
+    read_manifest,
+    shard_urls,
+)
 from usam.sam.amg_settings import AmgSettings
 from usam.sam.registry import SamSettings
 
@@ -39,6 +51,14 @@ def eval_shards(
     manifests = run_extraction(source, out_dir, sam, amg, extract, config=config)
     require_masks(manifests["eval"], out_dir / "eval", amg)
     return out_dir / "eval"
+
+
+def rank_records(directory: str | Path, share: RankShare) -> Iterator[ImageRecord]:
+    """The images of the shard set in ``directory`` that rank ``share.rank`` scores, in this
+    process: the part the DataModule's loaders give that rank, so the ranks' parts are
+    disjoint and together the set, however few its shards."""
+    urls = shard_urls(directory, read_manifest(directory))
+    yield from wds.DataPipeline(share.samples(urls), wds.map(decode_sample))
 
 
 def require_masks(manifest: Manifest, where: Path, settings: AmgSettings) -> None:

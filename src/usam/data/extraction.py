@@ -56,7 +56,7 @@ class ExtractSettings:
     """The ``extract`` config group: how SAM embeddings are written."""
 
     val_fraction: float = 0.05  # training sources: share of images held out (by key hash)
-    images_per_shard: int = 500
+    images_per_shard: int = 32  # docs/shards.md says why
     shuffle_seed: int = 0  # training sources: images are written in this seeded random order
     num_workers: int = 2  # image decoding processes
     trainer: dict[str, Any] = field(default_factory=dict)  # Trainer arguments of the predict loop
@@ -289,7 +289,7 @@ def extract(
     sam_info: dict[str, Any],
     *,
     val_fraction: float = 0.05,
-    images_per_shard: int = 500,
+    images_per_shard: int = 32,
     shuffle_seed: int = 0,
     config: dict[str, Any] | None = None,
     trainer_args: dict[str, Any] | None = None,
