@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from usam.commands.eval_data import eval_data_shards
+from usam.commands.fit_values import check_fit_values
 from usam.commands.run_identity import flat_config, run_identity
 from usam.core import provenance
 from usam.core.config import ConfigError, settings_from_config
@@ -212,6 +213,7 @@ def _evaluation_shards(cfg: DictConfig, data_settings: dict[str, Any]) -> Path |
 
 def run(cfg: DictConfig) -> dict[str, Path]:
     """Run the configured stages; returns the checkpoint of each."""
+    check_fit_values(cfg)
     if cfg.stage not in STAGES:
         raise ConfigError(f"stage={cfg.stage!r} must be one of {STAGES}")
     if cfg.stage == "student" and not (cfg.teacher_ckpt and Path(cfg.teacher_ckpt).is_file()):

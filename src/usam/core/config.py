@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import os
 import types
 import typing
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
+from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
 from usam.core.errors import UsageError
@@ -50,6 +52,8 @@ def _accepts(annotation: Any, value: Any) -> bool:
         return any(_accepts(arg, value) for arg in typing.get_args(annotation))
     if annotation is type(None):
         return value is None
+    if origin is typing.Literal:
+        return value in typing.get_args(annotation)
     if annotation is bool:
         return isinstance(value, bool)
     if annotation is int:
@@ -100,3 +104,65 @@ def settings_from_config(
     except ValueError as reason:
         raise error(f"{group}: {reason}") from reason
     return settings
+
+
+def _type_name(annotation: Any) -> str:
+    """How a type reads in an error line: ``int or None`` for ``Optional[int]``."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(arg) for arg in typing.get_args(annotation))
+    if origin is typing.Literal:
+        return " or ".join(repr(arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return "None"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+@dataclasses.dataclass(frozen=True)
+class Count:
+    """The integers an argument takes: at least ``minimum``, or one of ``special`` (value,
+    meaning), such as Lightning's ``-1`` for all devices."""
+
+    minimum: int
+    special: tuple[tuple[int, str], ...] = ()
+
+    def allows(self, value: int) -> bool:
+        return value >= self.minimum or value in dict(self.special)
+
+    def describe(self) -> str:
+        others = "".join(f", or {value} ({meaning})" for value, meaning in self.special)
+        return f"at least {self.minimum}{others}"
+
+
+def check_target_arguments(
+    config: Mapping[str, Any] | DictConfig,
+    group: str,
+    counts: Mapping[str, Count],
+    error: type[Exception] = ConfigError,
+) -> None:
+    """Check a ``_target_`` entry's values before it is built, as settings are checked: each
+    key must be a parameter of the target (else the closest one is named), each value of
+    the parameter's annotated type, and each integer of ``counts`` in its range. What
+    Lightning's Trainer or a DataModule would refuse later, after images, shards and ranks
+    were made, or in a loader's traceback, ends here in one line naming the key."""
+    values = _plain(config)
+    target = get_object(values.pop("_target_"))
+    parameters = inspect.signature(target).parameters
+    hints = typing.get_type_hints(target.__init__ if isinstance(target, type) else target)
+    known = [
+        name
+        for name, parameter in parameters.items()
+        if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
+    ]
+    for key, value in values.items():
+        if key.startswith("_") and key.endswith("_"):
+            continue  # Hydra's own: _convert_, _partial_, _recursive_
+        if key not in known:
+            raise error(_unknown_key_message(group, key, known))
+        if key in hints and not _accepts(hints[key], value):
+            raise error(
+                f"{group}.{key}={value!r} has the wrong type: expected {_type_name(hints[key])}"
+            )
+        count = counts.get(key)
+        if count is not None and _accepts(int, value) and not count.allows(value):
+            raise error(f"{group}.{key}={value} is out of range: {count.describe()}")
