@@ -168,9 +168,9 @@ SUMMARY_COLUMNS = {  # test metric: (column, format); the evaluation metrics' he
 def _print_summary(output_dir: Path, results: dict[str, StageResult], data: Provenance) -> None:
     """The ending people read: each stage's tested checkpoint, its scores, where files are,
     then ``<stage> checkpoint: <absolute path>`` per stage for scripts to read (the final
-    checkpoint each stage chose). Both paths are resolved: Lightning resolves its checkpoint
-    paths, while ``output_dir`` is as the config gives it (``paths.output_dir=run`` is
-    relative)."""
+    checkpoint each stage chose), and a random-weight run's note last. Both paths are
+    resolved: Lightning resolves its checkpoint paths, while ``output_dir`` is as the config
+    gives it (``paths.output_dir=run`` is relative)."""
     rows = [["stage", "tested checkpoint", *(column for column, _ in SUMMARY_COLUMNS.values())]]
     for stage, result in results.items():
         shown = [
@@ -186,9 +186,9 @@ def _print_summary(output_dir: Path, results: dict[str, StageResult], data: Prov
         metrics = sorted((output_dir / "eval" / stage).glob("test-*/metrics.json"))
         if metrics:
             lines.append(f"  {stage} scores and overlays: {metrics[-1].parent}")
-    if data.random_weights:
-        lines.append(f"  {NOT_RESULTS}{data.note()}")
     lines += [f"{stage} checkpoint: {done.checkpoint.resolve()}" for stage, done in results.items()]
+    if data.random_weights:  # last, so that no one reads the numbers above without it
+        lines.append(f"  {NOT_RESULTS}{data.note()}")
     print("\n".join(lines))
 
 
