@@ -43,6 +43,7 @@ def _task(config_name: str, implementation: str) -> Callable[[Any], None]:
         from hydra.core.hydra_config import HydraConfig
 
         from usam import command_errors
+        from usam.core.stopping import Stopped
         from usam.quiet import quiet_third_party
 
         if not cfg.get("verbose"):
@@ -59,6 +60,8 @@ def _task(config_name: str, implementation: str) -> Callable[[Any], None]:
             if line is None:  # a bug: Python prints its traceback
                 raise
             command_errors.exit_with_line(config_name, line, error if cfg.get("verbose") else None)
+        except Stopped:  # the folder stays as it is: the line printed resumes in it (fit)
+            raise
         except BaseException:  # an interrupt: no error to report, only the folder to tidy
             if command_errors.launched_rank() is None:  # rank zero tidies for every rank
                 command_errors.set_failed_run_aside(run_dir, log_dir, keep=False)

@@ -18,6 +18,12 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from usam.commands.eval_data import eval_data_shards
+from usam.commands.fit_stopping import (
+    EpochResume,
+    cluster_plugins,
+    resume_checkpoint,
+    stoppable_fit,
+)
 from usam.commands.fit_values import check_fit_values
 from usam.commands.run_identity import flat_config, run_identity
 from usam.core import provenance
@@ -127,17 +133,18 @@ def train_stage(
                 f"({module.classes[:5]}...), the run has {len(classes)} ({classes[:5]}...)"
             )
     ckpt_dir = Path(cfg.paths.output_dir) / "checkpoints" / stage
-    callbacks = _callbacks(cfg, stage, inference, eval_dir)
+    callbacks = [*_callbacks(cfg, stage, inference, eval_dir), EpochResume(ckpt_dir, cfg.seed)]
     loggers = _loggers(cfg, stage, datamodule.provenance)
-    checkpointing = any(isinstance(c, ModelCheckpoint) for c in callbacks)
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         callbacks=callbacks,
         logger=loggers or False,
-        enable_checkpointing=checkpointing,  # callbacks=none: only the final checkpoint below
+        enable_checkpointing=True,  # callbacks=none: only EpochResume's and the final one below
+        **cluster_plugins(),
     )
     try:
-        trainer.fit(module, datamodule=datamodule)
+        resume = resume_checkpoint(ckpt_dir)  # a stopped run's last finished epoch
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
         best = next(
             (
                 c.best_model_path
@@ -233,14 +240,15 @@ def run(cfg: DictConfig) -> dict[str, Path]:
     datamodule.setup("fit")
     rank_zero_only(provenance.report)(datamodule.provenance, NOT_RESULTS)
     results: dict[str, StageResult] = {}
-    if cfg.stage in ("teacher", "both"):
-        results["teacher"] = train_stage(cfg, "teacher", datamodule, inference, eval_dir)
-    if cfg.stage in ("student", "both"):
-        teacher = results["teacher"].checkpoint if "teacher" in results else cfg.teacher_ckpt
-        teacher_ckpt = str(teacher) if teacher else None
-        results["student"] = train_stage(
-            cfg, "student", datamodule, inference, eval_dir, teacher_ckpt
-        )
+    with stoppable_fit(output_dir, cfg.trainer.max_epochs):
+        if cfg.stage in ("teacher", "both"):
+            results["teacher"] = train_stage(cfg, "teacher", datamodule, inference, eval_dir)
+        if cfg.stage in ("student", "both"):
+            teacher = results["teacher"].checkpoint if "teacher" in results else cfg.teacher_ckpt
+            teacher_ckpt = str(teacher) if teacher else None
+            results["student"] = train_stage(
+                cfg, "student", datamodule, inference, eval_dir, teacher_ckpt
+            )
     _print_summary(output_dir, results, datamodule.provenance)
     _leave_process_group()
     return {stage: result.checkpoint for stage, result in results.items()}

@@ -21,7 +21,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -51,6 +51,11 @@ _requests = _Requests()
 
 def stop_requested() -> bool:
     return _requests.signum is not None
+
+
+def requested_signal() -> int | None:
+    """The stop signal this process got first, None before any."""
+    return _requests.signum
 
 
 def stop_if_requested() -> None:
@@ -85,11 +90,13 @@ def _send(pid: int, signum: int) -> None:
         pass  # that rank has ended already
 
 
-def resume_command(command: str) -> str:
+def resume_command(command: str, settings: Sequence[str] = ()) -> str:
     """This command line as ``python -m usam.<command> ...``, without ``overwrite=``,
-    which would redo what is done."""
-    kept = [arg for arg in sys.argv[1:] if not arg.startswith("overwrite=")]
-    return shlex.join(["python", "-m", f"usam.{command}", *kept])
+    which would redo what is done, and with ``settings`` (``key=value`` overrides the
+    resumed run needs, such as fit's run folder) in place of those keys' own."""
+    replaced = {setting.split("=", 1)[0] for setting in settings} | {"overwrite"}
+    kept = [arg for arg in sys.argv[1:] if arg.lstrip("+").split("=", 1)[0] not in replaced]
+    return shlex.join(["python", "-m", f"usam.{command}", *kept, *settings])
 
 
 def _is_launched_rank() -> bool:
@@ -98,9 +105,12 @@ def _is_launched_rank() -> bool:
 
 
 @contextmanager
-def stoppable(command: str, progress: Callable[[], str]) -> Iterator[None]:
+def stoppable(
+    command: str, progress: Callable[[], str], resume_settings: Sequence[str] = ()
+) -> Iterator[None]:
     """Stop requests end the work inside at an image boundary; on the way out prints
-    ``progress()`` (what is done, read from disk) and the command that resumes."""
+    ``progress()`` (what is done, read from disk) and the command that resumes, with
+    ``resume_settings`` in it (:func:`resume_command`)."""
     nested = signal.getsignal(signal.SIGINT) is _on_signal  # the outer one reports
     if nested or threading.current_thread() is not threading.main_thread():
         yield  # signals reach the main thread only
@@ -116,7 +126,7 @@ def stoppable(command: str, progress: Callable[[], str]) -> Iterator[None]:
         if not _is_launched_rank():
             print(
                 f"stopped by {signal.Signals(stop.signum).name}: {progress()}; "
-                f"the same command resumes: {resume_command(command)}",
+                f"the same command resumes: {resume_command(command, resume_settings)}",
                 file=sys.stderr,
                 flush=True,
             )
