@@ -1,9 +1,10 @@
 """A real Label Studio on the loopback address imports the exported tasks: the regions and
 every mask read back through its API (with its SDK) equal what was exported.
 
-Skipped unless a ``label-studio`` executable is on PATH: the server and its SDK need
-opencv < 5, so they live in an environment of their own (``pip install label-studio``),
-whose Python runs the SDK side (helpers/label_studio_client.py).
+Skipped unless a ``label-studio`` executable is on PATH: the server (Django and its
+pins) lives in an environment of its own (``pip install label-studio``), while the SDK side
+(helpers/label_studio_client.py) runs in this one, where the ``review`` extra installs the
+Label Studio SDK beside usam.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -118,9 +120,8 @@ def test_label_studio_imports_the_predictions_mask_for_mask(server, tmp_path):
     write_label_studio(export, ordered, CLASSES, addresses, "usam test + SAM tiny", True)
     read = tmp_path / "read"
     read.mkdir()
-    python = Path(LABEL_STUDIO).parent / "python"
     subprocess.run(
-        [str(python), str(CLIENT), url, TOKEN, str(export), str(root / "photos"), str(read)],
+        [sys.executable, str(CLIENT), url, TOKEN, str(export), str(root / "photos"), str(read)],
         check=True,
         timeout=300,
     )

@@ -1,5 +1,5 @@
 """The review exports on masks chosen to break encoders (long runs, the first and last pixel,
-the whole frame, odd class names), read back with Label Studio's converter and the CVAT SDK,
+the whole frame, odd class names), read back with the Label Studio SDK and the CVAT SDK,
 and the image addresses Label Studio loads from."""
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""Run by the Python of a Label Studio install (not this project's): through the Label Studio
-SDK, create a project with the exported config, connect the images folder as local-files
-storage (Label Studio serves /data/local-files/ only from a connected folder), import the
-exported tasks, read every task's predictions back through the API and decode each brush
-region with the SDK's converter.
+"""Run as a separate process beside a Label Studio server, by a Python with the Label Studio SDK
+(this project's, where the ``review`` extra installs it): through the SDK, create a project
+with the exported config, connect the images folder as local-files storage (Label Studio serves
+/data/local-files/ only from a connected folder), import the exported tasks, read every task's
+predictions back through the API and decode each brush region with the SDK's converter.
 
     python label_studio_client.py URL TOKEN EXPORT_DIR IMAGES_DIR OUT_DIR
 

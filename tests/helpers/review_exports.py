@@ -1,5 +1,5 @@
 """Predictions of given masks, and reading the Label Studio and CVAT exports back the way
-those tools do, with their own decoders: Label Studio's brush RLE converter and CVAT SDK's
+those tools do, with their own decoders: the Label Studio SDK's brush RLE and the CVAT SDK's
 mask RLE."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 from cvat_sdk.masks import decode_mask
-from label_studio_converter import brush
+from label_studio_sdk.converter import brush
 from pycocotools import mask as mask_utils
 
 from usam.inference.predictor import Prediction

@@ -28,7 +28,7 @@ from usam.viz.overlays import PALETTE, blend, legend_strip
 LEGEND_WIDTH = 640
 EXPORTS = ("coco", "yolo", "label_studio", "cvat")
 # the package each review export encodes with: the `review` extra installs them
-REQUIRES = {"label_studio": "label_studio_converter", "cvat": "cvat_sdk"}
+REQUIRES = {"label_studio": "label_studio_sdk", "cvat": "cvat_sdk"}
 
 
 class ExportError(UsageError):

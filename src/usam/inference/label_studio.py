@@ -3,9 +3,9 @@
 One task per image, least certain first, each with one prediction (``model_version``
 names the head and the SAM; ``score`` is the image's certainty, 1 - uncertainty, so
 Label Studio's prediction-score column sorts it the same way). Every kept mask is one
-``brushlabels`` region in Label Studio's own RLE, encoded by Label Studio's converter
-(``label_studio_converter.brush``, shipped in the SDK as ``label_studio_sdk.converter``)
-from a 0/255 mask, since a 0/1 one imports invisible; ``polygons=true`` adds one
+``brushlabels`` region in Label Studio's own RLE, encoded by the Label Studio SDK's brush
+codec (``label_studio_sdk.converter.brush``, the one Label Studio decodes with) from a
+0/255 mask, since a 0/1 one imports invisible; ``polygons=true`` adds one
 ``polygonlabels`` outline (percent coordinates) per connected part.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import quote
 
 import numpy as np
-from label_studio_converter import brush
+from label_studio_sdk.converter import brush
 
 from usam.formats.storage import atomic_write_text
 from usam.inference.exports import ExportError, LabelledImage, class_colour
