@@ -34,6 +34,7 @@ from usam.core.vocabulary import load_vocabulary
 from usam.data.extraction import ExtractSettings
 from usam.data.pipeline import TrainingPipeline
 from usam.data.rank_shares import RankShare
+from usam.formats import storage
 from usam.formats.embedding_shards import (
     DEFAULT_EMBED_DIM,
     ImageRecord,
@@ -176,8 +177,9 @@ class ShardDataModule(L.LightningDataModule):
                 generate=generate,
                 extract=extract,
             )
-        self.train_dir = Path(train_dir) if train_dir else None
-        self.val_dir = Path(val_dir) if val_dir else None
+        # a local folder or a URL (s3://, gs://, https://): docs/shards.md, object storage
+        self.train_dir = storage.location(train_dir) if train_dir else None
+        self.val_dir = storage.location(val_dir) if val_dir else None
         self.source = source
         self.embed_dim = embed_dim
         self.sam_model_type = sam_model_type
@@ -195,7 +197,7 @@ class ShardDataModule(L.LightningDataModule):
             self._use_shard_set(self.pipeline.prepare())
             return
         for split, directory in (("train", self.train_dir), ("val", self.val_dir)):
-            if (directory / "manifest.json").is_file():
+            if storage.is_file(storage.join(directory, "manifest.json")):
                 continue
             if self.source != "synthetic":
                 raise ShardSetError(
@@ -212,7 +214,7 @@ class ShardDataModule(L.LightningDataModule):
                 **self.synthetic,
             )
 
-    def _use_shard_set(self, directory: Path) -> None:
+    def _use_shard_set(self, directory: storage.Location) -> None:
         self.train_dir, self.val_dir = directory / "train", directory / "val"
 
     def setup(self, stage: str | None = None) -> None:
@@ -306,7 +308,7 @@ class ShardDataModule(L.LightningDataModule):
 
     @staticmethod
     def _check_each_rank_reads(
-        directory: Path, manifest: Manifest, share: RankShare, needed: int, why: str
+        directory: storage.Location, manifest: Manifest, share: RankShare, needed: int, why: str
     ) -> None:
         """Under DDP a rank that runs out of batches first leaves the others waiting for it
         (for its gradients, or for its part of the metrics)."""
@@ -320,7 +322,7 @@ class ShardDataModule(L.LightningDataModule):
                 "devices"
             )
 
-    def eval_loader(self, directory: Path, manifest: Manifest) -> wds.WebLoader:
+    def eval_loader(self, directory: storage.Location, manifest: Manifest) -> wds.WebLoader:
         """Every image once, in shard order, split over ranks and workers."""
         urls = shard_urls(directory, manifest)
         share = self.rank_share()

@@ -17,6 +17,7 @@ import webdataset as wds
 from usam.data.extraction import ExtractSettings, run_extraction, shard_set_dir
 from usam.data.rank_shares import RankShare
 from usam.data.sources import ImageSource
+from usam.formats import storage
 from usam.formats.embedding_shards import (
     ImageRecord,
     Manifest,
@@ -39,18 +40,18 @@ def eval_shards(
     *,
     shards_dir: str | Path | None = None,
     config: dict[str, Any] | None = None,
-) -> Path:
+) -> storage.Location:
     """The ``eval`` folder of dataset ``name``'s shard set, extracted first when missing:
     under ``shards_dir`` when given, else cached under ``data_dir/shards``. ``config`` is
-    recorded in its manifest."""
+    recorded in its manifest. ``shards_dir`` may be a URL (``s3://``, ``gs://``, ``https://``)."""
     out_dir = (
-        Path(shards_dir)
+        storage.location(shards_dir)
         if shards_dir
         else shard_set_dir(data_dir / "shards", f"eval-{name}", source, sam, amg, 0.0)
     )
     manifests = run_extraction(source, out_dir, sam, amg, extract, config=config)
-    require_masks(manifests["eval"], out_dir / "eval", amg)
-    return out_dir / "eval"
+    require_masks(manifests["eval"], storage.join(out_dir, "eval"), amg)
+    return storage.join(out_dir, "eval")
 
 
 def rank_records(directory: str | Path, share: RankShare) -> Iterator[ImageRecord]:
@@ -61,7 +62,7 @@ def rank_records(directory: str | Path, share: RankShare) -> Iterator[ImageRecor
     yield from wds.DataPipeline(share.samples(urls), wds.map(decode_sample))
 
 
-def require_masks(manifest: Manifest, where: Path, settings: AmgSettings) -> None:
+def require_masks(manifest: Manifest, where: storage.Location, settings: AmgSettings) -> None:
     """Images in which SAM kept no mask at all leave nothing to classify: say so, and how."""
     if manifest.num_images and not manifest.num_masks:
         raise ShardSetError(

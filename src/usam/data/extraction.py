@@ -8,7 +8,9 @@ for an evaluation source. The work runs through ``Trainer.predict``: one process
 or Lightning DDP over GPUs and nodes, every rank writing its own shard series,
 rank zero listing them all in each manifest at the end. Images already in the
 shards, or already rejected, are skipped, so an interrupted run picks up where it
-stopped; unusable files go to ``rejected.jsonl`` with the reason.
+stopped; unusable files go to ``rejected.jsonl`` with the reason. ``out_dir`` may be a
+URL (``s3://...``): each finished shard is uploaded there, and the rejection log stays in
+the local staging folder of ``formats.storage``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from usam.core.stopping import pass_stops_to, stop_if_requested, worker_init_fn
 from usam.data.rejections import Rejected, merge_rejected, rejected_keys
 from usam.data.sources import ImageSource, RejectedImage, SourceImage
+from usam.formats import storage
 from usam.formats.embedding_shards import (
     DEFAULT_EMBED_DIM,
     MANIFEST_NAME,
@@ -98,8 +101,8 @@ def shard_set_id(
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def is_complete(out_dir: Path, splits: tuple[str, ...]) -> bool:
-    return all((out_dir / split / MANIFEST_NAME).is_file() for split in splits)
+def is_complete(out_dir: storage.Location, splits: tuple[str, ...]) -> bool:
+    return all(storage.is_file(storage.join(out_dir, split, MANIFEST_NAME)) for split in splits)
 
 
 class _PendingImages(Dataset):
@@ -176,7 +179,7 @@ class ShardPredictionWriter(BasePredictionWriter):
 
     def __init__(
         self,
-        out_dir: Path,
+        out_dir: storage.Location,
         manifests: dict[str, Manifest],
         kind: str,
         val_fraction: float,
@@ -197,14 +200,15 @@ class ShardPredictionWriter(BasePredictionWriter):
         for split, manifest in self.manifests.items():
             self.writers[split] = self._stack.enter_context(
                 ShardSetWriter(
-                    self.out_dir / split,
+                    storage.join(self.out_dir, split),
                     manifest,
                     images_per_shard=self.images_per_shard,
                     series=series,
                     write_manifest=False,
                 )
             )
-        self._rejected_path = self.out_dir / f"rejected-r{trainer.global_rank}.jsonl"
+        self._rejections = storage.staging_folder(self.out_dir)  # appended to as it goes
+        self._rejected_path = self._rejections / f"rejected-r{trainer.global_rank}.jsonl"
         pass_stops_to([proc.pid for proc in getattr(trainer.strategy.launcher, "procs", [])])
 
     def write_on_batch_end(
@@ -233,20 +237,20 @@ class ShardPredictionWriter(BasePredictionWriter):
         if trainer.is_global_zero:
             for writer in self.writers.values():
                 writer.finalize()
-            merge_rejected(self.out_dir)
+            merge_rejected(self._rejections)
         trainer.strategy.barrier("usam-extract-listed")
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self._stack.close()  # keep what was written; no manifest, so the next run resumes
 
 
-def pending_images(source: ImageSource, out_dir: Path, shuffle_seed: int) -> list[int]:
+def pending_images(source: ImageSource, out_dir: storage.Location, shuffle_seed: int) -> list[int]:
     """Indices of the images still to extract, in the order they are written: a training
     source's in ``mixed_order(len(source), shuffle_seed)``, which a resumed run keeps, so
     that every shard mixes the classes; an evaluation source's as listed."""
-    skip = rejected_keys(out_dir)
+    skip = rejected_keys(storage.staging_folder(out_dir))
     for split in ("train", "val", "eval"):
-        skip |= existing_keys(out_dir / split)
+        skip |= existing_keys(storage.join(out_dir, split))
     train = source.kind == "train"
     order = mixed_order(len(source), shuffle_seed) if train else range(len(source))
     return [i for i in order if source.keys[i] not in skip]
@@ -296,11 +300,11 @@ def extract(
     num_workers: int = 0,
 ) -> dict[str, Manifest]:
     """Extract every image of ``source`` not yet in ``out_dir``; returns the split manifests."""
-    out_dir = Path(out_dir)
+    out_dir = storage.location(out_dir)
     splits = splits_for(source, val_fraction)
     if is_complete(out_dir, splits):
-        return {split: read_manifest(out_dir / split) for split in splits}
-    out_dir.mkdir(parents=True, exist_ok=True)
+        return {split: read_manifest(storage.join(out_dir, split)) for split in splits}
+    storage.make_folder(out_dir)
     pending = pending_images(source, out_dir, shuffle_seed)
     for path, reason in source.listing_rejected:
         log.warning("rejected while listing: %s (%s)", path, reason)
@@ -332,7 +336,7 @@ def extract(
             out_dir,
             next(iter(manifests.values())).provenance.note(),
         )
-    return {split: read_manifest(out_dir / split) for split in splits}
+    return {split: read_manifest(storage.join(out_dir, split)) for split in splits}
 
 
 def shard_set_dir(
@@ -342,10 +346,10 @@ def shard_set_dir(
     sam: SamSettings,
     settings: AmgSettings,
     val_fraction: float,
-) -> Path:
+) -> storage.Location:
     """Where the cached shard set of ``source`` under these settings lives."""
     cache_id = shard_set_id(source, sam, settings, val_fraction)
-    return Path(shards_root) / f"{name}-{sam.model_type}-{cache_id}"
+    return storage.join(storage.location(shards_root), f"{name}-{sam.model_type}-{cache_id}")
 
 
 def run_extraction(
@@ -359,8 +363,9 @@ def run_extraction(
 ) -> dict[str, Manifest]:
     """Build SAM (only when work is left) and extract."""
     splits = splits_for(source, extract_settings.val_fraction)
-    if is_complete(Path(out_dir), splits):
-        return {split: read_manifest(Path(out_dir) / split) for split in splits}
+    out_dir = storage.location(out_dir)
+    if is_complete(out_dir, splits):
+        return {split: read_manifest(storage.join(out_dir, split)) for split in splits}
     rank_zero_only(print)(f"extracting SAM embeddings of {len(source)} images into {out_dir}")
     model, sam_info = sam.build()
     return extract(

@@ -31,6 +31,7 @@ from usam.core.vocabulary import Vocabulary
 from usam.data.sources import ImageSource
 from usam.evaluation.reports import log_to_wandb, write_outputs
 from usam.evaluation.scoring import Evaluation, check_eval_set, evaluate, resolve_vocabulary
+from usam.formats import storage
 from usam.formats.embedding_shards import ShardSetError, read_manifest
 from usam.inference.predictor import HeadCheckpoint, InferenceSettings, Predictor
 
@@ -50,7 +51,7 @@ class EvaluationCallback(Callback):
         ``source`` the image source it was made from, for the overlays' pixels."""
         if every_n_epochs < 1:
             raise ConfigError(f"every_n_epochs={every_n_epochs} must be at least 1")
-        self.shards_dir = Path(shards_dir)
+        self.shards_dir = storage.location(shards_dir)  # a folder or a URL
         self.source = source
         self.settings = inference or InferenceSettings()
         self.every_n_epochs = every_n_epochs

@@ -38,6 +38,7 @@ from usam.data.eval_datasets import load_ground_truth
 from usam.data.ground_truth import GroundTruth
 from usam.data.sources import ImageSource
 from usam.evaluation.metrics import PER_CLASS_COLUMNS, SCALARS, metric_collection
+from usam.formats import storage
 from usam.formats.embedding_shards import (
     ImageRecord,
     Manifest,
@@ -314,7 +315,7 @@ def evaluate(
     read from ``source`` (the image source the set was extracted from) when given.
     ``progress`` shows a bar (not inside a Trainer, which draws its own).
     """
-    directory = Path(directory)
+    directory = storage.location(directory)
     manifest = read_manifest(directory)
     vocabulary = vocabulary or resolve_vocabulary(predictor.classes)
     check_eval_set(manifest, directory, predictor, vocabulary)

@@ -5,16 +5,15 @@ sample is one image; every per-mask array shares its first axis N. Only ``.npy``
 (loaded with ``allow_pickle=False``) and ``.json`` entries are written, so reading
 a shard never unpickles. ``docs/shards.md`` is the human-readable version.
 
-Writing is atomic and resumable: a shard is written under a temporary name and
-renamed when complete, and the manifest is written last. Re-opening a directory
-without a manifest keeps its complete shards and reports which images they hold.
+Writing is atomic and resumable: a shard is written under a temporary name and renamed
+(uploaded, for a set at a URL) when complete, and the manifest is written last. Re-opening
+a set without a manifest keeps its complete shards and reports which images they hold.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
 import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -27,8 +26,10 @@ from pycocotools import mask as mask_utils
 
 from usam.core.errors import UsageError
 from usam.core.provenance import Provenance, untrained
+from usam.formats import storage
 from usam.formats.storage import (
     KEY_PATTERN,
+    Location,
     atomic_write_text,
     check_key,
     listed_shards,
@@ -265,8 +266,7 @@ def check_manifest(
 
 
 def shard_urls(directory: str | Path, manifest: Manifest) -> list[str]:
-    paths = listed_shards(directory, manifest.shards, MANIFEST_NAME, ShardSetError)
-    return [str(path) for path in paths]
+    return [str(p) for p in listed_shards(directory, manifest.shards, MANIFEST_NAME, ShardSetError)]
 
 
 def iter_records(directory: str | Path) -> Iterator[ImageRecord]:
@@ -275,27 +275,27 @@ def iter_records(directory: str | Path) -> Iterator[ImageRecord]:
     yield from map(decode_sample, sequential_dataset(shard_urls(directory, manifest)))
 
 
-def _scan_shard(path: Path) -> dict[str, Any]:
-    """Keys and mask count of a complete shard (used when resuming)."""
+def _scan_shard(directory: Location, name: str) -> dict[str, Any]:
+    """Keys and mask count of a complete shard (used when resuming), read front to back."""
     keys: list[str] = []
     masks = 0
-    with tarfile.open(path) as tar:
-        for member in tar:
+    with storage.open_binary(storage.join(directory, name)) as stream:
+        for member in (tar := tarfile.open(fileobj=stream, mode="r|")):
             key, _, entry = member.name.partition(".")
             if entry == "meta.json":
                 keys.append(key)
             elif entry == "iou_preds.npy":
                 masks += int(_load_npy(tar.extractfile(member).read()).shape[0])
-    return {"name": path.name, "images": len(keys), "masks": masks, "keys": keys}
+    return {"name": name, "images": len(keys), "masks": masks, "keys": keys}
 
 
 def existing_keys(directory: str | Path) -> set[str]:
     """Keys in the complete shards of a (possibly unfinished) shard set."""
-    directory = Path(directory)
+    directory = storage.location(directory)
     return {
         key
-        for path in sorted(directory.glob(f"{_SHARD_PREFIX}*.tar"))
-        for key in _scan_shard(path)["keys"]
+        for name in storage.file_names(directory, f"{_SHARD_PREFIX}*.tar")
+        for key in _scan_shard(directory, name)["keys"]
     }
 
 
@@ -320,29 +320,30 @@ class ShardSetWriter:
         series: str = "",
         write_manifest: bool = True,
     ) -> None:
-        self.directory = Path(directory)
-        if (self.directory / MANIFEST_NAME).exists():
+        self.directory = storage.location(directory)
+        if storage.is_file(storage.join(self.directory, MANIFEST_NAME)):
             raise ShardSetError(
                 f"{self.directory} already holds a finished shard set; delete it or write elsewhere"
             )
         if series and not KEY_PATTERN.match(series):
             raise ShardSetError(f"shard series {series!r} may only use [A-Za-z0-9_-]")
-        self.directory.mkdir(parents=True, exist_ok=True)
+        storage.make_folder(self.directory)
         self.series = series
-        for stale in self.directory.glob(f"{_SHARD_PREFIX}{series}*.tmp"):
-            stale.unlink()
+        self._staging = storage.staging_folder(self.directory, f"{_SHARD_PREFIX}{series}*.tmp")
         self.manifest = manifest
         self.images_per_shard = images_per_shard
         self.write_manifest = write_manifest
-        scanned = [_scan_shard(p) for p in sorted(self.directory.glob(f"{_SHARD_PREFIX}*.tar"))]
+        finished = storage.file_names(self.directory, f"{_SHARD_PREFIX}*.tar")
+        scanned = [_scan_shard(self.directory, name) for name in finished]
         self.done_keys: set[str] = {k for s in scanned for k in s.pop("keys")}
         self.manifest.shards = scanned
-        self._pending = self.directory / "pending.json"  # the config it is begun with
-        begun = json.loads(self._pending.read_text()) if self._pending.is_file() else {}
+        self._pending = storage.join(self.directory, "pending.json")  # the config it is begun with
+        begun = storage.read_json(self._pending, missing={})
         if scanned:  # bf16 and fp32 never mix: finished as begun (without pending.json: fp32)
             check_manifest(replace(manifest, config=begun), directory, precision=manifest.precision)
         atomic_write_text(self._pending, json.dumps(manifest.config))
-        self._own_shards = len(list(self.directory.glob(f"{_SHARD_PREFIX}{series}[0-9]*.tar")))
+        own = storage.file_names(self.directory, f"{_SHARD_PREFIX}{series}[0-9]*.tar")
+        self._own_shards = len(own)
         self._tar: wds.TarWriter | None = None
         self._tmp_path: Path | None = None
         self._open_stats: dict[str, Any] = {}
@@ -372,22 +373,21 @@ class ShardSetWriter:
         """Write the manifest over every complete shard in the directory, from any writer."""
         self._finish_shard()
         known = {s["name"] for s in self.manifest.shards}
-        for path in sorted(self.directory.glob(f"{_SHARD_PREFIX}*.tar")):
-            if path.name not in known:
-                stats = _scan_shard(path)
+        for name in storage.file_names(self.directory, f"{_SHARD_PREFIX}*.tar"):
+            if name not in known:
+                stats = _scan_shard(self.directory, name)
                 stats.pop("keys")
                 self.manifest.shards.append(stats)
         self.manifest.shards.sort(key=lambda s: s["name"])
-        atomic_write_text(
-            self.directory / MANIFEST_NAME, json.dumps(self.manifest.to_json(), indent=2)
-        )
-        self._pending.unlink(missing_ok=True)
+        listing = json.dumps(self.manifest.to_json(), indent=2)
+        atomic_write_text(storage.join(self.directory, MANIFEST_NAME), listing)
+        storage.remove(self._pending)
         return self.manifest
 
     def _start_shard(self) -> None:
         name = f"{_SHARD_PREFIX}{self.series}{self._own_shards:06d}.tar"
         self._own_shards += 1
-        self._tmp_path = self.directory / (name + ".tmp")
+        self._tmp_path = self._staging / (name + ".tmp")
         self._tar = wds.TarWriter(str(self._tmp_path), encoder=False)
         self._open_stats = {"name": name, "images": 0, "masks": 0}
 
@@ -395,6 +395,6 @@ class ShardSetWriter:
         if self._tar is None:
             return
         self._tar.close()
-        os.replace(self._tmp_path, self.directory / self._open_stats["name"])
+        storage.publish(self._tmp_path, storage.join(self.directory, self._open_stats["name"]))
         self.manifest.shards.append(self._open_stats)
         self._tar = None
