@@ -24,9 +24,20 @@ from usam.sam.amg_settings import AmgSettings
 from usam.sam.mask_upscaling import blocked_high_res, masks_from, to_image_order, upscale
 from usam.sam.registry import build_sam
 from usam.sam.sam1_backend import AutomaticMaskEngine, with_sam_heads
-from usam.testing.agreement import LOGIT_RTOL, compare_with_official, point_ious
+from usam.testing.agreement import (
+    LOGIT_RTOL,
+    SCORE_RTOL,
+    compare_with_official,
+    point_ious,
+    score_tolerance,
+)
 
-from helpers.official_amg import assert_matches_official, official, shapes_image
+from helpers.official_amg import (
+    assert_matches_official,
+    from_crop_layers,
+    official,
+    shapes_image,
+)
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +58,7 @@ def test_the_official_masks_with_filters_active(sam, seed, size):
     )
     engine = AutomaticMaskEngine(sam, settings)
     ours = engine.generate(image)
-    assert_matches_official(ours, engine, image)
-    assert len(ours) >= 2
+    assert_matches_official(ours, engine, image, min_paired=2)
     assert ours.iou_preds.min() > settings.pred_iou_thresh
     assert ours.stability.min() >= settings.stability_score_thresh
 
@@ -101,8 +111,8 @@ def test_the_official_masks_with_crops(sam):
     )
     engine = AutomaticMaskEngine(sam, settings)
     ours = engine.generate(image)
-    assert_matches_official(ours, engine, image)
-    assert len(ours) >= 5
+    assert_matches_official(ours, engine, image, min_paired=5)
+    assert from_crop_layers(ours, engine) >= 1
 
 
 def test_the_official_masks_with_small_region_cleanup(sam):
@@ -116,7 +126,7 @@ def test_the_official_masks_with_small_region_cleanup(sam):
     )
     engine = AutomaticMaskEngine(sam, settings)
     ours = engine.generate(image)
-    assert_matches_official(ours, engine, image)
+    assert_matches_official(ours, engine, image, min_paired=10)
 
 
 def flipped_far_from_threshold(sam, image, masks, i: int) -> np.ndarray:
@@ -139,7 +149,8 @@ def test_the_contract_rejects_a_real_difference(sam):
     engine = AutomaticMaskEngine(sam, settings)
     ours = engine.generate(image)
     theirs = official(engine, image)
-    assert compare_with_official(ours, theirs, engine, image).holds
+    report = compare_with_official(ours, theirs, engine, image)
+    assert report.holds and report.paired >= 20
 
     off_score = replace(ours, iou_preds=ours.iou_preds.copy())
     off_score.iou_preds[0] += 1e-3
@@ -167,8 +178,8 @@ def test_other_batch_sizes_stay_within_the_contract(sam):
         points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.3, box_nms_thresh=1.0
     )
     ours = AutomaticMaskEngine(sam, replace(settings, points_per_batch=3)).generate(image)
-    report = assert_matches_official(ours, AutomaticMaskEngine(sam, settings), image)
-    assert report.paired >= 50  # 100 masks here, 21 with bit-identical scores on an EPYC
+    # 100 masks here, 21 with bit-identical scores on an EPYC
+    assert_matches_official(ours, AutomaticMaskEngine(sam, settings), image, min_paired=50)
 
 
 # ATen's element-wise kernels without SIMD, oneDNN's and MKL's at AVX2 only.
@@ -199,7 +210,8 @@ for threads in (1, 2):
     ours = engine.generate(image)
     report = compare_with_official(ours, official(engine, image), engine, image)
     print(json.dumps({"threads": threads, "violations": report.violations[:5], "masks": len(ours),
-                      "identical": report.identical_share, "max_iou": report.max_iou_pred_diff}))
+                      "paired": report.paired, "identical": report.identical_share,
+                      "max_iou": report.max_iou_pred_diff}))
 """
 
 
@@ -216,10 +228,15 @@ def test_the_contract_holds_with_other_kernels():
     reports = [json.loads(line) for line in result.stdout.splitlines()[-2:]]
     assert [report["threads"] for report in reports] == [1, 2]
     for report in reports:
-        assert report["violations"] == [] and report["masks"] >= 30, report
+        assert report["violations"] == [] and report["paired"] >= 30, report
 
 
 def test_stored_tokens_are_the_decoder_tokens_of_the_mask_point(sam):
+    """Each mask's tokens, predicted IoU and pixels are those of its point prompted alone
+    through the official predictor, within the contract: the IoU within ``SCORE_RTOL``,
+    pixels only where the logit lies within ``LOGIT_RTOL`` of the threshold. The contract
+    names no bound for the tokens; the IoU head reads the same transformer output, so they
+    are held to ``SCORE_RTOL`` of their largest value (about 1e-6 of it on a Xeon)."""
     image = shapes_image(96, 128, 0)
     settings = AmgSettings(
         points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0
@@ -239,13 +256,14 @@ def test_stored_tokens_are_the_decoder_tokens_of_the_mask_point(sam):
                 masks.points[i : i + 1], np.array([1]), multimask_output=True, return_logits=True
             )
             k = int(masks.multimask[i])
-            torch.testing.assert_close(
-                torch.as_tensor(masks.tokens[i]), captured[0][0], rtol=1e-4, atol=1e-4
-            )
-            assert abs(float(ious[k]) - float(masks.iou_preds[i])) < 1e-4
+            tokens = captured[0][0]
+            bound = SCORE_RTOL * max(1.0, float(tokens.abs().max()))
+            torch.testing.assert_close(torch.as_tensor(masks.tokens[i]), tokens, rtol=0, atol=bound)
+            assert abs(float(ious[k]) - float(masks.iou_preds[i])) <= score_tolerance(ious[k])
             alone = logits[k] > sam.mask_threshold
             ours = mask_utils.decode({"size": [96, 128], "counts": masks.rles[i]}).astype(bool)
-            assert (alone != ours).mean() < 1e-3
+            near = LOGIT_RTOL * max(1.0, float(np.abs(logits[k]).max()))
+            assert (np.abs(logits[k][alone != ours] - sam.mask_threshold) <= near).all()
     finally:
         hook.remove()
 
@@ -297,8 +315,8 @@ def test_the_official_masks_on_a_real_photo_with_vit_b(vit_b, surviving):
         second_best = float(np.sort(point_ious(engine, image))[-2])
         engine = AutomaticMaskEngine(vit_b, replace(settings, pred_iou_thresh=second_best))
     ours = engine.generate(image)
-    assert_matches_official(ours, engine, image)
-    assert len(ours) >= (100 if surviving == "all" else 1)  # most of the 8 x 8 x 3 masks
+    # most of the 8 x 8 x 3 masks
+    assert_matches_official(ours, engine, image, min_paired=100 if surviving == "all" else 1)
 
 
 PAPER = AmgSettings(
@@ -318,9 +336,10 @@ def test_one_mask_per_point_is_each_points_best_official_output(sam, seed, size)
     assert len(ours) == 8 * 8  # N is the number of points, whatever the image
     assert len({tuple(p) for p in ours.points.tolist()}) == 64
     ious = point_ious(engine, image).reshape(64, 3)
-    assert sorted(ours.iou_preds.tolist()) == pytest.approx(sorted(ious.max(1)), abs=1e-5)
+    best = sorted(ious.max(1))
+    assert sorted(ours.iou_preds.tolist()) == pytest.approx(best, abs=score_tolerance(1.0))
     assert len(engine.reference_masks(image)) == 64
-    assert_matches_official(ours, engine, image)
+    assert_matches_official(ours, engine, image, min_paired=64)
 
 
 @pytest.mark.parametrize(

@@ -19,11 +19,22 @@ from usam.sam.amg_settings import AmgSettings
 from usam.sam.checkpoints import CheckpointError
 from usam.sam.hq_backend import HqMaskEngine, HqSamMissing
 from usam.sam.registry import SPECS, SamSettings, build_engine, build_sam, identify
-from usam.testing.agreement import compare_with_official, point_ious
+from usam.testing.agreement import (
+    SCORE_RTOL,
+    compare_with_official,
+    point_ious,
+    score_tolerance,
+)
 from usam.train.lightning_modules import TeacherModule
 
 from helpers.commands import compose_config, fit_on_backend, run_python
-from helpers.official_amg import assert_matches_official, official, photo_folder, shapes_image
+from helpers.official_amg import (
+    assert_matches_official,
+    from_crop_layers,
+    official,
+    photo_folder,
+    shapes_image,
+)
 
 pytest.importorskip("segment_anything_hq", reason="sam=hq_* needs usam[hq] (make test has it)")
 
@@ -41,8 +52,7 @@ def hq_tiny():
 
 def filtered(model, image, **choice) -> AmgSettings:
     """IoU filter at the choice's median score, stability, box NMS, a crop layer and the
-    small-region cleanup, as in HQ-SAM's generator. (The random model's masks in the
-    crops all touch a crop edge, so the crop-edge filter drops them.)"""
+    small-region cleanup, as in HQ-SAM's generator."""
     median = np.median(
         point_ious(HqMaskEngine(model, AmgSettings(points_per_side=8, **choice)), image)
     )
@@ -60,12 +70,15 @@ def filtered(model, image, **choice) -> AmgSettings:
 
 @pytest.mark.parametrize("choice", CHOICES, ids=["default", "hq_token_only", "single_mask"])
 def test_exactly_hq_sams_official_masks_in_each_output_choice(hq_tiny, choice):
-    image = shapes_image(128, 192, 0)
+    """On a small square image, whose crops' inner edges lie within the crop-edge filter's
+    20 pixels of the image's edges: the random model speckles its masks over a whole crop,
+    so in a larger image that filter would drop every mask of the crop layer."""
+    image = shapes_image(56, 56, 0)
     engine = build_engine("hq_tiny", hq_tiny, filtered(hq_tiny, image, **choice))
     assert isinstance(engine, HqMaskEngine)
     ours = engine.generate(image)
-    report = assert_matches_official(ours, engine, image)
-    assert len(ours) >= 3 and report.paired >= len(ours) - report.near_ties
+    assert_matches_official(ours, engine, image, min_paired=3)
+    assert from_crop_layers(ours, engine) >= 2
     assert ours.tokens.shape == (len(ours), 1024) and np.isfinite(ours.tokens).all()
     if choice["multimask_output"] and not choice["hq_token_only"]:
         assert set(ours.multimask.tolist()) <= {0, 1, 2}
@@ -84,7 +97,9 @@ def test_another_output_choice_breaks_the_contract(hq_tiny):
 
 def test_the_tokens_are_the_hq_token_then_sams_multimask_tokens(hq_tiny):
     """Slot 0 holds the HQ token, slots 1-3 SAM's multimask tokens, and ``multimask`` the
-    output of highest predicted IoU, as HQ-SAM's own decoder computes them for the point."""
+    output of highest predicted IoU, as HQ-SAM's own decoder computes them for the point:
+    the tokens within ``SCORE_RTOL`` of their largest value (the IoU head reads the same
+    transformer output), the chosen output's IoU within ``SCORE_RTOL`` of the highest."""
     image = shapes_image(96, 128, 1)
     settings = AmgSettings(points_per_side=4, pred_iou_thresh=0, stability_score_thresh=0)
     ours = HqMaskEngine(hq_tiny, settings).generate(image)
@@ -99,9 +114,10 @@ def test_the_tokens_are_the_hq_token_then_sams_multimask_tokens(hq_tiny):
             predictor.predict(point[None], np.array([1]), multimask_output=True)
             hs = captured["hs"][0]  # IoU token, SAM's 4 mask tokens, the HQ token
             expected = torch.cat([hs[5], hs[2], hs[3], hs[4]]).numpy()
-            np.testing.assert_allclose(tokens, expected, rtol=1e-4, atol=1e-4)
-            ious = hq_tiny.mask_decoder.iou_prediction_head(hs[0])[1:4]
-            assert multimask == int(ious.argmax())
+            bound = SCORE_RTOL * max(1.0, float(np.abs(expected).max()))
+            np.testing.assert_allclose(tokens, expected, rtol=0, atol=bound)
+            ious = hq_tiny.mask_decoder.iou_prediction_head(hs[0])[1:4].detach()
+            assert ious[int(multimask)] >= ious.max() - score_tolerance(float(ious.max()))
     finally:
         hook.remove()
 
@@ -200,8 +216,7 @@ def test_the_official_masks_on_a_real_photo_with_hq_vit_b():
     )
     engine = build_engine("hq_vit_b", build_sam("hq_vit_b", random_weights=True)[0], settings)
     ours = engine.generate(image)
-    assert_matches_official(ours, engine, image)
-    assert len(ours) >= 50  # most of the 8 x 8 masks, one per point
+    assert_matches_official(ours, engine, image, min_paired=50)  # most of the 8 x 8 masks
 
 
 def test_hq_output_choices_are_mask_settings_other_backends_refuse(hq_tiny):

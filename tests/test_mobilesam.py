@@ -114,8 +114,7 @@ def test_the_official_masks(sam):
     settings = AmgSettings(points_per_side=5, pred_iou_thresh=0.0, stability_score_thresh=0.0)
     engine = AutomaticMaskEngine(sam, settings)
     ours = engine.generate(image)
-    assert_matches_official(ours, engine, image)
-    assert len(ours) >= 5
+    assert_matches_official(ours, engine, image, min_paired=5)
     assert ours.tokens.shape == (len(ours), 1024) and np.isfinite(ours.tokens).all()
 
 
