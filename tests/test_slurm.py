@@ -4,8 +4,10 @@ world size; here 2 tasks on one node, on CPU."""
 
 from __future__ import annotations
 
+import csv
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -16,7 +18,7 @@ from hydra.utils import instantiate
 
 from usam.formats.embedding_shards import read_manifest
 
-from helpers.commands import compose_config
+from helpers.commands import compose_config, wait_for
 from helpers.shards import SMALL_CLASSES
 
 TASKS = 2
@@ -51,7 +53,9 @@ def _slurm_task(rank: int, port: int) -> dict[str, str]:
     }
 
 
-def test_two_slurm_tasks_train_as_one_two_rank_run(tmp_path):
+def _job(tmp_path: Path, max_epochs: int) -> tuple[list[str], Path]:
+    """The job's fit overrides, and its training shard set, written before the job as
+    extracted ones are: tasks start together, and two writing one synthetic set would race."""
     overrides = [
         "data=synthetic",
         f"data.classes=[{','.join(SMALL_CLASSES)}]",
@@ -62,23 +66,26 @@ def test_two_slurm_tasks_train_as_one_two_rank_run(tmp_path):
         f"trainer.devices={TASKS}",
         "trainer.num_nodes=1",
         "trainer.accelerator=cpu",
-        "trainer.max_epochs=1",
+        f"trainer.max_epochs={max_epochs}",
+        "trainer.log_every_n_steps=1",
         "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false",
         "logger=csv",
         f"paths.root_dir={tmp_path}",
         f"paths.output_dir={tmp_path / 'run'}",
     ]
-    # the shards exist before the job, as extracted ones do: tasks start together, and
-    # two writing the same synthetic set at once would race
     data = compose_config("fit", overrides).data
     instantiate(data).prepare_data()
-    train_images = read_manifest(Path(data.train_dir)).num_images
+    return overrides, Path(data.train_dir)
+
+
+def _srun(tmp_path: Path, overrides: list[str], name: str) -> list[subprocess.Popen]:
+    """``srun python -m usam.fit <overrides>``: one process per task, output in
+    ``<name><rank>.log``."""
     port = _free_port()
-    logs = [tmp_path / f"task{rank}.log" for rank in range(TASKS)]
     tasks = []
-    for rank, log in enumerate(logs):
-        with log.open("w") as output:
+    for rank in range(TASKS):
+        with (tmp_path / f"{name}{rank}.log").open("w") as output:
             tasks.append(
                 subprocess.Popen(
                     [sys.executable, "-m", "usam.fit", *overrides],
@@ -88,12 +95,28 @@ def test_two_slurm_tasks_train_as_one_two_rank_run(tmp_path):
                     env=_slurm_task(rank, port),
                 )
             )
+    return tasks
+
+
+def _finish(tasks: list[subprocess.Popen], signum: int | None = None) -> list[int]:
+    """The tasks' exit codes, once ``signum`` (if any) went to each; none is left running."""
     try:
-        codes = [task.wait(timeout=EXIT_BOUND_S) for task in tasks]
+        for task in tasks if signum else ():
+            task.send_signal(signum)
+        return [task.wait(timeout=EXIT_BOUND_S) for task in tasks]
     finally:
         for task in tasks:
             task.kill()
-    outputs = [log.read_text() for log in logs]
+
+
+def _outputs(tmp_path: Path, name: str) -> list[str]:
+    return [(tmp_path / f"{name}{rank}.log").read_text() for rank in range(TASKS)]
+
+
+def test_two_slurm_tasks_train_as_one_two_rank_run(tmp_path):
+    overrides, train_dir = _job(tmp_path, max_epochs=1)
+    codes = _finish(_srun(tmp_path, overrides, "task"))
+    outputs = _outputs(tmp_path, "task")
     assert codes == [0, 0], "\n".join(output[-3000:] for output in outputs)
     for rank, output in enumerate(outputs):  # each task joined the same 2-rank group
         assert f"GLOBAL_RANK: {rank}, MEMBER: {rank + 1}/{TASKS}" in output
@@ -106,4 +129,34 @@ def test_two_slurm_tasks_train_as_one_two_rank_run(tmp_path):
         weights_only=False,
     )
     # one epoch is the batches of one rank's half of the training images
+    train_images = read_manifest(train_dir).num_images
     assert checkpoint["global_step"] == math.ceil(train_images / (TASKS * BATCH_SIZE))
+
+
+def test_a_preempted_slurm_job_stops_on_every_task_and_its_requeued_run_resumes(tmp_path):
+    """SLURM sends SIGTERM to every task at once: the ranks stop together (none is left
+    waiting in a collective), and the same command on both tasks resumes the epochs."""
+    max_epochs = 6
+    overrides, _ = _job(tmp_path, max_epochs)
+    tasks = _srun(tmp_path, overrides, "stopped")
+    resume = tmp_path / "run" / "checkpoints" / "teacher" / "resume.ckpt"
+    try:
+        wait_for(
+            resume.is_file,
+            "the first epoch's checkpoint",
+            process=tasks[0],
+            output=lambda: _outputs(tmp_path, "stopped")[0],
+        )
+    finally:
+        codes = _finish(tasks, signal.SIGTERM)
+    outputs = _outputs(tmp_path, "stopped")
+    assert codes == [143, 143], "\n".join(output[-3000:] for output in outputs)
+    assert "the same command resumes:" in outputs[0]
+    saved_epoch = torch.load(resume, map_location="cpu", weights_only=False)["epoch"]
+    assert saved_epoch < max_epochs - 1
+
+    codes = _finish(_srun(tmp_path, overrides, "requeued"))
+    assert codes == [0, 0], "\n".join(output[-3000:] for output in _outputs(tmp_path, "requeued"))
+    with (tmp_path / "run" / "csv" / "teacher" / "version_1" / "metrics.csv").open() as rows:
+        trained = {int(row["epoch"]) for row in csv.DictReader(rows) if row["train/loss"]}
+    assert sorted(trained) == list(range(saved_epoch + 1, max_epochs))

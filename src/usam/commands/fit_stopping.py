@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,6 +47,24 @@ class EpochResume(Checkpoint):
     def __init__(self, stage_dir: Path, seed: int) -> None:
         self.path = stage_dir / RESUME_CHECKPOINT
         self.seed = seed
+        self.stop_handler = signal.getsignal(signal.SIGTERM)  # stoppable's, inside fit
+
+    def on_train_start(self, trainer: L.Trainer, *_: Any) -> None:
+        """Lightning's SIGTERM handler broadcasts from inside the handler, a collective that
+        meets whichever one another rank is in at that moment (seen to close gloo's
+        connection under SLURM, where every task gets the signal). This one only records
+        the stop, which the ranks decide on together at a batch end, and passes the signal
+        on to the ranks Lightning launched, as Lightning's does."""
+        stop, launcher = self.stop_handler, trainer.strategy.launcher
+        if not callable(stop) or threading.current_thread() is not threading.main_thread():
+            return
+
+        def on_sigterm(signum: int, frame: Any) -> None:
+            stop(signum, frame)
+            if launcher is not None:
+                launcher.kill(signum)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
 
     def on_train_batch_start(
         self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int
