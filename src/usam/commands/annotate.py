@@ -112,7 +112,7 @@ class _Outputs:
 
     def write(self, prediction: Prediction, image: np.ndarray, name: str, file_name: str, classes):
         semantic = prediction.semantic_map()
-        save_semantic(semantic, self.out / "semantic" / f"{name}.png")
+        save_semantic(semantic, self.out / "semantic" / f"{name}.png", len(classes))
         save_overlay(image, semantic, classes, self.out / "overlays" / f"{name}.jpg")
         labelled = LabelledImage(file_name, prediction)
         write_result(labelled, classes, self.results / f"{prediction.key}.json")

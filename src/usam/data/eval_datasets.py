@@ -21,7 +21,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from usam.core.labels import IGNORE
+from usam.core.labels import IGNORE, ignore_value
 from usam.core.vocabulary import Vocabulary, check_classes, load_vocabulary
 from usam.data.ground_truth import (
     DatasetError,
@@ -216,7 +216,7 @@ def _coco_truth(ref: dict[str, Any]) -> tuple[GroundTruth, tuple[str, ...]]:
         Instance(coco.annToMask(a).astype(bool), index[a["category_id"]], bool(a.get("iscrowd")))
         for a in coco.loadAnns(coco.getAnnIds(imgIds=[info["id"]]))
     ]
-    semantic = paint_instances(instances, (info["height"], info["width"]))
+    semantic = paint_instances(instances, (info["height"], info["width"]), len(classes))
     return GroundTruth(semantic, instances, False), classes
 
 
@@ -293,7 +293,8 @@ def _yolo_truth(ref: dict[str, Any]) -> tuple[GroundTruth, tuple[str, ...]]:
             pixels = (points * [width, height]).ravel().tolist()
             rle = mask_utils.merge(mask_utils.frPyObjects([pixels], height, width))
             instances.append(Instance(mask_utils.decode(rle).astype(bool), label))
-    return GroundTruth(paint_instances(instances, (height, width)), instances, False), classes
+    semantic = paint_instances(instances, (height, width), len(classes))
+    return GroundTruth(semantic, instances, False), classes
 
 
 # ---------------------------------------------------------------- ADE20K scene parsing
@@ -364,10 +365,9 @@ def _ade_truth(ref: dict[str, Any]) -> tuple[GroundTruth, tuple[str, ...]]:
     root = Path(ref["root"])
     classes = read_ade_classes(str(root / "objectInfo150.txt"))
     path = root / ref["annotation"]
-    raw = check_values(read_index_png(path), len(classes), path)
-    semantic = np.where(raw == 0, IGNORE, raw).astype(np.uint8)
-    instances = instances_from_semantic(semantic)
-    return GroundTruth(semantic, instances, True, background_class=False), classes
+    raw = check_values(read_index_png(path), len(classes), path)  # in the classes' layout
+    semantic = np.where(raw == 0, ignore_value(raw.dtype), raw)  # no background: 0 is ignore
+    return GroundTruth(semantic, instances_from_semantic(semantic), True, False), classes
 
 
 # ---------------------------------------------------------------- dispatch

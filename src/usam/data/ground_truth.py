@@ -2,7 +2,8 @@
 
 Conventions (those of VOC): a semantic map is ``uint8`` with 0 = background,
 ``i + 1`` = class ``i`` and 255 = ignore (void borders, unlabelled pixels, COCO
-crowds); ADE20K has no background class (its 0 is unlabelled, so ignore, and
+crowds), ``uint16`` with 65535 = ignore for more than 254 classes
+(:mod:`usam.core.labels`); ADE20K has no background class (its 0 is unlabelled, so ignore, and
 ``GroundTruth.background_class`` is False). Where a dataset has no instance masks
 (VOC without ``SegmentationObject/``, ADE20K scene parsing), instances are the
 8-connected components of each class and ``GroundTruth.instances_derived`` says so:
@@ -26,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from usam.core.errors import UsageError
-from usam.core.labels import IGNORE, MAX_CLASSES
+from usam.core.labels import MAX_CLASSES, ignore_from_disk, ignore_value, label_dtype
 
 
 class Instance(NamedTuple):
@@ -37,7 +38,7 @@ class Instance(NamedTuple):
 
 @dataclass
 class GroundTruth:
-    semantic: np.ndarray  # (H, W) uint8: 0 background, i + 1 class i, 255 ignore
+    semantic: np.ndarray  # (H, W) uint8 / uint16: 0 background, i + 1 class i, top = ignore
     instances: list[Instance]
     instances_derived: bool = False  # True when instances are connected components
     # False where the dataset labels no background (ADE20K: its 0 is unlabelled, read as
@@ -63,24 +64,27 @@ def connected_components(mask: np.ndarray) -> list[np.ndarray]:
 def instances_from_semantic(semantic: np.ndarray) -> list[Instance]:
     """One instance per connected component of each class (ignore and background skipped)."""
     instances = []
+    ignore = ignore_value(semantic.dtype)
     for value in np.unique(semantic):
-        if 0 < value < IGNORE:
+        if 0 < value < ignore:
             for component in connected_components(semantic == value):
                 instances.append(Instance(component, int(value) - 1))
     return instances
 
 
-def paint_instances(instances: Sequence[Instance], shape: tuple[int, int]) -> np.ndarray:
+def paint_instances(
+    instances: Sequence[Instance], shape: tuple[int, int], num_classes: int
+) -> np.ndarray:
     """Semantic map of annotated instances: larger ones first so smaller ones stay visible;
     crowd regions are ignore where no single instance covers them."""
-    semantic = np.zeros(shape, dtype=np.uint8)
+    semantic = np.zeros(shape, dtype=label_dtype(num_classes))
     crowd = np.zeros(shape, dtype=bool)
     for instance in sorted(instances, key=lambda i: -int(i.mask.sum())):
         if instance.iscrowd:
             crowd |= instance.mask
         else:
             semantic[instance.mask] = instance.label + 1
-    semantic[crowd & (semantic == 0)] = IGNORE
+    semantic[crowd & (semantic == 0)] = ignore_value(semantic.dtype)
     return semantic
 
 
@@ -114,7 +118,8 @@ def to_superclasses(truth: GroundTruth, label_map: Mapping[int, int]) -> GroundT
     Classes the map leaves out become ignore in the semantic map and lose their
     instances: the coarser vocabulary says nothing about them.
     """
-    lookup = np.full(256, IGNORE, dtype=np.uint8)
+    ignore = ignore_value(truth.semantic.dtype)
+    lookup = np.full(ignore + 1, ignore, dtype=truth.semantic.dtype)
     lookup[0] = 0
     for fine, coarse in label_map.items():
         lookup[fine + 1] = coarse + 1
@@ -129,27 +134,36 @@ def to_superclasses(truth: GroundTruth, label_map: Mapping[int, int]) -> GroundT
 
 
 def read_index_png(path: Path) -> np.ndarray:
-    """Class or instance indices of a palette ('P') or grayscale ('L') PNG."""
+    """Class or instance indices of a palette ('P'), grayscale ('L') or 16-bit grayscale
+    ('I;16', for more than 254 classes) PNG, as uint8 or uint16 by the file's depth."""
     if not path.is_file():
         raise DatasetError(f"annotation {path} is missing")
     with Image.open(path) as image:
-        if image.mode not in ("P", "L"):
-            raise DatasetError(
-                f"{path} is a '{image.mode}' image; index masks must be palette ('P') or "
-                "grayscale ('L') PNGs holding class numbers, not colour renderings"
-            )
-        return np.array(image, dtype=np.uint8)
+        if image.mode in ("P", "L"):
+            return np.array(image, dtype=np.uint8)
+        if image.mode in ("I;16", "I"):
+            values = np.array(image)
+            if values.size and (values.min() < 0 or values.max() > np.iinfo(np.uint16).max):
+                raise DatasetError(f"{path} holds values outside 16 bits")
+            return values.astype(np.uint16)
+        raise DatasetError(
+            f"{path} is a '{image.mode}' image; index masks must be palette ('P') or "
+            "grayscale ('L', 'I;16') PNGs holding class numbers, not colour renderings"
+        )
 
 
 def check_values(semantic: np.ndarray, num_classes: int, path: Path | str) -> np.ndarray:
+    """The map read from ``path`` in the layout of ``num_classes`` (uint16 beyond 254), after
+    checking that it holds only its classes and its file's ignore value."""
     values = np.unique(semantic)
-    bad = values[(values > num_classes) & (values != IGNORE)]
+    ignore = ignore_value(semantic.dtype)
+    bad = values[(values > num_classes) & (values != ignore)]
     if bad.size:
         raise DatasetError(
-            f"{path} holds values {bad.tolist()}, outside 0..{num_classes} and {IGNORE}; "
+            f"{path} holds values {bad.tolist()}, outside 0..{num_classes} and {ignore}; "
             "the mask does not belong to this dataset's class list"
         )
-    return semantic
+    return ignore_from_disk(semantic, num_classes)
 
 
 def check_size(image: Image.Image, size: tuple[int, int], image_path: Path, other: str) -> None:
@@ -171,7 +185,7 @@ def check_class_count(classes: Sequence[str], where: str | Path) -> tuple[str, .
     if len(classes) > MAX_CLASSES:
         raise DatasetError(
             f"{where}: {len(classes)} classes; semantic maps hold at most {MAX_CLASSES} "
-            "(uint8 with 255 = ignore)"
+            "(uint16 with 65535 = ignore)"
         )
     return tuple(classes)
 

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from usam.core.errors import UsageError
-from usam.core.labels import BACKGROUND
+from usam.core.labels import BACKGROUND, label_dtype
 from usam.formats.storage import atomic_write_text
 from usam.inference.polygons import polygon_of
 from usam.inference.predictor import Prediction
@@ -170,10 +170,15 @@ def _save_atomic(image: Image.Image, path: Path, **options: Any) -> None:
     os.replace(tmp, path)
 
 
-def save_semantic(semantic: np.ndarray, path: Path) -> None:
-    """A palette PNG whose pixel values are the labels, drawn in VOC's colours."""
-    png = Image.fromarray(np.asarray(semantic, dtype=np.uint8), mode="P")
-    png.putpalette(PALETTE.flatten().tolist())
+def save_semantic(semantic: np.ndarray, path: Path, num_classes: int) -> None:
+    """A PNG whose pixel values are the labels: a palette PNG in VOC's colours up to 254
+    classes, a 16-bit grayscale one ("I;16") for larger vocabularies, whose labels a
+    palette cannot hold; the format follows the vocabulary, so one run's files share it."""
+    if label_dtype(num_classes) == np.uint8:
+        png = Image.fromarray(np.asarray(semantic, dtype=np.uint8), mode="P")
+        png.putpalette(PALETTE.flatten().tolist())
+    else:
+        png = Image.fromarray(np.asarray(semantic, dtype=np.uint16))  # mode "I;16"
     _save_atomic(png, path)
 
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from usam.core.labels import MAX_CLASSES
+from usam.core.labels import MAX_CLASSES, label_dtype
 
 
 def semantic_from_instances(
@@ -16,7 +16,9 @@ def semantic_from_instances(
 
     Each pixel takes the label of the highest-scoring mask covering it; on equal
     scores the mask that comes first in the input wins, so the result never
-    depends on sort stability. Pixels no mask covers are background.
+    depends on sort stability. Pixels no mask covers are background. The map is uint8
+    while every label fits VOC's layout and uint16 beyond (:mod:`usam.core.labels`);
+    exports pick their file format from the vocabulary, not from one image's labels.
     """
     masks = np.asarray(masks, dtype=bool)
     if masks.size == 0:
@@ -29,7 +31,7 @@ def semantic_from_instances(
         raise ValueError(f"{len(masks)} masks, {len(labels)} labels and {len(scores)} scores")
     if labels.size and (labels.min() < 0 or labels.max() >= MAX_CLASSES):
         raise ValueError(f"labels must lie in 0..{MAX_CLASSES - 1}, got {np.unique(labels)}")
-    semantic = np.zeros(shape, dtype=np.uint8)
+    semantic = np.zeros(shape, dtype=label_dtype(int(labels.max(initial=-1)) + 1))
     # Paint from lowest to highest priority so the winner is painted last.
     order = np.lexsort((np.arange(len(scores)), -scores))  # best first, input order on ties
     for index in order[::-1]:

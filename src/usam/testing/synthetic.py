@@ -7,16 +7,25 @@ real SAM masks on single-object photos, with a known answer, so a head that
 learns it proves the training path works. Numbers from these shards are not
 results: the manifest says ``synthetic: true`` and every run reading them says so.
 
+An ``eval`` set (:func:`write_synthetic_eval_set`) holds the same kind of images with
+ground truth: a COCO instances file (LVIS's format) of the masks drawn from class
+prototypes, so a vocabulary of any size (1,203 classes, LVIS's count) can be trained and
+scored end to end without a dataset. :func:`numbered_classes` names such a vocabulary.
+
 Run ``python -m usam.testing.synthetic --help`` to write a set by hand.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Sequence
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
+from pycocotools import mask as mask_utils
 
 from usam.core.vocabulary import load_vocabulary
 from usam.formats.embedding_shards import (
@@ -27,10 +36,18 @@ from usam.formats.embedding_shards import (
     encode_mask,
     mixed_order,
 )
+from usam.formats.storage import atomic_write_text
 
 IMAGE_SIZE = 64
 BACKGROUND_PROTOTYPES = 8
-_SPLIT_STREAMS = {"train": 1, "val": 2}
+_SPLIT_STREAMS = {"train": 1, "val": 2, "eval": 3}
+GROUND_TRUTH_FILE = "instances.json"  # an eval set's COCO ground truth, beside its shards
+
+
+def numbered_classes(count: int) -> list[str]:
+    """``count`` made-up class names (``class 0000`` ...), not any dataset's, for sets
+    whose size matters and whose names do not."""
+    return [f"class {index:04d}" for index in range(count)]
 
 
 def prototypes(num_classes: int, embed_dim: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -59,7 +76,8 @@ def make_record(
     masks_per_image: tuple[int, int],
     foreground_fraction: float,
     noise: float,
-) -> ImageRecord:
+) -> tuple[ImageRecord, np.ndarray]:
+    """The image's record and each mask's class (-1 for masks of background prototypes)."""
     count = int(rng.integers(masks_per_image[0], masks_per_image[1] + 1))
     num_foreground = max(len(label_indices), int(round(count * foreground_fraction)))
     sources = [class_protos[label_indices[i % len(label_indices)]] for i in range(num_foreground)]
@@ -70,13 +88,15 @@ def make_record(
     centres = np.stack(sources)
     embeddings = centres + noise * rng.standard_normal(centres.shape).astype(np.float32)
     order = rng.permutation(count)
+    source_classes = [label_indices[i % len(label_indices)] for i in range(num_foreground)]
+    mask_classes = np.array(source_classes + [-1] * (count - num_foreground))[order]
     rles, boxes = zip(*(_box_rle(rng) for _ in range(count)))
     boxes = np.stack(boxes)
     points = boxes[:, :2] + boxes[:, 2:] / 2
     labels = [0] * num_classes
     for index in label_indices:
         labels[index] = 1
-    return ImageRecord(
+    record = ImageRecord(
         key=key,
         height=IMAGE_SIZE,
         width=IMAGE_SIZE,
@@ -90,13 +110,16 @@ def make_record(
         labels=labels,
         source={"synthetic": True},
     )
+    return record, mask_classes
 
 
-def _manifest(classes: list[str], embed_dim: int, sam_model_type: str, config: dict) -> Manifest:
+def _manifest(
+    classes: list[str], embed_dim: int, sam_model_type: str, config: dict, kind: str = "train"
+) -> Manifest:
     manifest = Manifest(
         classes=classes,
         embed_dim=embed_dim,
-        kind="train",
+        kind=kind,
         sam={"model_type": sam_model_type, "checkpoint_sha256": None, "random_weights": True},
         synthetic=True,
         config=config,
@@ -147,7 +170,7 @@ def write_synthetic_shard_set(
             if num_classes > 1 and rng.random() < multi_label_fraction:
                 labels.append(int((class_index + rng.integers(1, num_classes)) % num_classes))
             key = f"{split}_{class_index:03d}_{image_index:05d}"
-            record = make_record(
+            record, _ = make_record(
                 key,
                 labels,
                 num_classes,
@@ -161,6 +184,118 @@ def write_synthetic_shard_set(
             if key not in writer.done_keys:
                 writer.write(record)
     return writer.manifest
+
+
+def write_synthetic_eval_set(
+    directory: str | Path,
+    *,
+    classes: str | Sequence[str],
+    images_per_class: int = 1,
+    image_classes: Sequence[int] | None = None,
+    masks_per_image: Sequence[int] = (12, 48),
+    foreground_fraction: float = 0.3,
+    noise: float = 1.0,
+    embed_dim: int = DEFAULT_EMBED_DIM,
+    sam_model_type: str = "tiny",
+    seed: int = 0,
+    images_per_shard: int = 16,
+) -> Manifest:
+    """An ``eval`` set on the prototypes of the train and val splits of ``seed``: one class
+    per image, its class masks the instances of ``instances.json`` (COCO's format, as LVIS
+    ships), which :func:`usam.data.eval_datasets.load_ground_truth` reads like any other.
+    ``image_classes`` (class indices) limits the images to those classes: every class
+    stays in the vocabulary, and a large one is scored without an image of each."""
+    directory = Path(directory)
+    vocabulary = load_vocabulary(classes)
+    shown = _class_indices(image_classes, vocabulary.num_classes)
+    low, high = masks_per_image
+    config = {
+        "generator": "usam.testing.synthetic",
+        "split": "eval",
+        "images_per_class": images_per_class,
+        "image_classes": shown if image_classes is not None else None,
+        "masks_per_image": [low, high],
+        "foreground_fraction": foreground_fraction,
+        "noise": noise,
+        "seed": seed,
+    }
+    manifest = _manifest(list(vocabulary.classes), embed_dim, sam_model_type, config, "eval")
+    draw = _eval_drawer(
+        vocabulary.num_classes, embed_dim, seed, (low, high), foreground_fraction, noise
+    )
+    annotation_file = directory.resolve() / GROUND_TRUTH_FILE
+    reference = {"dataset": "coco", "annotation_file": str(annotation_file)}
+    images, annotations = [], []
+    with ShardSetWriter(directory, manifest, images_per_shard=images_per_shard) as writer:
+        for class_index in shown:
+            for image_index in range(images_per_class):
+                key = f"eval_{class_index:04d}_{image_index:05d}"
+                record, mask_classes = draw(key, [class_index])
+                image_id = len(images) + 1
+                images.append(
+                    {"id": image_id, "file_name": key, "height": IMAGE_SIZE, "width": IMAGE_SIZE}
+                )
+                annotations += _instances(record, mask_classes, image_id, len(annotations))
+                truth = {**reference, "image_id": image_id}
+                if key not in writer.done_keys:
+                    writer.write(replace(record, labels=None, ground_truth=truth))
+        categories = [{"id": i + 1, "name": n} for i, n in enumerate(vocabulary.classes)]
+        coco = {"images": images, "annotations": annotations, "categories": categories}
+        atomic_write_text(annotation_file, json.dumps(coco))
+    return writer.manifest
+
+
+def _eval_drawer(
+    num_classes: int,
+    embed_dim: int,
+    seed: int,
+    masks_per_image: tuple[int, int],
+    foreground_fraction: float,
+    noise: float,
+):
+    """``make_record`` for the eval split of ``seed``, on its train and val prototypes."""
+    class_protos, background_protos = prototypes(num_classes, embed_dim, seed)
+    return partial(
+        make_record,
+        num_classes=num_classes,
+        class_protos=class_protos,
+        background_protos=background_protos,
+        rng=np.random.default_rng([seed, _SPLIT_STREAMS["eval"]]),
+        masks_per_image=masks_per_image,
+        foreground_fraction=foreground_fraction,
+        noise=noise,
+    )
+
+
+def _class_indices(chosen: Sequence[int] | None, num_classes: int) -> list[int]:
+    if chosen is None:
+        return list(range(num_classes))
+    if not chosen or not all(0 <= int(c) < num_classes for c in chosen):
+        raise ValueError(f"image_classes={list(chosen)}: not class indices 0..{num_classes - 1}")
+    return [int(c) for c in chosen]
+
+
+def _instances(
+    record: ImageRecord, mask_classes: np.ndarray, image_id: int, numbered: int
+) -> list[dict]:
+    """COCO annotations of the record's class masks, ids following ``numbered`` earlier."""
+    found = []
+    for counts, label in zip(record.rles, mask_classes.tolist()):
+        if label < 0:
+            continue
+        rle = {"size": [record.height, record.width], "counts": counts}
+        found.append(
+            {
+                "id": numbered + len(found) + 1,
+                "image_id": image_id,
+                "category_id": label + 1,
+                "segmentation": rle,
+                "area": float(mask_utils.area(rle)),
+                "bbox": mask_utils.toBbox(rle).tolist(),
+                "iscrowd": 0,
+            }
+        )
+    return found
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -39,7 +39,7 @@ PALETTE = voc_palette()
 
 def colorize(labels: np.ndarray) -> np.ndarray:
     """(H, W, 3) uint8 colours of a label map."""
-    return PALETTE[np.asarray(labels, dtype=np.uint8)]
+    return PALETTE[np.asarray(labels) % len(PALETTE)]  # colours repeat past 255 labels
 
 
 def blend(image: np.ndarray, labels: np.ndarray, alpha: float = 0.6) -> np.ndarray:
@@ -74,7 +74,8 @@ def legend_strip(labels: Sequence[int], names: Sequence[str], width: int) -> Ima
     for row_index, row in enumerate(rows):
         x, y = 4, 4 + row_index * (_SWATCH + 6)
         for label, name, span in row:
-            draw.rectangle([x, y, x + _SWATCH, y + _SWATCH], fill=tuple(PALETTE[label].tolist()))
+            colour = tuple(PALETTE[label % len(PALETTE)].tolist())
+            draw.rectangle([x, y, x + _SWATCH, y + _SWATCH], fill=colour)
             draw.text((x + _SWATCH + 4, y), name, fill=_TEXT, font=font)
             x += span
     return strip
