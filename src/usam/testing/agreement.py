@@ -301,7 +301,8 @@ def _lost_to_nms(m: _Mask, other: list[_Mask], stage: _NmsStage, logits) -> bool
     box ``m`` can have there above the threshold, while on ``m``'s side that mask is absent
     (its absence is checked on its own) or overlaps ``m`` at most at the threshold. A score
     tie decides which of two masks NMS keeps, never that both stay, and a mask the contract
-    already faults explains nothing.
+    already faults explains nothing. A suppressor that a later pass removed on both sides
+    (box NMS, then crop NMS) is seen on neither, and excuses nothing.
     """
     for s in other:
         if s.faulted or not _outranks(s, m, stage, logits):
