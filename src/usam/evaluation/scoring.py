@@ -14,8 +14,9 @@ analysis on test data, not model selection: every output of it says so
 (:data:`SWEEP_ON_TEST`); thresholds picked from it would be tuned on the data that
 scores them.
 
-Evaluation runs in one process. Under DDP the callback runs it on rank zero,
-so the metrics here are computed without gathering across ranks.
+Under DDP each rank scores its share (:func:`usam.data.eval_shards.rank_records`, the loaders'
+rule) and the metrics and counts reduce their states over the ranks when computed, so every
+rank ends with the one-process scores; the overlays are of rank zero's images.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from torchmetrics import Metric
+from torchmetrics.aggregation import MaxMetric, SumMetric
 
 from usam.core.errors import UsageError
 from usam.core.labels import BACKGROUND
@@ -35,7 +39,9 @@ from usam.core.progress import progress_bar
 from usam.core.provenance import Provenance
 from usam.core.vocabulary import PACKAGED, Vocabulary, load_vocabulary
 from usam.data.eval_datasets import load_ground_truth
+from usam.data.eval_shards import rank_records
 from usam.data.ground_truth import GroundTruth
+from usam.data.rank_shares import RankShare
 from usam.data.sources import ImageSource
 from usam.evaluation.metrics import PER_CLASS_COLUMNS, SCALARS, metric_collection
 from usam.formats import storage
@@ -57,6 +63,8 @@ from usam.inference.semantic_map import semantic_from_instances
 
 SWEEP_ON_TEST = "after-the-fact analysis on test data, not model selection"
 SWEEP_COLUMNS = ("confidence_threshold", "nms_iou", *SCALARS)
+ONE_PROCESS = RankShare()
+COUNTS = {"images": SumMetric, "masks": SumMetric, "detections": SumMetric}
 
 
 class EvaluationError(UsageError, ValueError):
@@ -121,6 +129,7 @@ class Evaluation:
     settings: InferenceSettings
     sweep: list[SweepPoint] = field(default_factory=list)
     samples: list[Sample] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)  # the images this process scored (its share)
 
     @property
     def headline(self) -> dict[str, float]:
@@ -249,13 +258,18 @@ def _truth_of(record: ImageRecord, vocabulary: Vocabulary, directory: Path) -> G
 class _Scorer:
     """The metric collection for one inference setting."""
 
-    def __init__(self, classes: Sequence[str], settings: InferenceSettings, background_class: bool):
+    def __init__(
+        self,
+        classes: Sequence[str],
+        settings: InferenceSettings,
+        background_class: bool,
+        share: RankShare,
+    ):
         self.settings = settings
-        # one process sees every image (module docstring), so no gathering on compute
+        # gathering only where ranks split the images: a rank scoring alone must not wait
         self.metrics = metric_collection(
-            classes, background_class=background_class, sync_on_compute=False
+            classes, background_class=background_class, sync_on_compute=share.world_size > 1
         )
-        self.images = self.detections = 0
 
     def update(
         self,
@@ -264,7 +278,8 @@ class _Scorer:
         ious: np.ndarray | None,
         masks: np.ndarray,
         truth: GroundTruth,
-    ) -> np.ndarray:
+    ) -> tuple[np.ndarray, int]:
+        """The image's semantic map and how many detections it kept."""
         prediction = select_instances(record, probs, self.settings, ious)
         kept = masks[prediction.mask_indices]
         shape = (record.height, record.width)
@@ -276,14 +291,27 @@ class _Scorer:
             scores=prediction.scores,
             truth=truth,
         )
-        self.images += 1
-        self.detections += len(prediction.labels)
-        return semantic
+        return semantic, len(prediction.labels)
 
     def sweep_point(self) -> SweepPoint:
         scores = self.metrics.compute()
         headline = {name: scores[name] for name in SCALARS}
         return SweepPoint(self.settings.confidence_threshold, self.settings.nms_iou, headline)
+
+
+def _counts(share: RankShare) -> dict[str, Metric]:
+    """The counts, reduced over ranks like the metrics (float64: exact for any mask count)."""
+    kinds = COUNTS | {"instances_derived": MaxMetric}
+    sync = share.world_size > 1
+    return {n: kind(sync_on_compute=sync).set_dtype(torch.float64) for n, kind in kinds.items()}
+
+
+def share_size(manifest: Manifest, share: RankShare) -> int:
+    """How many images of the set rank ``share.rank`` scores (:meth:`RankShare.samples`)."""
+    shard_images = [s["images"] for s in manifest.shards]
+    if share.by_shard(len(shard_images)):
+        return sum(shard_images[share.rank :: share.world_size])
+    return len(range(share.rank, sum(shard_images), share.world_size))
 
 
 def sample_positions(count: int, wanted: int) -> set[int]:
@@ -308,54 +336,65 @@ def evaluate(
     num_samples: int = 0,
     source: ImageSource | None = None,
     progress: bool = False,
+    share: RankShare = ONE_PROCESS,
 ) -> Evaluation:
     """Score ``predictor`` on the eval shard set in ``directory`` (the ``eval`` split folder).
 
-    ``num_samples`` images, evenly spaced, are kept for overlays; their pixels are
-    read from ``source`` (the image source the set was extracted from) when given.
-    ``progress`` shows a bar (not inside a Trainer, which draws its own).
+    ``num_samples`` images, evenly spaced over rank zero's share, are kept for overlays;
+    their pixels are read from ``source`` (the image source the set was extracted from)
+    when given. ``progress`` shows a bar (not inside a Trainer, which draws its own).
+    ``share``: this process's rank under DDP, where every rank calls this together.
+
+    Long because it is the one pass over the images that feeds every scorer.
     """
     directory = storage.location(directory)
     manifest = read_manifest(directory)
     vocabulary = vocabulary or resolve_vocabulary(predictor.classes)
     check_eval_set(manifest, directory, predictor, vocabulary)
-    records = iter_records(directory)
-    first = next(records, None)
-    if first is None:
-        raise EvaluationError(f"{directory} holds no images; re-extract it from the dataset")
+    if manifest.num_images < share.world_size:  # alike on every rank, so none waits
+        raise EvaluationError(
+            f"{directory} holds {manifest.num_images} images for {share.world_size} ranks, "
+            "each needing one: re-extract it from the dataset, or score it on fewer ranks"
+        )
+    records = rank_records(directory, share) if share.world_size > 1 else iter_records(directory)
+    first = next(records)  # the check above leaves every rank an image
     # one dataset per shard set, so its first image tells the mIoU protocol
     background = _truth_of(first, vocabulary, directory).background_class
     main, *grid = (
-        _Scorer(vocabulary.classes, settings, background)
+        _Scorer(vocabulary.classes, settings, background, share)
         for settings in [predictor.settings, *(sweep.settings(predictor.settings) if sweep else [])]
     )
-    wanted = sample_positions(manifest.num_images, num_samples)
-    samples, masks, derived = [], 0, False
+    counts = _counts(share)
+    on_rank_zero = share_size(manifest, share) if share.rank == 0 else 0
+    wanted = sample_positions(on_rank_zero, num_samples)
+    samples, keys = [], []
     with progress_bar(enabled=progress) as bar:
-        task = bar.add_task("scoring", total=manifest.num_images)
+        task = bar.add_task("scoring", total=share_size(manifest, share))
         for position, record in enumerate(chain([first], records)):
             truth = _truth_of(record, vocabulary, directory)
             probs = predictor.mask_probabilities(record)
             ious = mask_ious(record.coco_rles()) if grid else None
             decoded = record.masks()
-            semantic = main.update(record, probs, ious, decoded, truth)
+            semantic, detections = main.update(record, probs, ious, decoded, truth)
             for scorer in grid:
                 scorer.update(record, probs, ious, decoded, truth)
             if position in wanted:
                 image = _image_of(source, record)
                 samples.append(Sample(record.key, image, truth.semantic, semantic))
-            masks += record.num_masks
-            derived |= truth.instances_derived
+            keys.append(record.key)
+            derived = truth.instances_derived
+            for name, value in zip(counts, (1, record.num_masks, detections, derived)):
+                counts[name].update(float(value))
             bar.advance(task)
+    totals = {name: int(metric.compute().item()) for name, metric in counts.items()}
     return Evaluation(
         scores=main.metrics.compute(),
         names=[BACKGROUND, *vocabulary.classes],
-        images=main.images,
-        masks=masks,
-        detections=main.detections,
-        instances_derived=derived,
+        **{name: totals[name] for name in COUNTS},
+        instances_derived=bool(totals["instances_derived"]),
         provenance=provenance_of(manifest, predictor),
         settings=predictor.settings,
         sweep=[scorer.sweep_point() for scorer in grid],
         samples=samples,
+        keys=keys,
     )
