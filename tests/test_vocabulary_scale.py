@@ -39,6 +39,7 @@ from usam.testing.synthetic import (
 )
 from usam.train.lightning_modules import TeacherModule
 
+from helpers.commands import ROOT, run_python
 from helpers.shards import quiet_trainer
 
 LVIS_SIZE = 1203
@@ -237,3 +238,19 @@ def test_labels_past_254_predicted_where_they_are_score_as_hits(lvis_sized_run):
     for label in SHOWN:  # each class is hit, and scored as the numpy reference scores it
         assert reference[label + 1] > 0 and scores[f"ap50/{CLASSES[label]}"] > 0
     assert math.isnan(scores[f"ap50/{CLASSES[1]}"])  # no ground truth: no AP
+
+
+def test_the_benchmark_prints_a_row_per_vocabulary_size():
+    small = ("--masks", "16", "--batch-size", "2", "--steps", "1", "--eval-images", "1")
+    result = run_python(
+        str(ROOT / "benchmarks" / "vocabulary_scale.py"),
+        *small,
+        *("--height", "40", "--width", "50", "--outputs", "1204"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line[:3] == "| 1"]
+    assert len(rows) == 1, result.stdout
+    outputs, parameters, *measured = (cell.strip().replace(",", "") for cell in rows[0])
+    head = TeacherModule(CLASSES).head
+    assert int(outputs) == 1204 and int(parameters) == sum(p.numel() for p in head.parameters())
+    assert all(float(value) >= 0 for value in measured) and float(measured[0]) > 0
