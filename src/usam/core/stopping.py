@@ -100,8 +100,10 @@ def resume_command(command: str, settings: Sequence[str] = ()) -> str:
 
 
 def _is_launched_rank() -> bool:
-    """A DDP rank other than the first, started by a launcher: rank zero speaks for it."""
-    return os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0"
+    """A DDP rank other than the first, started by a launcher (or a task other than the
+    first that ``srun`` started): rank zero speaks for it."""
+    ranks = ("LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+    return any(os.environ.get(variable, "0") != "0" for variable in ranks)
 
 
 @contextmanager
