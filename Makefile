@@ -11,12 +11,13 @@ LOWEST_VENV := .venv-lowest
 LOWEST_STAMP := $(LOWEST_VENV)/.installed
 
 # What the lowest versions must run: the exactness contract, the training stream, the losses, the
-# metrics against their references, fit / extract / eval / annotate / generate on tiny models and
-# the review exports read back by their SDKs, less the long multi-process, kill-and-resume and
-# real-subset runs that the full suite covers.
+# metrics against their references, fit / extract / eval / annotate / generate on tiny models, the
+# review exports read back by their SDKs and the SAM+CLIP baseline, less the long multi-process,
+# kill-and-resume and real-subset runs that the full suite covers.
 COMPAT_TESTS := tests/test_amg.py tests/test_training_stream.py tests/test_losses.py \
-	tests/test_metric_references.py tests/test_fit.py tests/test_extract.py tests/test_eval_cli.py \
-	tests/test_annotate.py tests/test_generate.py tests/test_review_exports.py
+	tests/test_metric_references.py tests/test_fit.py tests/test_extract.py \
+	tests/test_eval_cli.py tests/test_annotate.py tests/test_generate.py \
+	tests/test_review_exports.py tests/test_clip_baseline.py
 COMPAT_LEFT_OUT := other_kernels or ddp or kill or real_subsets or full_shuffle or \
 	resume_after_a_crash or resumes_after or makes_masks_the_way or demo_runs or safety
 
