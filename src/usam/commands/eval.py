@@ -8,16 +8,21 @@ and the shard set's path is printed (the evaluation callback of ``usam.fit``
 reads it). ``baseline=sam3`` scores SAM 3's own detections instead, written to
 ``sam3_detections/`` in the run folder. Results go to the Hydra run directory:
 ``metrics.json``, ``per_class.csv``, ``overlays/*.png``, ``sweep.csv`` and ``sweep.png``.
+``trainer.devices=N`` scores the shard set over N DDP ranks that Lightning starts, with the
+metrics of one process (a set too large for one within the process group's timeout).
 """
 
 from __future__ import annotations
 
 import logging
+import pickle
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
+from lightning.fabric import Fabric
 from omegaconf import DictConfig
 
 from usam.cli import command_line_sets
@@ -28,6 +33,7 @@ from usam.core.config import ConfigError, settings_from_config
 from usam.core.devices import resolve_device
 from usam.core.provenance import report
 from usam.data.extraction import ExtractSettings
+from usam.data.rank_shares import RankShare
 from usam.data.sources import ImageSource
 from usam.evaluation.clip_baseline import ClipSettings, clip_predictor
 from usam.evaluation.metrics import format_scalars
@@ -71,6 +77,40 @@ def _baseline(
     clip = settings_from_config(ClipSettings, cfg.baseline.clip, "baseline.clip")
     predictor = clip_predictor(clip, source, settings, device)
     return predictor, None, {"baseline": cfg.baseline.name, "clip": asdict(clip)}
+
+
+def _ranks(cfg: DictConfig) -> int:
+    """``trainer.devices``, checked before anything is extracted."""
+    devices = cfg.trainer.devices
+    if not isinstance(devices, int) or isinstance(devices, bool) or devices < 1:
+        raise ConfigError(f"trainer.devices={devices!r} must be a whole number of ranks >= 1")
+    return devices
+
+
+def _score(
+    cfg: DictConfig, shards: Any, predictor: Predictor, options: dict[str, Any]
+) -> Evaluation:
+    """The evaluation in this process, or over ``trainer.devices`` DDP ranks that Lightning
+    starts, each scoring its share; the metrics reduce over them, so rank zero's evaluation
+    is the one-process result, and only this process writes the outputs."""
+    devices = _ranks(cfg)
+    if devices == 1:
+        return evaluate(shards, predictor, progress=True, **options)
+    fabric = Fabric(accelerator=cfg.trainer.accelerator, devices=devices, strategy="ddp_spawn")
+    # Lightning walks a spawned rank's arguments and result as collections, refusing frozen
+    # dataclasses (the settings): the arguments travel bound, rank zero's result pickled
+    return pickle.loads(fabric.launch(partial(_score_share, shards, predictor, options)))
+
+
+def _score_share(
+    shards: Any, predictor: Predictor, options: dict[str, Any], fabric: Fabric
+) -> bytes:
+    """One rank's part of :func:`_score`, on that rank's device: its pickled evaluation."""
+    predictor.head.to(fabric.device)
+    predictor.device = fabric.device
+    share = RankShare(fabric.global_rank, fabric.world_size)
+    evaluation = evaluate(shards, predictor, share=share, progress=fabric.is_global_zero, **options)
+    return pickle.dumps(evaluation)
 
 
 def _log_to_wandb(cfg: DictConfig, evaluation: Evaluation, out_dir: Path) -> None:
@@ -118,6 +158,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     amg = settings_from_config(AmgSettings, cfg.amg, "amg")
     extract = settings_from_config(ExtractSettings, cfg.extract, "extract")
     device = resolve_device(cfg.device, "device")
+    _ranks(cfg)
     vocabulary = None
     shards = None  # SAM 3 brings its own masks; the others score SAM's automatic ones
     if cfg.get("baseline"):
@@ -136,15 +177,8 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         print(f"evaluation shard set ready: {ready}")
         return None
     shards = shards or eval_data_shards(cfg, source, sam, amg, extract)
-    evaluation = evaluate(
-        shards,
-        predictor,
-        vocabulary=vocabulary,
-        sweep=threshold_grid(cfg),
-        num_samples=cfg.num_overlays,
-        source=source,
-        progress=True,
-    )
+    options = {"vocabulary": vocabulary, "sweep": threshold_grid(cfg), "source": source}
+    evaluation = _score(cfg, shards, predictor, options | {"num_samples": cfg.num_overlays})
     out_dir = Path(cfg.paths.output_dir)
     extra |= {"eval_data": cfg.eval_data.name, "shards": str(shards)}
     metrics_path = write_outputs(evaluation, out_dir, extra)
