@@ -137,8 +137,10 @@ def test_semantic_pngs_are_16_bit_past_254_classes_and_palette_otherwise(tmp_pat
         assert png.mode == "P" and np.array(png).tolist() == small.tolist()
     image = np.full((1, 4, 3), 90, np.uint8)
     save_overlay(image, wide, CLASSES, tmp_path / "overlay.jpg")  # labels past the palette
-    with Image.open(tmp_path / "overlay.jpg") as overlay:
-        assert overlay.width == 4 and overlay.height > 1
+    save_overlay(image[:, :3], small, CLASSES[:20], tmp_path / "voc_overlay.jpg")
+    for name, width in (("overlay.jpg", 4), ("voc_overlay.jpg", 3)):
+        with Image.open(tmp_path / name) as overlay:
+            assert overlay.width == width and overlay.height > 1
 
 
 SEED = 5

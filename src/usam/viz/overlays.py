@@ -39,7 +39,7 @@ PALETTE = voc_palette()
 
 def colorize(labels: np.ndarray) -> np.ndarray:
     """(H, W, 3) uint8 colours of a label map."""
-    return PALETTE[np.asarray(labels) % len(PALETTE)]  # colours repeat past 255 labels
+    return PALETTE[np.asarray(labels, dtype=np.int64) % len(PALETTE)]  # repeat past 255
 
 
 def blend(image: np.ndarray, labels: np.ndarray, alpha: float = 0.6) -> np.ndarray:
@@ -74,7 +74,7 @@ def legend_strip(labels: Sequence[int], names: Sequence[str], width: int) -> Ima
     for row_index, row in enumerate(rows):
         x, y = 4, 4 + row_index * (_SWATCH + 6)
         for label, name, span in row:
-            colour = tuple(PALETTE[label % len(PALETTE)].tolist())
+            colour = tuple(PALETTE[int(label) % len(PALETTE)].tolist())
             draw.rectangle([x, y, x + _SWATCH, y + _SWATCH], fill=colour)
             draw.text((x + _SWATCH + 4, y), name, fill=_TEXT, font=font)
             x += span
