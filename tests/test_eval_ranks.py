@@ -8,16 +8,21 @@ import json
 import math
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
+import torch
 from lightning.fabric import Fabric
 from PIL import Image
 from pycocotools import mask as mask_utils
 
 from usam.commands.eval import run
 from usam.core.config import ConfigError
+from usam.core.vocabulary import load_vocabulary
+from usam.data.datamodule import ShardDataModule
 from usam.data.eval_datasets import VOCSegmentation, load_ground_truth
 from usam.data.rank_shares import RankShare
+from usam.evaluation.callback import EvaluationCallback
 from usam.evaluation.scoring import EvaluationError, evaluate
 from usam.formats.embedding_shards import (
     ImageRecord,
@@ -27,9 +32,11 @@ from usam.formats.embedding_shards import (
     read_manifest,
 )
 from usam.inference.predictor import InferenceSettings, Predictor
+from usam.testing.synthetic import write_synthetic_shard_set
+from usam.train.lightning_modules import TeacherModule
 
 from helpers.commands import TINY_EVAL, compose_config, run_python
-from helpers.evaluation import GRID, head_checkpoint, write_voc
+from helpers.evaluation import FAST, GRID, head_checkpoint, peaky, write_voc
 
 LOW = InferenceSettings(confidence_threshold=0.3, nms_iou=0.5)
 TOLERANCE = 1e-6  # float32 sums reduced in another order
@@ -221,3 +228,42 @@ def test_a_rank_count_that_is_no_whole_number_is_refused_before_extraction(
     with pytest.raises(ConfigError, match=f"trainer.devices={shown} must"):
         run(cfg)
     assert not list(tmp_path.rglob("manifest.json"))  # nothing extracted
+
+
+def test_the_callback_on_two_ranks_logs_the_one_process_scores(five_images, tmp_path):
+    """``Trainer.validate`` with the callback on 2 spawned ranks and on one process: the
+    same ``val/*`` scores, each rank scoring a share and reducing."""
+    voc, shards, _ = five_images
+    for split in ("train", "val"):
+        write_synthetic_shard_set(
+            tmp_path / split, classes="voc20", split=split, images_per_class=1, seed=1
+        )
+    torch.manual_seed(0)
+    module = peaky(TeacherModule(list(load_vocabulary("voc20").classes), sam_model_type="tiny"))
+    logged = {}
+    for devices, strategy in ((1, "auto"), (2, "ddp_spawn")):
+        callback = EvaluationCallback(
+            shards,
+            VOCSegmentation(voc, "val"),
+            inference=LOW,
+            num_overlays=0,
+            output_dir=tmp_path / f"eval{devices}",
+        )
+        trainer = L.Trainer(
+            callbacks=[callback], logger=False, devices=devices, strategy=strategy, **FAST
+        )
+        datamodule = ShardDataModule(  # a fresh one: a spawned rank takes it unset
+            "voc20",
+            str(tmp_path / "train"),
+            str(tmp_path / "val"),
+            source="synthetic",
+            sam_model_type="tiny",
+            batch_size=4,
+        )
+        trainer.validate(module, datamodule=datamodule)
+        scores = {k: float(v) for k, v in trainer.callback_metrics.items() if k != "val/loss"}
+        logged[devices] = scores
+    assert {"val/mIoU", "val/mAP50", "val/mAP50-95", "val/iou/person"} <= logged[1].keys()
+    assert_close(logged[2], logged[1])
+    written = [json.loads(p.read_text()) for p in tmp_path.glob("eval*/val-*/metrics.json")]
+    assert len(written) == 2 and written[0]["images"] == written[1]["images"] == 5

@@ -10,11 +10,10 @@ Overlays of a fixed sample of images go to W&B as a table, or to PNGs under
 ``output_dir`` when no W&B logger is attached; the test-time results (the final
 head) are always written there as well.
 
-Under DDP the evaluation runs on rank zero only, while the other ranks wait, and
-the scores are broadcast so every rank logs the same values: the head is small
-and the work is mask decoding and COCO matching, which a split would not make
-worth the bookkeeping. A very large eval set must finish within the process
-group's timeout (Lightning's default: 30 minutes).
+Under DDP every rank scores its share of the images (the loaders' rule), and the metric
+collection reduces over the ranks, so every rank logs the one-process values and a large
+set (COCO val2017) finishes in a world_size-th of the time, within the process group's
+timeout; files, W&B tables and overlays (of rank zero's images) come from rank zero.
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from usam.core.config import ConfigError
 from usam.core.vocabulary import Vocabulary
+from usam.data.rank_shares import RankShare
 from usam.data.sources import ImageSource
 from usam.evaluation.reports import log_to_wandb, write_outputs
 from usam.evaluation.scoring import Evaluation, check_eval_set, evaluate, resolve_vocabulary
@@ -91,28 +91,24 @@ class EvaluationCallback(Callback):
         self._run(trainer, pl_module, "test")
 
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, prefix: str) -> None:
-        evaluation = None
-        scores: dict[str, float] | None = None
-        if trainer.is_global_zero:
-            head = pl_module.head
-            was_training = head.training
-            head.eval()
-            try:
-                evaluation = evaluate(
-                    self.shards_dir,
-                    self._predictor(trainer, pl_module),
-                    vocabulary=self.vocabulary,
-                    num_samples=self.num_overlays,
-                    source=self.source,
-                )
-            finally:
-                head.train(was_training)
-            scores = _scores(evaluation)
-        scores = trainer.strategy.broadcast(scores, src=0)
-        for name, value in scores.items():
-            # equal on every rank; sync_dist only keeps Lightning's DDP check quiet
+        head = pl_module.head
+        was_training = head.training
+        head.eval()
+        try:
+            evaluation = evaluate(
+                self.shards_dir,
+                self._predictor(trainer, pl_module),
+                vocabulary=self.vocabulary,
+                num_samples=self.num_overlays,
+                source=self.source,
+                share=RankShare(trainer.global_rank, trainer.world_size),
+            )
+        finally:
+            head.train(was_training)
+        for name, value in _scores(evaluation).items():
+            # reduced, so equal on every rank; sync_dist only keeps Lightning's DDP check quiet
             pl_module.log(f"{prefix}/{name}", value, sync_dist=True)
-        if evaluation is not None:
+        if trainer.is_global_zero:
             self._publish(trainer, evaluation, prefix)
 
     def _publish(self, trainer: L.Trainer, evaluation: Evaluation, prefix: str) -> None:
