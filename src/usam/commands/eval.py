@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import tempfile
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -97,20 +98,26 @@ def _score(
     if devices == 1:
         return evaluate(shards, predictor, progress=True, **options)
     fabric = Fabric(accelerator=cfg.trainer.accelerator, devices=devices, strategy="ddp_spawn")
-    # Lightning walks a spawned rank's arguments and result as collections, refusing frozen
-    # dataclasses (the settings): the arguments travel bound, rank zero's result pickled
-    return pickle.loads(fabric.launch(partial(_score_share, shards, predictor, options)))
+    # Lightning walks a spawned rank's arguments as collections, refusing frozen dataclasses
+    # (the settings), so they travel bound; rank zero's evaluation comes back through a file,
+    # since the launcher's result pipe blocks on anything larger than its buffer (overlays)
+    with tempfile.TemporaryDirectory() as handoff:
+        result = Path(handoff) / "evaluation.pkl"
+        fabric.launch(partial(_score_share, shards, predictor, options, result))
+        return pickle.loads(result.read_bytes())
 
 
 def _score_share(
-    shards: Any, predictor: Predictor, options: dict[str, Any], fabric: Fabric
-) -> bytes:
-    """One rank's part of :func:`_score`, on that rank's device: its pickled evaluation."""
+    shards: Any, predictor: Predictor, options: dict[str, Any], result: Path, fabric: Fabric
+) -> None:
+    """One rank's part of :func:`_score`, on that rank's device; rank zero writes its
+    evaluation to ``result``."""
     predictor.head.to(fabric.device)
     predictor.device = fabric.device
     share = RankShare(fabric.global_rank, fabric.world_size)
     evaluation = evaluate(shards, predictor, share=share, progress=fabric.is_global_zero, **options)
-    return pickle.dumps(evaluation)
+    if fabric.is_global_zero:
+        result.write_bytes(pickle.dumps(evaluation))
 
 
 def _log_to_wandb(cfg: DictConfig, evaluation: Evaluation, out_dir: Path) -> None:
