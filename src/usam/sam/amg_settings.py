@@ -23,6 +23,7 @@ from usam.core.config import settings_from_config
 from usam.core.errors import UsageError
 
 PROPOSALS = ("filtered", "one_per_point")
+TUNINGS = ("auto", "cpu", "gpu")
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -52,9 +53,18 @@ class AmgSettings:
     hq_token_only: bool = False
     multimask_output: bool = True
     precision: str = "fp32"  # fp32 | bf16 (see the module docstring)
+    # The device the engine's work is laid out for (usam.sam.mask_engine): gpu decodes and
+    # finishes each batch of points_per_batch points at once; cpu decodes one point at a
+    # time and runs the ViT encoder's attention in cache-sized pieces; auto: the model's.
+    # The masks are the same within the exactness contract.
+    tuned_for: str = "auto"
 
     def __post_init__(self) -> None:
         self._check_proposals()
+        if self.tuned_for not in TUNINGS:
+            raise AmgSettingsError(
+                f"amg.tuned_for={self.tuned_for!r} is not one of {', '.join(TUNINGS)}"
+            )
         if self.precision not in PRECISIONS:
             raise AmgSettingsError(
                 f"amg.precision={self.precision!r} is not one of {', '.join(PRECISIONS)}"
@@ -125,6 +135,7 @@ class AmgSettings:
         the model's own precision.
         """
         kwargs = asdict(self)
-        for engine_only in ("proposals", "hq_token_only", "multimask_output", "precision"):
+        usam_only = ("proposals", "hq_token_only", "multimask_output", "precision", "tuned_for")
+        for engine_only in usam_only:
             del kwargs[engine_only]
         return kwargs

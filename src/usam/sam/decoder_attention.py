@@ -19,8 +19,8 @@ relative, far inside the bounds):
   arithmetic).
 
 The token side (small products over 7 tokens) sees the whole point batch, as in the
-official decoder; the image side runs ``chunk`` points at a time so that it stays in
-cache on a CPU.
+official decoder; the image side runs ``chunk`` points at a time: one on a CPU, so that it
+stays in cache, the whole batch on a GPU, so that each step is one kernel for all points.
 
 Under bf16 autocast (``amg.precision: bf16``) the image side runs in bfloat16: the image
 embedding, the dense prompt and the tokens are cast at the entry, and what autocast hands
@@ -205,8 +205,7 @@ def _image_to_tokens(module, norm, chunks, side, k_tokens, v_tokens, *, shared: 
         shape = (n, heads * n_tokens, keys.shape[1])
         logits = side.buffer("logits", shape, keys)
         if shared:
-            for j in range(n):
-                torch.bmm(k[start + j], q, out=logits[j].view(heads, n_tokens, -1))
+            _against_shared_queries(k[start:stop], q, logits)
         else:
             torch.baddbmm(
                 bias[start:stop], k_q[start:stop], side.with_pe(keys).transpose(1, 2), out=logits
@@ -221,6 +220,19 @@ def _image_to_tokens(module, norm, chunks, side, k_tokens, v_tokens, *, shared: 
         updated.append(_layer_norm(norm, out, store[start:stop], side))
         start = stop
     return updated
+
+
+def _against_shared_queries(k: torch.Tensor, q: torch.Tensor, logits: torch.Tensor) -> None:
+    """The token keys ``k`` (points, heads, tokens, d) against the image's queries ``q``
+    (heads, d, h * w), into ``logits`` (points, heads * tokens, h * w): one product per head
+    over the tokens of every point of the pass."""
+    n, heads, n_tokens, head_dim = k.shape
+    rows = k.transpose(0, 1).reshape(heads, n * n_tokens, head_dim)
+    if n == 1:  # the buffer's layout already
+        torch.bmm(rows, q, out=logits.view(heads, n_tokens, -1))
+    else:
+        by_head = torch.bmm(rows, q).view(heads, n, n_tokens, -1)
+        logits.view(n, heads, n_tokens, -1).copy_(by_head.transpose(0, 1))
 
 
 def _layer_norm(norm: torch.nn.LayerNorm, x: torch.Tensor, out: torch.Tensor, side):

@@ -12,7 +12,7 @@ SAM's single-mask output plus the HQ mask; with ``hq_token_only`` the HQ mask al
 predicted IoU of the output chosen.
 
 :class:`HqMaskEngine` runs that computation under the exactness contract of
-``usam.sam.mask_engine`` with SAM 1's per-point decoder (``usam.sam.point_decoder``):
+``usam.sam.mask_engine`` with SAM 1's point decoder (``usam.sam.point_decoder``):
 the HQ token rides along in the two-way transformer, and the HQ fusion is added to the
 shared upscaling only for the points some mask of which passed the IoU filter.
 
@@ -82,8 +82,8 @@ def require(model_type: str) -> None:
 class HqEncoderPredictor(EncoderPredictor):
     """The image embedding, and the HQ features the decoder's HQ token reads, per image.
 
-    A ViT encoder runs in pieces on CPU (``usam.sam.image_encoder``), the TinyViT as it
-    is. HQ-SAM's decoder computes the HQ features in every call from the same image
+    A ViT encoder runs in pieces while ``in_pieces`` (``usam.sam.image_encoder``), the
+    TinyViT as it is. HQ-SAM's decoder computes the HQ features in every call from the same image
     embedding and first global block's output; here they are computed once per image.
     """
 
@@ -93,7 +93,7 @@ class HqEncoderPredictor(EncoderPredictor):
         self.original_size = original_image_size
         self.input_size = tuple(transformed_image.shape[-2:])
         encoder, images = self.model.image_encoder, self.model.preprocess(transformed_image)
-        if hasattr(encoder, "blocks") and images.device.type == "cpu":
+        if hasattr(encoder, "blocks") and self.in_pieces:
             self.features, interm = encode_vit(encoder, images)
         else:
             self.features, interm = encoder(images)
@@ -107,18 +107,18 @@ class HqEncoderPredictor(EncoderPredictor):
 
 @dataclass(frozen=True)
 class HqDecodedPoints(DecodedPoints):
-    """The per-point decoder's outputs plus which SAM output each point's mask is built on."""
+    """The point decoder's outputs plus which SAM output each point's mask is built on."""
 
     sam_output: torch.Tensor  # (points,) int64: 0 single-mask, 1..3 multimask
 
 
 class HqPointDecoder(PointDecoder):
-    """SAM 1's per-point decoder with HQ-SAM's output token and mask fusion."""
+    """SAM 1's point decoder with HQ-SAM's output token and mask fusion."""
 
     def __init__(
-        self, predictor: HqEncoderPredictor, *, chunk: int, hq_token_only: bool, multimask: bool
+        self, predictor: HqEncoderPredictor, *, hq_token_only: bool, multimask: bool
     ) -> None:
-        super().__init__(predictor, chunk=chunk)
+        super().__init__(predictor)
         self.hq_token_only = hq_token_only
         self.multimask = multimask
 
@@ -126,10 +126,11 @@ class HqPointDecoder(PointDecoder):
         hq_token = self.predictor.model.mask_decoder.hf_token.weight
         return torch.cat([super().output_tokens(), hq_token], dim=0)
 
-    def decode(self, points: np.ndarray, crop_size) -> HqDecodedPoints:
-        """Scores as ``MaskDecoderHQ.forward`` selects them, the tokens in the shard layout."""
+    def decode(self, points: np.ndarray, crop_size, *, per_pass: int = 1) -> HqDecodedPoints:
+        """Scores as ``MaskDecoderHQ.forward`` selects them, the tokens in the shard layout
+        and ``multimask`` as the module docstring states it."""
         decoder = self.predictor.model.mask_decoder
-        hs, chunks = self.transformer_outputs(points, crop_size)
+        hs, chunks = self.transformer_outputs(points, crop_size, per_pass)
         iou_preds = decoder.iou_prediction_head(hs[:, 0, :])
         out_tokens = hs[:, 1 : 1 + decoder.num_mask_tokens, :]  # SAM's four, then the HQ token
         mlps = [*decoder.output_hypernetworks_mlps, decoder.hf_mlp]
@@ -140,7 +141,12 @@ class HqPointDecoder(PointDecoder):
             scores, best = torch.max(iou_preds[:, 1 : decoder.num_mask_tokens - 1], dim=1)
             sam_output = best + 1
         else:
-            scores, sam_output = iou_preds[:, 0], torch.zeros(len(hs), dtype=torch.int64)
+            scores = iou_preds[:, 0]
+            sam_output = torch.zeros(len(hs), dtype=torch.int64, device=hs.device)
+        if self.hq_token_only or not self.multimask:  # the mask's own token is the HQ token
+            multimask = torch.full_like(sam_output, -1)
+        else:
+            multimask = sam_output - 1
         tokens = torch.cat([out_tokens[:, -1:], out_tokens[:, 1:-1]], dim=1)
         return HqDecodedPoints(
             iou_preds=scores[:, None].float(),
@@ -149,7 +155,8 @@ class HqPointDecoder(PointDecoder):
             image_keys=chunks,
             image_shape=tuple(self.predictor.features.shape[1:]),
             decoder=self,
-            sam_output=sam_output.to(hs.device),
+            multimask=multimask[:, None],
+            sam_output=sam_output,
         )
 
     def mask_logits(self, decoded: HqDecodedPoints, idx: torch.Tensor, keys: torch.Tensor):
@@ -165,7 +172,8 @@ class HqPointDecoder(PointDecoder):
         if self.hq_token_only:
             return masks_hq
         masks_sam = (hyper_in[:, :-1] @ upscaled.view(n, c, h * w)).view(n, -1, h, w)
-        chosen = masks_sam[torch.arange(n), decoded.sam_output[idx]].unsqueeze(1)
+        rows = torch.arange(n, device=masks_sam.device)
+        chosen = masks_sam[rows, decoded.sam_output[idx]].unsqueeze(1)
         return chosen + masks_hq
 
 
@@ -178,16 +186,13 @@ class HqMaskEngine(AutomaticMaskEngine):
 
     has_hq_outputs = True
 
-    def __init__(
-        self, model: torch.nn.Module, settings: AmgSettings | None = None, *, decoder_chunk: int = 1
-    ) -> None:
-        super().__init__(model, settings, decoder_chunk=decoder_chunk)
+    def __init__(self, model: torch.nn.Module, settings: AmgSettings | None = None) -> None:
+        super().__init__(model, settings)
         self.hq_token_only = self.settings.hq_token_only
         self.multimask_output = self.settings.multimask_output
         self.predictor = HqEncoderPredictor(model)
         self.decoder = HqPointDecoder(
             self.predictor,
-            chunk=decoder_chunk,
             hq_token_only=self.hq_token_only,
             multimask=self.multimask_output,
         )
@@ -226,18 +231,6 @@ class HqMaskEngine(AutomaticMaskEngine):
             return np.repeat(out, 3, axis=0)
 
         return logits
-
-    def _finish_masks(self, batch, low_res, sel):
-        """The shared filters, then ``multimask`` as the module docstring states it (the
-        shared code records output 0 of a point's single output)."""
-        found = super()._finish_masks(batch, low_res, sel)
-        row_of = {tuple(p): i for i, p in enumerate(batch.points.tolist())}
-        rows = torch.tensor([row_of[tuple(p)] for p in found.points.tolist()], dtype=torch.int64)
-        if self.hq_token_only or not self.multimask_output:
-            found.multimask = torch.full((len(rows),), -1, dtype=torch.int8)
-        else:
-            found.multimask = (batch.decoded.sam_output.cpu()[rows] - 1).to(torch.int8)
-        return found
 
 
 def encoder_shape(state_dict: dict[str, Any]) -> EncoderShape | None:

@@ -27,12 +27,13 @@ from segment_anything.modeling.image_encoder import (
 _LOGITS_PER_PIECE = 1 << 20  # attention logits computed at once: 4 MB of float32
 
 
-def encode_image(encoder: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Image embeddings of preprocessed ``images``. Other encoders (MobileSAM's TinyViT),
-    and any encoder off the CPU, run as they are: the pieces are sized for CPU caches,
-    and on a GPU they would only add kernel launches (not measured there).
+def encode_image(encoder: torch.nn.Module, images: torch.Tensor, *, in_pieces: bool = True):
+    """Image embeddings of preprocessed ``images``, a ViT's computed in pieces when
+    ``in_pieces`` (the engine's CPU layout, ``amg.tuned_for``). Other encoders (MobileSAM's
+    TinyViT), and a ViT laid out for a GPU, run as they are: the pieces are sized for CPU
+    caches, and on a GPU they would only add kernel launches.
     """
-    if not isinstance(encoder, ImageEncoderViT) or images.device.type != "cpu":
+    if not in_pieces or not isinstance(encoder, ImageEncoderViT):
         return encoder(images)
     return encode_vit(encoder, images)[0]
 
@@ -52,7 +53,10 @@ def encode_vit(encoder: torch.nn.Module, images: torch.Tensor):
 
 
 class EncoderPredictor(SamPredictor):
-    """``SamPredictor`` whose image embedding comes from :func:`encode_image`."""
+    """``SamPredictor`` whose image embedding comes from :func:`encode_image`, in pieces
+    while ``in_pieces`` (the engine sets it for each image)."""
+
+    in_pieces = True
 
     @torch.no_grad()
     def set_torch_image(self, transformed_image: torch.Tensor, original_image_size) -> None:
@@ -66,7 +70,9 @@ class EncoderPredictor(SamPredictor):
         self.original_size = original_image_size
         self.input_size = tuple(transformed_image.shape[-2:])
         self.features = encode_image(
-            self.model.image_encoder, self.model.preprocess(transformed_image)
+            self.model.image_encoder,
+            self.model.preprocess(transformed_image),
+            in_pieces=self.in_pieces,
         )
         self.is_image_set = True
 

@@ -90,7 +90,8 @@ def clean_small_regions(
     for i in keep.tolist():
         if scores[i] == 0.0:
             whole = [0, 0, width, height]
-            data.rles[i] = encode_rles(stacked[i : i + 1], whole, (height, width))[0]
+            column_major = stacked[i : i + 1].transpose(1, 2).contiguous().numpy()
+            data.rles[i] = encode_rles(column_major, whole, (height, width))[0]
             data.boxes[i] = boxes[i]
             data.areas[i] = stacked[i].sum()
     return data.select(keep)
@@ -132,16 +133,17 @@ def near_crop_edge(boxes, crop_box, orig_size) -> torch.Tensor | None:
     return (near_crop & ~near_image).any(dim=1)
 
 
-def encode_rles(masks: torch.Tensor, crop_box, orig_size) -> list[str]:
-    """COCO RLE counts of binary masks, placed into the full image when they come from a crop."""
-    if len(masks) == 0:
+def encode_rles(column_major: np.ndarray, crop_box, orig_size) -> list[str]:
+    """COCO RLE counts of binary masks given as (N, W, H), each mask's columns in a row
+    (Fortran order, what pycocotools reads), placed into the full image when they come
+    from a crop."""
+    if len(column_major) == 0:
         return []
-    masks = masks.cpu()
     if list(crop_box) != [0, 0, orig_size[1], orig_size[0]]:
         x0, y0, x1, y1 = crop_box
-        full = torch.zeros(len(masks), *orig_size, dtype=torch.bool)
-        full[:, y0:y1, x0:x1] = masks
-        masks = full
-    # (N, W, H) C-order is (H, W, N) Fortran order, what pycocotools wants, without a copy.
-    fortran = masks.transpose(1, 2).contiguous().numpy().view(np.uint8).transpose(2, 1, 0)
+        full = np.zeros((len(column_major), orig_size[1], orig_size[0]), dtype=bool)
+        full[:, x0:x1, y0:y1] = column_major
+        column_major = full
+    # (N, W, H) C-order is (H, W, N) Fortran order, without a copy.
+    fortran = column_major.view(np.uint8).transpose(2, 1, 0)
     return [rle["counts"].decode("ascii") for rle in mask_utils.encode(fortran)]

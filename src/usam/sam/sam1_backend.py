@@ -29,7 +29,8 @@ Where the time goes and what is done about it:
   official one (``usam.sam.image_encoder``): about 3x faster than it on an Intel CPU,
   1.5-2.6x on the 2-core AMD EPYC, where others' memory traffic slows the official one.
 * The mask decoder's image side (4096 x 256 values per point for the 1024-pixel models)
-  runs one point at a time so that it stays in cache, with the attention projections
+  runs one point at a time on a CPU so that it stays in cache (the whole batch at once on
+  a GPU: ``amg.tuned_for``), with the attention projections
   folded into the 7 tokens and the first layer's image projections made once per image
   (``usam.sam.decoder_attention``), and the upscaling as matrix products
   (``usam.sam.mask_upscaling``): for vit_b 1.81 GFLOP per point, transformer and
@@ -72,16 +73,13 @@ from usam.sam.point_decoder import PointDecoder
 
 class AutomaticMaskEngine(PointGridEngine):
     """SAM 1 (vit_h/l/b, MobileSAM, the tiny test SAM): the official generator's
-    computation, with the piecewise encoder and the per-point decoder.
+    computation, with the piecewise encoder on a CPU and the point decoder
+    (``usam.sam.point_decoder.PointDecoder``)."""
 
-    ``decoder_chunk``: points per pass of the decoder's image-side work
-    (``usam.sam.point_decoder.PointDecoder``).
-    """
-
-    def __init__(self, sam: Sam, settings: AmgSettings | None = None, *, decoder_chunk: int = 1):
+    def __init__(self, sam: Sam, settings: AmgSettings | None = None):
         super().__init__(sam, settings)
         self.predictor = EncoderPredictor(sam)
-        self.decoder = PointDecoder(self.predictor, chunk=decoder_chunk)
+        self.decoder = PointDecoder(self.predictor)
 
     @property
     def token_dim(self) -> int:
@@ -102,19 +100,24 @@ class AutomaticMaskEngine(PointGridEngine):
         return SamPredictor(self.model)
 
     def set_image(self, crop: np.ndarray) -> None:
+        self.predictor.in_pieces = self.tuning == "cpu"
         self.predictor.set_image(crop)
 
     def reset_image(self) -> None:
         self.predictor.reset_image()
 
     def decode(self, points: np.ndarray, crop_size: tuple[int, int]) -> DecodedBatch:
-        return self.decoder.decode(points, crop_size)
+        return self.decoder.decode(points, crop_size, per_pass=self.points_per_pass)
 
     def upsample(self, low_res: torch.Tensor) -> torch.Tensor:
         predictor = self.predictor
         return self.model.postprocess_masks(
             low_res[:, None], predictor.input_size, predictor.original_size
         )[:, 0]
+
+    def upsampling_pixels(self, crop_size: tuple[int, int]) -> int:
+        """SAM 1's upsampling passes through the encoder's square input (1024 x 1024)."""
+        return max(super().upsampling_pixels(crop_size), self.model.image_encoder.img_size**2)
 
 
 URL_BASE = "https://dl.fbaipublicfiles.com/segment_anything/"

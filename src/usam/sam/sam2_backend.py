@@ -11,8 +11,9 @@ files directly and undoes that initialisation.
 filters, NMS; ``use_m2m`` off, multimask on), under the same contract as the SAM 1
 engine (``usam.sam.mask_engine``). Its decoder runs as the SAM 1 engine's does
 (``usam.sam.decoder_attention``): the two-way transformer's token side on the official
-point batch, its image side (4096 x 256 values per point) one point at a time so that it
-stays in cache, with SAM 2's fused attention kernel. That gives the predicted IoUs and
+point batch, its image side (4096 x 256 values per point) one point at a time on a CPU so
+that it stays in cache and the whole batch at once on a GPU (``amg.tuned_for``), with
+SAM 2's fused attention kernel. That gives the predicted IoUs and
 the four mask tokens (``hs[:, s + 1 : s + 5]`` after the object-score token, 4 x 256
 values, the same layout as SAM 1's); the upscaling with the high-resolution features,
 and the upsampling to the crop, run only for the points some mask of which passed the
@@ -25,7 +26,6 @@ where the extension is missing); the engine uses that same predictor code.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from importlib.resources import files
 from typing import Any
@@ -39,6 +39,7 @@ from usam.sam.backend_spec import EncoderShape, SamSpec
 from usam.sam.decoder_attention import ImageSides, two_way_transformer
 from usam.sam.mask_engine import PointGridEngine
 from usam.sam.mask_upscaling import blocked_high_res, masks_from, upscale
+from usam.sam.point_decoder import DecodedPoints
 
 MISSING = (
     "sam={model_type} needs Meta's sam2 package: "
@@ -93,28 +94,6 @@ def build(config_name: str, model_type: str, overrides: dict[str, Any] | None = 
     return instantiate(config.model, _recursive_=True)
 
 
-@dataclass(frozen=True)
-class Sam2DecodedPoints:
-    """The transformer's outputs for a batch of points; mask logits are made on request."""
-
-    iou_preds: torch.Tensor  # (points, 3) float32, the multimask outputs
-    tokens: torch.Tensor  # (points, 4 * 256) float32
-    hyper_in: torch.Tensor  # (points, 4, upscaled channels)
-    image_keys: list[torch.Tensor]  # per point (1, h * w, 256): the transformer's image side
-    image_shape: tuple[int, int, int]  # (channels, height, width) of the image embedding
-    high_res_features: tuple[torch.Tensor, torch.Tensor]  # (s0, s1) in the block layout
-    output_upscaling: torch.nn.Sequential
-
-    def low_res_masks(self, point_idx: torch.Tensor) -> torch.Tensor:
-        """Multimask low-res logits (len(point_idx), 3, h', w'), as SAM 2's decoder makes them."""
-        out = []
-        for j in point_idx.tolist():  # one point at a time, which stays in cache
-            upscaled = upscale(self.output_upscaling, self.image_keys[j], self.high_res_features)
-            masks = masks_from(upscaled, self.hyper_in[j : j + 1, 1:], self.image_shape[1:])
-            out.append(masks.float())
-        return torch.cat(out)
-
-
 class Sam2MaskEngine(PointGridEngine):
     """Automatic masks plus mask tokens of a SAM 2 model (``sam2.modeling.SAM2Base``)."""
 
@@ -161,8 +140,9 @@ class Sam2MaskEngine(PointGridEngine):
         self.predictor.reset_predictor()
         self._image = self._high_res = None
 
-    def decode(self, points: np.ndarray, crop_size: tuple[int, int]) -> Sam2DecodedPoints:
-        """``MaskDecoder.predict_masks`` up to the upscaling, its image side point by point."""
+    def decode(self, points: np.ndarray, crop_size: tuple[int, int]) -> DecodedPoints:
+        """``MaskDecoder.predict_masks`` up to the upscaling, its image side by pass of
+        ``points_per_pass`` points."""
         predictor, model = self.predictor, self.model
         decoder = model.sam_mask_decoder
         coords = predictor._transforms.transform_coords(
@@ -182,7 +162,7 @@ class Sam2MaskEngine(PointGridEngine):
         tokens = torch.cat((output_tokens, sparse), dim=1)
         image = self._image
         hs, chunks = two_way_transformer(
-            decoder.transformer, tokens, image, dense, self._sides, chunk=1
+            decoder.transformer, tokens, image, dense, self._sides, chunk=self.points_per_pass
         )
         mask_tokens = hs[:, first + 1 : first + 1 + decoder.num_mask_tokens, :]
         hyper_in = torch.stack(
@@ -190,15 +170,22 @@ class Sam2MaskEngine(PointGridEngine):
             dim=1,
         )
         iou_preds = decoder.iou_prediction_head(hs[:, first, :])
-        return Sam2DecodedPoints(
+        return DecodedPoints(
             iou_preds=iou_preds[:, 1:].float(),
             tokens=mask_tokens.flatten(1).float(),
             hyper_in=hyper_in,
             image_keys=chunks,
             image_shape=tuple(image.shape[1:]),
-            high_res_features=self._high_res,
-            output_upscaling=decoder.output_upscaling,
+            decoder=self,
+            multimask=torch.arange(3, device=hs.device).expand(len(hs), 3),
         )
+
+    def mask_logits(self, decoded: DecodedPoints, idx: torch.Tensor, keys: torch.Tensor):
+        """Multimask low-res logits (len(idx), 3, h', w') of points ``idx`` from their final
+        image keys, with the crop's high-resolution features, as SAM 2's decoder makes them."""
+        upscaling = self.model.sam_mask_decoder.output_upscaling
+        upscaled = upscale(upscaling, keys, self._high_res)
+        return masks_from(upscaled, decoded.hyper_in[idx, 1:], decoded.image_shape[1:])
 
     def upsample(self, low_res: torch.Tensor) -> torch.Tensor:
         transforms = self.predictor._transforms
