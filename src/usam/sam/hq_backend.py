@@ -165,8 +165,8 @@ class HqPointDecoder(PointDecoder):
         upscaled = upscale(decoder.output_upscaling, keys)
         upscaled = to_image_order(upscaled, decoded.image_shape[1:])
         n, c, h, w = upscaled.shape
-        hq_features = self.predictor.hq_features.repeat(n, 1, 1, 1)
-        upscaled_hq = decoder.embedding_maskfeature(upscaled) + hq_features
+        # the image's HQ features broadcast over the points, where HQ-SAM repeats them
+        upscaled_hq = decoder.embedding_maskfeature(upscaled) + self.predictor.hq_features
         hyper_in = decoded.hyper_in[idx]
         masks_hq = (hyper_in[:, -1:] @ upscaled_hq.view(n, c, h * w)).view(n, -1, h, w)
         if self.hq_token_only:

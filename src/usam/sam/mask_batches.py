@@ -10,6 +10,7 @@ the host (pycocotools' C encoder).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,24 +81,25 @@ class Finished:
 
 
 def finish(
-    logits: torch.Tensor,
+    low_res: torch.Tensor,
+    upsample: Callable[[torch.Tensor], torch.Tensor],
     numbers: list[torch.Tensor],
     threshold: float,
     settings: AmgSettings,
     crop_box: list[int],
     orig_size: tuple[int, int],
 ) -> Finished | None:
-    """Stability, binarisation, boxes and the crop-edge filter of a group of
-    full-resolution ``logits`` (masks, crop height, crop width) on their device; one copy
-    of the numbers to the host, one of the kept masks, column major as the RLE encoder
-    reads them. None when no mask is kept.
+    """Upsampling, stability, binarisation, boxes and the crop-edge filter of a group of
+    ``low_res`` logits on their device; one copy of the numbers to the host, one of the
+    kept masks, column major as the RLE encoder reads them. None when no mask is kept.
 
     ``numbers``: per mask its point's row in the batch, ``multimask`` and predicted IoU.
     """
     s = settings
+    logits = upsample(low_res)  # (masks, crop height, crop width)
     stability = stability_scores(logits, threshold, s.stability_score_offset)
     masks = logits > threshold
-    del logits  # the group's largest tensor, not needed past here
+    del logits  # the group's largest tensor, freed before the masks are copied
     boxes = mask_boxes(masks)
     if s.stability_score_thresh > 0.0:
         keep = stability >= s.stability_score_thresh

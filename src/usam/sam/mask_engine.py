@@ -373,9 +373,9 @@ class PointGridEngine(ABC):
         parts = []
         for i in range(0, len(low_res), group):
             part = slice(i, i + group)
-            logits = self.upsample(low_res[part])
             found = finish(
-                logits,
+                low_res[part],
+                self.upsample,
                 [n[part] for n in numbers],
                 self.mask_threshold,
                 self.settings,
