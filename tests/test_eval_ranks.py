@@ -25,7 +25,6 @@ from usam.data.rank_shares import RankShare
 from usam.evaluation.callback import EvaluationCallback
 from usam.evaluation.scoring import EvaluationError, evaluate
 from usam.formats.embedding_shards import (
-    ImageRecord,
     Manifest,
     ShardSetWriter,
     iter_records,
@@ -37,6 +36,7 @@ from usam.train.lightning_modules import TeacherModule
 
 from helpers.commands import TINY_EVAL, compose_config, run_python
 from helpers.evaluation import FAST, GRID, head_checkpoint, peaky, write_voc
+from helpers.shards import record_of_masks
 
 LOW = InferenceSettings(confidence_threshold=0.3, nms_iou=0.5)
 TOLERANCE = 1e-6  # float32 sums reduced in another order
@@ -93,23 +93,8 @@ def near_truth_set(source: VOCSegmentation, directory: Path) -> Path:
         for image in source:
             truth = load_ground_truth(image.ground_truth)
             masks = [m for i in truth.instances for m in (i.mask, np.roll(i.mask, (4, 7), (0, 1)))]
-            rles = [mask_utils.encode(np.asfortranarray(m.astype(np.uint8))) for m in masks]
-            count, (height, width) = len(masks), truth.semantic.shape
-            writer.write(
-                ImageRecord(
-                    key=image.key,
-                    height=height,
-                    width=width,
-                    embeddings=rng.standard_normal((count, 1024)).astype(np.float16),
-                    iou_preds=np.ones(count, np.float32),
-                    stability=np.ones(count, np.float32),
-                    boxes=np.zeros((count, 4), np.float32),
-                    points=np.zeros((count, 2), np.float32),
-                    multimask=np.zeros(count, np.int8),
-                    rles=[r["counts"].decode() for r in rles],
-                    ground_truth=image.ground_truth,
-                )
-            )
+            shape = truth.semantic.shape
+            writer.write(record_of_masks(image.key, masks, shape, image.ground_truth, rng))
     return directory
 
 

@@ -29,7 +29,6 @@ from usam.evaluation.scoring import (
     resolve_vocabulary,
 )
 from usam.formats.embedding_shards import (
-    ImageRecord,
     Manifest,
     ShardSetError,
     ShardSetWriter,
@@ -40,6 +39,7 @@ from usam.train.lightning_modules import TeacherModule
 from usam.viz.overlays import blend, voc_palette
 
 from helpers.evaluation import FAST, GRID, direct, head_checkpoint
+from helpers.shards import record_of_masks
 
 LOW = InferenceSettings(confidence_threshold=0.3, nms_iou=0.5)
 
@@ -85,23 +85,8 @@ def truth_mask_set(source: ImageSource, directory: Path, unseen: int | None = No
             background = truth.semantic == 0
             kept = [i.mask for i in truth.instances if i.label != unseen]
             masks = kept + [background] * bool(background.any())
-            rles = [mask_utils.encode(np.asfortranarray(m.astype(np.uint8))) for m in masks]
-            count, (height, width) = len(masks), truth.semantic.shape
-            writer.write(
-                ImageRecord(
-                    key=image.key,
-                    height=height,
-                    width=width,
-                    embeddings=rng.standard_normal((count, 1024)).astype(np.float16),
-                    iou_preds=np.ones(count, np.float32),
-                    stability=np.ones(count, np.float32),
-                    boxes=np.zeros((count, 4), np.float32),
-                    points=np.zeros((count, 2), np.float32),
-                    multimask=np.zeros(count, np.int8),
-                    rles=[r["counts"].decode() for r in rles],
-                    ground_truth=image.ground_truth,
-                )
-            )
+            shape = truth.semantic.shape
+            writer.write(record_of_masks(image.key, masks, shape, image.ground_truth, rng))
     return directory
 
 
