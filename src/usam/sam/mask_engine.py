@@ -51,8 +51,9 @@ Laid out for a CPU, the default there, the image side runs one point per pass, w
 point's 4096 x 256 image keys stay in cache, and the ViT encoder in cache-sized pieces
 (``usam.sam.image_encoder``); groups are smaller, larger ones only costing page faults.
 That is the faster layout on a CPU: on this project's 2-core CPU, one thread, a VOC photo
-at 16 x 16 points, vit_b (random weights) takes 14.0 s of CPU time against 24.4 s laid out
-for a GPU (every mask kept: 19.1 s against 28.7 s), the tiny SAM 1.06 s against 1.31 s.
+at 16 x 16 points, one mask per point, vit_b (random weights) takes 14.0 s of CPU time
+against 24.4 s laid out for a GPU (every mask kept: 16.4 s against 27.7 s), the tiny SAM
+1.11 s against 1.54 s (the best of runs alternating the two).
 """
 
 from __future__ import annotations
