@@ -54,7 +54,7 @@ def test_each_dependency_is_a_range_whose_lower_bound_the_lowest_run_pins():
     for requirement in RUNTIME + [r for extra in EXTRAS.values() for r in extra]:
         operators = {spec.operator for spec in requirement.specifier}
         assert operators <= {">=", "<"}, f"{requirement}: a range, not a pin"
-        lower_bound(requirement)
+        lower_bound(requirement)  # raises where the range has no lower bound
     for requirement in RUNTIME:
         name = canonicalize_name(requirement.name)
         assert lowest.get(name) == lower_bound(requirement), name
