@@ -4,7 +4,7 @@ counted on any machine, GPU or not.
 Every ATen op dispatched is counted (a ``TorchDispatchMode``): on a GPU each is about one
 kernel launch, some microseconds of host time however little work it does. Syncs, where
 the host waits until the device has drained its queue, are defined here once
-(:func:`sync_kind`, :class:`HostReads`):
+(:func:`sync_kind`, :class:`HostTensors`):
 
 * reading a value: ``item``, ``int`` or ``bool`` of a tensor (``_local_scalar_dense``,
   ``item``, ``is_nonzero``, ``equal``);
@@ -22,8 +22,8 @@ Both sides make the masks of one image with the same settings, by default every 
 kept (IoU and stability filters off, box NMS at 1), so that every point's three masks are
 finished. usam runs at its GPU settings (``amg.tuned_for=gpu``: the batch of
 ``points_per_batch`` points in one pass) and at its CPU ones (one point per pass, the ViT
-encoder in pieces), the official generator at ``points_per_batch``. The counts do not
-depend on the weights; without ``--checkpoint`` they are random.
+encoder in pieces), the official generator at ``points_per_batch``. With every mask kept
+the counts do not depend on the weights; without ``--checkpoint`` they are random.
 
     python benchmarks/op_counts.py --model vit_b
     python benchmarks/op_counts.py --model tiny --grids 16 32
