@@ -88,7 +88,7 @@ def label_config(classes: Sequence[str], polygons: bool) -> str:
     return ET.tostring(view, encoding="unicode") + "\n"
 
 
-def _regions(prediction: Prediction, classes: Sequence[str], polygons: bool) -> list[dict]:
+def prediction_regions(prediction: Prediction, classes: Sequence[str], polygons: bool) -> list[dict]:
     """One brush region per instance, then its outlines when asked for."""
     size = {
         "original_width": prediction.width,
@@ -140,7 +140,7 @@ def label_studio_tasks(
         prediction = {
             "model_version": model_version,
             "score": 1.0 - uncertainty,
-            "result": _regions(image.prediction, classes, polygons),
+            "result": prediction_regions(image.prediction, classes, polygons),
         }
         tasks.append({"data": data, "predictions": [prediction]})
     return tasks
