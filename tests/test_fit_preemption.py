@@ -70,7 +70,9 @@ def test_sigterm_saves_and_the_printed_command_resumes_to_the_uninterrupted_head
             assert process.wait(timeout=EXIT_BOUND_S) == 143, log.read_text()[-3000:]
         finally:
             process.kill()
-    lines = [line for line in log.read_text().splitlines() if "the same command resumes:" in line]
+    output = log.read_text().splitlines()
+    assert "stopping after the batch in progress (signal again to stop at once)" in output
+    lines = [line for line in output if "the same command resumes:" in line]
     assert len(lines) == 1, log.read_text()[-3000:]
     assert lines[0].startswith("stopped by SIGTERM: teacher: ")
     saved_epoch = torch.load(resume, map_location="cpu", weights_only=False)["epoch"]

@@ -120,7 +120,7 @@ def stoppable_fit(output_dir: Path, max_epochs: int) -> Iterator[None]:
     run folder (absolute), since a new run would otherwise start in a new one. Lightning's
     own SIGTERM stop (between ranks, or in validation) becomes the same stop."""
     folder = f"paths.output_dir={output_dir.resolve()}"
-    with stoppable("fit", lambda: epochs_done(output_dir, max_epochs), [folder]):
+    with stoppable("fit", lambda: epochs_done(output_dir, max_epochs), [folder], unit="batch"):
         try:
             yield
         except SIGTERMException as stop:

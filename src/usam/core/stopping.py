@@ -39,11 +39,13 @@ class Stopped(SystemExit):
 
 
 class _Requests:
-    """What the handlers saw: the first stop signal and when, and ranks to pass it on to."""
+    """What the handlers saw: the first stop signal and when, ranks to pass it on to, and
+    the unit of work the command finishes before stopping (the line the signal prints)."""
 
     signum: int | None = None
     at: float = 0.0
     followers: tuple[int, ...] = ()
+    unit: str = "image"
 
 
 _requests = _Requests()
@@ -74,7 +76,8 @@ def _on_signal(signum: int, frame: object) -> None:
     if _requests.signum is None:
         _requests.signum, _requests.at = signum, now
         if not _is_launched_rank():
-            os.write(2, b"\nstopping after the image in progress (signal again to stop at once)\n")
+            line = f"stopping after the {_requests.unit} in progress (signal again to stop at once)"
+            os.write(2, f"\n{line}\n".encode())
         if signum == signal.SIGINT:
             for pid in _requests.followers:
                 _send(pid, signum)
@@ -108,11 +111,14 @@ def _is_launched_rank() -> bool:
 
 @contextmanager
 def stoppable(
-    command: str, progress: Callable[[], str], resume_settings: Sequence[str] = ()
+    command: str,
+    progress: Callable[[], str],
+    resume_settings: Sequence[str] = (),
+    unit: str = "image",
 ) -> Iterator[None]:
-    """Stop requests end the work inside at an image boundary; on the way out prints
-    ``progress()`` (what is done, read from disk) and the command that resumes, with
-    ``resume_settings`` in it (:func:`resume_command`)."""
+    """Stop requests end the work inside at the boundary of a ``unit`` (fit's is a batch);
+    on the way out prints ``progress()`` (what is done, read from disk) and the command
+    that resumes, with ``resume_settings`` in it (:func:`resume_command`)."""
     nested = signal.getsignal(signal.SIGINT) is _on_signal  # the outer one reports
     if nested or threading.current_thread() is not threading.main_thread():
         yield  # signals reach the main thread only
@@ -120,6 +126,7 @@ def stoppable(
     previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
     for signum in STOP_SIGNALS:
         signal.signal(signum, _on_signal)
+    _requests.unit = unit
     if _is_launched_rank():
         die_with_parent(os.getppid())
     try:
@@ -137,7 +144,7 @@ def stoppable(
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        _requests.signum, _requests.followers = None, ()
+        _requests.signum, _requests.followers, _requests.unit = None, (), "image"
 
 
 def die_with_parent(parent: int) -> None:
