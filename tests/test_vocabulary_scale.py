@@ -255,4 +255,8 @@ def test_the_benchmark_prints_a_row_per_vocabulary_size():
     outputs, parameters, *measured = (cell.strip().replace(",", "") for cell in rows[0])
     head = TeacherModule(CLASSES).head
     assert int(outputs) == 1204 and int(parameters) == sum(p.numel() for p in head.parameters())
-    assert all(float(value) >= 0 for value in measured) and float(measured[0]) > 0
+    train_ms, train_mib, eval_ms, eval_mib, compute_s = map(float, measured)
+    assert min(train_ms, eval_ms, compute_s) > 0  # each part ran and was timed
+    # peak RSS above what the process held before: a high-water mark reached earlier (while
+    # the batch was built) can hide the part's own growth, so no more than 0 is promised
+    assert min(train_mib, eval_mib) >= 0
