@@ -10,12 +10,8 @@ Label Studio SDK beside usam.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,63 +23,12 @@ from usam.inference.exports import LabelledImage
 from usam.inference.label_studio import ImageAddresses, LabelStudioSettings, write_label_studio
 from usam.inference.review import review_order
 
+from helpers.label_studio_server import TOKEN, label_studio, needs_label_studio
 from helpers.review_exports import prediction_of
 
-LABEL_STUDIO = shutil.which("label-studio")
 CLIENT = Path(__file__).parent / "helpers" / "label_studio_client.py"
-TOKEN = "usam-review-test-token"
 CLASSES = ("cat", "dog", "car")
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(LABEL_STUDIO is None, reason="no label-studio executable on PATH"),
-]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@pytest.fixture
-def server(tmp_path):
-    """A fresh Label Studio serving local files from ``tmp_path / 'served'``; (url, root)."""
-    root, data = tmp_path / "served", tmp_path / "label-studio"
-    root.mkdir()
-    port = free_port()
-    env = os.environ | {
-        "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true",
-        "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(root),
-        "LABEL_STUDIO_BASE_DATA_DIR": str(data),
-    }
-    command = [
-        LABEL_STUDIO, "start", "--no-browser", "--internal-host", "127.0.0.1",
-        "--port", str(port), "--data-dir", str(data), "--username", "reviewer@example.com",
-        "--password", "usam-review-1", "--user-token", TOKEN, "--enable-legacy-api-token",
-    ]  # fmt: skip
-    log = (tmp_path / "server.log").open("w")
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600  # the first start migrates its database
-    try:
-        while True:
-            assert process.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "Label Studio did not answer in 600 s"
-            try:
-                if requests.get(f"{url}/health", timeout=5).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(2)
-        yield url, root
-    finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
+pytestmark = [pytest.mark.integration, needs_label_studio]
 
 
 def exported_images(photos: Path) -> list[LabelledImage]:
@@ -111,39 +56,44 @@ def exported_images(photos: Path) -> list[LabelledImage]:
     return images
 
 
-def test_label_studio_imports_the_predictions_mask_for_mask(server, tmp_path):
-    url, root = server
-    ordered = review_order(exported_images(root / "photos"))
-    settings = LabelStudioSettings(document_root=str(root), polygons=True)
-    addresses = ImageAddresses(settings, root / "photos")
-    export = tmp_path / "export"
-    write_label_studio(export, ordered, CLASSES, addresses, "usam test + SAM tiny", True)
-    read = tmp_path / "read"
-    read.mkdir()
-    subprocess.run(
-        [sys.executable, str(CLIENT), url, TOKEN, str(export), str(root / "photos"), str(read)],
-        check=True,
-        timeout=300,
-    )
-    tasks = json.loads((read / "read_back.json").read_text())
-    exported = json.loads((export / "tasks.json").read_text())
-    assert [t["file_name"] for t in tasks] == [i.file_name for i in ordered]
-    for task, sent, image in zip(tasks, exported, ordered):
-        assert task["model_version"] == "usam test + SAM tiny"
-        assert task["score"] == pytest.approx(1 - image.prediction.uncertainty())
-        regions = sent["predictions"][0]["result"]
-        assert [(r["type"], r["id"]) for r in task["regions"]] == [
-            (r["type"], r["id"]) for r in regions
-        ]
-        brushes = [r for r in task["regions"] if r["type"] == "brushlabels"]
-        assert len(brushes) == len(image.prediction.labels)
-        for region, label, mask in zip(brushes, image.prediction.labels, image.prediction.masks()):
-            assert region["label"] == CLASSES[label]
-            np.testing.assert_array_equal(np.load(read / region["npy"]), mask)
-        polygons = [r for r in task["regions"] if r["type"] == "polygonlabels"]
-        sent_polygons = [r["value"]["points"] for r in regions if r["type"] == "polygonlabels"]
-        assert [r["points"] for r in polygons] == sent_polygons
-        served = requests.get(
-            url + task["image"], headers={"Authorization": f"Token {TOKEN}"}, timeout=30
+def test_label_studio_imports_the_predictions_mask_for_mask(tmp_path):
+    with label_studio(tmp_path) as server:
+        url, root = server.url, server.document_root
+        ordered = review_order(exported_images(root / "photos"))
+        settings = LabelStudioSettings(document_root=str(root), polygons=True)
+        addresses = ImageAddresses(settings, root / "photos")
+        export = tmp_path / "export"
+        write_label_studio(export, ordered, CLASSES, addresses, "usam test + SAM tiny", True)
+        read = tmp_path / "read"
+        read.mkdir()
+        subprocess.run(
+            [sys.executable, str(CLIENT), url, TOKEN, str(export), str(root / "photos"), str(read)],
+            check=True,
+            timeout=300,
         )
-        assert served.ok and served.content == (root / "photos" / task["file_name"]).read_bytes()
+        tasks = json.loads((read / "read_back.json").read_text())
+        exported = json.loads((export / "tasks.json").read_text())
+        assert [t["file_name"] for t in tasks] == [i.file_name for i in ordered]
+        for task, sent, image in zip(tasks, exported, ordered):
+            assert task["model_version"] == "usam test + SAM tiny"
+            assert task["score"] == pytest.approx(1 - image.prediction.uncertainty())
+            regions = sent["predictions"][0]["result"]
+            assert [(r["type"], r["id"]) for r in task["regions"]] == [
+                (r["type"], r["id"]) for r in regions
+            ]
+            brushes = [r for r in task["regions"] if r["type"] == "brushlabels"]
+            assert len(brushes) == len(image.prediction.labels)
+            for region, label, mask in zip(
+                brushes, image.prediction.labels, image.prediction.masks()
+            ):
+                assert region["label"] == CLASSES[label]
+                np.testing.assert_array_equal(np.load(read / region["npy"]), mask)
+            polygons = [r for r in task["regions"] if r["type"] == "polygonlabels"]
+            sent_polygons = [r["value"]["points"] for r in regions if r["type"] == "polygonlabels"]
+            assert [r["points"] for r in polygons] == sent_polygons
+            served = requests.get(
+                url + task["image"], headers={"Authorization": f"Token {TOKEN}"}, timeout=30
+            )
+            assert (
+                served.ok and served.content == (root / "photos" / task["file_name"]).read_bytes()
+            )
