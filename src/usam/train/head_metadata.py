@@ -6,7 +6,7 @@ and masks of another precision (``amg.precision``), and say when the training da
 its numbers no results. The teacher and student modules store a :class:`HeadMetadata` as
 ``checkpoint["usam"]``; :meth:`from_checkpoint` also reads the layout of checkpoints
 written before it (no ``format_version``: a ``random_weights`` flag and the mask settings
-as a plain dict).
+as a plain dict), and those written before heads could be fine-tuned (no ``review``).
 """
 
 from __future__ import annotations
@@ -34,11 +34,12 @@ class MaskPrecisionError(UsageError, ValueError):
 class HeadMetadata:
     classes: tuple[str, ...]
     input_view: str
-    stage: str  # the module class that wrote it: TeacherModule or StudentModule
+    stage: str  # the module class that wrote it: TeacherModule, StudentModule or FineTuneModule
     sam_model_type: str | None = None  # whose mask tokens the head reads
     sam_backend: str | None = None  # that model's backend, as its shard manifests name it
     mask_settings: AmgSettings | None = None  # the amg of its training shards
     provenance: Provenance = field(default_factory=Provenance)  # of its training shards
+    review: dict[str, Any] | None = None  # a fine-tuned head's Review.identity(); else None
 
     def to_checkpoint(self) -> dict[str, Any]:
         """Plain values only, so checkpoints load with ``weights_only=True``."""
@@ -51,6 +52,7 @@ class HeadMetadata:
             "sam_backend": self.sam_backend,
             "amg": None if self.mask_settings is None else dataclasses.asdict(self.mask_settings),
             "not_meaningful_because": list(self.provenance.reasons),
+            "review": None if self.review is None else dict(self.review),
         }
 
     @classmethod
@@ -72,6 +74,7 @@ class HeadMetadata:
                 sam_backend=meta.get("sam_backend"),
                 mask_settings=None if not amg else AmgSettings.recorded(amg),
                 provenance=Provenance.of(reasons),
+                review=meta.get("review"),
             )
         except (KeyError, TypeError, ConfigError, AmgSettingsError) as reason:
             raise error(
