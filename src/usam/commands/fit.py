@@ -1,4 +1,5 @@
-"""Train the U-SAM head: ``python -m usam.fit experiment=voc_sd [stage=teacher|student|both]``.
+"""Train the U-SAM head: ``python -m usam.fit experiment=voc_sd [stage=teacher|student|both]``,
+or fine-tune a trained one on reviewed masks (``stage=finetune``: ``commands/finetune_stage``).
 
 Everything a run writes lives under its Hydra output directory: the resolved
 config, checkpoints per stage, and the logger files (W&B offline by default).
@@ -37,7 +38,7 @@ from usam.inference.predictor import InferenceSettings
 from usam.sam.amg_settings import AmgSettings
 from usam.sam.registry import SamSettings
 
-STAGES = ("teacher", "student", "both")
+STAGES = ("teacher", "student", "both", "finetune")
 # what a run's metrics are when its data or models are untrained
 NOT_RESULTS = "this run's metrics check the pipeline and are NOT results"
 
@@ -223,6 +224,10 @@ def run(cfg: DictConfig) -> dict[str, Path]:
     check_fit_values(cfg)
     if cfg.stage not in STAGES:
         raise ConfigError(f"stage={cfg.stage!r} must be one of {STAGES}")
+    if cfg.stage == "finetune":  # imported here: it builds on this module's loggers
+        from usam.commands.finetune_stage import run_finetune
+
+        return run_finetune(cfg)
     if cfg.stage == "student" and not (cfg.teacher_ckpt and Path(cfg.teacher_ckpt).is_file()):
         raise ConfigError(  # before any images or shards are made for a run that cannot train
             f"stage=student needs a teacher checkpoint, and teacher_ckpt={cfg.teacher_ckpt} is "
