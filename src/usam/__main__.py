@@ -13,6 +13,7 @@ COMMANDS = {
     "fit": "train the teacher and student heads (images and shards made when missing)",
     "eval": "score a head, or the SAM+CLIP baseline, on an annotated dataset",
     "annotate": "label your own images with a trained head",
+    "serve": "a Label Studio ML backend: predictions, and fine-tunes on the annotations submitted",
     "sweep": "run a W&B sweep file as a Hydra multirun",
 }
 

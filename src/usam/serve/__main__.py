@@ -1,0 +1,3 @@
+from usam.serve import main
+
+main()
