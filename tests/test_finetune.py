@@ -5,6 +5,7 @@ images, and ``usam.fit stage=finetune`` end to end."""
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -13,10 +14,13 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
+from PIL import Image
 
 from usam.core.provenance import Provenance
 from usam.data.datamodule import ShardDataModule
 from usam.formats.embedding_shards import ImageRecord, encode_mask
+from usam.inference.exports import LabelledImage
+from usam.inference.label_studio import ImageAddresses, LabelStudioSettings, label_studio_tasks
 from usam.inference.predictor import load_head
 from usam.review.reviewed import Review, ReviewedImage
 from usam.testing.synthetic import make_record, prototypes
@@ -28,6 +32,11 @@ from usam.train.finetune import (
 )
 from usam.train.head import select_input_view
 from usam.train.lightning_modules import TeacherModule
+
+from helpers.commands import run_entry
+from helpers.evaluation import head_checkpoint
+from helpers.review_exports import prediction_of
+from helpers.wandb_runs import offline_record
 
 CLASSES = ["cat", "dog", "bird"]
 EMBED_DIM = 64
@@ -255,3 +264,130 @@ def test_an_image_without_proposals_given_is_refused(finetuned, tmp_path):
     head_path, _, review, _ = finetuned
     with pytest.raises(FineTuneError, match="no SAM proposals given for the reviewed image"):
         finetune_head(load_head(head_path), review, {}, SETTINGS, tmp_path)
+
+
+def drawn_image(path: Path, shift: int) -> np.ndarray:
+    """A 48 x 64 picture of two boxes; returns the mask of the first."""
+    image = np.full((48, 64, 3), 40, np.uint8)
+    image[8:30, 6 + shift : 30 + shift] = (200, 60, 60)
+    image[20:44, 36:60] = (60, 60, 200)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path)
+    return box(48, 64, slice(8, 30), slice(6 + shift, 30 + shift))
+
+
+def write_export(root: Path, images: Path) -> Path:
+    """A Label Studio JSON export of usam's tasks as a reviewer submitted them: each image's
+    box a cat, one image's second region given a class the head lacks, and a task of an
+    image that is not in the folder."""
+    classes = ["cat", "dog"]
+    labelled = []
+    for index, name in enumerate(["a.png", "nested/b.png"]):
+        first = drawn_image(images / name, shift=4 * index)
+        second = box(48, 64, slice(20, 44), slice(36, 60))
+        labelled.append(LabelledImage(name, prediction_of(np.stack([first, second]), [0, 1])))
+    labelled.append(
+        LabelledImage(
+            "missing.png", prediction_of(box(48, 64, slice(0, 9), slice(0, 9))[None], [0])
+        )
+    )
+    addresses = ImageAddresses(LabelStudioSettings(document_root=str(root)), images)
+    tasks = label_studio_tasks(labelled, classes, addresses, "usam", polygons=False)
+    for number, task in enumerate(tasks, start=1):
+        task["id"] = number
+        task["annotations"] = [{"id": number, "result": task.pop("predictions")[0]["result"]}]
+    tasks[1]["annotations"][0]["result"][1]["value"]["brushlabels"] = ["zebra"]
+    export = root / "export.json"
+    export.write_text(json.dumps(tasks))
+    return export
+
+
+@pytest.fixture(scope="module")
+def review_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("review")
+    images = root / "images"
+    export = write_export(root, images)
+    head = head_checkpoint(root / "head.ckpt", ["cat", "dog"])
+    return root, images, export, head
+
+
+TINY_SAM = [
+    "sam=tiny",
+    "amg.points_per_side=8",
+    "amg.pred_iou_thresh=0",
+    "amg.stability_score_thresh=0",
+    "amg.proposals=filtered",
+    "amg.box_nms_thresh=0.95",
+    "extract.num_workers=0",
+    "extract.trainer.accelerator=cpu",
+    "extract.trainer.enable_progress_bar=false",
+]
+
+
+def finetune_args(head: Path, export: Path, images: Path, *extra: str) -> list[str]:
+    return [
+        "stage=finetune",
+        f"finetune.head_ckpt={head}",
+        f"finetune.review={export}",
+        f"finetune.images={images}",
+        "finetune.max_epochs=2",
+        "logger=wandb",
+        "paths.output_dir=run",
+        *TINY_SAM,
+        *extra,
+    ]
+
+
+def test_the_fit_command_fine_tunes_a_head_on_a_label_studio_export(
+    review_folder, tmp_path, capsys
+):
+    root, images, export, head = review_folder
+    code, stderr = run_entry("fit", *finetune_args(head, export, images), cwd=tmp_path)
+    assert code == 0, stderr
+    lines = capsys.readouterr().out.splitlines()
+    checkpoint = (tmp_path / "run" / "checkpoints" / "finetune" / "finetune.ckpt").resolve()
+    started = lines.index(f"finetune: 2 images, 3 regions from {export}")
+    skipped = lines[started - 2 : started]
+    assert skipped[0].startswith("task 2 (nested/b.png)") and "zebra" in skipped[0]
+    assert skipped[1] == f"missing.png: not in {images}, skipped"
+    assert lines[-2] == f"finetune checkpoint: {checkpoint}"
+    assert lines[-1] == (
+        "  this run's metrics check the pipeline and are NOT results (RANDOM WEIGHTS: "
+        "synthetic embeddings (no SAM); an untrained SAM (tiny))"
+    )
+    tuned = load_head(checkpoint)
+    assert tuned.metadata.stage == "FineTuneModule" and tuned.classes == ["cat", "dog"]
+    identity = tuned.metadata.review
+    assert (identity["source"], identity["images"], identity["regions"]) == (str(export), 2, 3)
+    assert identity["skipped"] == 2
+    record = offline_record(tmp_path / "run", identity["sha256"].encode())
+    for key in ("finetune.review_sha256", "finetune.review_images", "finetune.review_regions"):
+        assert key.encode() in record
+    assert identity["sha256"].encode() in record
+
+
+@pytest.mark.parametrize(
+    "wrong, line",
+    [
+        (
+            "finetune.head_ckpt=nothing.ckpt",
+            "finetune.head_ckpt: checkpoint nothing.ckpt does not exist",
+        ),
+        (
+            "finetune.review=nothing.json",
+            "finetune.review=nothing.json is not a file: export the reviewed tasks from Label "
+            "Studio (JSON) or CVAT (CVAT for images 1.1) and point finetune.review at the file",
+        ),
+        (
+            "finetune.images=nothing",
+            "finetune.images=nothing is not a folder: set it to the folder of images that was "
+            "annotated (the review names each image by its path under it)",
+        ),
+    ],
+)
+def test_a_missing_input_is_one_line_naming_its_key(review_folder, tmp_path, wrong, line):
+    root, images, export, head = review_folder
+    args = [*finetune_args(head, export, images), wrong]
+    code, stderr = run_entry("fit", *args, cwd=tmp_path)
+    assert code == 2
+    assert stderr.splitlines() == [f"usam.fit: error: {line}"]
