@@ -378,6 +378,13 @@ def test_the_fit_command_fine_tunes_a_head_on_a_label_studio_export(
             "finetune.review=nothing.json is not a file: export the reviewed tasks from Label "
             "Studio (JSON) or CVAT (CVAT for images 1.1) and point finetune.review at the file",
         ),
+        ("finetune.match_iou=1.5", "finetune: match_iou=1.5 must be in (0, 1]"),
+        (
+            "finetune.mil_weight=0.5",  # data.classes is voc20, the head's cat and dog
+            "finetune.mil_weight > 0 learns from generated images of data.classes, "
+            "['aeroplane', 'bicycle', 'bird', 'boat', 'bottle']..., which are not the head's "
+            "['cat', 'dog']...: set data.classes to the head's vocabulary",
+        ),
         (
             "finetune.images=nothing",
             "finetune.images=nothing is not a folder: set it to the folder of images that was "
@@ -391,3 +398,24 @@ def test_a_missing_input_is_one_line_naming_its_key(review_folder, tmp_path, wro
     code, stderr = run_entry("fit", *args, cwd=tmp_path)
     assert code == 2
     assert stderr.splitlines() == [f"usam.fit: error: {line}"]
+
+
+def test_with_a_mil_weight_the_command_also_learns_from_generated_images(review_folder, tmp_path):
+    root, images, export, head = review_folder
+    generated = [
+        "finetune.mil_weight=0.5",
+        "data=synthetic",
+        "data.classes=[cat,dog]",
+        "data.synthetic.images_per_class=4",
+        "data.batch_size=2",
+        "logger=csv",
+    ]
+    code, stderr = run_entry("fit", *finetune_args(head, export, images), *generated, cwd=tmp_path)
+    assert code == 0, stderr
+    (metrics,) = (tmp_path / "run").glob("csv/**/metrics.csv")
+    steps = [row for row in csv.DictReader(open(metrics)) if row.get("train/loss")]
+    # 8 generated images in batches of 2 for each of 2 epochs; 2 reviewed images cycle
+    assert len(steps) == 8
+    for row in steps:
+        total = float(row["train/reviewed_ce"]) + 0.5 * float(row["train/mil"])
+        assert math.isclose(float(row["train/loss"]), total, rel_tol=1e-5)
