@@ -419,3 +419,20 @@ def test_with_a_mil_weight_the_command_also_learns_from_generated_images(review_
     for row in steps:
         total = float(row["train/reviewed_ce"]) + 0.5 * float(row["train/mil"])
         assert math.isclose(float(row["train/loss"]), total, rel_tol=1e-5)
+
+
+def test_a_review_with_no_usable_image_is_one_line(review_folder, tmp_path, capsys):
+    root, images, export, head = review_folder
+    only_missing = [json.loads(export.read_text())[-1]]
+    (tmp_path / "missing.json").write_text(json.dumps(only_missing))
+    args = finetune_args(head, tmp_path / "missing.json", images)
+    code, stderr = run_entry("fit", *args, cwd=tmp_path)
+    assert code == 2
+    assert stderr.splitlines() == [
+        f"usam.fit: error: {tmp_path / 'missing.json'}: no reviewed image is usable (the lines "
+        "above say why); fix finetune.review or finetune.images"
+    ]
+    assert capsys.readouterr().out.splitlines()[-2:] == [
+        f"missing.png: not in {images}, skipped",
+        f"finetune: 0 images, 0 regions from {tmp_path / 'missing.json'}",
+    ]

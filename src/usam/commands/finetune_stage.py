@@ -36,7 +36,7 @@ from usam.review.read import read_review
 from usam.review.reviewed import Review
 from usam.sam.amg_settings import AmgSettings
 from usam.sam.registry import SamSettings
-from usam.train.finetune import FineTuneSettings, finetune_head
+from usam.train.finetune import FineTuneError, FineTuneSettings, finetune_head
 
 # the finetune keys that say what to read; the others are FineTuneSettings
 INPUT_KEYS = ("head_ckpt", "review", "images", "max_side")
@@ -104,6 +104,8 @@ def reviewed_proposals(
 ) -> tuple[Review, dict[str, ImageRecord], Provenance]:
     """SAM's proposals of the reviewed images, by file name; the review without the images
     SAM could not read (a skipped line each); and why the proposals are no SAM's."""
+    if not review.images:
+        return review, {}, Provenance()
     source = _only(
         FolderSource(images, review.classes, max_side), {i.file_name for i in review.images}
     )
@@ -152,6 +154,11 @@ def run_finetune(cfg: DictConfig) -> dict[str, Path]:
     for line in review.skipped:
         print(line)
     print(f"finetune: {len(review.images)} images, {review.regions} regions from {review.source}")
+    if not review.images:
+        raise FineTuneError(
+            f"{review.source}: no reviewed image is usable (the lines above say why); fix "
+            "finetune.review or finetune.images"
+        )
     generated = _generated(cfg, head) if settings.mil_weight > 0 else None
     # the fine-tuned head's training data: the head's, the reviewed images' proposals and
     # the generated images it keeps learning from
