@@ -30,6 +30,7 @@ WAITRESS_MARGIN_BYTES = 1 << 20
 
 
 def _payload() -> Mapping[str, Any]:
+    request.get_data(cache=True)  # a body over MAX_CONTENT_LENGTH is a 413 here
     payload = request.get_json(silent=True)
     if not isinstance(payload, dict):
         raise RequestError(f"POST {request.path} takes a JSON object as its body")

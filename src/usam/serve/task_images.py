@@ -16,7 +16,7 @@ import threading
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 from urllib.parse import unquote
 
 import numpy as np
@@ -65,6 +65,8 @@ class TaskImages:
             with Image.open(io.BytesIO(body)) as image:
                 image.load()
                 return np.asarray(to_rgb(image))
+        except Image.UnidentifiedImageError:
+            raise RequestError(f"{what}'s image {address} is not an image file", 422) from None
         except (OSError, Image.DecompressionBombError) as error:
             message = f"{what}'s image {address} cannot be decoded: {error}"
             raise RequestError(message, 422) from None
@@ -102,7 +104,8 @@ class TaskImages:
     def _bounded(self, opener: Callable[[], BinaryIO], what: str) -> bytes:
         """The whole body, read in a daemon thread that the request stops waiting for."""
         limit, seconds = self.limits.image_bytes, self.limits.fetch_seconds
-        outcome: dict[str, bytes | RequestError] = {}
+        late = RequestError(f"{what} was not fetched within limits.fetch_seconds={seconds}", 504)
+        outcome: dict[str, Any] = {}
 
         def read() -> None:
             body = bytearray()
@@ -110,13 +113,14 @@ class TaskImages:
                 for chunk in _chunks(opener()):
                     body += chunk
                     if len(body) > limit:
-                        outcome["error"] = RequestError(
-                            f"{what} is larger than limits.image_bytes={limit}", 413
-                        )
+                        message = f"{what} is larger than limits.image_bytes={limit}"
+                        outcome["error"] = RequestError(message, 413)
                         return
                 outcome["body"] = bytes(body)
             except Exception as error:  # whatever the transport raises is the request's answer
-                outcome["error"] = RequestError(f"{what} cannot be fetched: {error}", 502)
+                timed_out = isinstance(getattr(error, "reason", error), TimeoutError)
+                failed = RequestError(f"{what} cannot be fetched: {error}", 502)
+                outcome["error"] = late if timed_out else failed
 
         reader = threading.Thread(target=read, name="task-image", daemon=True)
         reader.start()
@@ -124,5 +128,5 @@ class TaskImages:
         if "error" in outcome:
             raise outcome["error"]
         if "body" not in outcome:
-            raise RequestError(f"{what} was not fetched within limits.fetch_seconds={seconds}", 504)
+            raise late
         return outcome["body"]
