@@ -9,6 +9,7 @@ import socket
 
 import numpy as np
 import pytest
+from label_studio_sdk.converter import brush
 from PIL import Image
 
 from usam.inference.cvat import write_cvat
@@ -195,6 +196,20 @@ def test_the_latest_submitted_annotation_is_read():
     task = {"id": 1, "data": {"file_name": "x.png"}, "annotations": [newer, older, withdrawn]}
     (image,) = review_of_tasks([task], CLASSES, "tasks").images
     assert image.labels.tolist() == [1]
+
+
+def test_a_drawn_brush_is_every_pixel_with_alpha():
+    """Label Studio's canvas stores a brush as coloured RGBA, soft-edged: like its own COCO
+    export, any pixel with alpha is in the mask."""
+    rgba = np.zeros((3, 4, 4), np.uint8)
+    rgba[1, 1:3] = (255, 0, 0, 255)
+    rgba[2, 1] = (255, 0, 0, 40)  # an anti-aliased edge
+    region = brush_region("drawn", np.zeros((3, 4), bool), ["cat"])
+    region["value"]["rle"] = brush.encode_rle(rgba.ravel())
+    task = {"id": 1, "data": {"file_name": "x.png"}, "annotations": [{"result": [region]}]}
+    (image,) = review_of_tasks([task], CLASSES, "tasks").images
+    np.testing.assert_array_equal(image.masks[0], rgba[..., 3] > 0)
+    assert image.masks.sum() == 3
 
 
 def test_task_file_names():

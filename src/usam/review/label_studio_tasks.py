@@ -92,7 +92,7 @@ def _reviewed_image(
     background) until ``read_review`` reads the size from the image itself.
     """
     height, width = next(filter(None, map(_stated_size, regions)), (0, 0))
-    read = []  # (region id, type, label, mask) of every usable region, in order
+    read = []  # (position, region id, type, label, mask) of every usable region
     for position, region in enumerate(regions, start=1):
         region_id = str(region.get("id", f"#{position}"))
         try:
@@ -100,13 +100,13 @@ def _reviewed_image(
         except UnusableRegion as reason:
             skipped.append(f"{where} region {region_id}: {reason}, skipped")
             continue
-        read.append((region_id, region["type"], label, mask))
-    brushes = {region_id for region_id, kind, _, _ in read if kind == BRUSH}
-    objects: dict[object, tuple[int, np.ndarray]] = {}
-    for region_id, kind, label, mask in read:
+        read.append((position, region_id, region["type"], label, mask))
+    brushes = {region_id for _, region_id, kind, _, _ in read if kind == BRUSH}
+    objects: dict[object, tuple[int, np.ndarray]] = {}  # key: position, or outlined brush id
+    for position, region_id, kind, label, mask in read:
         outline_of = OUTLINE_ID.fullmatch(region_id) if kind == POLYGON else None
         if outline_of is None:
-            objects[region_id] = (label, mask)
+            objects[position] = (label, mask)
         elif outline_of[1] not in brushes:
             key = (outline_of[1], label)
             objects[key] = (label, objects[key][1] | mask if key in objects else mask)
