@@ -28,10 +28,11 @@ from usam.train.finetune import (
     FineTuneError,
     FineTuneSettings,
     finetune_head,
+    head_arguments,
     proposal_targets,
 )
 from usam.train.head import select_input_view
-from usam.train.lightning_modules import TeacherModule
+from usam.train.lightning_modules import StudentModule, TeacherModule
 
 from helpers.commands import run_entry
 from helpers.evaluation import head_checkpoint
@@ -149,6 +150,13 @@ def review_of(images: list[tuple[ImageRecord, np.ndarray]]) -> Review:
     return Review("review.json", tuple(CLASSES), tuple(reviewed_images), ("a skipped region",))
 
 
+def saved(module: TeacherModule, path: Path) -> Path:
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(path)
+    return path
+
+
 def wrong_head(path: Path) -> Path:
     """A head saved as fit saves one, sure that every mask is a dog."""
     torch.manual_seed(0)
@@ -156,10 +164,7 @@ def wrong_head(path: Path) -> Path:
     module.provenance = Provenance(("synthetic embeddings (no SAM)",))
     with torch.no_grad():
         module.head.layers[-1].bias[CLASSES.index("dog") + 1] = 20.0
-    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    trainer.strategy.connect(module)
-    trainer.save_checkpoint(path)
-    return path
+    return saved(module, path)
 
 
 def proposal_accuracy(path: Path, images: list[tuple[ImageRecord, np.ndarray]]) -> float:
@@ -436,3 +441,21 @@ def test_a_review_with_no_usable_image_is_one_line(review_folder, tmp_path, caps
         f"missing.png: not in {images}, skipped",
         f"finetune: 0 images, 0 regions from {tmp_path / 'missing.json'}",
     ]
+
+
+def test_a_student_is_fine_tuned_with_its_teachers_arguments_and_its_own_choices(tmp_path):
+    arguments = {
+        "classes": CLASSES,
+        "input_view": "own_first",
+        "embed_dim": EMBED_DIM,
+        "sam_model_type": "tiny",
+        "head": {"hidden_dims": [16, 8, 4], "dropout": 0.2},
+        "optimizer": {"name": "adamw", "lr": 0.01},
+        "top_k": 3,
+        "background_in_label": False,
+    }
+    teacher = saved(TeacherModule(**arguments), tmp_path / "teacher.ckpt")
+    assert head_arguments(load_head(teacher)) == arguments
+    student = StudentModule.from_teacher(str(teacher), top_k=0.25)
+    path = saved(student, tmp_path / "student.ckpt")
+    assert head_arguments(load_head(path)) == {**arguments, "top_k": 0.25}
