@@ -18,12 +18,10 @@ each official mask with ours of the same point prompt:
   tolerance of threshold +- offset: the score stays in the range those pixels allow.
 * Boxes and areas are those of the masks; points are equal.
 * Keep/drop decisions are the same, except for candidates within those tolerances of
-  ``pred_iou_thresh`` or ``stability_score_thresh``, and candidates that lost an NMS pass
-  on one side only: there a kept mask outranks them (a higher predicted IoU, or one
-  within ``SCORE_RTOL``) and overlaps them above the threshold for some box their
-  near-threshold pixels allow, while on their side that mask is absent or overlaps them
-  at most at the threshold. A tie decides which of two masks stays, never that both do:
-  no two kept masks overlap above the last NMS pass's threshold.
+  ``pred_iou_thresh`` or ``stability_score_thresh``, and those that lost an NMS pass on
+  one side only: a mask kept there outranks them (within ``SCORE_RTOL``) and overlaps a
+  box their near-threshold pixels allow above the threshold, while on their side it is
+  absent or overlaps at most at it. No two kept masks overlap above the last threshold.
 * The order is the same except among masks whose predicted IoUs lie within
   ``SCORE_RTOL`` of each other.
 * With ``proposals: one_per_point`` the reference is the official generator with its
