@@ -24,7 +24,7 @@ from usam.inference.label_studio import ImageAddresses, LabelStudioSettings, lab
 from usam.inference.predictor import load_head
 from usam.review.reviewed import Review, ReviewedImage
 from usam.testing.synthetic import make_record, prototypes
-from usam.train.finetune import (
+from usam.review.finetune import (
     FineTuneError,
     FineTuneSettings,
     finetune_head,

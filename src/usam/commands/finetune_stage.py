@@ -5,7 +5,7 @@ The inputs are checked first, each with one line naming its key. The review is r
 the head's classes, its images' SAM proposals are extracted from the annotated folder as
 ``usam.annotate`` makes them (the head's SAM and mask settings; cached under the run's
 ``sam/`` folder, so a rerun in the same folder extracts nothing), and
-:func:`usam.train.finetune.finetune_head` writes ``checkpoints/finetune/finetune.ckpt``.
+:func:`usam.review.finetune.finetune_head` writes ``checkpoints/finetune/finetune.ckpt``.
 Generated images and their shards are made only when ``finetune.mil_weight > 0``.
 """
 
@@ -36,7 +36,7 @@ from usam.review.read import read_review
 from usam.review.reviewed import Review
 from usam.sam.amg_settings import AmgSettings
 from usam.sam.registry import SamSettings
-from usam.train.finetune import FineTuneError, FineTuneSettings, finetune_head
+from usam.review.finetune import FineTuneError, FineTuneSettings, finetune_head
 
 # the finetune keys that say what to read; the others are FineTuneSettings
 INPUT_KEYS = ("head_ckpt", "review", "images", "max_side")

@@ -34,7 +34,7 @@ from usam.serve.app import Server, create_app
 from usam.serve.backend import Backend, BackendSettings
 from usam.serve.limits import Limits
 from usam.serve.task_images import TaskImages
-from usam.train.finetune import FineTuneSettings
+from usam.review.finetune import FineTuneSettings
 
 NOT_LABELS = "its predictions only exercise the pipeline; they are NOT labels"
 TOKEN_VARIABLE = "LABEL_STUDIO_API_KEY"

@@ -36,7 +36,7 @@ from usam.serve.limits import Limits
 from usam.serve.project_config import ProjectConfig, project_config
 from usam.serve.received import ReceivedAnnotations, task_key
 from usam.serve.task_images import TaskImages
-from usam.train.finetune import FineTuneSettings, finetune_head
+from usam.review.finetune import FineTuneSettings, finetune_head
 
 log = logging.getLogger(__name__)
 
