@@ -30,13 +30,13 @@ from usam.formats.storage import atomic_write_text
 from usam.inference.annotator import Annotator
 from usam.inference.label_studio import prediction_regions
 from usam.inference.predictor import HeadCheckpoint, Predictor, load_head
+from usam.review.finetune import FineTuneSettings, finetune_head
 from usam.review.label_studio_tasks import review_of_tasks
 from usam.serve.errors import RequestError
 from usam.serve.limits import Limits
 from usam.serve.project_config import ProjectConfig, project_config
 from usam.serve.received import ReceivedAnnotations, task_key
 from usam.serve.task_images import TaskImages
-from usam.review.finetune import FineTuneSettings, finetune_head
 
 log = logging.getLogger(__name__)
 
