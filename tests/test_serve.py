@@ -407,22 +407,26 @@ def test_the_webhook_keeps_each_tasks_latest_annotation_across_restarts(root, se
 
 
 def test_a_finetune_after_finetune_every_annotations_changes_what_is_served(root, served):
-    """Every region of two images relabelled ``cat``, which the random head never predicts:
-    the fine-tuned head predicts ``cat`` for each, and a restart serves it again."""
+    """Every region of two images relabelled ``cat``, which the random head never predicts,
+    and a third annotation whose image is gone: the fine-tuned head predicts ``cat`` for
+    each region, its metadata records the two images and the one left out, and a restart
+    serves it again."""
     _, _, config = served
     out = root / "tuned"
-    cfg = compose_serve(root, out, "finetune_every=2", "finetune.lr=0.01", "finetune.max_epochs=30")
+    cfg = compose_serve(root, out, "finetune_every=3", "finetune.lr=0.01", "finetune.max_epochs=30")
     backend = backend_of(cfg)
     client = create_app(backend).test_client()
     tasks = [task(1, "drawn0.png"), task(2, "drawn1.png")]
     before = predict(client, tasks, config).json["results"]
     assert {r["value"]["brushlabels"][0] for b in before for r in b["result"]} == {"boat"}
-    started = []
-    for entry, name, result in zip(tasks, ("drawn0.png", "drawn1.png"), before):
-        corrected = relabelled(result["result"], "cat")
-        body = submitted(entry["id"], name, corrected, "ANNOTATION_CREATED", config)
-        started.append(client.post("/webhook", json=body).json["finetune"])
-    assert started == [False, True]
+    corrected = [relabelled(result["result"], "cat") for result in before]
+    bodies = [
+        submitted(1, "drawn0.png", corrected[0], "ANNOTATION_CREATED", config),
+        submitted(9, "gone.png", corrected[0], "ANNOTATION_CREATED", config),
+        submitted(2, "drawn1.png", corrected[1], "ANNOTATION_CREATED", config),
+    ]
+    started = [client.post("/webhook", json=body).json["finetune"] for body in bodies]
+    assert started == [False, False, True]
     wait_for(lambda: not backend.finetuning, "the end of the fine-tune", seconds=300)
     version = "usam head.ckpt fine-tune 1 + SAM tiny (random weights: not labels)"
     health = client.get("/health").json
@@ -430,25 +434,29 @@ def test_a_finetune_after_finetune_every_annotations_changes_what_is_served(root
     assert health["annotations_pending"] == 0
     after = predict(client, tasks, config).json["results"]
     assert [a["model_version"] for a in after] == [version, version]
+    assert all(a["result"] for a in after)
     assert [[r["value"]["brushlabels"][0] for r in a["result"]] for a in after] == [
         ["cat"] * len(a["result"]) for a in after
     ]
-    assert all(a["result"] for a in after)
     pointer = json.loads((out / "current.json").read_text())
     assert pointer == {
         "base": str((root / "head.ckpt").resolve()),
         "ckpt": "finetunes/1/finetune.ckpt",
         "generation": 1,
-        "through": 2,
+        "through": 3,
     }
-    stored = [
-        json.loads(path.read_text())["task"] for path in sorted((out / "annotations").iterdir())
-    ]
-    review = review_of_tasks(stored, backend.classes, str(out / "annotations"), task_key)
+    source = str(out / "annotations")
+    reviewed = [body["task"] | {"annotations": [body["annotation"]]} for body in bodies]
+    digest = review_of_tasks([reviewed[0], reviewed[2]], backend.classes, source, task_key)
     metadata = load_head(out / pointer["ckpt"]).metadata
     assert metadata.stage == "FineTuneModule"
-    assert metadata.review == review.identity()
-    assert review.identity()["regions"] == sum(len(b["result"]) for b in before)
+    assert metadata.review == {
+        "source": source,
+        "sha256": digest.digest(),
+        "images": 2,
+        "regions": sum(len(b["result"]) for b in before),
+        "skipped": 1,
+    }
     restarted = create_app(backend_of(cfg)).test_client()
     assert restarted.get("/health").json["model_version"] == version
     assert predict(restarted, tasks, config).json["results"] == after

@@ -12,6 +12,7 @@ resumes; it is written after the head, so it never points at half of one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -24,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from usam.core.errors import UsageError
 from usam.core.provenance import Provenance
 from usam.formats.embedding_shards import ImageRecord
 from usam.formats.storage import atomic_write_text
@@ -46,7 +48,7 @@ FINETUNES_DIR = "finetunes"
 CURRENT_NAME = "current.json"
 
 
-class ResumeError(RequestError):
+class ResumeError(UsageError, ValueError):
     """An ``out`` folder holding the fine-tunes of another starting head."""
 
 
@@ -260,19 +262,22 @@ class Backend:
         self.start_finetune_when_due()
 
     def _finetuned_head(self, generation: int) -> Path:
-        entries = self.received.entries()
-        tasks = [entry["task"] for entry in entries]
-        source = str(self.received.folder)
-        review = review_of_tasks(tasks, self.classes, source, image_name=task_key)
+        """The head fine-tuned on every kept annotation; an image that cannot be fetched now
+        is left out with a line in the review's ``skipped``, as an unusable region is."""
+        entries = {task_key(entry["task"]): entry for entry in self.received.entries()}
+        tasks = [entry["task"] for entry in entries.values()]
+        read = review_of_tasks(tasks, self.classes, str(self.received.folder), task_key)
+        records, skipped = {}, list(read.skipped)
+        for image in read.images:
+            entry = entries[image.file_name]
+            try:
+                records[image.file_name] = self._record(entry["task"], entry["image_field"])
+            except RequestError as error:
+                skipped.append(f"{image.file_name}: {error}, skipped")
+        kept = tuple(image for image in read.images if image.file_name in records)
+        review = dataclasses.replace(read, images=kept, skipped=tuple(skipped))
         for line in review.skipped:
-            log.warning("fine-tune %d skips %s", generation, line)
-        by_key = {task_key(entry["task"]): entry for entry in entries}
-        records = {
-            image.file_name: self._record(
-                by_key[image.file_name]["task"], by_key[image.file_name]["image_field"]
-            )
-            for image in review.images
-        }
+            log.warning("fine-tune %d: %s", generation, line)
         output = self.settings.out / FINETUNES_DIR / str(generation)
         head = self.annotator.predictor.checkpoint
         return finetune_head(head, review, records, self.finetune_settings, output)

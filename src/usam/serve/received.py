@@ -27,7 +27,7 @@ class ReceivedAnnotations:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self._lock = threading.Lock()
-        self._latest = max((entry["received"] for entry in self._entries()), default=0)
+        self._received = {task_key(e["task"]): e["received"] for e in self._entries()}
 
     def _entries(self) -> list[dict]:
         if not self.folder.is_dir():
@@ -40,23 +40,24 @@ class ReceivedAnnotations:
         if not isinstance(task_id, int) or isinstance(task_id, bool):
             raise RequestError("the webhook's task has no integer id")
         with self._lock:
-            self._latest += 1
+            number = self.latest + 1
             entry = {
-                "received": self._latest,
+                "received": number,
                 "image_field": image_field,
                 "task": {**task, "annotations": [dict(annotation)]},
             }
             self.folder.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.folder / f"{task_key(task)}.json", json.dumps(entry))
-            return self._latest
+            self._received[task_key(task)] = number
+            return number
 
     @property
     def latest(self) -> int:
-        return self._latest
+        return max(self._received.values(), default=0)
 
     def since(self, received: int) -> int:
         """How many tasks were annotated after delivery number ``received``."""
-        return sum(entry["received"] > received for entry in self._entries())
+        return sum(number > received for number in list(self._received.values()))
 
     def entries(self) -> list[dict]:
         """Every stored entry (``received``, ``image_field``, ``task``), by task."""
