@@ -28,7 +28,8 @@ from usam.data.ground_truth import (
 )
 from usam.formats.storage import KEY_PATTERN
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from helpers.commands import SHARED_DATA
+
 VOC_PERSON, VOC_CAT, VOC_CHAIR = 15, 8, 9  # values in VOC masks (class index + 1)
 
 

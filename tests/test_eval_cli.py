@@ -23,11 +23,10 @@ from usam.evaluation.scoring import EvaluationError, ThresholdGrid, evaluate
 from usam.formats.embedding_shards import ShardSetError, read_manifest
 from usam.inference.predictor import InferenceSettings, Predictor, load_head
 
-from helpers.commands import ROOT, TINY_EVAL, compose_config, run_python
+from helpers.commands import ROOT, SHARED_DATA, TINY_EVAL, compose_config, run_python
 from helpers.evaluation import AMG, head_checkpoint, write_voc
 from helpers.wandb_runs import offline_record
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SMALL = [
     *TINY_EVAL,
     "inference.confidence_threshold=0.3",

@@ -22,6 +22,7 @@ from usam.core.config import register_resolvers
 from helpers.shards import SMALL_CLASSES
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository
+SHARED_DATA = ROOT.parent / "shared" / "data"  # the real subsets, beside a developer's clone
 
 
 CONF_DIR = ROOT / "src" / "usam" / "conf"
