@@ -29,9 +29,9 @@ from usam.inference.annotator import Annotator
 from usam.inference.label_studio import LOCAL_FILES, label_config, prediction_regions
 from usam.inference.predictor import InferenceSettings, load_head
 from usam.review.label_studio_tasks import review_of_tasks
-from usam.serve.app import create_app
-from usam.serve.backend import ResumeError
-from usam.serve.received import task_key
+from usam.serving.app import create_app
+from usam.serving.backend import ResumeError
+from usam.serving.received import task_key
 
 from helpers.commands import compose_config, wait_for
 from helpers.evaluation import head_checkpoint

@@ -31,10 +31,10 @@ from usam.inference.predictor import InferenceSettings, Predictor, load_head
 from usam.review.finetune import FineTuneSettings
 from usam.sam.amg_settings import AmgSettings
 from usam.sam.registry import SamSettings
-from usam.serve.app import Server, create_app
-from usam.serve.backend import Backend, BackendSettings
-from usam.serve.limits import Limits
-from usam.serve.task_images import TaskImages
+from usam.serving.app import Server, create_app
+from usam.serving.backend import Backend, BackendSettings
+from usam.serving.limits import Limits
+from usam.serving.task_images import TaskImages
 
 NOT_LABELS = "its predictions only exercise the pipeline; they are NOT labels"
 TOKEN_VARIABLE = "LABEL_STUDIO_API_KEY"

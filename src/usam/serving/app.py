@@ -19,9 +19,9 @@ from flask import Flask, jsonify, request
 from waitress import create_server
 from werkzeug.exceptions import HTTPException
 
-from usam.serve.backend import Backend
-from usam.serve.errors import RequestError
-from usam.serve.limits import Limits
+from usam.serving.backend import Backend
+from usam.serving.errors import RequestError
+from usam.serving.limits import Limits
 
 log = logging.getLogger(__name__)
 # waitress cuts off a body this much over the limit itself, in plain text; up to there

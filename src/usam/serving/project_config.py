@@ -13,7 +13,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from usam.serve.errors import RequestError
+from usam.serving.errors import RequestError
 
 
 @dataclass(frozen=True)

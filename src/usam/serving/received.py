@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from usam.formats.storage import atomic_write_text
-from usam.serve.errors import RequestError
+from usam.serving.errors import RequestError
 
 
 def task_key(task: Mapping) -> str:

@@ -25,8 +25,8 @@ from PIL import Image
 from usam.formats import storage
 from usam.formats.image_shards import to_rgb
 from usam.inference.label_studio import LOCAL_FILES
-from usam.serve.errors import RequestError
-from usam.serve.limits import Limits
+from usam.serving.errors import RequestError
+from usam.serving.limits import Limits
 
 CHUNK = 1 << 20
 

@@ -34,11 +34,11 @@ from usam.inference.label_studio import prediction_regions
 from usam.inference.predictor import HeadCheckpoint, Predictor, load_head
 from usam.review.finetune import FineTuneSettings, finetune_head
 from usam.review.label_studio_tasks import review_of_tasks
-from usam.serve.errors import RequestError
-from usam.serve.limits import Limits
-from usam.serve.project_config import ProjectConfig, project_config
-from usam.serve.received import ReceivedAnnotations, task_key
-from usam.serve.task_images import TaskImages
+from usam.serving.errors import RequestError
+from usam.serving.limits import Limits
+from usam.serving.project_config import ProjectConfig, project_config
+from usam.serving.received import ReceivedAnnotations, task_key
+from usam.serving.task_images import TaskImages
 
 log = logging.getLogger(__name__)
 

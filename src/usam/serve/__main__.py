@@ -1,3 +1,0 @@
-from usam.serve import main
-
-main()
