@@ -158,7 +158,7 @@ def test_predictions_are_the_annotators_regions_in_task_order(root, served):
         assert len(expected.labels) >= 2  # something to compare
         assert result["result"] == prediction_regions(expected, backend.classes, False)
         assert result["score"] == pytest.approx(1.0 - expected.uncertainty(), abs=1e-12)
-        assert result["model_version"] == backend.serving.model_version
+        assert result["model_version"] == backend.current.model_version
         decoded = brush_masks(result["result"])
         assert [label for label, _ in decoded] == [backend.classes[i] for i in expected.labels]
         np.testing.assert_array_equal(np.stack([m for _, m in decoded]), expected.masks())
@@ -337,6 +337,8 @@ def test_images_on_the_label_studio_server_come_with_the_token_within_the_time(
             return
         local = predict(client, [task(6, "drawn0.png")], config)
         assert uploaded.json["results"][0]["result"] == local.json["results"][0]["result"]
+        whole = {"id": 7, "data": {"image": f"{url}/data/upload/1/a.png"}}  # with the token too
+        assert predict(client, [whole], config).json["results"] == local.json["results"]
         started = time.monotonic()
         stalled = predict(client, [{"id": 8, "data": {"image": "/stall/a.png"}}], config)
         assert time.monotonic() - started < 2.5

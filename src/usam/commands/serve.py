@@ -95,7 +95,7 @@ def run(cfg: DictConfig) -> None:
     server = Server(create_app(backend), cfg.host, cfg.port, backend.limits)
     report(backend.provenance, NOT_LABELS)
     print(
-        f"usam.serve: {backend.serving.model_version} at {server.url} (paste it into Label "
+        f"usam.serve: {backend.current.model_version} at {server.url} (paste it into Label "
         f"Studio: project Settings > Model > Connect Model){backend.provenance.note()}",
         flush=True,
     )

@@ -60,7 +60,7 @@ class BackendSettings:
 
 
 @dataclass(frozen=True)
-class Serving:
+class CurrentHead:
     """The head in use, swapped whole so that a request sees one head from start to end."""
 
     predictor: Predictor
@@ -94,7 +94,7 @@ class Backend:
         self._sam_lock = threading.Lock()
         self._finetune_lock = threading.Lock()
         self._finetuning: threading.Thread | None = None
-        self.serving = self._resume()
+        self.current = self._resume()
 
     @property
     def classes(self) -> list[str]:
@@ -104,30 +104,31 @@ class Backend:
     def finetuning(self) -> bool:
         return self._finetuning is not None and self._finetuning.is_alive()
 
-    def _model_version(self, generation: int) -> str:
-        head = self.annotator.predictor.checkpoint.path
-        name = head.name if head else "head"
+    def _head(self, predictor: Predictor, generation: int, through: int) -> CurrentHead:
+        """``model_version`` names the starting head's file, the fine-tune and the SAM."""
+        start = self.annotator.predictor.checkpoint.path
+        name = start.name if start else "head"
         tuned = f" fine-tune {generation}" if generation else ""
         version = f"usam {name}{tuned} + SAM {self.annotator.sam_model_type}"
-        return version + (" (random weights: not labels)" if self.provenance.random_weights else "")
+        if self.provenance.random_weights:
+            version += " (random weights: not labels)"
+        return CurrentHead(predictor, version, generation, through)
 
-    def _resume(self) -> Serving:
+    def _resume(self) -> CurrentHead:
         """The newest fine-tune recorded in ``out``, else the starting head."""
-        start = Serving(self.annotator.predictor, self._model_version(0), 0, 0)
-        current = self.settings.out / CURRENT_NAME
-        if not current.is_file():
+        start = self._head(self.annotator.predictor, 0, 0)
+        pointer_file = self.settings.out / CURRENT_NAME
+        if not pointer_file.is_file():
             return start
-        pointer = json.loads(current.read_text())
+        pointer = json.loads(pointer_file.read_text())
         base = self.annotator.predictor.checkpoint.path
         if base is None or pointer["base"] != str(base.resolve()):
             raise ResumeError(
-                f"{current} holds fine-tunes of {pointer['base']}, not of {base}: pass "
+                f"{pointer_file} holds fine-tunes of {pointer['base']}, not of {base}: pass "
                 f"ckpt={pointer['base']} to resume them, or another out= to start afresh"
             )
-        head = load_head(self.settings.out / pointer["ckpt"])
-        predictor = self._predictor(head)
-        generation = pointer["generation"]
-        return Serving(predictor, self._model_version(generation), generation, pointer["through"])
+        predictor = self._predictor(load_head(self.settings.out / pointer["ckpt"]))
+        return self._head(predictor, pointer["generation"], pointer["through"])
 
     def _predictor(self, head: HeadCheckpoint) -> Predictor:
         old = self.annotator.predictor
@@ -137,9 +138,9 @@ class Backend:
         return {
             "status": "UP",
             "model_class": "usam",
-            "model_version": self.serving.model_version,
+            "model_version": self.current.model_version,
             "finetuning": self.finetuning,
-            "annotations_pending": self.received.since(self.serving.through),
+            "annotations_pending": self.received.since(self.current.through),
             "last_finetune_error": self.last_finetune_error,
         }
 
@@ -149,7 +150,7 @@ class Backend:
     def setup(self, payload: Mapping) -> dict[str, Any]:
         """Label Studio's check of a project: its config (``schema``) must fit the head."""
         self._project(payload.get("schema"))
-        return {"model_version": self.serving.model_version}
+        return {"model_version": self.current.model_version}
 
     def predict(self, payload: Mapping) -> dict[str, Any]:
         """One prediction per task, in order. Past ``limits.predict_seconds`` (checked before
@@ -165,7 +166,7 @@ class Backend:
                 413,
             )
         config = self._project(payload.get("label_config"))
-        serving = self.serving
+        head = self.current
         deadline = time.monotonic() + self.limits.predict_seconds
         results = []
         for task in tasks:
@@ -176,19 +177,19 @@ class Backend:
                     "tasks at once",
                     503,
                 )
-            results.append(self._predict_task(task, config, serving))
-        return {"results": results, "model_version": serving.model_version}
+            results.append(self._predict_task(task, config, head))
+        return {"results": results, "model_version": head.model_version}
 
-    def _predict_task(self, task: object, config: ProjectConfig, serving: Serving) -> dict:
+    def _predict_task(self, task: object, config: ProjectConfig, head: CurrentHead) -> dict:
         if not isinstance(task, Mapping) or not isinstance(task.get("id"), int):
             raise RequestError("every task needs an integer 'id' and its 'data'")
         record = self._record(task, config.image_field)
-        prediction = serving.predictor(record).with_pixels()
+        prediction = head.predictor(record).with_pixels()
         regions = prediction_regions(prediction, self.classes, config.polygon is not None)
         return {
             "result": config.addressed(regions),
             "score": 1.0 - prediction.uncertainty(),
-            "model_version": serving.model_version,
+            "model_version": head.model_version,
         }
 
     def _record(self, task: Mapping, image_field: str) -> ImageRecord:
@@ -230,7 +231,7 @@ class Backend:
             if self.finetuning:
                 return False
             through = self.received.latest
-            if self.received.since(self.serving.through) < self.settings.finetune_every:
+            if self.received.since(self.current.through) < self.settings.finetune_every:
                 return False
             self._finetuning = threading.Thread(
                 target=self._finetune, args=(through,), name="usam-finetune", daemon=True
@@ -241,7 +242,7 @@ class Backend:
     def _finetune(self, through: int) -> None:
         """Fine-tunes the starting head on every kept annotation, then serves it. A failure
         is logged and kept for /health; the next delivery tries again."""
-        generation = self.serving.generation + 1
+        generation = self.current.generation + 1
         try:
             path = self._finetuned_head(generation)
             predictor = self._predictor(load_head(path))
@@ -252,9 +253,9 @@ class Backend:
                 "through": through,
             }
             atomic_write_text(self.settings.out / CURRENT_NAME, json.dumps(pointer))
-            self.serving = Serving(predictor, self._model_version(generation), generation, through)
+            self.current = self._head(predictor, generation, through)
             self.last_finetune_error = None
-            log.info("serving %s", self.serving.model_version)
+            log.info("serving %s", self.current.model_version)
         except Exception as error:  # the server goes on with the head it has
             log.exception("fine-tune %d failed", generation)
             self.last_finetune_error = f"fine-tune {generation}: {error}"

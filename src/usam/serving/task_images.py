@@ -3,10 +3,10 @@
 ``data.<field>`` of a task is one of: ``/data/local-files/?d=REL`` (read from
 ``document_root`` when set, the folder Label Studio serves local files from), another path
 on the Label Studio server such as ``/data/upload/...`` (fetched from ``label_studio_url``
-with the API token), or an ``http(s)://``, ``s3://`` or ``gs://`` URL (through
-``usam.formats.storage``). Each fetch runs in a thread of its own, so a stalled server
-costs the request ``limits.fetch_seconds`` and no more; a body over ``limits.image_bytes``
-is cut off unread.
+with the API token, as is a full URL under ``label_studio_url``), or an ``http(s)://``,
+``s3://`` or ``gs://`` URL (through ``usam.formats.storage``). Each fetch runs in a thread
+of its own, so a stalled server costs the request ``limits.fetch_seconds`` and no more; a
+body over ``limits.image_bytes`` is cut off unread.
 """
 
 from __future__ import annotations
@@ -83,6 +83,8 @@ class TaskImages:
                     404,
                 )
             return lambda: open(path, "rb")
+        if self.label_studio_url and address.startswith(self.label_studio_url + "/"):
+            return self._label_studio(address.removeprefix(self.label_studio_url), what)
         if address.startswith("/"):
             return self._label_studio(address, what)
         if storage.is_url(address):
