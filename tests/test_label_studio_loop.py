@@ -189,6 +189,10 @@ def test_corrections_submitted_in_label_studio_fine_tune_the_backend(tmp_path):
             )
             connected = client.ml.create(url=backend, project=project, title="usam")
             assert connected.model_version == FIRST
+            hooks = client.webhooks.list(project=str(project))
+            assert [(hook.url, hook.send_for_all_actions) for hook in hooks] == [
+                (f"{backend}/webhook", True)
+            ]
 
             first = retrieve_predictions(client, project, FIRST)
             assert sorted(first) == NAMES
