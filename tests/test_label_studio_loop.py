@@ -64,7 +64,7 @@ SERVE = [
     "inference.confidence_threshold=0.3",
     "device=cpu",
     "finetune_every=2",
-    # two images teach little at the default rate of a real review; this makes the move plain
+    # a higher rate than the default, so that two reviewed images move the head in few steps
     "finetune.lr=0.01",
     "finetune.max_epochs=30",
 ]
