@@ -23,6 +23,8 @@ import requests
 from label_studio_sdk.converter import brush
 from PIL import Image
 
+from usam.cli import CONF_DIR
+from usam.command_help import command_help
 from usam.commands.serve import backend_of
 from usam.core.config import ConfigError
 from usam.inference.annotator import Annotator
@@ -517,3 +519,14 @@ def test_the_command_serves_over_http_until_sigterm(root, served):
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+def test_help_names_the_required_keys_first_and_every_option():
+    shown = command_help("serve", CONF_DIR)
+    required = shown.split("\n\n")[1].splitlines()
+    assert required[0] == "required:"
+    assert [line.split("=")[0].strip() for line in required[1:]] == ["ckpt", "out"]
+    for key in ("host", "port", "finetune_every", "finetune", "polygons", "document_root"):
+        assert f"\n  {key}=" in shown, key
+    assert re.search(r"\n  label_studio=\{\.\.\.\} +url: the Label Studio that serves", shown)
+    assert "\n  limits={...}" in shown and "\nsam=tiny  (one of:" in shown
