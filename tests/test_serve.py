@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -485,17 +486,21 @@ def test_an_out_folder_resumes_only_the_head_it_fine_tuned(root):
 
 
 def test_the_command_serves_over_http_until_sigterm(root, served):
-    _, _, config = served
+    """The real server: over HTTP, a body over the limit is refused (in JSON up to waitress's
+    own cut-off) and the next request still served; SIGTERM ends it with 128 + 15."""
+    _, test_client, config = served
     command = [
         sys.executable,
         *("-m", "usam.serve", f"ckpt={root / 'head.ckpt'}", f"out={root / 'process'}"),
-        *("port=0", f"document_root={root}", f"paths.root_dir={root}"),
-        *(f"paths.output_dir={root / 'process-run'}", *SMALL),
+        *("port=0", "limits.request_bytes=100000", f"document_root={root}"),
+        *(f"paths.root_dir={root}", f"paths.output_dir={root / 'process-run'}", *SMALL),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    server = subprocess.Popen(
-        command, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-    )
+    errors = root / "serve.stderr"
+    with errors.open("w") as stderr:
+        server = subprocess.Popen(
+            command, cwd=root, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env
+        )
     try:
         lines = []
         for line in server.stdout:
@@ -503,16 +508,25 @@ def test_the_command_serves_over_http_until_sigterm(root, served):
             found = re.search(r" at (http://127\.0\.0\.1:\d+) \(paste it into Label Studio", line)
             if found:
                 break
-        assert found, "".join(lines) + server.stderr.read()
+        assert found, "".join(lines) + errors.read_text()
         url = found[1]
         assert "(random weights: not labels)" in line and "RANDOM WEIGHTS" in line
         assert requests.get(f"{url}/health", timeout=10).json()["status"] == "UP"
         body = {"tasks": [task(3, "drawn0.png")], "label_config": config, "project": "1.1"}
-        over_http = requests.post(f"{url}/predict", json=body, timeout=60).json()
-        assert over_http == predict(served[1], body["tasks"], config).json
+        expected = predict(test_client, body["tasks"], config).json
+        refused = requests.post(f"{url}/predict", data=b"x" * 200_000, timeout=30)
+        assert refused.status_code == 413
+        assert refused.json()["error"].startswith("Request Entity Too Large: ")
+        assert requests.post(f"{url}/predict", json=body, timeout=60).json() == expected
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as connection:
+            announced = "POST /predict HTTP/1.1\r\nHost: usam\r\nContent-Length: 3000000\r\n\r\n"
+            connection.sendall(announced.encode())  # waitress refuses it before any body
+            assert connection.recv(4096).startswith(b"HTTP/1.1 413 Request Entity Too Large")
+        assert requests.post(f"{url}/predict", json=body, timeout=60).json() == expected
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=60) == 128 + signal.SIGTERM
-        assert "usam.serve: stopped by SIGTERM" in server.stderr.read()
+        assert "usam.serve: stopped by SIGTERM" in errors.read_text()
         with pytest.raises(requests.ConnectionError):
             requests.get(f"{url}/health", timeout=5)
     finally:
