@@ -207,13 +207,6 @@ def bad_requests(config: str, classes: list[str]) -> list[tuple[str, str, dict, 
         ("post", "/predict", {"json": [1, 2]}, 400, "takes a JSON object"),
         ("post", "/predict", {"json": {"label_config": config}}, 400, "has no tasks"),
         ("post", "/predict", {"json": {"tasks": [], "label_config": config}}, 400, "no tasks"),
-        (
-            "post",
-            "/predict",
-            {"json": {"tasks": [task(i, "drawn0.png") for i in range(3)], "label_config": config}},
-            413,
-            "at most limits.max_tasks=2",
-        ),
         ("post", "/predict", {"json": {"tasks": [task(1, "drawn0.png")]}}, 400, "no label config"),
         (
             "post",
@@ -351,14 +344,26 @@ def test_images_on_the_label_studio_server_come_with_the_token_within_the_time(
         )
 
 
-def test_predict_past_its_deadline_is_a_503_that_says_how_far_it_got(root):
-    backend = backend_of(compose_serve(root, root / "late", "limits.predict_seconds=1e-9"))
+@pytest.mark.parametrize("limit", ["limits.max_tasks=2", "limits.predict_seconds=1e-9"])
+def test_a_predict_it_cannot_answer_whole_gets_its_first_task_alone(root, served, limit):
+    """Label Studio then asks for each task on its own: one result for several tasks is its
+    sign that a backend predicts one task at a time."""
+    _, test_client, config = served
+    backend = backend_of(compose_serve(root, root / "partial", limit))
     client = create_app(backend).test_client()
-    response = predict(client, [task(1, "drawn0.png")], label_config(backend.classes, False))
-    assert response.status_code == 503
-    assert response.json["error"] == (
-        "0 of 1 tasks predicted within limits.predict_seconds=1e-09: ask for fewer tasks at once"
+    tasks = [task(1, "drawn0.png"), task(2, "drawn1.png"), task(3, "drawn0.png")]
+    response = predict(client, tasks, config)
+    assert response.status_code == 200
+    assert response.json["results"] == predict(test_client, tasks[:1], config).json["results"]
+    done = 2 if limit == "limits.max_tasks=2" else 1
+    seconds = "1e-09" if done == 1 else "90"
+    assert response.json["note"] == (
+        f"{done} of 3 tasks predicted within limits.max_tasks={16 if done == 1 else 2} and "
+        f"limits.predict_seconds={seconds}: the first task's prediction alone is returned, "
+        "ask for the others one at a time"
     )
+    whole = predict(client, tasks[:1], config).json
+    assert "note" not in whole and len(whole["results"]) == 1
 
 
 def submitted(task_id: int, name: str, regions: list[dict], action: str, config: str) -> dict:

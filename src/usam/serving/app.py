@@ -3,9 +3,9 @@
 
 ``GET /`` and ``/health``, ``POST /setup``, ``/predict`` and ``/webhook``. Every refusal is
 JSON ``{"error": "<one line>"}`` with its status (400 a bad request, 404 no such route or
-image, 413 too large, 502/504 an image that cannot be fetched, 503 past the predict
-deadline); anything else a request meets is logged with its traceback and answered 500,
-and the server goes on serving.
+image, 413 too large, 422 no image, 502/504 an image that cannot be fetched); anything
+else a request meets is logged with its traceback and answered 500, and the server goes
+on serving.
 """
 
 from __future__ import annotations

@@ -153,32 +153,33 @@ class Backend:
         return {"model_version": self.current.model_version}
 
     def predict(self, payload: Mapping) -> dict[str, Any]:
-        """One prediction per task, in order. Past ``limits.predict_seconds`` (checked before
-        each task) the request ends with a 503 instead: Label Studio matches results to
-        tasks by position and discards a shorter list, so no partial answer is sent."""
+        """One prediction per task, in order, for at most ``limits.max_tasks`` tasks and
+        until ``limits.predict_seconds`` pass (the task in progress is finished). A request
+        it cannot answer whole (Label Studio's "Retrieve predictions" sends every selected
+        task at once) is answered with its first task's prediction alone: Label Studio then
+        asks for each task on its own (``ml/models.py``, one by one when a backend returns
+        one result for several tasks), and SAM's proposals of the tasks predicted are cached."""
         tasks = payload.get("tasks")
         if not isinstance(tasks, list) or not tasks:
             raise RequestError("the request has no tasks (a non-empty list under 'tasks')")
-        if len(tasks) > self.limits.max_tasks:
-            raise RequestError(
-                f"{len(tasks)} tasks in one request, at most limits.max_tasks="
-                f"{self.limits.max_tasks}: ask for fewer at once",
-                413,
-            )
         config = self._project(payload.get("label_config"))
         head = self.current
         deadline = time.monotonic() + self.limits.predict_seconds
         results = []
-        for task in tasks:
-            if time.monotonic() > deadline:
-                raise RequestError(
-                    f"{len(results)} of {len(tasks)} tasks predicted within "
-                    f"limits.predict_seconds={self.limits.predict_seconds}: ask for fewer "
-                    "tasks at once",
-                    503,
-                )
+        for task in tasks[: self.limits.max_tasks]:
             results.append(self._predict_task(task, config, head))
-        return {"results": results, "model_version": head.model_version}
+            if time.monotonic() > deadline:
+                break
+        answer: dict[str, Any] = {"results": results, "model_version": head.model_version}
+        if len(results) < len(tasks):
+            answer["results"] = results[:1]
+            answer["note"] = (
+                f"{len(results)} of {len(tasks)} tasks predicted within limits.max_tasks="
+                f"{self.limits.max_tasks} and limits.predict_seconds="
+                f"{self.limits.predict_seconds}: the first task's prediction alone is "
+                "returned, ask for the others one at a time"
+            )
+        return answer
 
     def _predict_task(self, task: object, config: ProjectConfig, head: CurrentHead) -> dict:
         if not isinstance(task, Mapping) or not isinstance(task.get("id"), int):

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Limits:
     request_bytes: int = 20_000_000  # a request body larger than this is answered 413
-    max_tasks: int = 16  # tasks one /predict may ask for (Label Studio asks for one at a time)
-    # /predict answers 503 when this passes before its last task starts: Label Studio waits
-    # ML_TIMEOUT_PREDICT = 100 s for an answer, and asks again for tasks left without one
+    # a /predict for more tasks than this, or still at work after predict_seconds (Label
+    # Studio waits ML_TIMEOUT_PREDICT = 100 s), is answered with its first task's prediction
+    # alone, upon which Label Studio asks for each task on its own
+    max_tasks: int = 16
     predict_seconds: float = 90.0
     image_bytes: int = 50_000_000  # a task's image larger than this is refused (413)
     fetch_seconds: float = 30.0  # a task's image not fetched within this is refused (504)
