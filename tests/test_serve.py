@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -32,7 +33,7 @@ from usam.inference.annotator import Annotator
 from usam.inference.label_studio import LOCAL_FILES, label_config, prediction_regions
 from usam.inference.predictor import InferenceSettings, load_head
 from usam.review.label_studio_tasks import review_of_tasks
-from usam.serving.app import create_app
+from usam.serving.app import create_app, serve_in_thread
 from usam.serving.backend import ResumeError
 from usam.serving.received import task_key
 
@@ -51,6 +52,7 @@ SMALL = [
     "device=cpu",
 ]
 TOKEN = "serve-test-token"
+SERVER_THREADS = ("usam-serve", "waitress")  # the names of its loop's and workers' threads
 
 
 def drawn(seed: int) -> np.ndarray:
@@ -549,3 +551,17 @@ def test_help_names_the_required_keys_first_and_every_option():
         assert f"\n  {key}=" in shown, key
     assert re.search(r"\n  label_studio=\{\.\.\.\} +url: the Label Studio that serves", shown)
     assert "\n  limits={...}" in shown and "\nsam=tiny  (one of:" in shown
+
+
+def test_a_backend_served_from_a_thread_answers_until_closed(served):
+    """Closing ends the server's threads even with a connection kept alive."""
+    backend, _, _ = served
+    server = serve_in_thread(backend)
+    with requests.Session() as kept_alive:
+        health = kept_alive.get(f"{server.url}/health", timeout=10).json()
+        assert health["model_version"] == backend.current.model_version
+        server.close()
+        left = [t.name for t in threading.enumerate() if t.name.startswith(SERVER_THREADS)]
+        assert left == []
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"{server.url}/health", timeout=5)

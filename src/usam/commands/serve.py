@@ -102,7 +102,6 @@ def run(cfg: DictConfig) -> None:
     backend.start_finetune_when_due()
     with _stopping_signals() as received:
         server.run()
-    server.close()
     signum = received[0]
     print(
         f"usam.serve: stopped by {signal.Signals(signum).name}; what it received is in "

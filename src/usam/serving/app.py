@@ -76,11 +76,15 @@ def create_app(backend: Backend) -> Flask:
 
 
 class Server:
-    """The app on ``host:port`` (port 0: a free one), listening once made."""
+    """The app on ``host:port`` (port 0: a free one), listening once made. :meth:`run`
+    serves in the calling thread until a signal's exception there (the command);
+    :meth:`start` serves from a thread of its own until :meth:`close`."""
 
     def __init__(self, app: Flask, host: str, port: int, limits: Limits) -> None:
+        self._sockets: dict[int, Any] = {}  # waitress's: the listening one and every connection
         self._server = create_server(
             app,
+            map=self._sockets,
             host=host,
             port=port,
             threads=limits.threads,
@@ -89,22 +93,34 @@ class Server:
             ident="usam",
         )
         self.host, self.port = host, self._server.effective_port
+        self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
     def run(self) -> None:
-        """Serves until :meth:`close` or a signal's exception in this thread."""
         self._server.run()
 
+    def start(self) -> Server:
+        self._thread = threading.Thread(target=self.run, name="usam-serve", daemon=True)
+        self._thread.start()
+        return self
+
     def close(self) -> None:
-        self._server.close()
+        """Ends :meth:`start`'s thread: its loop closes every socket itself (a connection
+        kept alive would keep it serving), then the workers finish what they answer."""
+        self._server.trigger.pull_trigger(self._close_sockets)
+        if self._thread is not None:
+            self._thread.join()
+        self._server.task_dispatcher.shutdown()
+
+    def _close_sockets(self) -> None:
+        for channel in list(self._sockets.values()):
+            channel.close()
 
 
 def serve_in_thread(backend: Backend, host: str = "127.0.0.1", port: int = 0) -> Server:
-    """The backend served from a daemon thread, answering once this returns (tests, and
-    anything that embeds the backend); ``close()`` stops it."""
-    server = Server(create_app(backend), host, port, backend.limits)
-    threading.Thread(target=server.run, name="usam-serve", daemon=True).start()
-    return server
+    """The backend served from a thread, answering once this returns (tests, and anything
+    that embeds the backend); ``close()`` stops it."""
+    return Server(create_app(backend), host, port, backend.limits).start()
