@@ -29,6 +29,7 @@ from usam.cli import CONF_DIR
 from usam.command_help import command_help
 from usam.commands.serve import backend_of
 from usam.core.config import ConfigError
+from usam.core.errors import InputFileError
 from usam.inference.annotator import Annotator
 from usam.inference.label_studio import LOCAL_FILES, label_config, prediction_regions
 from usam.inference.predictor import InferenceSettings, load_head
@@ -481,6 +482,8 @@ def test_settings_the_backend_cannot_honour_stop_it_before_it_serves(root):
         backend_of(compose_serve(root, root / "never", "finetune_every=0"))
     with pytest.raises(ConfigError, match=r"^limits: max_tasks=0 must be at least 1$"):
         backend_of(compose_serve(root, root / "never", "limits.max_tasks=0"))
+    with pytest.raises(InputFileError, match=r"^document_root=.*nowhere is not a folder; set it"):
+        backend_of(compose_serve(root, root / "never", f"document_root={root / 'nowhere'}"))
 
 
 def test_an_out_folder_resumes_only_the_head_it_fine_tuned(root):

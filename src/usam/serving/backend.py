@@ -170,7 +170,7 @@ class Backend:
             results.append(self._predict_task(task, config, head))
             if time.monotonic() > deadline:
                 break
-        answer: dict[str, Any] = {"results": results, "model_version": head.model_version}
+        answer: dict[str, Any] = {"results": results}
         if len(results) < len(tasks):
             answer["results"] = results[:1]
             answer["note"] = (

@@ -22,6 +22,7 @@ from urllib.parse import unquote
 import numpy as np
 from PIL import Image
 
+from usam.core.errors import InputFileError
 from usam.formats import storage
 from usam.formats.image_shards import to_rgb
 from usam.inference.label_studio import LOCAL_FILES
@@ -49,6 +50,11 @@ class TaskImages:
         """``document_root``: Label Studio's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT;
         ``label_studio_url``: where other Label Studio paths are fetched, with ``token``."""
         root = Path(document_root).expanduser().resolve() if document_root else None
+        if root is not None and not root.is_dir():
+            raise InputFileError(
+                f"document_root={document_root} is not a folder; set it to the folder Label "
+                "Studio serves local files from (its LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT)"
+            )
         self.document_root = root
         self.label_studio_url = label_studio_url.rstrip("/") if label_studio_url else None
         self.token = token
