@@ -27,6 +27,8 @@ STAGES = (
     "train",
     "inference",
     "evaluation",
+    "review",
+    "serving",
 )
 TESTING = "testing"
 COMMANDS = len(STAGES)  # the rank of everything that is neither a stage nor usam.testing
