@@ -28,7 +28,7 @@ def printed_rows(stdout: str) -> dict[str, dict[str, str]]:
 
 
 def test_reviews_of_learnable_classes_raise_both_scores_clearly():
-    """Measured at these settings: mIoU 11.77 -> 31.61, mAP50 0.0000 -> 0.2218; each
+    """Measured at these settings: mIoU 11.77 -> 99.37, mAP50 0.0000 -> 0.9762; each
     reviewed class box is one region, matched by its own proposal (IoU 1) and at times by
     a background box overlapping it at >= 0.5."""
     result = run_python(str(BENCHMARK))
@@ -36,8 +36,8 @@ def test_reviews_of_learnable_classes_raise_both_scores_clearly():
     row = printed_rows(result.stdout)["synthetic"]
     assert (row["reviewed"], row["scored"]) == ("20", "30")  # 5 classes x 10 images
     assert int(row["matched"]) >= int(row["regions"]) > 0
-    assert float(row["miou_after"]) >= float(row["miou_before"]) + 10
-    assert float(row["map50_after"]) >= float(row["map50_before"]) + 0.1
+    assert float(row["miou_after"]) >= float(row["miou_before"]) + 50
+    assert float(row["map50_after"]) >= float(row["map50_before"]) + 0.5
     assert "synthetic embeddings" in row["note"]
 
 
