@@ -103,9 +103,7 @@ def test_explicit_path_wins_and_a_missing_one_is_reported(tmp_path, cache):
     assert "nope.pth" in str(error.value)
 
 
-def test_paths_cache_dir_is_where_sam_checkpoints_are_found_and_downloaded(
-    server, cache, tmp_path
-):
+def test_paths_cache_dir_is_where_sam_checkpoints_are_found_and_downloaded(server, cache, tmp_path):
     mine = tmp_path / "mine"
     cfg = compose_config("extract", ["sam=vit_b", f"paths.cache_dir={mine}"])
     sam = settings_from_config(SamSettings, cfg.sam, "sam")

@@ -116,7 +116,6 @@ def test_the_crop_view_shows_clip_other_pixels(voc_set, tiny_clip):
     assert np.abs(probs - pooled).max() > 1e-3
 
 
-
 def test_the_settings_name_a_misspelt_key_and_a_bad_value():
     with pytest.raises(ConfigError, match="unknown key baseline.clip.templat; did you mean "):
         settings_from_config(ClipSettings, {"templat": "{}"}, "baseline.clip")

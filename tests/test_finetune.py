@@ -22,8 +22,6 @@ from usam.formats.embedding_shards import ImageRecord, encode_mask
 from usam.inference.exports import LabelledImage
 from usam.inference.label_studio import ImageAddresses, LabelStudioSettings, label_studio_tasks
 from usam.inference.predictor import load_head
-from usam.review.reviewed import Review, ReviewedImage
-from usam.testing.synthetic import make_record, prototypes
 from usam.review.finetune import (
     FineTuneError,
     FineTuneSettings,
@@ -31,6 +29,8 @@ from usam.review.finetune import (
     head_arguments,
     proposal_targets,
 )
+from usam.review.reviewed import Review, ReviewedImage
+from usam.testing.synthetic import make_record, prototypes
 from usam.train.head import select_input_view
 from usam.train.lightning_modules import StudentModule, TeacherModule
 

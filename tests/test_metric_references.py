@@ -151,9 +151,7 @@ def test_crowd_regions_match_coco_eval():
     assert reference["mAP50-95"] == pytest.approx((6 * 76 + 4 * 71) / 1010, abs=1e-12)
     assert reference_per_class.tolist() == pytest.approx([76 / 101, -1.0], abs=1e-12)
     truths = [
-        GroundTruth(
-            np.zeros(SHAPE, np.uint8), [Instance(m, label, bool(c)) for m, label, *c in t]
-        )
+        GroundTruth(np.zeros(SHAPE, np.uint8), [Instance(m, label, bool(c)) for m, label, *c in t])
         for t, _ in raw
     ]
     overall, per_class = usam_ap(images, truths, ["cat", "dog"])

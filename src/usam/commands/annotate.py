@@ -263,13 +263,12 @@ def _write_exports(
         for image in images:
             save_yolo(image.prediction, out / "labels" / f"{names[image.prediction.key]}.txt")
     if label_studio is not None:
-        from usam.inference.label_studio import write_label_studio
+        from usam.inference.label_studio import model_version, write_label_studio
 
         settings, addresses = label_studio
         head = annotator.predictor.checkpoint.path
-        version = f"usam {head.name if head else 'head'} + SAM {annotator.sam_model_type}"
-        if data.random_weights:
-            version += " (random weights: not labels)"
+        name = head.name if head else "head"
+        version = model_version(name, annotator.sam_model_type, data.random_weights)
         write_label_studio(
             out / "label_studio", ordered, classes, addresses, version, settings.polygons
         )

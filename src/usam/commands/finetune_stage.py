@@ -32,11 +32,11 @@ from usam.data.rejections import REJECTED_NAME
 from usam.data.sources import FolderSource
 from usam.formats.embedding_shards import ImageRecord, iter_records
 from usam.inference.predictor import HeadCheckpoint, load_head
+from usam.review.finetune import FineTuneError, FineTuneSettings, finetune_head
 from usam.review.read import read_review
 from usam.review.reviewed import Review
 from usam.sam.amg_settings import AmgSettings
 from usam.sam.registry import SamSettings
-from usam.review.finetune import FineTuneError, FineTuneSettings, finetune_head
 
 # the finetune keys that say what to read; the others are FineTuneSettings
 INPUT_KEYS = ("head_ckpt", "review", "images", "max_side")

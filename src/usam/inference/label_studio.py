@@ -40,9 +40,7 @@ class LabelStudioSettings:
 
     def check(self) -> None:
         if self.document_root and self.url_prefix:
-            raise ExportError(
-                "set label_studio.document_root or label_studio.url_prefix, not both"
-            )
+            raise ExportError("set label_studio.document_root or label_studio.url_prefix, not both")
 
 
 class ImageAddresses:
@@ -88,7 +86,9 @@ def label_config(classes: Sequence[str], polygons: bool) -> str:
     return ET.tostring(view, encoding="unicode") + "\n"
 
 
-def prediction_regions(prediction: Prediction, classes: Sequence[str], polygons: bool) -> list[dict]:
+def prediction_regions(
+    prediction: Prediction, classes: Sequence[str], polygons: bool
+) -> list[dict]:
     """One brush region per instance, then its outlines when asked for."""
     size = {
         "original_width": prediction.width,
@@ -117,6 +117,14 @@ def prediction_regions(prediction: Prediction, classes: Sequence[str], polygons:
                 | {"score": score, "value": value}
             )
     return regions
+
+
+def model_version(head: str, sam_model_type: str, random_weights: bool) -> str:
+    """What a prediction's ``model_version`` says: the head, the SAM, and that the regions
+    are no labels when either has random weights (the same words in the tasks file and
+    from the ML backend)."""
+    version = f"usam {head} + SAM {sam_model_type}"
+    return version + (" (random weights: not labels)" if random_weights else "")
 
 
 def label_studio_tasks(

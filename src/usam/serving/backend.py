@@ -30,7 +30,7 @@ from usam.core.provenance import Provenance
 from usam.formats.embedding_shards import ImageRecord
 from usam.formats.storage import atomic_write_text
 from usam.inference.annotator import Annotator
-from usam.inference.label_studio import prediction_regions
+from usam.inference.label_studio import model_version, prediction_regions
 from usam.inference.predictor import HeadCheckpoint, Predictor, load_head
 from usam.review.finetune import FineTuneSettings, finetune_head
 from usam.review.label_studio_tasks import review_of_tasks
@@ -109,9 +109,8 @@ class Backend:
         start = self.annotator.predictor.checkpoint.path
         name = start.name if start else "head"
         tuned = f" fine-tune {generation}" if generation else ""
-        version = f"usam {name}{tuned} + SAM {self.annotator.sam_model_type}"
-        if self.provenance.random_weights:
-            version += " (random weights: not labels)"
+        sam = self.annotator.sam_model_type
+        version = model_version(name + tuned, sam, self.provenance.random_weights)
         return CurrentHead(predictor, version, generation, through)
 
     def _resume(self) -> CurrentHead:
