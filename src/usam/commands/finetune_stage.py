@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from usam.cli import command_line_sets
-from usam.commands.fit import NOT_RESULTS, _data_settings, _finish_loggers, _loggers
+from usam.commands.fit import NOT_RESULTS, data_settings_of, finish_loggers, stage_loggers
 from usam.commands.mask_settings import head_mask_settings
 from usam.core.config import ConfigError, settings_from_config
 from usam.core.provenance import Provenance, report
@@ -167,7 +167,7 @@ def run_finetune(cfg: DictConfig) -> dict[str, Path]:
         data += generated.provenance
     report(data, NOT_RESULTS)
     head = dataclasses.replace(head, metadata=dataclasses.replace(head.metadata, provenance=data))
-    loggers = _loggers(cfg, "finetune", data)
+    loggers = stage_loggers(cfg, "finetune", data)
     try:
         checkpoint = finetune_head(
             head,
@@ -179,7 +179,7 @@ def run_finetune(cfg: DictConfig) -> dict[str, Path]:
             generated,
         )
     finally:
-        _finish_loggers(loggers)
+        finish_loggers(loggers)
     print(f"finetune checkpoint: {checkpoint.resolve()}")
     if data.random_weights:  # last, so that no one reads the lines above without it
         print(f"  {NOT_RESULTS}{data.note()}")
@@ -195,7 +195,7 @@ def _generated(cfg: DictConfig, head: HeadCheckpoint) -> Any:
             f"{classes[:5]}..., which are not the head's {head.classes[:5]}...: set "
             "data.classes to the head's vocabulary"
         )
-    datamodule = instantiate(cfg.data, _partial_=True)(**_data_settings(cfg))
+    datamodule = instantiate(cfg.data, _partial_=True)(**data_settings_of(cfg))
     datamodule.prepare_data()
     datamodule.setup("fit")
     return datamodule

@@ -67,7 +67,7 @@ def _callbacks(
     return callbacks
 
 
-def _data_settings(cfg: DictConfig) -> dict[str, Any]:
+def data_settings_of(cfg: DictConfig) -> dict[str, Any]:
     """The settings the DataModule makes missing images and shards with, parsed once here."""
     return {
         "sam": settings_from_config(SamSettings, cfg.sam, "sam"),
@@ -77,7 +77,7 @@ def _data_settings(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def _loggers(cfg: DictConfig, stage: str, data: Provenance) -> list[Any]:
+def stage_loggers(cfg: DictConfig, stage: str, data: Provenance) -> list[Any]:
     """The configured loggers for one stage. A W&B run carries the whole resolved config
     (dotted keys), a name and group that tell sweep jobs apart, and tags for the
     experiment, data source, SAM and random weights. Only rank zero has a W&B run (another
@@ -98,7 +98,7 @@ def _loggers(cfg: DictConfig, stage: str, data: Provenance) -> list[Any]:
     return loggers
 
 
-def _finish_loggers(loggers: list[Any]) -> None:
+def finish_loggers(loggers: list[Any]) -> None:
     """W&B keeps one run per process open; close it so the next stage gets its own."""
     for logger in loggers:
         if type(logger).__name__ == "WandbLogger":
@@ -135,7 +135,7 @@ def train_stage(
             )
     ckpt_dir = Path(cfg.paths.output_dir) / "checkpoints" / stage
     callbacks = [*_callbacks(cfg, stage, inference, eval_dir), EpochResume(ckpt_dir, cfg.seed)]
-    loggers = _loggers(cfg, stage, datamodule.provenance)
+    loggers = stage_loggers(cfg, stage, datamodule.provenance)
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         callbacks=callbacks,
@@ -162,7 +162,7 @@ def train_stage(
             module, datamodule=datamodule, ckpt_path=str(checkpoint), verbose=False
         )
     finally:
-        _finish_loggers(loggers)
+        finish_loggers(loggers)
     return StageResult(checkpoint, {k: float(v) for k, v in (tested[0] if tested else {}).items()})
 
 
@@ -234,7 +234,7 @@ def run(cfg: DictConfig) -> dict[str, Path]:
             "not a file: set it to one from checkpoints/teacher of a fit run"
         )
     load_vocabulary(cfg.data.classes)  # fail early on a bad class list
-    data_settings = _data_settings(cfg)
+    data_settings = data_settings_of(cfg)
     inference = settings_from_config(InferenceSettings, cfg.inference, "inference")
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
