@@ -9,6 +9,12 @@ LOCK := requirements/lock.txt
 LOWEST := requirements/lowest.txt
 LOWEST_VENV := .venv-lowest
 LOWEST_STAMP := $(LOWEST_VENV)/.installed
+LABEL_STUDIO := requirements/label-studio.txt
+LABEL_STUDIO_VENV := .venv-label-studio
+LABEL_STUDIO_STAMP := $(LABEL_STUDIO_VENV)/.installed
+# The review loop against a real Label Studio on the loopback address: its import of usam's
+# tasks, and usam.serve connected as its ML backend, predicting and fine-tuning.
+LABEL_STUDIO_TESTS := tests/test_label_studio_server.py tests/test_label_studio_loop.py
 
 # What the lowest versions must run: the exactness contract, the training stream, the losses, the
 # metrics against their references, fit / extract / eval / annotate / generate on tiny models, the
@@ -25,7 +31,7 @@ export OMP_NUM_THREADS ?= 1
 export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: demo test test-lowest lock lint clean
+.PHONY: demo test test-lowest test-label-studio lock lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +51,11 @@ $(LOWEST_STAMP): $(LOWEST) pyproject.toml
 	$(LOWEST_VENV)/bin/python -m pip install --quiet -c $(LOWEST) -e '.[review]' pytest
 	touch $(LOWEST_STAMP)
 
+$(LABEL_STUDIO_STAMP): $(LABEL_STUDIO)
+	$(PYTHON) -m venv $(LABEL_STUDIO_VENV)
+	$(LABEL_STUDIO_VENV)/bin/python -m pip install --quiet -r $(LABEL_STUDIO)
+	touch $(LABEL_STUDIO_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/python -m usam.fit experiment=demo
 
@@ -53,6 +64,11 @@ test: $(STAMP)
 
 test-lowest: $(LOWEST_STAMP)
 	$(LOWEST_VENV)/bin/python -m pytest -q $(COMPAT_TESTS) -k "not ($(COMPAT_LEFT_OUT))"
+
+# The label-studio executable goes at the end of PATH, so python and pytest stay usam's.
+test-label-studio: $(STAMP) $(LABEL_STUDIO_STAMP)
+	PATH="$$PATH:$(abspath $(LABEL_STUDIO_VENV))/bin" $(BIN)/python -m pytest -q -m integration \
+		$(LABEL_STUDIO_TESTS)
 
 # After a change to pyproject.toml; LOCK_ARGS=--upgrade moves every package to its newest release.
 lock: $(STAMP)
@@ -64,4 +80,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf $(VENV) $(LOWEST_VENV) outputs
+	rm -rf $(VENV) $(LOWEST_VENV) $(LABEL_STUDIO_VENV) outputs

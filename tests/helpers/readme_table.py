@@ -86,6 +86,14 @@ NOT_RUN = {
     r"label-studio start": "a Label Studio server, in an environment of its own",
     r"cvat-cli ": "a CVAT server",
     r"trainer\.num_nodes=": "several machines",
+    r"^python -m usam\.fit stage=finetune ": (
+        "a review export of the user's photos: tests/test_finetune.py runs the stage end to end "
+        "on a Label Studio export of a folder, with a tiny SAM"
+    ),
+    r"^python -m usam\.serve ": (
+        "a server that runs until stopped: tests/test_serve.py and, with Label Studio, "
+        "tests/test_label_studio_loop.py start it on a free loopback port"
+    ),
 }
 
 VARIABLES = {  # $NAME in a command -> its stand-in ("" where the token holding it is dropped)
