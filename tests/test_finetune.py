@@ -34,7 +34,7 @@ from usam.testing.synthetic import make_record, prototypes
 from usam.train.head import select_input_view
 from usam.train.lightning_modules import StudentModule, TeacherModule
 
-from helpers.commands import run_entry
+from helpers.commands import TINY_EXTRACT, run_entry
 from helpers.evaluation import head_checkpoint
 from helpers.review_exports import prediction_of
 from helpers.wandb_runs import offline_record
@@ -316,19 +316,6 @@ def review_folder(tmp_path_factory):
     return root, images, export, head
 
 
-TINY_SAM = [
-    "sam=tiny",
-    "amg.points_per_side=8",
-    "amg.pred_iou_thresh=0",
-    "amg.stability_score_thresh=0",
-    "amg.proposals=filtered",
-    "amg.box_nms_thresh=0.95",
-    "extract.num_workers=0",
-    "extract.trainer.accelerator=cpu",
-    "extract.trainer.enable_progress_bar=false",
-]
-
-
 def finetune_args(head: Path, export: Path, images: Path, *extra: str) -> list[str]:
     return [
         "stage=finetune",
@@ -338,7 +325,7 @@ def finetune_args(head: Path, export: Path, images: Path, *extra: str) -> list[s
         "finetune.max_epochs=2",
         "logger=wandb",
         "paths.output_dir=run",
-        *TINY_SAM,
+        *TINY_EXTRACT,
         *extra,
     ]
 

@@ -47,7 +47,7 @@ from usam.inference.label_studio import LOCAL_FILES, label_config
 from usam.inference.predictor import InferenceSettings, Prediction, Predictor, load_head
 from usam.sam.amg_settings import AmgSettings
 
-from helpers.commands import compose_config
+from helpers.commands import TINY_MASKS, compose_config
 from helpers.evaluation import head_checkpoint
 from helpers.label_studio_server import free_port, label_studio, needs_label_studio, serving
 
@@ -55,12 +55,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, needs_label_studio]
 
 CLASSES = ["cat", "dog", "car"]
 SERVE = [
-    "sam=tiny",  # the random tiny SAM, whose masks survive these loosened filters
-    "amg.points_per_side=8",
-    "amg.pred_iou_thresh=0",
-    "amg.stability_score_thresh=0",
-    "amg.proposals=filtered",
-    "amg.box_nms_thresh=0.95",
+    *TINY_MASKS,
     "inference.confidence_threshold=0.3",
     "device=cpu",
     "finetune_every=2",

@@ -38,20 +38,11 @@ from usam.serving.app import create_app, serve_in_thread
 from usam.serving.backend import ResumeError
 from usam.serving.received import task_key
 
-from helpers.commands import compose_config, wait_for
+from helpers.commands import TINY_MASKS, compose_config, wait_for
 from helpers.evaluation import head_checkpoint
 from helpers.web_server import local_server, reply
 
-SMALL = [
-    "sam=tiny",
-    "amg.points_per_side=8",
-    "amg.pred_iou_thresh=0",
-    "amg.stability_score_thresh=0",
-    "amg.proposals=filtered",
-    "amg.box_nms_thresh=0.95",
-    "inference.confidence_threshold=0.3",
-    "device=cpu",
-]
+SMALL = [*TINY_MASKS, "inference.confidence_threshold=0.3", "device=cpu"]
 TOKEN = "serve-test-token"
 SERVER_THREADS = ("usam-serve", "waitress")  # the names of its loop's and workers' threads
 

@@ -29,18 +29,21 @@ CONF_DIR = ROOT / "src" / "usam" / "conf"
 
 
 # usam.eval / usam.annotate overrides: tiny random SAM whose masks survive the filters, on CPU
-TINY_EVAL = [
+TINY_MASKS = [  # the random tiny SAM, whose masks survive these loosened filters
     "sam=tiny",
     "amg.points_per_side=8",
     "amg.pred_iou_thresh=0",
     "amg.stability_score_thresh=0",
     "amg.proposals=filtered",  # the official filters, loosened below
     "amg.box_nms_thresh=0.95",
+]
+TINY_EXTRACT = [  # SAM in the command's own process, on the CPU, quietly
+    *TINY_MASKS,
     "extract.num_workers=0",
     "extract.trainer.accelerator=cpu",
     "extract.trainer.enable_progress_bar=false",
-    "device=cpu",
 ]
+TINY_EVAL = [*TINY_EXTRACT, "device=cpu"]
 
 
 # usam.fit overrides: class names -> tiny SD images -> shards -> one teacher epoch, on CPU

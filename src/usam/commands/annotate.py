@@ -30,10 +30,8 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-from usam.cli import command_line_sets
-from usam.commands.mask_settings import head_mask_settings
+from usam.commands.mask_settings import configured_annotator
 from usam.core.config import settings_from_config
-from usam.core.devices import resolve_device
 from usam.core.progress import progress_bar
 from usam.core.provenance import Provenance, report, untrained
 from usam.core.stopping import stop_if_requested, stoppable
@@ -55,10 +53,9 @@ from usam.inference.exports import (
     save_yolo,
     write_result,
 )
-from usam.inference.predictor import InferenceSettings, Prediction, Predictor, load_head
+from usam.inference.predictor import Prediction
 from usam.inference.review import REVIEW_NAME, review_order, write_review_list
-from usam.sam.amg_settings import AmgSettings
-from usam.sam.registry import SamSettings, get_spec
+from usam.sam.registry import get_spec
 
 NOT_LABELS = "these annotations only exercise the pipeline; they are NOT labels"
 
@@ -185,14 +182,8 @@ def _progress_note(outputs: _Outputs, keys: tuple[str, ...]) -> str:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Annotate ``cfg.images`` into ``cfg.out``; returns the summary it prints."""
     exports = check_exports(cfg.export)
-    sam = settings_from_config(SamSettings, cfg.sam, "sam")
-    inference = settings_from_config(InferenceSettings, cfg.inference, "inference")
     extract = settings_from_config(ExtractSettings, cfg.extract, "extract")
-    configured = settings_from_config(AmgSettings, cfg.amg, "amg")
-    head = load_head(cfg.ckpt)
-    amg = head_mask_settings(configured, head, command_line_sets("amg"))
-    predictor = Predictor(head, inference, resolve_device(cfg.device, "device"))
-    annotator = Annotator(predictor, sam, amg=amg)
+    annotator = configured_annotator(cfg)
     source = FolderSource(cfg.images, annotator.classes, cfg.max_side)
     names = _output_names(source)
     label_studio = _label_studio(cfg, exports, source.root)

@@ -19,18 +19,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from usam.cli import command_line_sets
 from usam.commands.annotate import provenance_of
-from usam.commands.mask_settings import head_mask_settings
+from usam.commands.mask_settings import configured_annotator
 from usam.core.config import ConfigError, settings_from_config
-from usam.core.devices import resolve_device
 from usam.core.provenance import report
 from usam.core.stopping import STOP_SIGNALS, Stopped
-from usam.inference.annotator import Annotator
-from usam.inference.predictor import InferenceSettings, Predictor, load_head
 from usam.review.finetune import FineTuneSettings
-from usam.sam.amg_settings import AmgSettings
-from usam.sam.registry import SamSettings
 from usam.serving.app import Server, create_app
 from usam.serving.backend import Backend, BackendSettings
 from usam.serving.limits import Limits
@@ -56,13 +50,7 @@ def backend_of(cfg: DictConfig) -> Backend:
     """The backend ``cfg`` describes, its SAM built."""
     finetune = _finetune_settings(cfg)
     limits = settings_from_config(Limits, cfg.limits, "limits")
-    sam = settings_from_config(SamSettings, cfg.sam, "sam")
-    inference = settings_from_config(InferenceSettings, cfg.inference, "inference")
-    configured = settings_from_config(AmgSettings, cfg.amg, "amg")
-    head = load_head(cfg.ckpt)
-    amg = head_mask_settings(configured, head, command_line_sets("amg"))
-    predictor = Predictor(head, inference, resolve_device(cfg.device, "device"))
-    annotator = Annotator(predictor, sam, amg=amg)
+    annotator = configured_annotator(cfg)
     token = os.environ.get(TOKEN_VARIABLE)
     images = TaskImages(cfg.document_root, cfg.label_studio.url, token, limits)
     settings = BackendSettings(Path(cfg.out), cfg.finetune_every, cfg.polygons)
