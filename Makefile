@@ -18,12 +18,14 @@ LABEL_STUDIO_TESTS := tests/test_label_studio_server.py tests/test_label_studio_
 
 # What the lowest versions must run: the exactness contract, the training stream, the losses, the
 # metrics against their references, fit / extract / eval / annotate / generate on tiny models, the
-# review exports read back by their SDKs and the SAM+CLIP baseline, less the long multi-process,
-# kill-and-resume and real-subset runs that the full suite covers.
+# review exports read back by their SDKs, the reviews read, fine-tuning, the ML backend and the
+# SAM+CLIP baseline, less the long multi-process, kill-and-resume and real-subset runs that the
+# full suite covers.
 COMPAT_TESTS := tests/test_amg.py tests/test_training_stream.py tests/test_losses.py \
 	tests/test_metric_references.py tests/test_fit.py tests/test_extract.py \
 	tests/test_eval_cli.py tests/test_annotate.py tests/test_generate.py \
-	tests/test_review_exports.py tests/test_clip_baseline.py
+	tests/test_review_exports.py tests/test_clip_baseline.py tests/test_review_ingest.py \
+	tests/test_finetune.py tests/test_serve.py
 COMPAT_LEFT_OUT := other_kernels or ddp or kill or real_subsets or full_shuffle or \
 	resume_after_a_crash or resumes_after or makes_masks_the_way or demo_runs or safety
 
@@ -48,7 +50,7 @@ $(STAMP): $(LOCK) pyproject.toml | $(BIN)/python
 
 $(LOWEST_STAMP): $(LOWEST) pyproject.toml
 	$(PYTHON) -m venv $(LOWEST_VENV)
-	$(LOWEST_VENV)/bin/python -m pip install --quiet -c $(LOWEST) -e '.[review]' pytest
+	$(LOWEST_VENV)/bin/python -m pip install --quiet -c $(LOWEST) -e '.[review,serve]' pytest
 	touch $(LOWEST_STAMP)
 
 $(LABEL_STUDIO_STAMP): $(LABEL_STUDIO)
