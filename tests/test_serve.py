@@ -16,9 +16,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
+import jwt
 import numpy as np
 import pytest
 import requests
@@ -36,7 +38,11 @@ from usam.inference.predictor import InferenceSettings, load_head
 from usam.review.label_studio_tasks import review_of_tasks
 from usam.serving.app import create_app, serve_in_thread
 from usam.serving.backend import ResumeError
+from usam.serving.errors import RequestError
+from usam.serving.label_studio_token import MARGIN_SECONDS
+from usam.serving.limits import Limits
 from usam.serving.received import task_key
+from usam.serving.task_images import TaskImages
 
 from helpers.commands import TINY_MASKS, compose_config, wait_for
 from helpers.evaluation import head_checkpoint
@@ -292,6 +298,12 @@ def test_every_bad_request_gets_one_json_line_and_the_server_goes_on(served):
         assert predict(client, [task(3, "drawn0.png")], config).json == good.json
 
 
+def png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 class _LabelStudioFiles(BaseHTTPRequestHandler):
     """Label Studio's /data/upload/: the image for the right token; /stall answers late."""
 
@@ -301,9 +313,7 @@ class _LabelStudioFiles(BaseHTTPRequestHandler):
         elif self.headers.get("Authorization") != f"Token {TOKEN}":
             reply(self, 401, "text/plain", b"no token")
         else:
-            buffer = io.BytesIO()
-            Image.fromarray(drawn(0)).save(buffer, format="PNG")
-            reply(self, 200, "image/png", buffer.getvalue())
+            reply(self, 200, "image/png", png(drawn(0)))
 
     def log_message(self, *args) -> None:
         pass
@@ -322,8 +332,12 @@ def test_images_on_the_label_studio_server_come_with_the_token_within_the_time(
         uploaded = predict(client, [{"id": 5, "data": {"image": "/data/upload/1/a.png"}}], config)
         if token != TOKEN:
             assert uploaded.status_code == 502
-            assert uploaded.json["error"].startswith("task 5's image /data/upload/1/a.png cannot")
-            assert "401" in uploaded.json["error"]
+            assert uploaded.json["error"] == (
+                "task 5's image /data/upload/1/a.png was refused by Label Studio (HTTP 401: "
+                "Unauthorized): create a personal access token in Label Studio (Account & "
+                "Settings) and set LABEL_STUDIO_API_KEY to it, or enable legacy tokens for the "
+                "organization and set it to one"
+            )
             return
         local = predict(client, [task(6, "drawn0.png")], config)
         assert uploaded.json["results"][0]["result"] == local.json["results"][0]["result"]
@@ -336,6 +350,122 @@ def test_images_on_the_label_studio_server_come_with_the_token_within_the_time(
         assert stalled.json["error"] == (
             "task 8's image /stall/a.png was not fetched within limits.fetch_seconds=1"
         )
+
+
+SIGNING_KEY = "serve-test-signing-key-of-32-bytes"
+LIFETIME = MARGIN_SECONDS + 2  # an access token usam keeps for 2 s
+UPLOADED = {"id": 5, "data": {"image": "/data/upload/1/a.png"}}
+
+
+def signed(kind: str, number: int) -> str:
+    """A JWT as Label Studio signs them; ``number`` tells tokens of the same second apart."""
+    now = int(time.time())
+    claims = {"token_type": kind, "iat": now, "exp": now + int(LIFETIME), "jti": str(number)}
+    return jwt.encode(claims, SIGNING_KEY, algorithm="HS256")
+
+
+PERSONAL = signed("refresh", 0)
+
+
+class _PersonalTokens(BaseHTTPRequestHandler):
+    """Label Studio 1.23 without legacy tokens: /api/token/refresh/ exchanges PERSONAL alone
+    (and answers late under /stall, in HTML under /html); /data/upload/ wants the access
+    token issued last. Records what it issued and the Authorization headers it saw."""
+
+    issued: list[str] = []
+    seen: list[str | None] = []
+
+    def do_POST(self) -> None:
+        asked = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self.path.startswith("/stall"):
+            time.sleep(3)
+        elif self.path.startswith("/html"):
+            reply(self, 200, "text/html", b"<html>a login page</html>")
+        elif asked != {"refresh": PERSONAL}:
+            reply(self, 401, "application/json", b'{"detail": "Token is invalid"}')
+        else:
+            self.issued.append(signed("access", len(self.issued) + 1))
+            reply(self, 200, "application/json", json.dumps({"access": self.issued[-1]}).encode())
+
+    def do_GET(self) -> None:
+        self.seen.append(self.headers.get("Authorization"))
+        if self.issued and self.seen[-1] == f"Bearer {self.issued[-1]}":
+            reply(self, 200, "image/png", png(drawn(0)))
+        else:
+            reply(self, 401, "application/json", b'{"detail": "Invalid token."}')
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def personal_tokens() -> Iterator[str]:
+    _PersonalTokens.issued, _PersonalTokens.seen = [], []
+    with local_server(_PersonalTokens) as url:
+        yield url
+
+
+def test_a_personal_access_token_is_exchanged_once_until_shortly_before_it_expires(
+    personal_tokens,
+):
+    images = TaskImages(None, personal_tokens, PERSONAL, Limits(fetch_seconds=1))
+    for _ in range(2):
+        np.testing.assert_array_equal(images(UPLOADED, "image"), drawn(0))
+    issued, seen = _PersonalTokens.issued, _PersonalTokens.seen
+    assert seen == [f"Bearer {issued[0]}"] * 2 and len(issued) == 1
+    time.sleep(LIFETIME - MARGIN_SECONDS + 0.1)
+    np.testing.assert_array_equal(images(UPLOADED, "image"), drawn(0))
+    assert len(issued) == 2 and seen[-1] == f"Bearer {issued[1]}"
+
+
+@pytest.mark.parametrize(
+    "token, under, status, message",
+    [
+        (
+            signed("refresh", 1),
+            "",
+            502,
+            "Label Studio refused the personal access token in LABEL_STUDIO_API_KEY at "
+            "{url}/api/token/refresh/ (HTTP 401: Token is invalid): create a personal access "
+            "token in Label Studio (Account & Settings) and set LABEL_STUDIO_API_KEY to it",
+        ),
+        (
+            PERSONAL,
+            "/html",
+            502,
+            "{url}/api/token/refresh/ answered no access token for LABEL_STUDIO_API_KEY "
+            "(JSONDecodeError: Expecting value: line 1 column 1 (char 0)); check that "
+            "label_studio.url is Label Studio",
+        ),
+        (
+            PERSONAL,
+            "/stall",
+            504,
+            "task 5's image /data/upload/1/a.png was not fetched within limits.fetch_seconds=1",
+        ),
+        (
+            "legacy-token",
+            "",
+            502,
+            "task 5's image /data/upload/1/a.png was refused by Label Studio (HTTP 401: Invalid "
+            "token.): create a personal access token in Label Studio (Account & Settings) and "
+            "set LABEL_STUDIO_API_KEY to it, or enable legacy tokens for the organization and "
+            "set it to one",
+        ),
+    ],
+    ids=["refused", "not-label-studio", "stalled", "legacy"],
+)
+def test_a_token_label_studio_does_not_take_is_one_line_saying_what_to_do(
+    personal_tokens, token, under, status, message
+):
+    url = personal_tokens + under
+    images = TaskImages(None, url, token, Limits(fetch_seconds=1))
+    started = time.monotonic()
+    with pytest.raises(RequestError) as refused:
+        images(UPLOADED, "image")
+    assert time.monotonic() - started < 2.5
+    assert (str(refused.value), refused.value.status) == (message.format(url=url), status)
+    assert _PersonalTokens.issued == []
 
 
 @pytest.mark.parametrize("limit", ["limits.max_tasks=2", "limits.predict_seconds=1e-9"])

@@ -3,16 +3,19 @@
 ``data.<field>`` of a task is one of: ``/data/local-files/?d=REL`` (read from
 ``document_root`` when set, the folder Label Studio serves local files from), another path
 on the Label Studio server such as ``/data/upload/...`` (fetched from ``label_studio_url``
-with the API token, as is a full URL under ``label_studio_url``), or an ``http(s)://``,
-``s3://`` or ``gs://`` URL (through ``usam.formats.storage``). Each fetch runs in a thread
-of its own, so a stalled server costs the request ``limits.fetch_seconds`` and no more; a
-body over ``limits.image_bytes`` is cut off unread.
+with ``LABEL_STUDIO_API_KEY``, a personal access token or a legacy one, as
+``usam.serving.label_studio_token`` sends it; so is a full URL under ``label_studio_url``),
+or an ``http(s)://``, ``s3://`` or ``gs://`` URL (through ``usam.formats.storage``). Each
+fetch, a token's exchange included, runs in a thread of its own, so a stalled server costs
+the request ``limits.fetch_seconds`` and no more; a body over ``limits.image_bytes`` is cut
+off unread.
 """
 
 from __future__ import annotations
 
 import io
 import threading
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -27,6 +30,7 @@ from usam.formats import storage
 from usam.formats.image_shards import to_rgb
 from usam.inference.label_studio import LOCAL_FILES
 from usam.serving.errors import RequestError
+from usam.serving.label_studio_token import LabelStudioToken, refused
 from usam.serving.limits import Limits
 
 CHUNK = 1 << 20
@@ -57,7 +61,11 @@ class TaskImages:
             )
         self.document_root = root
         self.label_studio_url = label_studio_url.rstrip("/") if label_studio_url else None
-        self.token = token
+        self.token = (
+            LabelStudioToken(self.label_studio_url, token, limits.fetch_seconds)
+            if self.label_studio_url and token
+            else None
+        )
         self.limits = limits
 
     def __call__(self, task: Mapping, field: str) -> np.ndarray:
@@ -105,9 +113,18 @@ class TaskImages:
                 "local files"
             )
         url = self.label_studio_url + address
-        headers = {"Authorization": f"Token {self.token}"} if self.token else {}
-        request = urllib.request.Request(url, headers=headers)
-        return lambda: urllib.request.urlopen(request, timeout=self.limits.fetch_seconds)
+
+        def open_image() -> BinaryIO:
+            headers = {"Authorization": self.token.authorization()} if self.token else {}
+            request = urllib.request.Request(url, headers=headers)
+            try:
+                return urllib.request.urlopen(request, timeout=self.limits.fetch_seconds)
+            except urllib.error.HTTPError as error:
+                if error.code in (401, 403):
+                    raise refused(f"{what}'s image {address}", error) from None
+                raise
+
+        return open_image
 
     def _bounded(self, opener: Callable[[], BinaryIO], what: str) -> bytes:
         """The whole body, read in a daemon thread that the request stops waiting for."""
@@ -125,6 +142,8 @@ class TaskImages:
                         outcome["error"] = RequestError(message, 413)
                         return
                 outcome["body"] = bytes(body)
+            except RequestError as error:  # the token refused, already said in one line
+                outcome["error"] = error
             except Exception as error:  # whatever the transport raises is the request's answer
                 timed_out = isinstance(getattr(error, "reason", error), TimeoutError)
                 failed = RequestError(f"{what} cannot be fetched: {error}", 502)
