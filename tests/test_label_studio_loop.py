@@ -2,7 +2,13 @@
 random tiny SAM, random head over three classes) connected through the Label Studio SDK
 predicts the imported tasks, a reviewer's corrected annotations come back to it, it
 fine-tunes in the background, and the next predictions are the fine-tuned head's and
-carry the corrected class.
+carry the corrected class. The project is then read back as a review
+(``read_review("<server>/projects/<id>")``) and ``usam.fit stage=finetune`` learns from it.
+
+Everything after the start holds a personal access token, with legacy tokens disabled as
+Label Studio 1.23 disables them by default: the backend exchanges it for the image one task
+has as an upload (``/data/upload/...``, fetched from ``label_studio.url``), the others being
+local files it reads from ``document_root``.
 
 Only Label Studio's own calls are used, as its ``ml`` and ``webhooks`` apps make them:
 
@@ -29,9 +35,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pytest
@@ -45,11 +52,18 @@ from usam.core.config import settings_from_config
 from usam.inference.annotator import Annotator
 from usam.inference.label_studio import LOCAL_FILES, label_config
 from usam.inference.predictor import InferenceSettings, Prediction, Predictor, load_head
+from usam.review.read import read_review
 from usam.sam.amg_settings import AmgSettings
 
-from helpers.commands import TINY_MASKS, compose_config
+from helpers.commands import TINY_EXTRACT, TINY_MASKS, compose_config, run_entry
 from helpers.evaluation import head_checkpoint
-from helpers.label_studio_server import free_port, label_studio, needs_label_studio, serving
+from helpers.label_studio_server import (
+    LabelStudioServer,
+    free_port,
+    label_studio,
+    needs_label_studio,
+    serving,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, needs_label_studio]
 
@@ -65,6 +79,7 @@ SERVE = [
 ]
 NAMES = [f"photo{seed}.png" for seed in range(4)]
 CORRECTED = NAMES[:2]  # finetune_every of them
+UPLOADED = NAMES[-1]  # imported as a file upload, the others as local files
 FIRST = "usam head.ckpt + SAM tiny (random weights: not labels)"
 TUNED = "usam head.ckpt fine-tune 1 + SAM tiny (random weights: not labels)"
 
@@ -96,13 +111,38 @@ def assert_is(prediction: StoredPrediction, expected: Prediction) -> None:
     assert prediction.score == pytest.approx(1.0 - expected.uncertainty(), abs=1e-9)
 
 
+def photo_name(image: str) -> str:
+    """``photoN.png`` of a task's ``data.image``: a local file ``photos/photoN.png``, or an
+    upload, which Label Studio names ``/data/upload/<project>/<8 hex digits>-photoN.png``."""
+    return re.search(r"photo\d+\.png$", image)[0]
+
+
+def reviewed_name(image: str) -> str:
+    """The image's name in a review: its path under the local files' folder, or the upload's
+    file name."""
+    return (
+        image.removeprefix(LOCAL_FILES)
+        if image.startswith(LOCAL_FILES)
+        else PurePosixPath(image).name
+    )
+
+
+def upload(server: LabelStudioServer, access: str, project: int, path: Path) -> None:
+    """Imports ``path`` as an upload, as Label Studio's import dialog sends it."""
+    with path.open("rb") as image:
+        answer = requests.post(
+            f"{server.url}/api/projects/{project}/import",
+            headers={"Authorization": f"Bearer {access}"},
+            files={path.name: (path.name, image, "image/png")},
+            timeout=60,
+        )
+    assert answer.status_code == 201, answer.text
+
+
 def predictions_of(client: LabelStudio, project: int, version: str) -> dict[str, StoredPrediction]:
     """File name -> the task's one prediction of ``version``."""
     found: dict[str, StoredPrediction] = {}
-    names = {
-        task.id: task.data["image"].removeprefix(f"{LOCAL_FILES}photos/")
-        for task in client.tasks.list(project=project)
-    }
+    names = {task.id: photo_name(task.data["image"]) for task in client.tasks.list(project=project)}
     for prediction in client.predictions.list(project=project):
         if prediction.model_version == version:
             assert names[prediction.task] not in found, "two predictions of one version"
@@ -145,7 +185,7 @@ def wait_for_finetune(url: str, seconds: float) -> dict:
         time.sleep(2)
 
 
-def test_corrections_submitted_in_label_studio_fine_tune_the_backend(tmp_path):
+def test_corrections_submitted_in_label_studio_fine_tune_the_backend(tmp_path, monkeypatch, capsys):
     head = head_checkpoint(tmp_path / "head.ckpt", classes=CLASSES)
     out = tmp_path / "backend"
     port = free_port()
@@ -163,25 +203,33 @@ def test_corrections_submitted_in_label_studio_fine_tune_the_backend(tmp_path):
         return Annotator(Predictor(load_head(checkpoint), inference, "cpu"), "tiny", amg=amg)
 
     with label_studio(tmp_path) as server:
+        personal = server.client().tokens.create().token
+        client = LabelStudio(base_url=server.url, api_key=personal)
+        client.jwt_settings.update(
+            api_token_ttl_days=200 * 365, api_tokens_enabled=True, legacy_api_tokens_enabled=False
+        )
         photos = server.document_root / "photos"
         photos.mkdir()
         for seed, name in enumerate(NAMES):
             Image.fromarray(drawn(seed)).save(photos / name)
         command = [
             sys.executable, "-m", "usam.serve", f"document_root={server.document_root}",
-            *overrides,
+            f"label_studio.url={server.url}", *overrides,
         ]  # fmt: skip
         backend = f"http://127.0.0.1:{port}"
         log = tmp_path / "serve.log"
-        with serving(command, dict(os.environ), log, f"{backend}/health", 300):
-            client = server.client()
+        environment = os.environ | {"LABEL_STUDIO_API_KEY": personal}
+        with serving(command, environment, log, f"{backend}/health", 300):
             project = client.projects.create(
                 title="usam review", label_config=label_config(CLASSES, False)
             ).id
             client.import_storage.local.create(project=project, path=str(photos), title="photos")
-            client.projects.import_tasks(
-                id=project, request=[{"data": {"image": f"{LOCAL_FILES}photos/{n}"}} for n in NAMES]
-            )
+            local = [{"data": {"image": f"{LOCAL_FILES}photos/{n}"}} for n in NAMES[:-1]]
+            client.projects.import_tasks(id=project, request=local)
+            access = client.tokens.refresh(refresh=personal).access
+            upload(server, access, project, photos / UPLOADED)
+            tasks = {photo_name(t.data["image"]): t for t in client.tasks.list(project=project)}
+            assert tasks[UPLOADED].data["image"].startswith(f"/data/upload/{project}/")
             connected = client.ml.create(url=backend, project=project, title="usam")
             assert connected.model_version == FIRST
             hooks = client.webhooks.list(project=str(project))
@@ -200,9 +248,12 @@ def test_corrections_submitted_in_label_studio_fine_tune_the_backend(tmp_path):
             # the class the head gives least to the corrected images' regions becomes theirs
             given = np.concatenate([expected[name].labels for name in CORRECTED])
             target = int(np.bincount(given, minlength=len(CLASSES)).argmin())
+            submitted = {}
             for count, name in enumerate(CORRECTED, start=1):
-                result = relabelled(first[name].result, CLASSES[target])
-                client.annotations.create(id=first[name].task, result=result, was_cancelled=False)
+                submitted[name] = relabelled(first[name].result, CLASSES[target])
+                client.annotations.create(
+                    id=first[name].task, result=submitted[name], was_cancelled=False
+                )
                 if count < len(CORRECTED):  # the webhook came before create returned
                     health = backend_health(backend)
                     assert (health["annotations_pending"], health["finetuning"]) == (count, False)
@@ -231,3 +282,34 @@ def test_corrections_submitted_in_label_studio_fine_tune_the_backend(tmp_path):
             before = [(expected[name].labels == target).mean() for name in CORRECTED]
             after = [(now[name].labels == target).mean() for name in CORRECTED]
             assert max(before) < 0.5 and min(after) == 1.0
+
+        # the project read back as a review, through the personal access token
+        source = f"{server.url}/projects/{project}"
+        monkeypatch.setenv("LABEL_STUDIO_API_KEY", personal)
+        review = read_review(source, CLASSES, None)
+        names = {name: reviewed_name(tasks[name].data["image"]) for name in NAMES}
+        assert [image.file_name for image in review.images] == [names[n] for n in CORRECTED]
+        for image, name in zip(review.images, CORRECTED, strict=True):
+            labels, masks = brush_regions(submitted[name])
+            assert [CLASSES[label] for label in image.labels] == labels
+            np.testing.assert_array_equal(image.masks, masks)
+        assert sorted(review.skipped) == sorted(
+            f"task {tasks[name].id} ({names[name]}): no submitted annotation, skipped"
+            for name in NAMES[len(CORRECTED) :]
+        )
+        fit = [
+            "stage=finetune",
+            f"finetune.head_ckpt={head}",
+            f"finetune.review={source}",
+            f"finetune.images={server.document_root}",
+            "finetune.max_epochs=2",
+            "logger=wandb",
+            "paths.output_dir=run",
+            *TINY_EXTRACT,
+        ]
+        (tmp_path / "fit").mkdir()
+        capsys.readouterr()
+        code, stderr = run_entry("fit", *fit, cwd=tmp_path / "fit")
+        assert code == 0, stderr
+        finetune = f"finetune: {len(CORRECTED)} images, {len(given)} regions from {source}"
+        assert finetune in capsys.readouterr().out.splitlines()
