@@ -53,11 +53,13 @@ from usam.inference.annotator import Annotator
 from usam.inference.label_studio import LOCAL_FILES, label_config
 from usam.inference.predictor import InferenceSettings, Prediction, Predictor, load_head
 from usam.review.read import read_review
+from usam.review.reviewed import ReviewError
 from usam.sam.amg_settings import AmgSettings
 
 from helpers.commands import TINY_EXTRACT, TINY_MASKS, compose_config, run_entry
 from helpers.evaluation import head_checkpoint
 from helpers.label_studio_server import (
+    TOKEN,
     LabelStudioServer,
     free_port,
     label_studio,
@@ -313,3 +315,12 @@ def test_corrections_submitted_in_label_studio_fine_tune_the_backend(tmp_path, m
         assert code == 0, stderr
         finetune = f"finetune: {len(CORRECTED)} images, {len(given)} regions from {source}"
         assert finetune in capsys.readouterr().out.splitlines()
+        monkeypatch.setenv("LABEL_STUDIO_API_KEY", TOKEN)  # the legacy token, disabled above
+        with pytest.raises(ReviewError) as refused:
+            read_review(source, CLASSES, None)
+        assert str(refused.value) == (
+            f"{source}: HTTP 401 (Authentication token no longer valid: legacy token "
+            "authentication has been disabled for this organization); check that Label Studio "
+            f"serves {server.url} and LABEL_STUDIO_API_KEY holds a personal access token of it "
+            "(Account & Settings), or a legacy token where they are enabled"
+        )

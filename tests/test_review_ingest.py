@@ -7,6 +7,7 @@ import json
 import re
 import socket
 
+import jwt
 import numpy as np
 import pytest
 from label_studio_sdk.converter import brush
@@ -312,5 +313,20 @@ def test_an_unreachable_label_studio_is_one_line(monkeypatch):
         read_review(url, CLASSES, None)
     assert str(raised.value) == (
         f"cannot reach {url} ([Errno 111] Connection refused); check that Label Studio serves "
-        f"http://127.0.0.1:{port} and LABEL_STUDIO_API_KEY holds an access token of it"
+        f"http://127.0.0.1:{port} and LABEL_STUDIO_API_KEY holds a personal access token of it "
+        "(Account & Settings), or a legacy token where they are enabled"
+    )
+
+
+def test_an_expired_personal_access_token_is_one_line(monkeypatch):
+    """The Label Studio SDK refuses it before it asks the server (none is listening here)."""
+    expired = jwt.encode({"token_type": "refresh", "exp": 1}, "k" * 32, algorithm="HS256")
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", expired)
+    with pytest.raises(ReviewError) as raised:
+        read_review("http://127.0.0.1:1/projects/3", CLASSES, None)
+    assert str(raised.value) == (
+        "http://127.0.0.1:1/projects/3: HTTP 401 (API key has expired. Please obtain a "
+        "new refresh token.); check that Label Studio serves http://127.0.0.1:1 and "
+        "LABEL_STUDIO_API_KEY holds a personal access token of it (Account & Settings), or a "
+        "legacy token where they are enabled"
     )

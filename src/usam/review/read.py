@@ -79,8 +79,13 @@ def _exported_tasks(path: Path) -> list[dict]:
 
 
 def _server_tasks(source: str, server: str, project: int) -> list[dict]:
-    """Every task of the project with its annotations, through the Label Studio SDK."""
-    fix = f"check that Label Studio serves {server} and {API_KEY} holds an access token of it"
+    """Every task of the project with its annotations, through the Label Studio SDK, which
+    takes a personal access token or a legacy one (and refuses an expired personal one
+    before it asks the server)."""
+    fix = (
+        f"check that Label Studio serves {server} and {API_KEY} holds a personal access "
+        "token of it (Account & Settings), or a legacy token where they are enabled"
+    )
     token = os.environ.get(API_KEY)
     if not token:
         raise ReviewError(f"reading {source} needs {API_KEY} set; {fix}")
@@ -88,14 +93,16 @@ def _server_tasks(source: str, server: str, project: int) -> list[dict]:
     from label_studio_sdk import LabelStudio
     from label_studio_sdk.core.api_error import ApiError
 
-    client = LabelStudio(base_url=server, api_key=token)
     try:
+        client = LabelStudio(base_url=server, api_key=token)
         return [task.model_dump() for task in client.tasks.list(project=project)]
     except httpx.HTTPError as error:
         reason = " ".join(str(error).split()) or type(error).__name__
         raise ReviewError(f"cannot reach {source} ({reason}); {fix}") from error
     except ApiError as error:
-        raise ReviewError(f"{source} answered HTTP {error.status_code}; {fix}") from error
+        detail = error.body.get("detail") if isinstance(error.body, dict) else error.body
+        said = " ".join(str(detail).split())
+        raise ReviewError(f"{source}: HTTP {error.status_code} ({said}); {fix}") from error
 
 
 def _on_disk(review: Review, images_root: Path) -> Review:
