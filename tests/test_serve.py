@@ -1,7 +1,8 @@
 """``usam.serve``, the Label Studio ML backend, on the random tiny SAM and a random head: the
 routes through Flask's test client (predictions against the Annotator's masks, decoded
 with the Label Studio SDK; every bad request answered in JSON with the server still
-serving), annotations kept and replaced, a fine-tune after ``finetune_every`` of them that
+serving), images Label Studio serves fetched with a legacy token or an exchanged personal
+access token, annotations kept and replaced, a fine-tune after ``finetune_every`` of them that
 changes what is served, and the real server in a process of its own, stopped by SIGTERM."""
 
 from __future__ import annotations
