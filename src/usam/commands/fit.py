@@ -90,7 +90,11 @@ def stage_loggers(cfg: DictConfig, stage: str, data: Provenance) -> list[Any]:
         if name == "wandb":
             identity = run_identity(cfg, stage, data)
             tags = list(dict.fromkeys([*(entry.get("tags") or []), *identity.tags]))
-            logger = instantiate(entry, name=identity.name, group=identity.group, tags=tags)
+            # absolute: W&B's writer is a service process, whose folder may not be this one's
+            save_dir = str(Path(entry.save_dir).resolve())
+            logger = instantiate(
+                entry, name=identity.name, group=identity.group, tags=tags, save_dir=save_dir
+            )
             logger.log_hyperparams(flat_config(cfg))
             loggers.append(logger)
         else:
