@@ -3,6 +3,7 @@ from __future__ import annotations
 import collections
 import json
 import tarfile
+import threading
 from types import SimpleNamespace
 
 import numpy as np
@@ -18,6 +19,7 @@ from usam.formats.embedding_shards import (
     iter_records,
     read_manifest,
 )
+from usam.formats.storage import atomic_write_text
 from usam.testing.synthetic import write_synthetic_shard_set
 
 from helpers.shards import SMALL_CLASSES, synthetic_datamodule
@@ -241,3 +243,28 @@ def test_synthetic_sets_are_reproducible_and_marked(tmp_path):
     manifest = read_manifest(tmp_path / "a")
     assert manifest.synthetic and manifest.provenance.random_weights
     assert collections.Counter(tuple(r.labels) for r in first)[(1, 0)] >= 2
+
+
+def test_writers_of_one_file_at_once_each_replace_it_whole(tmp_path):
+    """DDP ranks write a shard set's pending.json at the same moment: with one shared
+    temporary name, one writer's replace found the file another had moved (seen as a rank
+    failing to start extraction). Each writer now stages under a name of its own."""
+    path = tmp_path / "pending.json"
+    texts = [json.dumps({"writer": i, "pad": "x" * 4096}) for i in range(8)]
+    failures = []
+
+    def write_often(text: str) -> None:
+        try:
+            for _ in range(200):
+                atomic_write_text(path, text)
+        except OSError as error:
+            failures.append(error)
+
+    threads = [threading.Thread(target=write_often, args=(text,)) for text in texts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    assert path.read_text() in texts  # one writer's text, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["pending.json"]  # nothing staged is left

@@ -20,6 +20,7 @@ import json
 import os
 import re
 import tempfile
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -184,13 +185,20 @@ def check_key(key: str, error: type[Exception]) -> str:
     return key
 
 
+def writers_tmp(path: Path) -> Path:
+    """Where one writer stages ``path`` before replacing it: a name of its own (process and
+    thread), since DDP ranks write the same manifest at once, and with one shared name a
+    rank's replace found the file another had already moved."""
+    return path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+
+
 def atomic_write_text(path: Location, text: str) -> None:
     """Readers see the old file or the new one, never half of one."""
     if is_url(path):
         fs, key = _filesystem(path)
         fs.pipe_file(key, text.encode())  # one PUT
         return
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = writers_tmp(path)
     tmp.write_text(text)
     os.replace(tmp, path)
 

@@ -20,7 +20,7 @@ from PIL import Image
 
 from usam.core.errors import UsageError
 from usam.core.labels import BACKGROUND, label_dtype
-from usam.formats.storage import atomic_write_text
+from usam.formats.storage import atomic_write_text, writers_tmp
 from usam.inference.polygons import polygon_of
 from usam.inference.predictor import Prediction
 from usam.viz.overlays import PALETTE, blend, legend_strip
@@ -165,7 +165,7 @@ def coco_instances(images: Sequence[LabelledImage], classes: Sequence[str]) -> d
 def _save_atomic(image: Image.Image, path: Path, **options: Any) -> None:
     """Readers see the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = writers_tmp(path)
     image.save(tmp, format=path.suffix.lstrip(".").upper().replace("JPG", "JPEG"), **options)
     os.replace(tmp, path)
 
