@@ -50,7 +50,7 @@ $(STAMP): $(LOCK) pyproject.toml | $(BIN)/python
 
 $(LOWEST_STAMP): $(LOWEST) pyproject.toml
 	$(PYTHON) -m venv $(LOWEST_VENV)
-	$(LOWEST_VENV)/bin/python -m pip install --quiet -c $(LOWEST) -e '.[review,serve]' pytest
+	$(LOWEST_VENV)/bin/python -m pip install --quiet -c $(LOWEST) -e '.[serve]' pytest
 	touch $(LOWEST_STAMP)
 
 $(LABEL_STUDIO_STAMP): $(LABEL_STUDIO)
