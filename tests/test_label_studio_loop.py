@@ -66,6 +66,7 @@ from helpers.label_studio_server import (
     needs_label_studio,
     serving,
 )
+from helpers.reviews import drawn
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, needs_label_studio]
 
@@ -84,15 +85,6 @@ CORRECTED = NAMES[:2]  # finetune_every of them
 UPLOADED = NAMES[-1]  # imported as a file upload, the others as local files
 FIRST = "usam head.ckpt + SAM tiny (random weights: not labels)"
 TUNED = "usam head.ckpt fine-tune 1 + SAM tiny (random weights: not labels)"
-
-
-def drawn(seed: int) -> np.ndarray:
-    """Two flat rectangles on a flat background, placed by ``seed``."""
-    image = np.full((48, 64, 3), 40, np.uint8)
-    shift = 3 * seed
-    image[8 + shift : 30, 6 : 30 + shift] = (200, 60, 60)
-    image[20:44, 36 - shift : 60] = (60, 60, 200)
-    return image
 
 
 def brush_regions(result: list[dict]) -> tuple[list[str], np.ndarray]:
@@ -213,7 +205,7 @@ def test_corrections_submitted_in_label_studio_fine_tune_the_backend(tmp_path, m
         photos = server.document_root / "photos"
         photos.mkdir()
         for seed, name in enumerate(NAMES):
-            Image.fromarray(drawn(seed)).save(photos / name)
+            Image.fromarray(drawn(seed, step=3)).save(photos / name)
         command = [
             sys.executable, "-m", "usam.serve", f"document_root={server.document_root}",
             f"label_studio.url={server.url}", *overrides,

@@ -47,20 +47,12 @@ from usam.serving.task_images import TaskImages
 
 from helpers.commands import TINY_MASKS, compose_config, wait_for
 from helpers.evaluation import head_checkpoint
+from helpers.reviews import drawn
 from helpers.web_server import local_server, reply
 
 SMALL = [*TINY_MASKS, "inference.confidence_threshold=0.3", "device=cpu"]
 TOKEN = "serve-test-token"
 SERVER_THREADS = ("usam-serve", "waitress")  # the names of its loop's and workers' threads
-
-
-def drawn(seed: int) -> np.ndarray:
-    """Two flat rectangles on a flat background, placed by ``seed``."""
-    image = np.full((48, 64, 3), 40, np.uint8)
-    shift = 4 * seed
-    image[8 + shift : 30, 6 : 30 + shift] = (200, 60, 60)
-    image[20:44, 36 - shift : 60] = (60, 60, 200)
-    return image
 
 
 @pytest.fixture(scope="module")

@@ -85,3 +85,13 @@ def save_images(root: Path, sizes: dict[str, tuple[int, int]]) -> None:
     for name, size in sizes.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", size, (128, 128, 128)).save(root / name)
+
+
+def drawn(seed: int, step: int = 4) -> np.ndarray:
+    """Two flat rectangles on a flat background, moved ``step`` pixels per ``seed``: images
+    the tiny SAM gives a few distinct masks."""
+    image = np.full((48, 64, 3), 40, np.uint8)
+    shift = step * seed
+    image[8 + shift : 30, 6 : 30 + shift] = (200, 60, 60)
+    image[20:44, 36 - shift : 60] = (60, 60, 200)
+    return image
