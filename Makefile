@@ -16,6 +16,20 @@ LABEL_STUDIO_STAMP := $(LABEL_STUDIO_VENV)/.installed
 # tasks, and usam.serve connected as its ML backend, predicting and fine-tuning.
 LABEL_STUDIO_TESTS := tests/test_label_studio_server.py tests/test_label_studio_loop.py
 
+# Slow checks that CI runs besides `make test`: 15 to 60 s each, kept out of `make test` so that
+# it stays under 15 minutes on 2 cores.
+CI_SLOW_TESTS := \
+	tests/test_install.py::test_the_wheel_keeps_the_torch_and_the_older_lightning_already_installed \
+	tests/test_reproducibility.py::test_a_run_on_cached_data_logs_what_the_run_that_built_it_logged \
+	tests/test_gpu_check.py::test_the_smoke_run_writes_every_part_and_says_its_weights_are_random \
+	tests/test_training_stream.py::test_batches_mix_classes_like_a_full_shuffle_and_every_epoch_differs \
+	tests/test_object_storage.py::test_killed_extraction_into_s3_resumes_with_every_image_once \
+	tests/test_hq_backend.py::test_fit_runs_on_hq_and_its_head_refuses_another_backend \
+	tests/test_fit_preemption.py::test_sigterm_saves_and_the_printed_command_resumes_to_the_uninterrupted_head \
+	tests/test_eval_ranks.py::test_eval_on_two_ranks_writes_the_metrics_of_one_process \
+	tests/test_vocabulary_scale.py::test_the_benchmark_prints_a_row_per_vocabulary_size \
+	tests/test_slurm.py::test_a_preempted_slurm_job_stops_on_every_task_and_its_requeued_run_resumes
+
 # What the lowest versions must run: the exactness contract, the training stream, the losses, the
 # metrics against their references, fit / extract / eval / annotate / generate on tiny models, the
 # review exports read back by their SDKs, the reviews read, fine-tuning, the ML backend and the
@@ -33,7 +47,7 @@ export OMP_NUM_THREADS ?= 1
 export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: demo test test-lowest test-label-studio lock lint clean
+.PHONY: demo test test-lowest test-label-studio test-ci-slow lock lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -66,6 +80,9 @@ test: $(STAMP)
 
 test-lowest: $(LOWEST_STAMP)
 	$(LOWEST_VENV)/bin/python -m pytest -q $(COMPAT_TESTS) -k "not ($(COMPAT_LEFT_OUT))"
+
+test-ci-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow $(CI_SLOW_TESTS)
 
 # The label-studio executable goes at the end of PATH, so python and pytest stay usam's.
 test-label-studio: $(STAMP) $(LABEL_STUDIO_STAMP)

@@ -165,6 +165,7 @@ def test_more_ranks_than_images_is_refused_before_any_rank_waits(five_images):
         evaluate(shards, predictor, share=RankShare(0, 6))
 
 
+@pytest.mark.slow
 def test_eval_on_two_ranks_writes_the_metrics_of_one_process(five_images, tmp_path):
     """The command's own launch: one shard of 5 images, which each rank reads keeping every
     other image."""

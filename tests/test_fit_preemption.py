@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from usam.commands.fit import run
@@ -44,6 +45,7 @@ def _head(checkpoint: Path) -> dict[str, torch.Tensor]:
     return torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_the_printed_command_resumes_to_the_uninterrupted_head(tmp_path):
     run(compose_config("fit", _overrides(tmp_path, str(tmp_path / "whole"))))
     uninterrupted = _head(tmp_path / "whole" / "checkpoints" / "teacher" / "resume.ckpt")

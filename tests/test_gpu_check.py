@@ -31,6 +31,7 @@ def smoke(tmp_path_factory) -> tuple[dict, str]:
     return run_check(tmp_path_factory.mktemp("gpu_check"))
 
 
+@pytest.mark.slow
 def test_the_smoke_run_writes_every_part_and_says_its_weights_are_random(smoke):
     report, stdout = smoke
     assert set(report["parts"]) == PARTS

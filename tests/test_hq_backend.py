@@ -193,6 +193,7 @@ def test_extract_command_writes_hq_shards_that_name_their_backend(tmp_path, ligh
     assert all(r.embeddings.shape[1] == 1024 and len(r.rles) for r in records)
 
 
+@pytest.mark.slow
 def test_fit_runs_on_hq_and_its_head_refuses_another_backend(tmp_path, light_hq_checkpoint):
     fit = fit_on_backend(tmp_path, "sam=hq_vit_tiny", f"sam.checkpoint={light_hq_checkpoint}")
     assert fit.returncode == 0, fit.stderr[-3000:]

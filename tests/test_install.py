@@ -119,6 +119,7 @@ def _link_installed(names: list[str], folder: Path) -> None:
                 pending.append(canonicalize_name(requirement.name))
 
 
+@pytest.mark.slow
 def test_the_wheel_keeps_the_torch_and_the_older_lightning_already_installed(tmp_path):
     built = _run(
         sys.executable, "-m", "pip", "wheel", ROOT, "--no-deps", "--no-build-isolation", "-q",

@@ -94,6 +94,7 @@ def sample_keys(directory: storage.Location) -> list[str]:
     return [record.key for record in iter_records(directory)]
 
 
+@pytest.mark.slow
 def test_killed_extraction_into_s3_resumes_with_every_image_once(tmp_path, s3):
     bucket = new_bucket(s3, "extract")
     folder = image_folder(tmp_path / "images")

@@ -8,6 +8,7 @@ import csv
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from usam.testing.tiny_diffusion import build_tiny_pipeline
@@ -62,6 +63,7 @@ def _assert_close(first: dict, second: dict) -> None:
             )
 
 
+@pytest.mark.slow
 def test_a_run_on_cached_data_logs_what_the_run_that_built_it_logged(tmp_path):
     built = _fit(tmp_path, "built")
     assert len(list((tmp_path / "data" / "shards").iterdir())) == 1

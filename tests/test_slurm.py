@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from hydra.utils import instantiate
 
@@ -133,6 +134,7 @@ def test_two_slurm_tasks_train_as_one_two_rank_run(tmp_path):
     assert checkpoint["global_step"] == math.ceil(train_images / (TASKS * BATCH_SIZE))
 
 
+@pytest.mark.slow
 def test_a_preempted_slurm_job_stops_on_every_task_and_its_requeued_run_resumes(tmp_path):
     """SLURM sends SIGTERM to every task at once: the ranks stop together (none is left
     waiting in a collective), and the same command on both tasks resumes the epochs."""

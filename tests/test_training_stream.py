@@ -92,6 +92,7 @@ def full_shuffle_distinct(batch_size: int, runs: int = 20) -> float:
     return float(np.mean(means))
 
 
+@pytest.mark.slow
 def test_batches_mix_classes_like_a_full_shuffle_and_every_epoch_differs(voc_shaped_set):
     module = datamodule(voc_shaped_set)
     assert module.num_workers == 2 and module.batch_size == 32

@@ -242,6 +242,7 @@ def test_labels_past_254_predicted_where_they_are_score_as_hits(lvis_sized_run):
     assert math.isnan(scores[f"ap50/{CLASSES[1]}"])  # no ground truth: no AP
 
 
+@pytest.mark.slow
 def test_the_benchmark_prints_a_row_per_vocabulary_size():
     small = ("--masks", "16", "--batch-size", "2", "--steps", "1", "--eval-images", "1")
     result = run_python(
