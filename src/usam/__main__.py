@@ -10,7 +10,7 @@ COMMANDS = {
     "generate": "training images from class names with Stable Diffusion",
     "ingest": "training images from an image search by class name, a URL list or a folder",
     "extract": "SAM embedding shards of an image set",
-    "fit": "train the teacher and student heads (images and shards made when missing)",
+    "fit": "train the teacher and student heads, or fine-tune one on reviewed annotations",
     "eval": "score a head, or the SAM+CLIP baseline, on an annotated dataset",
     "annotate": "label your own images with a trained head",
     "serve": "a Label Studio ML backend: predictions, and fine-tunes on the annotations submitted",
