@@ -53,11 +53,26 @@ class OpenClipChatter(logging.Filter):
         return record.levelno >= logging.WARNING and not expected
 
 
+class _WandbLinesToDebug:
+    """Where W&B's silent mode sends its terminal lines: the ``wandb.terminal`` logger at
+    debug level. Releases before 0.19 call this logger for every warning, so None there
+    crashed ``wandb.init`` (seen on the lowest stack: Lightning's ``resume`` with an
+    offline run)."""
+
+    def __init__(self) -> None:
+        self.log = logging.getLogger("wandb.terminal")
+
+    def info(self, line: str) -> None:
+        self.log.debug(line)
+
+    warning = error = info
+
+
 def _silence_wandb_terminal(wandb: ModuleType) -> None:
     """W&B prints to the terminal unless set up silent, and Lightning's logger builds its
     settings (with ``anonymous``, which W&B warns about) before W&B reads WANDB_SILENT."""
     if os.environ.get("WANDB_SILENT", "").lower() == "true":
-        wandb.termsetup(wandb.Settings(silent=True), None)
+        wandb.termsetup(wandb.Settings(silent=True), _WandbLinesToDebug())
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
