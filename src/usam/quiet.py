@@ -55,9 +55,9 @@ class OpenClipChatter(logging.Filter):
 
 class _WandbLinesToDebug:
     """Where W&B's silent mode sends its terminal lines: the ``wandb.terminal`` logger at
-    debug level. Releases before 0.19 call this logger for every warning, so None there
-    crashed ``wandb.init`` (seen on the lowest stack: Lightning's ``resume`` with an
-    offline run)."""
+    debug level. wandb 0.18 (the oldest supported) calls it for every warning, so None
+    there crashed ``wandb.init`` (Lightning passes ``resume``, which an offline run
+    warns about)."""
 
     def __init__(self) -> None:
         self.log = logging.getLogger("wandb.terminal")
