@@ -18,6 +18,7 @@ from pycocotools import mask as mask_utils
 
 from usam.commands.eval import run
 from usam.core.config import ConfigError
+from usam.core.process_group import leave_process_group
 from usam.core.vocabulary import load_vocabulary
 from usam.data.datamodule import ShardDataModule
 from usam.data.eval_datasets import VOCSegmentation, load_ground_truth
@@ -120,6 +121,7 @@ def score_rank(fabric: Fabric, shards: Path, ckpt: Path, out: Path) -> None:
         "samples": [sample.key for sample in evaluation.samples],
     }
     (out / f"rank{fabric.global_rank}.json").write_text(json.dumps(result))
+    leave_process_group()
 
 
 def assert_close(split: dict[str, float], alone: dict[str, float]) -> None:

@@ -32,6 +32,7 @@ from usam.commands.mask_settings import head_mask_settings
 from usam.commands.run_identity import flat_config, run_identity
 from usam.core.config import ConfigError, settings_from_config
 from usam.core.devices import resolve_device
+from usam.core.process_group import leave_process_group
 from usam.core.provenance import report
 from usam.data.extraction import ExtractSettings
 from usam.data.rank_shares import RankShare
@@ -118,6 +119,7 @@ def _score_share(
     evaluation = evaluate(shards, predictor, share=share, progress=fabric.is_global_zero, **options)
     if fabric.is_global_zero:
         result.write_bytes(pickle.dumps(evaluation))
+    leave_process_group()
 
 
 def _log_to_wandb(cfg: DictConfig, evaluation: Evaluation, out_dir: Path) -> None:

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch.distributed as dist
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
@@ -29,6 +28,7 @@ from usam.commands.fit_values import check_fit_values
 from usam.commands.run_identity import flat_config, run_identity
 from usam.core import provenance
 from usam.core.config import ConfigError, settings_from_config
+from usam.core.process_group import leave_process_group
 from usam.core.provenance import Provenance
 from usam.core.vocabulary import load_vocabulary
 from usam.data.extraction import ExtractSettings
@@ -259,14 +259,5 @@ def run(cfg: DictConfig) -> dict[str, Path]:
                 cfg, "student", datamodule, inference, eval_dir, teacher_ckpt
             )
     _print_summary(output_dir, results, datamodule.provenance)
-    _leave_process_group()
+    leave_process_group()
     return {stage: result.checkpoint for stage, result in results.items()}
-
-
-def _leave_process_group() -> None:
-    """Under DDP, every rank leaves the process group together while all are alive, rather
-    than in the interpreter's exit handlers, where a rank was seen to abort ("terminate
-    called without an active exception") as the other one went."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
