@@ -19,7 +19,6 @@ Output folder: ``semantic/<path>.png`` (VOC palette, pixel value = label),
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import shutil
@@ -87,15 +86,6 @@ def _rejected(path: Path) -> dict[str, dict[str, Any]]:
     return found
 
 
-def _restrict(source: FolderSource, keys: set[str]) -> FolderSource:
-    """A copy of ``source`` limited to ``keys``, so extraction sees (and caches) only those."""
-    kept = [(k, p) for k, p in zip(source.keys, source.paths) if k in keys]
-    subset = copy.copy(source)
-    subset.keys = tuple(k for k, _ in kept)
-    subset.paths = [p for _, p in kept]
-    return subset
-
-
 class _Outputs:
     """Where one run writes, and what earlier runs already wrote there."""
 
@@ -145,7 +135,8 @@ def _extract_and_annotate(
     if is_complete(work, ("eval",)) and not pending <= held:  # overwrite=true after a stop
         shutil.rmtree(work)
     per_image = dataclasses.replace(extract, images_per_shard=1)
-    manifests = run_extraction(_restrict(source, pending), work, sam, annotator.amg, per_image)
+    pending_only = source.subset(lambda key, _: key in pending)
+    manifests = run_extraction(pending_only, work, sam, annotator.amg, per_image)
     require_masks(manifests["eval"], work / "eval", annotator.amg)
     rejected = _rejected(work / REJECTED_NAME)
     outputs.add_rejected(rejected, pending)

@@ -11,7 +11,6 @@ Generated images and their shards are made only when ``finetune.mil_weight > 0``
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 from pathlib import Path
@@ -80,19 +79,6 @@ def _review_source(source: str | None) -> str:
     return source
 
 
-def _only(source: FolderSource, names: set[str]) -> FolderSource:
-    """A copy of ``source`` holding the files named (paths relative to its root)."""
-    kept = [
-        (key, path)
-        for key, path in zip(source.keys, source.paths)
-        if path.relative_to(source.root).as_posix() in names
-    ]
-    subset = copy.copy(source)
-    subset.keys = tuple(key for key, _ in kept)
-    subset.paths = [path for _, path in kept]
-    return subset
-
-
 def reviewed_proposals(
     review: Review,
     images: Path,
@@ -106,9 +92,9 @@ def reviewed_proposals(
     SAM could not read (a skipped line each); and why the proposals are no SAM's."""
     if not review.images:
         return review, {}, Provenance()
-    source = _only(
-        FolderSource(images, review.classes, max_side), {i.file_name for i in review.images}
-    )
+    reviewed = {image.file_name for image in review.images}
+    folder = FolderSource(images, review.classes, max_side)
+    source = folder.subset(lambda _, path: path.relative_to(folder.root).as_posix() in reviewed)
     work = shard_set_dir(work_root, "review", source, sam, amg, 0.0)
     manifests = run_extraction(source, work, sam, amg, extract)
     require_masks(manifests["eval"], work / "eval", amg)

@@ -20,6 +20,7 @@ none for plain folders to annotate. Evaluation datasets live in
 
 from __future__ import annotations
 
+import copy
 import glob
 import hashlib
 import json
@@ -27,7 +28,7 @@ import os
 import re
 import struct
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -265,6 +266,15 @@ class FolderSource(ImageSource):
             size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
             image = image.resize(size, Image.Resampling.BILINEAR)
         return SourceImage(key=self.keys[index], image=image, source=source)
+
+    def subset(self, keep: Callable[[str, Path], bool]) -> FolderSource:
+        """A copy holding the files ``keep(key, path)`` accepts, so extraction sees (and its
+        cache is named by) those alone."""
+        kept = [(key, path) for key, path in zip(self.keys, self.paths) if keep(key, path)]
+        subset = copy.copy(self)
+        subset.keys = tuple(key for key, _ in kept)
+        subset.paths = [path for _, path in kept]
+        return subset
 
     def _inputs(self) -> Any:
         files = [file_stamp(p, self.root) for p in self.paths]
