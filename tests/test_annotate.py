@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
@@ -388,7 +390,15 @@ def test_a_kill_during_the_sam_stage_loses_only_the_image_in_progress(
     log = tmp_path / "killed.log"
     with (
         log.open("w") as output,
-        subprocess.Popen(command, cwd=tmp_path, stdout=output, stderr=subprocess.STDOUT) as child,
+        subprocess.Popen(
+            command,
+            cwd=tmp_path,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            # this process's thread count, so that both halves round alike: the comparison
+            # below is of one machine and setting with itself, not across thread counts
+            env=os.environ | {"OMP_NUM_THREADS": str(torch.get_num_threads())},
+        ) as child,
     ):
         try:  # the kill lands once SAM finished two images, however long that takes
             wait_for(
